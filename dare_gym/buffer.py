@@ -1,0 +1,157 @@
+"""The rollout buffer: columnar, right-padded tensors plus the texts, shared by every algorithm.
+
+One row per completion. GRPO reads it by group (``group_id``; rows of a group are consecutive), DPO by
+chosen/rejected pairs, SFT by demonstrations. Algorithms add their own per-row columns (old and reference
+log-probabilities, estimator noise) in ``columns``; every tensor's first dimension is the row, so
+``select`` slices them all alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    """Model inputs for rows of the buffer: left-padded prompt then the completion, side by side."""
+
+    input_ids: torch.Tensor  # [B, P + L]
+    attention_mask: torch.Tensor  # [B, P + L]
+    prompt_length: int  # P: the completion starts at this column
+    completion_mask: torch.Tensor  # [B, L] tokens a loss counts (up to and including the first EOS)
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def prompt_ids(self) -> torch.Tensor:
+        return self.input_ids[:, : self.prompt_length]
+
+    @property
+    def prompt_attention(self) -> torch.Tensor:
+        return self.attention_mask[:, : self.prompt_length]
+
+
+def _right_pad(rows: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return padded, mask
+
+
+@dataclass
+class RolloutBuffer:
+    prompt_ids: torch.Tensor  # [N, P] right-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, L] right-padded
+    completion_mask: torch.Tensor  # [N, L] scored tokens: up to and including the first EOS
+    unmask_step: torch.Tensor  # [N, L] denoising step that committed each token (-1 on padding)
+    reward: torch.Tensor  # [N]
+    group_id: torch.Tensor  # [N]
+    advantage: torch.Tensor | None = None  # [N]
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_rollouts(
+        cls,
+        prompts: Sequence[str],
+        completions: Sequence,  # dare_gym.policy.Completion
+        rewards: Sequence[float],
+        group_ids: Sequence[int],
+        *,
+        completion_mask_fn,
+        pad_token_id: int,
+    ) -> "RolloutBuffer":
+        if not (len(prompts) == len(completions) == len(rewards) == len(group_ids)):
+            raise ValueError(
+                f"rollout columns differ in length: {len(prompts)} prompts, {len(completions)} completions, "
+                f"{len(rewards)} rewards, {len(group_ids)} group ids"
+            )
+        prompt_ids, prompt_mask = _right_pad([c.prompt_ids for c in completions], pad_token_id)
+        completion_ids, present = _right_pad([c.completion_ids for c in completions], pad_token_id)
+        unmask_step, _ = _right_pad([c.unmask_step for c in completions], -1)
+        unmask_step[present == 0] = -1
+        return cls(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask_fn(completion_ids) * present,
+            unmask_step=unmask_step,
+            reward=torch.tensor(list(rewards), dtype=torch.float32),
+            group_id=torch.tensor(list(group_ids), dtype=torch.long),
+            prompts=list(prompts),
+            completions=[c.text for c in completions],
+            pad_token_id=pad_token_id,
+        )
+
+    def __len__(self) -> int:
+        return self.reward.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "RolloutBuffer":
+        """The rows at ``index`` (a bool mask or integer indices), every column sliced alike."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        rows = index.tolist()
+        return replace(
+            self,
+            prompt_ids=self.prompt_ids[index],
+            prompt_mask=self.prompt_mask[index],
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index],
+            unmask_step=self.unmask_step[index],
+            reward=self.reward[index],
+            group_id=self.group_id[index],
+            advantage=None if self.advantage is None else self.advantage[index],
+            prompts=[self.prompts[i] for i in rows],
+            completions=[self.completions[i] for i in rows],
+            columns={name: value[index] for name, value in self.columns.items()},
+        )
+
+    def groups(self) -> list[torch.Tensor]:
+        """Row indices of each group, in order of first appearance."""
+        unique = torch.unique_consecutive(self.group_id)
+        return [(self.group_id == g).nonzero().flatten() for g in unique]
+
+    def minibatches(self, size: int, *, generator: torch.Generator | None = None) -> Iterator["RolloutBuffer"]:
+        """Shuffled row subsets of at most ``size`` rows covering the buffer once."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(self), size):
+            yield self.select(order[start : start + size])
+
+    def model_inputs(self, device: torch.device | str | None = None) -> SequenceBatch:
+        """Left-pad each prompt against its completion (so that the completion columns align) and return
+        the model input, the attention mask and the completion columns' loss mask."""
+        lengths = self.prompt_mask.sum(dim=1)
+        width = int(lengths.max())
+        rows = len(self)
+        prompt = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((rows, width), dtype=torch.long)
+        for i, length in enumerate(lengths.tolist()):
+            prompt[i, width - length :] = self.prompt_ids[i, :length]
+            attention[i, width - length :] = 1
+        completion_present = (self.unmask_step >= 0).long()
+        batch = SequenceBatch(
+            input_ids=torch.cat([prompt, self.completion_ids], dim=1),
+            attention_mask=torch.cat([attention, completion_present], dim=1),
+            prompt_length=width,
+            completion_mask=self.completion_mask,
+        )
+        if device is not None:
+            batch = replace(
+                batch,
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                completion_mask=batch.completion_mask.to(device),
+            )
+        return batch

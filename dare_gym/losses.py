@@ -1,0 +1,103 @@
+"""Losses as small pure functions over tensors (formulas in ``reference/ALGORITHMS.md``).
+
+Per-token tensors are ``[B, L]`` over completion positions; ``mask`` marks the tokens a loss counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate as a loss, per token: ``-min(ρA, clip(ρ, 1-ε_lo, 1+ε_hi)A)``.
+
+    ``advantages`` broadcasts against ``logp`` (``[B, 1]`` for sequence advantages). With ``dual_clip = c``
+    the loss of a negative-advantage token is capped at ``-c·A`` (Ye et al., 2020). Returns the loss and
+    a float mask of the tokens where clipping was active.
+    """
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    surrogate = torch.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+        advantages = advantages.expand_as(surrogate)
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    clip_active = (clipped < unclipped).float()
+    return -surrogate, clip_active
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ (Schulman's k1 / k2 / k3), u = ref − θ."""
+    u = ref_logp - logp
+    if estimator == "k1":
+        return -u
+    if estimator == "k2":
+        return 0.5 * u.square()
+    if estimator == "k3":
+        return torch.exp(u) - u - 1
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "bnpo",
+    *,
+    max_completion_length: int | None = None,
+    num_active_tokens: float | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar with TRL's ``loss_type`` names.
+
+    grpo: mean over sequences of each sequence's token mean. bnpo: token mean over the batch.
+    dr_grpo: token sum / (B · max_completion_length). dapo: token sum / active tokens in the whole
+    (accumulated, global) batch, given as ``num_active_tokens``; defaults to this batch's count.
+    """
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_sequence.mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        length = max_completion_length or per_token.shape[1]
+        return total / (per_token.shape[0] * length)
+    if loss_type == "dapo":
+        count = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens)
+        return total / count.clamp(min=1)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def masked_diffusion_sft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    answer_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """LLaDA's SFT objective (the masked-diffusion ELBO on the answer):
+    ``(1/B) Σ_b Σ_{k masked} CE_k / (p_b · L_b^ans)``.
+
+    Args:
+        logits: [B, L, V] at the answer positions; targets: [B, L] the clean answer tokens.
+        masked: [B, L] bool, the answer positions that were masked in the input.
+        p_mask: [B] each row's masking probability; answer_lengths: [B] answer length with EOS padding.
+    """
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    per_row = (ce * masked.float()).sum(dim=1) / (p_mask * answer_lengths.float())
+    return per_row.mean()

@@ -1,0 +1,35 @@
+"""Shared fixtures. Data-dependent tests read ../shared/data through DARE_GYM_DATA_DIR; where it is absent
+they skip with the reason, except under CI (DARE_GYM_REQUIRE_DATA=1), where a missing folder is an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get("DARE_GYM_DATA_DIR")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if path is None:
+        reason = f"DARE_GYM_DATA_DIR is unset or not a folder ({os.environ.get('DARE_GYM_DATA_DIR')!r})"
+        if os.environ.get("DARE_GYM_REQUIRE_DATA") == "1":
+            pytest.fail(f"benchmark data required in CI: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    import dare_gym
+
+    return dare_gym.load_policy("tiny")
