@@ -38,14 +38,15 @@ class LikelihoodEstimator(Protocol):
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] without materialising the full log-softmax (vocabularies are large)."""
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-probabilities in half precision are too coarse for ratios
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _score(logits_fn: LogitsFn, batch, noised_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits_fn(noised_ids, batch.attention_mask)[:, batch.prompt_length :]
     with torch.no_grad():
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return token_log_probs(logits, batch.completion_ids), entropy
 

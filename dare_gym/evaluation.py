@@ -40,7 +40,7 @@ def evaluate(
     indices = list(indices)
     prompts = [env.reset(options={"index": i})[0] for i in indices]
     completions: list[str] = []
-    bar = tqdm(total=len(prompts), desc="eval", unit="prompt", disable=not progress, leave=False)
+    bar = tqdm(total=len(prompts), desc="eval", unit="prompt", disable=None if progress else True, leave=False)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         completions += [c.text for c in policy.generate(chunk, batch_size=batch_size, **generation)]

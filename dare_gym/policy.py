@@ -163,9 +163,15 @@ class DiffusionPolicy:
 
     # ------------------------------------------------------------------------------------ save/load
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        from transformers.utils import logging as hf_logging
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        hf_logging.disable_progress_bar()  # one bar per checkpoint would drown the training bar
+        try:
+            self.model.save_pretrained(path)
+        finally:
+            hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(path)
         meta = dict(
             family=self.family.name, mask_token_id=self.mask_token_id, stop_token_ids=self.stop_token_ids,

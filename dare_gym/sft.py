@@ -52,3 +52,61 @@ def masked_diffusion_loss(policy, batch: SequenceBatch, generator: torch.Generat
     logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask)
     answer_lengths = batch.completion_mask.sum(dim=1)
     return masked_diffusion_sft_loss(logits[:, batch.prompt_length :], answers, masked, p_mask, answer_lengths)
+
+
+def train_on_demonstrations(
+    policy,
+    env,
+    *,
+    answer_length: int,
+    learning_rate: float,
+    batch_size: int = 64,
+    max_steps: int | None = None,
+    seconds: float | None = None,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    callback=None,
+    progress: bool = True,
+) -> int:
+    """Masked-diffusion SFT on the gold demonstrations of an env's training split.
+
+    Records are drawn at random (``env.record(i)`` with ``env.demonstration(record)`` as the answer) until
+    ``max_steps`` optimizer steps or ``seconds`` of wall time, whichever comes first. ``callback(step,
+    elapsed_s, loss)`` runs after every step (for evaluation curves; its own time is not counted). Returns
+    the number of steps taken.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    if max_steps is None and seconds is None:
+        raise ValueError("give max_steps or seconds (or both)")
+    if not hasattr(env, "demonstration"):
+        raise TypeError(f"{type(env).__name__} has no demonstration(record): it cannot supply SFT answers")
+    optimizer = optimizer or torch.optim.AdamW(policy.model.parameters(), lr=learning_rate, weight_decay=0.0)
+    bound = env.num_records or 2**31 - 1
+    policy.model.train()
+    step, elapsed = 0, 0.0
+    bar = tqdm(total=max_steps, desc="sft", unit="step", disable=None if progress else True)
+    while (max_steps is None or step < max_steps) and (seconds is None or elapsed < seconds):
+        started = time.perf_counter()
+        records = [env.record(int(i)) for i in torch.randint(0, bound, (batch_size,), generator=generator)]
+        batch = demonstration_batch(
+            policy, [env.prompt(r) for r in records], [env.demonstration(r) for r in records], answer_length
+        )
+        loss = masked_diffusion_loss(policy, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        elapsed += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if callback is not None:
+            policy.model.eval()
+            callback(step, elapsed, loss.item())
+            policy.model.train()
+    bar.close()
+    policy.model.eval()
+    return step

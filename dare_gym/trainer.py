@@ -329,7 +329,7 @@ class Trainer:
         history = logger.read()
         initial = next((r for r in history if "heldout_accuracy" in r), {})
         time_limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
-        bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", disable=not config.progress)
+        bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", disable=None if config.progress else True)
         last_eval: dict[str, float] = {}
         try:
             while self.step < config.max_steps and (time_limit is None or self.elapsed() < time_limit):

@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import dare_gym
 from dare_gym.evaluation import evaluate
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, count_parameters
 from dare_gym.models.tokenizer import build_char_tokenizer
 from dare_gym.policy import TINY_CHECKPOINT, DiffusionPolicy
-from dare_gym.sft import demonstration_batch, masked_diffusion_loss
+from dare_gym.sft import train_on_demonstrations
 
 GENERATION = dict(gen_length=8, steps=8, block_length=8, temperature=0.0, remasking="low_confidence")
 
@@ -61,29 +60,16 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=500)
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     policy = build_policy(args.seed, args.hidden_size, args.layers, args.heads)
     print(f"tiny dLLM: {count_parameters(policy.model):,} parameters")
     train_env = dare_gym.make(args.env, split="train")
     test_env = dare_gym.make(args.env, split="test")
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    answer_length = GENERATION["gen_length"]
     start = time.time()
-    policy.model.train()
-    bar = tqdm(range(args.steps), desc="sft", unit="step")
-    for step in bar:
-        indices = torch.randint(0, 2**31 - 1, (args.batch_size,), generator=generator).tolist()
-        records = [train_env.record(i) for i in indices]
-        batch = demonstration_batch(
-            policy, [train_env.prompt(r) for r in records], [train_env.demonstration(r) for r in records], answer_length
-        )
-        loss = masked_diffusion_loss(policy, batch, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    train_on_demonstrations(
+        policy, train_env, answer_length=GENERATION["gen_length"], learning_rate=args.lr,
+        batch_size=args.batch_size, max_steps=args.steps, generator=generator,
+    )
     seconds = time.time() - start
     result = evaluate(policy, test_env, limit=args.eval_size)
     print(f"held-out greedy accuracy {result.accuracy:.3f}, mean reward {result.mean_reward:.3f} after {seconds:.0f} s")

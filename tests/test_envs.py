@@ -1,0 +1,166 @@
+"""Envs: registration, Gymnasium conformance, record selection, info contents, vector groups, data errors."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import dare_gym
+from dare_gym.envs.data import DataFormatError
+from dare_gym.spaces import UnicodeText
+
+PROCEDURAL = ["digitsort-v0"]
+FILE_BACKED = ["gsm8k-v0"]
+
+
+def test_every_env_is_registered_in_both_places():
+    assert set(PROCEDURAL + FILE_BACKED) <= set(dare_gym.list_envs())
+    for env_id in dare_gym.list_envs():
+        assert f"dare_gym/{env_id}" in gymnasium.registry
+
+
+@pytest.mark.parametrize("env_id", PROCEDURAL)
+def test_check_env_procedural(env_id):
+    check_env(dare_gym.make(env_id), skip_render_check=False)
+    check_env(gymnasium.make(f"dare_gym/{env_id}").unwrapped)
+
+
+@pytest.mark.parametrize("env_id", FILE_BACKED)
+def test_check_env_file_backed(env_id, data_dir):
+    check_env(dare_gym.make(env_id))
+
+
+def test_every_registered_env_passes_check_env(data_dir):
+    for env_id in dare_gym.list_envs():
+        check_env(dare_gym.make(env_id))
+
+
+def test_unicode_text_space_accepts_real_prompts():
+    space = UnicodeText(50)
+    assert space.contains("Janet’s ducks lay 16 eggs — ¿cuántos? 🦆\n")
+    assert not space.contains("x" * 51)
+    assert not space.contains(b"bytes")
+    assert not gymnasium.spaces.Text(50).contains("two words")  # why the subclass exists
+
+
+def test_unknown_env_names_the_closest_match():
+    with pytest.raises(gymnasium.error.NameNotFound, match="Did you mean 'gsm8k-v0'"):
+        dare_gym.make("gsm8k-v1")
+
+
+def test_gsm8k_reset_index_is_file_order_and_info_has_no_gold(data_dir):
+    lines = (data_dir / "gsm8k" / "test.jsonl").read_text().splitlines()
+    env = dare_gym.make("gsm8k-v0", split="test")
+    assert env.num_records == len(lines) == 1319
+    for index in (0, 7, 1318):
+        record = json.loads(lines[index])
+        prompt, info = env.reset(options={"index": index})
+        assert prompt.startswith(record["question"])
+        gold = record["answer"].split("####")[-1].strip()
+        assert all(gold not in str(value) for key, value in info.items() if key != "index")
+        assert "answer" not in info and "gold" not in info
+        _, reward, terminated, truncated, step_info = env.step(f"<answer>{gold}</answer>")
+        assert (reward, terminated, truncated, step_info["correct"]) == (1.0, True, False, True)
+        assert step_info["reward_components"] == {"math_verify": 1.0}
+        assert "gold" not in step_info and "answer" not in step_info
+
+
+def test_gsm8k_reads_data_files_and_names_malformed_lines(tmp_path):
+    good = tmp_path / "mini.jsonl"
+    good.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n\n")
+    env = dare_gym.make("gsm8k-v0", data_files=str(good))
+    assert env.num_records == 1
+    env.reset(options={"index": 0})
+    assert env.step("The answer is 2.")[1] == 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: not valid JSON"):
+        dare_gym.make("gsm8k-v0", data_files=str(bad))
+    missing_field = tmp_path / "field.jsonl"
+    missing_field.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"record 1 lacks field\(s\) \['answer'\]"):
+        dare_gym.make("gsm8k-v0", data_files=str(missing_field))
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        dare_gym.make("gsm8k-v0", data_files=str(tmp_path / "nowhere.jsonl"))
+
+
+def test_gsm8k_reads_the_data_dir_variable(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "2*3?", "answer": "#### 6"}) + "\n")
+    monkeypatch.setenv("DARE_GYM_DATA_DIR", str(tmp_path))
+    env = dare_gym.make("gsm8k-v0")
+    assert env.num_records == 1 and env.source.endswith("test.jsonl")
+
+
+def test_digitsort_records_are_deterministic_and_test_is_held_out():
+    train, test = dare_gym.make("digitsort-v0"), dare_gym.make("digitsort-v0", split="test")
+    assert train.record(5) == dare_gym.make("digitsort-v0").record(5)
+    test_digits = {test.record(i)["digits"] for i in range(test.num_records)}
+    train_digits = {train.record(i)["digits"] for i in range(5000)}
+    assert len(test_digits) > 450 and not test_digits & train_digits
+    with pytest.raises(IndexError, match=r"\[0, 500\)"):
+        test.reset(options={"index": 500})
+
+
+def test_step_reports_correct_and_components_and_rejects_misuse():
+    env = dare_gym.make("digitsort-v0", split="test")
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("123")
+    prompt, _ = env.reset(options={"index": 0})
+    gold = "".join(sorted(prompt.split()[1]))
+    _, reward, *_, info = env.step(gold)
+    assert reward == 1.0 and info["correct"] and info["reward_components"] == {"char_match": 1.0}
+    env.reset(options={"index": 0})
+    _, reward, *_, info = env.step(gold[:-1] + "x")
+    assert reward == pytest.approx(5 / 6) and not info["correct"]
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(gold)  # the episode ended
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"idx": 1})
+
+
+def test_custom_and_weighted_rewards_plug_in_through_make():
+    def length_bonus(completion, sample):
+        return len(completion) / 10
+
+    env = dare_gym.make("digitsort-v0", reward=[("exact_match", 1.0), (length_bonus, 0.5)])
+    prompt, _ = env.reset(options={"index": 1})
+    gold = "".join(sorted(prompt.split()[1]))
+    _, reward, *_, info = env.step(gold)
+    assert info["reward_components"] == {"exact_match": 1.0, "length_bonus": 0.6}
+    assert reward == pytest.approx(1.0 + 0.5 * 0.6)
+
+
+def test_a_raising_reward_scores_zero_with_the_reason():
+    def broken(completion, sample):
+        raise RuntimeError("checker exploded")
+
+    env = dare_gym.make("digitsort-v0", reward=[("char_match", 1.0), (broken, 1.0)])
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step("012345")
+    assert terminated and info["reward_components"]["broken"] == 0.0
+    assert "checker exploded" in info["reward_errors"]["broken"]
+    assert reward == pytest.approx(info["reward_components"]["char_match"])
+
+
+def test_make_vec_groups_share_a_problem():
+    vec = dare_gym.make_vec("digitsort-v0", num_envs=12, group_size=4)
+    prompts, infos = vec.reset(seed=3)
+    assert len(prompts) == 12 and vec.num_groups == 3
+    for group in range(3):
+        assert len(set(prompts[4 * group : 4 * group + 4])) == 1
+    assert len(set(prompts)) == 3
+    assert infos["group_id"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    again, _ = dare_gym.make_vec("digitsort-v0", num_envs=12, group_size=4).reset(seed=3)
+    assert again == prompts
+    _, rewards, terminated, truncated, step_infos = vec.step(["0"] * 12)
+    assert rewards.shape == (12,) and terminated.all() and not truncated.any()
+    assert step_infos["correct"].dtype == np.bool_
+    with pytest.raises(ValueError, match="multiple of group_size=5"):
+        dare_gym.make_vec("digitsort-v0", num_envs=12, group_size=5)
+    with pytest.raises(ValueError, match="one completion per sub-env"):
+        vec.step(["0"])
