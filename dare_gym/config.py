@@ -31,14 +31,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        real = [option for option in options if option is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message, mentioning null
+            try:
+                return _coerce(value, real[0], where)
+            except ConfigError as error:
+                raise ConfigError(f"{error} (or null)") from None
+        for option in real:
             try:
                 return _coerce(value, option, where)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value

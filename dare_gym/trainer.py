@@ -32,6 +32,7 @@ from dare_gym.evaluation import evaluate
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 METRICS_FILE = "metrics.jsonl"
+DEFAULT_ALGORITHM = "d1"
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainConfig:
     env_kwargs: dict = field(default_factory=dict)
     eval_env_kwargs: dict = field(default_factory=lambda: {"split": "test"})
     policy: str = "tiny"
-    algorithm: dict = field(default_factory=lambda: {"name": "d1"})
+    algorithm: dict = field(default_factory=lambda: {"name": DEFAULT_ALGORITHM})
     prompts_per_step: int = 32
     group_size: int = 8
     max_steps: int = 1000
@@ -90,8 +91,7 @@ class TrainConfig:
             raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
         if self.env not in dare_gym.list_envs():
             raise ConfigError(f"env: unknown env {self.env!r}; registered: {', '.join(dare_gym.list_envs())}")
-        if "name" not in self.algorithm:
-            raise ConfigError("algorithm.name is required (e.g. algorithm.name=d1)")
+        self.algorithm = {"name": DEFAULT_ALGORITHM, **self.algorithm}  # `algorithm.beta=0` alone keeps d1
         try:
             self.algorithm_config()  # validate now, with field names in the error
         except ConfigError:
@@ -336,8 +336,9 @@ class Trainer:
                 buffer, stats = self.collect()
                 stats.update(self.update(buffer))
                 self.step += 1
+                is_last = self.step >= config.max_steps or (time_limit is not None and self.elapsed() >= time_limit)
                 record = {"step": self.step, "elapsed_s": round(self.elapsed(), 2), **stats}
-                if self.step % config.eval_every == 0:
+                if self.step % config.eval_every == 0 or is_last:
                     last_eval = self.evaluate()
                     record.update(last_eval)
                 logger.log(record)
@@ -347,8 +348,6 @@ class Trainer:
                 bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", acc=f"{last_eval.get('heldout_accuracy', float('nan')):.3f}")
         finally:
             bar.close()
-        if self.step % config.eval_every != 0:
-            logger.log({"step": self.step, "elapsed_s": round(self.elapsed(), 2), **self.evaluate()})
         self.save_checkpoint()
         self.policy.save_pretrained(self.output_dir / "final_policy")
         logger.close()

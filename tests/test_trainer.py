@@ -1,0 +1,155 @@
+"""Buffer, the d1 algorithm's update machinery, the trainer loop, checkpoints and resume, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dare_gym
+from dare_gym.algorithms import build_config, make_algorithm
+from dare_gym.buffer import RolloutBuffer
+from dare_gym.config import ConfigError, load_config
+from dare_gym.trainer import TrainConfig, Trainer
+
+
+def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
+    env = dare_gym.make_vec("digitsort-v0", num_envs=group_size * groups, group_size=group_size)
+    prompts, infos = env.reset(seed=seed)
+    completions = policy.generate(list(prompts), temperature=temperature, seed=seed)
+    _, rewards, _, _, _ = env.step([c.text for c in completions])
+    return RolloutBuffer.from_rollouts(
+        prompts, completions, rewards.tolist(), infos["group_id"].tolist(),
+        completion_mask_fn=policy.completion_mask, pad_token_id=policy.tokenizer.pad_token_id,
+    )
+
+
+def test_buffer_columns_groups_and_model_inputs(tiny_policy):
+    buffer = rollouts(tiny_policy)
+    assert len(buffer) == 8 and buffer.completion_ids.shape == (8, 8)
+    assert [g.tolist() for g in buffer.groups()] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    inputs = buffer.model_inputs()
+    for row in range(8):
+        prompt = tiny_policy.tokenizer.decode(inputs.prompt_ids[row][inputs.prompt_attention[row].bool()])
+        assert prompt == buffer.prompts[row]
+        assert tiny_policy.decode(inputs.completion_ids[row]) == buffer.completions[row]
+    # The loss mask runs up to and including the first EOS.
+    eos = tiny_policy.tokenizer.eos_token_id
+    for row in range(8):
+        ids = buffer.completion_ids[row].tolist()
+        stop = ids.index(eos) + 1 if eos in ids else len(ids)
+        assert buffer.completion_mask[row].tolist() == [1] * stop + [0] * (len(ids) - stop)
+    picked = buffer.select(torch.tensor([False, True] * 4))
+    assert picked.prompts == buffer.prompts[1::2] and torch.equal(picked.reward, buffer.reward[1::2])
+    seen = sorted(i for mb in buffer.minibatches(3, generator=torch.Generator().manual_seed(0)) for i in mb.completions)
+    assert seen == sorted(buffer.completions)
+
+
+def test_d1_prepare_scores_old_and_reference_on_each_iterations_noise(tiny_policy):
+    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1"})
+    algorithm = make_algorithm("d1", config, mask_token_id=tiny_policy.mask_token_id)
+    buffer = rollouts(tiny_policy)
+    buffer.reward = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    buffer = algorithm.advantages(buffer, 4)
+    assert len(buffer) == 4  # the second group scored uniformly and was dropped
+    assert buffer.advantage.tolist() == [0.75, -0.25, -0.25, -0.25]  # d1: r - mean, no std scaling
+    algorithm.prepare(tiny_policy, tiny_policy, buffer, torch.Generator().manual_seed(0))
+    masks = buffer.columns["noise.prompt_masked"]
+    assert masks.shape[:2] == (4, 3) and not torch.equal(masks[:, 0], masks[:, 1])
+    # The reference is the policy itself here, so both columns equal a direct re-scoring on the same noise.
+    inputs = buffer.model_inputs()
+    for k in range(3):
+        again = algorithm.estimator.token_logp(tiny_policy.logits, inputs, {"prompt_masked": masks[:, k]}).logp
+        assert torch.allclose(buffer.columns["old_logp"][:, k], again, atol=1e-5)
+        assert torch.allclose(buffer.columns["ref_logp"][:, k], again, atol=1e-5)
+    loss, metrics = algorithm.loss(tiny_policy, buffer, iteration=1)
+    # On-policy with π_ref = π_θ: every ratio is 1 and the KL is 0, so the loss is −(token-mean of A).
+    weights = buffer.completion_mask.float()
+    expected = -(buffer.advantage[:, None] * weights).sum() / weights.sum()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert metrics["kl_ref"] == pytest.approx(0.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_policy.model.parameters())
+    tiny_policy.model.zero_grad(set_to_none=True)
+
+
+def small_config(tmp_path, **overrides) -> TrainConfig:
+    options = dict(
+        output_dir=str(tmp_path / "run"), prompts_per_step=4, group_size=4, max_steps=4, eval_every=2,
+        eval_size=24, save_every=2, progress=False,
+        algorithm={"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1},
+                   "num_iterations": 2, "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"},
+    )
+    options.update(overrides)
+    return load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in options.items()])
+
+
+def test_training_writes_metrics_plot_and_atomic_checkpoints(tmp_path):
+    summary = Trainer(small_config(tmp_path)).train()
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    step = records[1]
+    for key in ("reward_mean", "reward_std", "train_accuracy", "zero_variance_fraction", "completion_length",
+                "rollout_tokens_per_s", "time_rollout", "time_reward"):
+        assert key in step, key
+    updated = [r for r in records[1:] if r["zero_variance_fraction"] < 1]
+    assert updated, "no step had a group with reward variance"
+    for key in ("loss", "approx_kl_old", "kl_ref", "clip_fraction", "entropy", "grad_norm", "time_update"):
+        assert key in updated[0], key
+    assert "heldout_accuracy" in records[0] and "heldout_accuracy" in records[2]
+    assert (run / "curves.png").stat().st_size > 10_000
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000004"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002", "step-000004"]
+    assert (run / "final_policy" / "model.safetensors").exists()
+    assert summary["heldout_accuracy_before"] == records[0]["heldout_accuracy"]
+
+
+def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    straight = Trainer(small_config(tmp_path / "a", eval_size=0))
+    straight.train()
+    first = Trainer(small_config(tmp_path / "b", eval_size=0, max_steps=2))
+    first.train()
+    resumed = Trainer(small_config(tmp_path / "b", eval_size=0, max_steps=4))
+    resumed.train(resume=True)
+    assert resumed.step == 4
+    records = [json.loads(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight.policy.model.parameters(), resumed.policy.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        Trainer(small_config(tmp_path, eval_size=0)).train(resume=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["learning_rate=fast"], "learning_rate: expected a number, got 'fast'"),
+        (["group_size=0"], "group_size must be >= 1, got 0"),
+        (["envv=digitsort-v0"], "unknown config field\\(s\\) envv"),
+        (["env=sudoku-v9"], "unknown env 'sudoku-v9'"),
+        (["algorithm.name=reinforce++"], "unknown algorithm 'reinforce\\+\\+'"),
+        (["algorithm.epsilon=-0.1"], "epsilon must be >= 0"),
+        (["algorithm.loss_type=mean"], "loss_type must be one of"),
+        (["algorithm.num_iteration=2"], "unknown config field\\(s\\) algorithm.num_iteration"),
+        (["rollout.temperature=hot"], "rollout.temperature: expected a number"),
+        (["not-an-override"], "must look like field.path=value"),
+    ],
+)
+def test_config_errors_name_the_field_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, overrides)
+
+
+def test_yaml_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(TrainConfig, bad)
