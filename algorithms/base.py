@@ -4,7 +4,7 @@ An algorithm is one file: a config dataclass (hyper-parameters with the official
 class with three methods the trainer calls on each batch of rollouts:
 
     buffer = algorithm.advantages(buffer, group_size)           # fill buffer.advantage; may drop rows
-    algorithm.prepare(policy, reference, buffer, generator)    # score what the update compares against
+    algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)  # score π_old, π_ref
     loss, metrics = algorithm.loss(policy, minibatch, iteration)  # for iteration in range(num_iterations)
 
 Registering is one line: ``@register_algorithm("name", ConfigClass)`` on the class. Nothing else in the
@@ -40,7 +40,9 @@ class Algorithm(Protocol):
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer: ...
 
-    def prepare(self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None) -> None: ...
+    def prepare(
+        self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None, micro_batch_size: int
+    ) -> None: ...
 
     def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 

@@ -91,16 +91,17 @@ class DiffuGRPO:
             scorers.append(("old_logp", policy))
         if self.needs_reference:
             scorers.append(("ref_logp", reference))
+        chunks = [torch.arange(start, min(start + micro_batch_size, len(buffer)))
+                  for start in range(0, len(buffer), micro_batch_size)]
+        chunk_inputs = [buffer.select(rows).model_inputs(policy.device) for rows in chunks]
         for column, scorer in scorers:
             per_iteration = []
-            for k in range(iterations):
-                chunks = []
-                for start in range(0, len(buffer), micro_batch_size):
-                    rows = slice(start, start + micro_batch_size)
-                    sub = buffer.select(torch.arange(len(buffer))[rows]).model_inputs(policy.device)
-                    noise = {name: value[rows] for name, value in noises[k].items()}
-                    chunks.append(self.estimator.token_logp(scorer.logits, sub, noise).logp.cpu())
-                per_iteration.append(torch.cat(chunks))
+            for noise in noises:
+                scores = [
+                    self.estimator.token_logp(scorer.logits, inputs, {k: v[rows] for k, v in noise.items()}).logp
+                    for rows, inputs in zip(chunks, chunk_inputs)
+                ]
+                per_iteration.append(torch.cat(scores).cpu())
             buffer.columns[column] = torch.stack(per_iteration, dim=1)
 
     # 3. the clipped surrogate with a KL penalty ---------------------------------------------------------

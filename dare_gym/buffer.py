@@ -133,7 +133,9 @@ class RolloutBuffer:
         """Left-pad each prompt against its completion (so that the completion columns align) and return
         the model input, the attention mask and the completion columns' loss mask."""
         lengths = self.prompt_mask.sum(dim=1)
-        width = int(lengths.max())
+        # The width is the buffer's, not this selection's longest prompt: estimator noise drawn on the whole
+        # buffer (a prompt mask, say) then lines up with any minibatch of its rows.
+        width = self.prompt_ids.shape[1]
         rows = len(self)
         prompt = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((rows, width), dtype=torch.long)

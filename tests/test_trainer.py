@@ -153,3 +153,25 @@ def test_yaml_config_file_errors(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(TrainConfig, bad)
+
+
+def test_estimator_noise_lines_up_with_minibatches_of_shorter_prompts(tiny_policy):
+    prompts = ["sort 12\n", "sort 12\n", "sort 5839201746\n", "sort 5839201746\n"]
+    completions = tiny_policy.generate(prompts, temperature=1.0, seed=0)
+    buffer = RolloutBuffer.from_rollouts(
+        prompts, completions, [1.0, 0.0, 0.0, 1.0], [0, 0, 1, 1],
+        completion_mask_fn=tiny_policy.completion_mask, pad_token_id=tiny_policy.tokenizer.pad_token_id,
+    )
+    config = build_config("d1", {"num_iterations": 2, "beta": 0.0, "estimator": "d1",
+                                 "estimator_kwargs": {"p_mask_prompt": 1.0}})
+    algorithm = make_algorithm("d1", config, mask_token_id=tiny_policy.mask_token_id)
+    buffer = algorithm.advantages(buffer, 2)
+    algorithm.prepare(tiny_policy, None, buffer, torch.Generator().manual_seed(0), micro_batch_size=1)
+    short = buffer.select([0, 1])
+    inputs = short.model_inputs()
+    # With p_mask_prompt = 1 the noise masks exactly the real prompt tokens, also in a minibatch whose
+    # prompts are all shorter than the buffer's longest.
+    for k in range(2):
+        assert torch.equal(short.columns["noise.prompt_masked"][:, k], inputs.prompt_attention.bool())
+    loss, _ = algorithm.loss(tiny_policy, short, iteration=1)
+    assert torch.isfinite(loss)

@@ -1,0 +1,98 @@
+"""Sampler throughput and overhead over the model's own forward passes.
+
+    python experiments/bench_rollout.py            # writes experiments/results/rollout.json
+
+overhead = sampler wall time / (number of forward passes × time of one forward on the same input) − 1:
+the share of sampling time spent outside the model (scoring, choosing and committing tokens).
+tokens/s counts generated tokens (``gen_length`` per row) per second of sampler wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import dare_gym
+from dare_gym.sampling import generate_masked_diffusion
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS = {
+    "default (gen 8, 8 steps, 1 block)": dict(gen_length=8, steps=8, block_length=8),
+    "long (gen 64, 64 steps, 2 blocks)": dict(gen_length=64, steps=64, block_length=32),
+}
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def measure(policy, batch_size: int, settings: dict, temperature: float, repeats: int) -> dict:
+    prompts = [f"sort {i % 1000000:06d}\n" for i in range(batch_size)]
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts)
+    generator = torch.Generator().manual_seed(0)
+
+    def sample():
+        return generate_masked_diffusion(
+            policy.logits, prompt_ids, prompt_mask, mask_token_id=policy.mask_token_id, generator=generator,
+            temperature=temperature, remasking="low_confidence", **settings,
+        )
+
+    out = sample()  # warm-up, and the number of forward passes
+    full_ids = torch.cat([prompt_ids, out.completion_ids], dim=1)
+    full_mask = torch.cat([prompt_mask, torch.ones_like(out.completion_ids)], dim=1)
+    policy.logits(full_ids, full_mask)
+    forward = median_time(lambda: policy.logits(full_ids, full_mask), repeats * 5)
+    sampler = median_time(sample, repeats)
+    end_to_end = median_time(lambda: policy.generate(prompts, temperature=temperature, seed=0, **settings), repeats)
+    model_time = out.num_forward_passes * forward
+    return {
+        "batch_size": batch_size,
+        "forward_passes": out.num_forward_passes,
+        "forward_ms": 1000 * forward,
+        "sampler_s": sampler,
+        "generate_s": end_to_end,
+        "tokens_per_s": batch_size * settings["gen_length"] / sampler,
+        "overhead": sampler / model_time - 1,
+        "generate_overhead": end_to_end / model_time - 1,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--output", type=Path, default=RESULTS / "rollout.json")
+    args = parser.parse_args()
+    policy = dare_gym.load_policy("tiny")
+    policy.model.eval()
+    rows = []
+    print(f"tiny dLLM, {torch.get_num_threads()} threads, temperature {args.temperature}")
+    print("| setting | batch | forwards | forward (ms) | sampler (s) | tokens/s | sampler overhead | generate() overhead |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, settings in SETTINGS.items():
+        for batch_size in args.batch_sizes:
+            row = {"setting": name, **settings, **measure(policy, batch_size, settings, args.temperature, args.repeats)}
+            rows.append(row)
+            print(f"| {name} | {batch_size} | {row['forward_passes']} | {row['forward_ms']:.2f} | {row['sampler_s']:.3f} | "
+                  f"{row['tokens_per_s']:,.0f} | {100 * row['overhead']:.1f}% | {100 * row['generate_overhead']:.1f}% |",
+                  flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"threads": torch.get_num_threads(), "temperature": args.temperature,
+                                       "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
