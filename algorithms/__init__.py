@@ -1,4 +1,10 @@
-"""The algorithm zoo: one module per algorithm, each registered by name."""
+"""The algorithm zoo: one module per algorithm, each registering itself with ``@register_algorithm``.
+
+Every module in this folder is imported here, so a new algorithm is one new file and nothing else.
+"""
+
+import importlib
+import pkgutil
 
 from dare_gym.algorithms.base import (
     ALGORITHMS,
@@ -10,7 +16,10 @@ from dare_gym.algorithms.base import (
     make_algorithm,
     register_algorithm,
 )
-from dare_gym.algorithms import d1 as _d1  # noqa: F401  (registers "d1")
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ALGORITHMS",

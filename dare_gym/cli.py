@@ -63,15 +63,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
+    import importlib
+
     import gymnasium
 
     import dare_gym
+    from dare_gym.registry import LAZY_FAMILIES, gymnasium_id
 
+    if args.optional:
+        for prefix, module in LAZY_FAMILIES.items():
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                print(f"({prefix}* envs unavailable: {error})")
     for env_id in dare_gym.list_envs():
-        spec = gymnasium.spec(f"dare_gym/{env_id}")
+        spec = gymnasium.spec(gymnasium_id(env_id))
         module, _, name = str(spec.entry_point).partition(":")
         doc = (getattr(__import__(module, fromlist=[name]), name).__doc__ or "").strip().splitlines()
-        print(f"{env_id:<20} {doc[0] if doc else ''}")
+        print(f"{env_id:<34} {doc[0] if doc else ''}")
     return 0
 
 
@@ -118,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
 
     envs = sub.add_parser("envs", help="list the registered envs", description="List the registered env ids.")
+    envs.add_argument("--optional", action="store_true",
+                      help="also list envs of optional extras (rg/* from reasoning-gym)")
     envs.set_defaults(func=_cmd_envs)
 
     algos = sub.add_parser("algorithms", help="list the registered algorithms and their defaults",

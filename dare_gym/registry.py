@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 
 import gymnasium
 
@@ -10,12 +11,22 @@ NAMESPACE = "dare_gym"
 _REGISTERED: dict[str, str] = {}  # short id -> entry point
 
 
+# Families of envs registered by importing their module, on first use of one of their ids.
+LAZY_FAMILIES = {"rg/": "dare_gym.envs.reasoning_gym"}
+
+
+def gymnasium_id(env_id: str) -> str:
+    """The Gymnasium id of a dare_gym env: ``dare_gym/<env_id>``; a ``/`` inside ``env_id`` (``rg/task-v0``)
+    becomes ``.``, since a Gymnasium id holds a single namespace separator (and ``:`` means module:id)."""
+    return f"{NAMESPACE}/{env_id.replace('/', '.')}"
+
+
 def register_env(env_id: str, entry_point: str, **default_kwargs) -> None:
     """Register ``env_id`` (e.g. ``"gsm8k-v0"``) so that ``dare_gym.make`` and
     ``gymnasium.make("dare_gym/<env_id>")`` both build it."""
     _REGISTERED[env_id] = entry_point
     gymnasium.register(
-        id=f"{NAMESPACE}/{env_id}",
+        id=gymnasium_id(env_id),
         entry_point=entry_point,
         kwargs=default_kwargs,
         disable_env_checker=True,  # check_env runs in the test suite, not on every make
@@ -30,6 +41,13 @@ def list_envs() -> list[str]:
 
 def _short_id(env_id: str) -> str:
     short = env_id.removeprefix(f"{NAMESPACE}/")
+    for prefix, module in LAZY_FAMILIES.items():
+        if short not in _REGISTERED and short.replace(".", "/", 1).startswith(prefix):
+            short = short.replace(".", "/", 1)
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise gymnasium.error.NameNotFound(f"{env_id!r} needs an optional extra: {error}") from None
     if short not in _REGISTERED:
         hint = difflib.get_close_matches(short, list(_REGISTERED), n=1)
         suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
@@ -46,7 +64,7 @@ def make(env_id: str, **kwargs) -> gymnasium.Env:
     returned unwrapped so that its attributes (``num_records``, ``record(i)``) stay reachable.
     """
     short = _short_id(env_id)
-    return gymnasium.make(f"{NAMESPACE}/{short}", **kwargs).unwrapped
+    return gymnasium.make(gymnasium_id(short), **kwargs).unwrapped
 
 
 def make_vec(env_id: str, num_envs: int, group_size: int = 1, **kwargs):

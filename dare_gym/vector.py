@@ -38,6 +38,8 @@ def _stack_infos(infos: Sequence[dict]) -> dict:
 
 
 class GroupedTextVectorEnv(VectorEnv):
+    """Sub-envs built alike (``make_vec`` passes them the same arguments), so one reward scores them all."""
+
     def __init__(self, envs: Sequence[TextTaskEnv], group_size: int = 1):
         if not envs:
             raise ValueError("a vector env needs at least one sub-env")
@@ -82,7 +84,16 @@ class GroupedTextVectorEnv(VectorEnv):
     def step(self, completions: Sequence[str]):
         if len(completions) != self.num_envs:
             raise ValueError(f"need one completion per sub-env ({self.num_envs}), got {len(completions)}")
-        results = [env.step(completion) for env, completion in zip(self.envs, completions)]
+        # Score all completions in one call, so that batched (TRL-style) rewards see the whole batch.
+        begun = [env.begin_step(completion) for env, completion in zip(self.envs, completions)]
+        records = [record for record, _ in begun]
+        scored = self.envs[0].reward_fn.score_many(
+            list(completions), records, [env.prompt(record) for env, record in zip(self.envs, records)]
+        )
+        results = [
+            env.finish_step(completion, record, index, result)
+            for env, completion, (record, index), result in zip(self.envs, completions, begun, scored)
+        ]
         observations = tuple(r[0] for r in results)
         rewards = np.array([r[1] for r in results], dtype=np.float64)
         terminated = np.array([r[2] for r in results], dtype=bool)

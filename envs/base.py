@@ -15,26 +15,33 @@ from typing import Any, Mapping
 
 import gymnasium
 
-from dare_gym.rewards.base import RewardSpec, resolve_reward
+from dare_gym.rewards.base import RewardResult, RewardSpec, resolve_reward
 from dare_gym.spaces import UnicodeText
 
 UNBOUNDED_INDEX = 2**31 - 1  # procedural tasks draw indices in [0, this) when none is given
+DEFAULT_REWARD_TIMEOUT_S = 60.0  # a reward term running longer scores 0 ("timed out") instead of hanging a run
 
 
 class TextTaskEnv(gymnasium.Env[str, str]):
-    """Base class for single-turn text tasks with a verifiable reward."""
+    """Base class for single-turn text tasks with a verifiable reward.
+
+    Common keyword arguments of every task: ``split``; ``reward`` (a registered name, a callable, or a
+    weighted list; default: the task's own); ``reward_timeout_s`` (a reward term running longer scores 0
+    with the reason in ``info["reward_errors"]``; None disables the limit); ``render_mode`` (``"ansi"``).
+    """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     default_reward: RewardSpec = "exact_match"
     max_prompt_chars = 16_384
     max_completion_chars = 65_536
 
-    def __init__(self, *, split: str = "train", reward: RewardSpec | None = None, render_mode: str | None = None):
+    def __init__(self, *, split: str = "train", reward: RewardSpec | None = None, render_mode: str | None = None,
+                 reward_timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.split = split
         self.render_mode = render_mode
-        self.reward_fn = resolve_reward(self.default_reward if reward is None else reward)
+        self.reward_fn = resolve_reward(self.default_reward if reward is None else reward, timeout_s=reward_timeout_s)
         self._default_reward_fn = resolve_reward(self.default_reward)
         self.observation_space = UnicodeText(self.max_prompt_chars)
         self.action_space = UnicodeText(self.max_completion_chars)
@@ -88,27 +95,42 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         return prompt, {"index": index, "split": self.split, **self.public_info(self._record)}
 
     def step(self, completion: str) -> tuple[str, float, bool, bool, dict]:
+        record, index = self.begin_step(completion)
+        result = self.reward_fn(completion, record, self.prompt(record))
+        return self.finish_step(completion, record, index, result)
+
+    def begin_step(self, completion: str) -> tuple[dict, int | None]:
+        """End the episode and hand back its record (for scoring many envs' completions in one batch)."""
         if self._record is None:
             raise RuntimeError("call reset() before step(): each episode is one prompt and one completion")
         if not isinstance(completion, str):
             raise TypeError(f"the action must be the completion text (str), got {type(completion).__name__}")
         record, index = self._record, self._index
         self._record = None  # the episode ends here
-        result = self.reward_fn(completion, record)
+        return record, index
+
+    def finish_step(self, completion: str, record: Mapping, index: int | None, result: RewardResult):
+        self._last_text = completion
+        return "", float(result.total), True, False, self.step_info(completion, record, index, result)
+
+    def step_info(self, completion: str, record: Mapping, index: int | None, result: RewardResult) -> dict:
+        """The ``info`` of a step: correctness, reward components, and whatever went wrong in scoring."""
+        errors = dict(result.errors)
+        default_score = result.components.get(self.default_reward) if isinstance(self.default_reward, str) else None
         try:
-            correct = bool(self.is_correct(completion, record))
+            if type(self).is_correct is TextTaskEnv.is_correct and default_score is not None and not errors:
+                correct = default_score >= 1.0  # already computed: don't run the checker (a sandbox, say) twice
+            else:
+                correct = bool(self.is_correct(completion, record))
         except Exception as error:  # noqa: BLE001 - a checker failure is reported, not raised
             correct = False
-            result.errors["correct"] = f"{type(error).__name__}: {error}"
-        info = {
-            "index": index,
-            "correct": correct,
-            "reward_components": dict(result.components),
-        }
-        if result.errors:
-            info["reward_errors"] = dict(result.errors)
-        self._last_text = completion
-        return "", float(result.total), True, False, info
+            errors["correct"] = f"{type(error).__name__}: {error}"
+        info = {"index": index, "correct": correct, "reward_components": dict(result.components)}
+        if errors:
+            info["reward_errors"] = errors
+        if result.not_applicable:
+            info["reward_not_applicable"] = list(result.not_applicable)
+        return info
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":

@@ -22,11 +22,10 @@ INSTRUCTION = (
 class GSM8KEnv(TextTaskEnv):
     default_reward = "math_verify"
 
-    def __init__(self, *, split: str = "test", data_files=None, reward=None, instruction: str = INSTRUCTION,
-                 render_mode=None):
+    def __init__(self, *, split: str = "test", data_files=None, instruction: str = INSTRUCTION, **common):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        super().__init__(split=split, reward=reward, render_mode=render_mode)
+        super().__init__(split=split, **common)
         records, self.source = load_records(
             data_files=data_files,
             relative_path=f"gsm8k/{split}.jsonl",

@@ -38,13 +38,13 @@ class DigitSortEnv(TextTaskEnv):
 
     default_reward = "char_match"
 
-    def __init__(self, *, split: str = "train", num_digits: int = 6, reward=None, render_mode=None):
+    def __init__(self, *, split: str = "train", num_digits: int = 6, **common):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(num_digits, int) or not 2 <= num_digits <= 64:
             raise ValueError(f"num_digits must be an integer in [2, 64], got {num_digits!r}")
         self.num_digits = num_digits
-        super().__init__(split=split, reward=reward, render_mode=render_mode)
+        super().__init__(split=split, **common)
 
     @property
     def num_records(self) -> int | None:

@@ -67,25 +67,33 @@ def _strip_number_commas(answer: str) -> str:
     return re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str):
+    """math-verify's parse, cached in the helper process: a GRPO group shares one gold, parsed once."""
+    from math_verify import parse
+
+    return parse(f"${text}$", parsing_timeout=None)
+
+
 def _verify_in_process(gold: str, prediction: str) -> bool:
     """math-verify with its signal-based timeouts disabled: the caller enforces the limit."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(f"${prediction}$", parsing_timeout=None)
+    gold_parsed, pred_parsed = _parse(gold), _parse(prediction)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
 @functools.lru_cache(maxsize=65536)
-def answers_match(gold: str, prediction: str, timeout: float = VERIFY_TIMEOUT_S) -> bool:
-    """Whether ``prediction`` is mathematically equal to ``gold`` (math-verify). Equal strings short-cut;
-    anything else runs in a helper process that is killed after ``timeout`` seconds (then: not equal)."""
+def answers_match(gold: str, prediction: str, timeout: float = VERIFY_TIMEOUT_S, shortcut: bool = True) -> bool:
+    """Whether ``prediction`` is mathematically equal to ``gold`` (math-verify). Identical strings short-cut
+    (``shortcut=False`` sends them to math-verify too, for benchmarks); anything else runs in a helper process
+    that is killed after ``timeout`` seconds (then: not equal)."""
     gold, prediction = _strip_number_commas(gold.strip()), _strip_number_commas(prediction.strip())
     if not prediction:
         return False
-    if prediction == gold:
+    if shortcut and prediction == gold:
         return True
     try:
         return bool(run_with_timeout(_verify_in_process, gold, prediction, timeout=timeout))

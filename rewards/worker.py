@@ -76,6 +76,11 @@ class _Helper:
         if self.alive():
             self.process.kill()
         self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                pipe.close()
+            except OSError:  # the helper died mid-message; the pipe is gone either way
+                pass
 
 
 class TimeoutPool:

@@ -11,22 +11,23 @@ from gymnasium.utils.env_checker import check_env
 
 import dare_gym
 from dare_gym.envs.data import DataFormatError
+from dare_gym.registry import gymnasium_id
 from dare_gym.spaces import UnicodeText
 
-PROCEDURAL = ["digitsort-v0"]
-FILE_BACKED = ["gsm8k-v0"]
+PROCEDURAL = ["digitsort-v0", "countdown-v0", "sudoku4-v0"]
+FILE_BACKED = ["gsm8k-v0", "math500-v0", "math-v0"]
 
 
 def test_every_env_is_registered_in_both_places():
     assert set(PROCEDURAL + FILE_BACKED) <= set(dare_gym.list_envs())
     for env_id in dare_gym.list_envs():
-        assert f"dare_gym/{env_id}" in gymnasium.registry
+        assert gymnasium_id(env_id) in gymnasium.registry
 
 
 @pytest.mark.parametrize("env_id", PROCEDURAL)
 def test_check_env_procedural(env_id):
     check_env(dare_gym.make(env_id), skip_render_check=False)
-    check_env(gymnasium.make(f"dare_gym/{env_id}").unwrapped)
+    check_env(gymnasium.make(gymnasium_id(env_id)).unwrapped)
 
 
 @pytest.mark.parametrize("env_id", FILE_BACKED)
@@ -36,7 +37,11 @@ def test_check_env_file_backed(env_id, data_dir):
 
 def test_every_registered_env_passes_check_env(data_dir):
     for env_id in dare_gym.list_envs():
+        if env_id.startswith("rg/"):
+            continue  # the optional reasoning-gym family has a test of its own below
         check_env(dare_gym.make(env_id))
+        if env_id in ("countdown-v0", "sudoku4-v0", "digitsort-v0"):
+            check_env(dare_gym.make(env_id, split="test"))
 
 
 def test_unicode_text_space_accepts_real_prompts():
@@ -164,3 +169,53 @@ def test_make_vec_groups_share_a_problem():
         dare_gym.make_vec("digitsort-v0", num_envs=12, group_size=5)
     with pytest.raises(ValueError, match="one completion per sub-env"):
         vec.step(["0"])
+
+
+def test_reasoning_gym_tasks_are_envs_scored_by_score_answer():
+    env = dare_gym.make("rg/basic_arithmetic-v0", split="test")
+    assert "rg/basic_arithmetic-v0" in dare_gym.list_envs() and env.num_records == 500
+    check_env(env)
+    prompt, info = env.reset(options={"index": 3})
+    record = env.record(3)
+    assert record["question"] in prompt and record["answer"] not in str(info)
+    _, reward, *_, step_info = env.step(f"so <answer>{record['answer']}</answer>")
+    assert reward == 1.0 and step_info["correct"]
+    env.reset(options={"index": 3})
+    assert env.step("<answer>not a number</answer>")[1] == 0.0
+    assert gymnasium.make("dare_gym/rg.basic_arithmetic-v0", split="test").unwrapped.num_records == 500
+    train = dare_gym.make("rg/chain_sum-v0")
+    assert train.record(0) != dare_gym.make("rg/chain_sum-v0", split="test").record(0)
+    from dare_gym.envs.reasoning_gym import task_ids
+
+    assert len(task_ids()) > 90
+    for env_id in task_ids()[:: max(1, len(task_ids()) // 12)]:  # a spread of tasks
+        check_env(dare_gym.make(env_id, split="test"))
+
+
+def test_code_envs_score_canonical_solutions_and_reject_hostile_ones(data_dir):
+    env = dare_gym.make("humaneval-v0")
+    assert env.num_records == 164
+    check_env(env)
+    prompt, info = env.reset(options={"index": 0})
+    record = env.record(0)
+    assert record["prompt"] in prompt and "canonical_solution" not in info
+    _, reward, *_, step_info = env.step(record["canonical_solution"])
+    assert reward == 1.0 and step_info["correct"]
+    env.reset(options={"index": 0})
+    assert env.step("    import os\n    os._exit(0)\n")[1] == 0.0
+    mbpp = dare_gym.make("mbpp-v0")
+    assert mbpp.num_records == 500 and mbpp.record(0)["task_id"] == 11
+    check_env(mbpp)
+    mbpp.reset(options={"index": 0})
+    assert mbpp.step(mbpp.demonstration(mbpp.record(0)))[1] == 1.0
+    assert dare_gym.make("mbpp-v0", split="prompt").num_records == 10
+
+
+def test_code_rewards_score_a_vector_batch_in_parallel(data_dir):
+    vec = dare_gym.make_vec("humaneval-v0", num_envs=4, group_size=2)
+    vec.reset(options={"indices": [0, 1]})
+    env = dare_gym.make("humaneval-v0")
+    good = [env.record(0)["canonical_solution"], "    return None\n", env.record(1)["canonical_solution"], "    pass\n"]
+    _, rewards, *_, infos = vec.step(good)
+    assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert infos["correct"].tolist() == [True, False, True, False]

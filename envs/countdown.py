@@ -1,0 +1,111 @@
+"""Countdown: combine the given numbers with + - * / to reach a target (d1's and TinyZero's reasoning task).
+
+``split="train"`` is procedural: record ``i`` draws 3 or 4 numbers (``num_numbers``) in [1, 99] and a target
+that some expression over all of them reaches (a random expression tree with positive integer intermediate
+values), seeded by ``i``. ``split="test"`` reads d1's ``countdown_cd3_test.jsonl`` (``data_files=`` or
+``$DARE_GYM_DATA_DIR/d1/countdown_cd3_test.jsonl``; 256 three-number problems; no hub copy exists). Records
+are ``{"numbers": [...], "target": int}``; the reward is :func:`dare_gym.rewards.countdown.countdown_reward`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Mapping
+
+from dare_gym.envs.base import TextTaskEnv
+from dare_gym.envs.data import DataFormatError, read_jsonl, resolve_local_file
+from dare_gym.rewards.countdown import countdown_solves
+
+SPLITS = ("train", "test")
+MAX_TARGET = 1000
+
+
+def _random_expression(rng: random.Random, numbers: list[int]) -> tuple[str, int] | None:
+    """A random expression over all of ``numbers`` whose every intermediate value is a positive integer."""
+    items = [(str(n), n) for n in numbers]
+    rng.shuffle(items)
+    while len(items) > 1:
+        (left_text, left), (right_text, right) = items.pop(), items.pop()
+        options = [("+", left + right), ("*", left * right)]
+        if left > right:
+            options.append(("-", left - right))
+        if right and left % right == 0:
+            options.append(("/", left // right))
+        symbol, value = rng.choice(options)
+        items.append((f"({left_text} {symbol} {right_text})", value))
+        rng.shuffle(items)
+    text, value = items[0]
+    return (text[1:-1] if text.startswith("(") else text, value) if 0 < value <= MAX_TARGET else None
+
+
+def make_problem(index: int, num_numbers: int) -> dict:
+    rng = random.Random(f"countdown/{num_numbers}/{index}")
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(num_numbers)]
+        found = _random_expression(rng, numbers)
+        if found is not None:
+            expression, target = found
+            return {"numbers": numbers, "target": target, "solution": expression}
+
+
+class CountdownEnv(TextTaskEnv):
+    """Reach a target number with the given numbers, each used once, and + - * /."""
+
+    default_reward = "countdown"
+
+    def __init__(self, *, split: str = "train", num_numbers: int | None = None, data_files=None, **common):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if num_numbers not in (None, 3, 4):
+            raise ValueError(f"num_numbers must be 3, 4 or None (either), got {num_numbers!r}")
+        super().__init__(split=split, **common)
+        self.num_numbers = num_numbers
+        self._records: list[dict] | None = None
+        if split == "test":
+            path = resolve_local_file(data_files, "d1/countdown_cd3_test.jsonl")
+            if path is None:
+                raise FileNotFoundError(
+                    "countdown's test split is d1's countdown_cd3_test.jsonl: pass data_files= or set "
+                    "DARE_GYM_DATA_DIR to a folder holding d1/countdown_cd3_test.jsonl"
+                )
+            self._records = [self._parse_test_record(r, path, n) for n, r in enumerate(read_jsonl(path), start=1)]
+            self.source = str(path)
+
+    @staticmethod
+    def _parse_test_record(record: dict, path, number: int) -> dict:
+        try:
+            numbers = [int(x) for x in str(record["input"]).split(",")]
+            return {"numbers": numbers, "target": int(record["output"])}
+        except (KeyError, ValueError) as error:
+            raise DataFormatError(f"{path}: record {number}: expected 'input' like '30,100,93' and an integer "
+                                  f"'output', got {record!r} ({error})") from None
+
+    @property
+    def num_records(self) -> int | None:
+        return None if self._records is None else len(self._records)
+
+    def load_record(self, index: int) -> dict:
+        if self._records is not None:
+            return dict(self._records[index])
+        count = self.num_numbers or (3 if index % 2 == 0 else 4)
+        return make_problem(index, count)
+
+    def prompt(self, record: Mapping) -> str:
+        numbers = ", ".join(str(n) for n in record["numbers"])
+        return (f"Using the numbers [{numbers}], write an expression that equals {record['target']}. Use each "
+                f"number exactly once and only + - * / and parentheses. Put the expression inside "
+                f"<answer></answer>, for example <answer>(1 + 2) * 3</answer>.")
+
+    def public_info(self, record: Mapping) -> dict:
+        return {"numbers": list(record["numbers"]), "target": int(record["target"])}
+
+    @staticmethod
+    def demonstration(record: Mapping) -> str:
+        if "solution" not in record:
+            raise KeyError("test records carry no solution expression")
+        return f"<answer>{record['solution']}</answer>"
+
+
+def check_solution(record: Mapping) -> bool:
+    """Whether a generated record's stored solution really solves it (used by the tests)."""
+    return countdown_solves(record["solution"], list(record["numbers"]), int(record["target"]))

@@ -1,0 +1,113 @@
+"""Preference pairs for DPO-style training: (prompt, chosen, rejected) triples, and an HH-RLHF loader.
+
+HH-RLHF stores two whole transcripts per record. The prompt is everything up to and including the last
+``"\\n\\nAssistant:"``; the responses are what follows it. A record whose two transcripts disagree before
+that point is not a pair under this convention: it is skipped with a warning naming its line (or raises,
+with ``on_mismatch="error"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from dare_gym.envs.data import DataFormatError, read_jsonl, resolve_local_file
+
+ASSISTANT_TURN = "\n\nAssistant:"
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class PreferenceDataset(Sequence[PreferencePair]):
+    """An indexable list of :class:`PreferencePair`, with where it came from and what was skipped."""
+
+    def __init__(self, pairs: Sequence[PreferencePair], *, source: str = "memory",
+                 skipped: Sequence[tuple[int, str]] = ()):
+        self.pairs = list(pairs)
+        self.source = source
+        self.skipped = list(skipped)  # (line number, reason)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        return self.pairs[index]
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        return iter(self.pairs)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], *, source: str = "memory") -> "PreferenceDataset":
+        """From records that already hold ``prompt``, ``chosen`` and ``rejected`` fields."""
+        pairs = []
+        for number, record in enumerate(records, start=1):
+            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
+            if missing:
+                raise DataFormatError(f"{source}: record {number} needs string field(s) {missing}")
+            pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
+        return cls(pairs, source=source)
+
+
+def split_transcript(transcript: str) -> tuple[str, str]:
+    """(prompt up to and including the last Assistant turn marker, the final response)."""
+    cut = transcript.rfind(ASSISTANT_TURN)
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn in the transcript")
+    cut += len(ASSISTANT_TURN)
+    return transcript[:cut], transcript[cut:]
+
+
+def hh_rlhf_pairs(records: Sequence[dict], *, source: str, on_mismatch: str = "skip") -> PreferenceDataset:
+    if on_mismatch not in ("skip", "error"):
+        raise ValueError(f"on_mismatch must be 'skip' or 'error', got {on_mismatch!r}")
+    pairs, skipped = [], []
+    for number, record in enumerate(records, start=1):
+        try:
+            prompt, chosen = split_transcript(str(record["chosen"]))
+            other_prompt, rejected = split_transcript(str(record["rejected"]))
+            if prompt != other_prompt:
+                raise ValueError("chosen and rejected transcripts differ before their last Assistant turn")
+        except (KeyError, ValueError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            if on_mismatch == "error":
+                raise DataFormatError(f"{source}: record {number}: {reason}") from None
+            skipped.append((number, reason))
+            continue
+        pairs.append(PreferencePair(prompt, chosen, rejected))
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} of {len(records)} HH-RLHF records that are not clean pairs "
+                      f"(records {[n for n, _ in skipped[:10]]}{'…' if len(skipped) > 10 else ''})", stacklevel=3)
+    return PreferenceDataset(pairs, source=source, skipped=skipped)
+
+
+def load_hh_rlhf(subset: str = "harmless-base", split: str = "test", *, data_files: str | os.PathLike | None = None,
+                 on_mismatch: str = "skip") -> PreferenceDataset:
+    """HH-RLHF preference pairs from ``data_files`` (JSONL, optionally gzipped), else
+    ``$DARE_GYM_DATA_DIR/hh_rlhf/<subset>_<split>.jsonl.gz``, else the hub dataset ``Anthropic/hh-rlhf``."""
+    if subset not in HH_SUBSETS:
+        raise ValueError(f"subset must be one of {HH_SUBSETS}, got {subset!r}")
+    path = resolve_local_file(data_files, f"hh_rlhf/{subset}_{split}.jsonl.gz")
+    if path is not None:
+        return hh_rlhf_pairs(read_jsonl(path), source=str(path), on_mismatch=on_mismatch)
+
+    def hub_records() -> list[dict]:
+        import datasets
+
+        try:
+            return [dict(r) for r in datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)]
+        except Exception as error:  # noqa: BLE001 - re-raised with the way out
+            raise RuntimeError(f"could not load Anthropic/hh-rlhf ({subset}, {split}) from the hub: {error}. "
+                               "Pass data_files= or set DARE_GYM_DATA_DIR.") from error
+
+    return hh_rlhf_pairs(hub_records(), source=f"hub:Anthropic/hh-rlhf/{subset}", on_mismatch=on_mismatch)
+
+
+__all__ = ["PreferencePair", "PreferenceDataset", "load_hh_rlhf", "split_transcript"]
