@@ -1,25 +1,33 @@
-"""The algorithm protocol and registry.
+"""The algorithm protocol, the registry, and the policy-gradient skeleton the GRPO family shares.
 
 An algorithm is one file: a config dataclass (hyper-parameters with the official recipe's defaults) and a
-class with three methods the trainer calls on each batch of rollouts:
+class the trainer drives on each batch of rollouts:
 
-    buffer = algorithm.advantages(buffer, group_size)           # fill buffer.advantage; may drop rows
-    algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)  # score π_old, π_ref
-    loss, metrics = algorithm.loss(policy, minibatch, iteration)  # for iteration in range(num_iterations)
+    buffer = algorithm.advantages(buffer, group_size)          # fill buffer.advantage; may drop rows
+    algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)   # score π_old, π_ref
+    for iteration in range(num_iterations):                     # one optimizer step each
+        for minibatch in buffer.minibatches(...):
+            loss, metrics = algorithm.backward(policy, minibatch, iteration, weight)
 
-Registering is one line: ``@register_algorithm("name", ConfigClass)`` on the class. Nothing else in the
-code base dispatches on algorithm names.
+``backward`` defaults to ``(weight · loss(...)).backward()``; algorithms that must call backward themselves
+(BGPO, once per Monte-Carlo sample) override it. Registering is the ``@register_algorithm`` line on the
+class; every module in ``algorithms/`` is imported by the package, so a new algorithm is one new file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from dare_gym.advantages import BASELINE_CHOICES, SCALE_CHOICES, group_advantages, zero_variance_groups
 from dare_gym.buffer import RolloutBuffer
+from dare_gym.estimators import TokenScores, make_estimator
+from dare_gym.losses import KL_ESTIMATORS, LOSS_TYPES, aggregate, clipped_surrogate, kl_penalty, sequence_log_ratio
+
+NOISE_PREFIX = "noise."
 
 
 @dataclass
@@ -40,11 +48,10 @@ class Algorithm(Protocol):
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer: ...
 
-    def prepare(
-        self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None, micro_batch_size: int
-    ) -> None: ...
+    def prepare(self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None,
+                micro_batch_size: int) -> None: ...
 
-    def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]: ...
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,154 @@ def make_algorithm(name: str, config: Any, *, mask_token_id: int) -> Algorithm:
 
 def config_as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    count = mask.sum()
+    return float((values * mask).sum() / count) if count > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------- the GRPO skeleton
+
+
+@dataclass
+class PolicyGradientConfig(AlgorithmConfig):
+    """GRPO options with the names TRL users know. Subclasses set their paper's defaults."""
+
+    num_iterations: int = 1
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # clip-higher (DAPO); None: same as epsilon
+    dual_clip: float | None = None  # cap the loss of negative-advantage tokens at -c·A (c > 1)
+    kl_estimator: str = "k3"
+    loss_type: str = "bnpo"
+    scale_rewards: str = "group"
+    baseline: str = "mean"  # "rloo": leave-one-out
+    importance_sampling_level: str = "token"  # "sequence": GSPO's length-normalised sequence ratio
+    drop_zero_variance_groups: bool = True
+    estimator: str = "d1"
+    estimator_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon!r} / epsilon_high {self.epsilon_high!r}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 or null, got {self.dual_clip!r}")
+        for name, value, choices in (
+            ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+            ("loss_type", self.loss_type, LOSS_TYPES),
+            ("scale_rewards", self.scale_rewards, SCALE_CHOICES),
+            ("baseline", self.baseline, BASELINE_CHOICES),
+            ("importance_sampling_level", self.importance_sampling_level, ("token", "sequence")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+class PolicyGradient:
+    """Group advantages, an estimator scored on shared noise for π_θ, π_old and π_ref, and a clipped
+    surrogate with a KL penalty, aggregated by ``loss_type``. Subclasses choose defaults and may replace
+    ``loss`` (how the per-token terms are combined) or ``backward``."""
+
+    config: PolicyGradientConfig
+
+    def __init__(self, config: PolicyGradientConfig, *, mask_token_id: int):
+        self.config = config
+        self.estimator = make_estimator(config.estimator, mask_token_id=mask_token_id, **config.estimator_kwargs)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0
+
+    # advantages ---------------------------------------------------------------------------------------
+    def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
+        buffer.advantage = group_advantages(
+            buffer.reward, group_size, scale_rewards=self.config.scale_rewards, baseline=self.config.baseline
+        )
+        if self.config.drop_zero_variance_groups:
+            flat = zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size)
+            buffer = buffer.select(~flat)
+        return buffer
+
+    # score π_old and π_ref on each iteration's noise --------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
+        iterations = self.config.num_iterations
+        inputs = buffer.model_inputs(policy.device)
+        noises = [self.estimator.sample_noise(inputs, generator) for _ in range(iterations)]
+        for name in noises[0]:
+            buffer.columns[NOISE_PREFIX + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
+        scorers = []
+        if iterations > 1:  # with μ = 1 the update is on-policy and π_old is π_θ detached
+            scorers.append(("old_logp", policy))
+        if self.needs_reference:
+            scorers.append(("ref_logp", reference))
+        chunks = [torch.arange(start, min(start + micro_batch_size, len(buffer)))
+                  for start in range(0, len(buffer), micro_batch_size)]
+        chunk_inputs = [buffer.select(rows).model_inputs(policy.device) for rows in chunks]
+        for column, scorer in scorers:
+            per_iteration = []
+            for noise in noises:
+                scores = [
+                    self.estimator.token_logp(scorer.logits, inputs, {k: v[rows] for k, v in noise.items()}).logp
+                    for rows, inputs in zip(chunks, chunk_inputs)
+                ]
+                per_iteration.append(torch.cat(scores).cpu())
+            buffer.columns[column] = torch.stack(per_iteration, dim=1)
+
+    def noise(self, batch: RolloutBuffer, iteration: int, device) -> dict[str, torch.Tensor]:
+        return {
+            name[len(NOISE_PREFIX):]: value[:, iteration].to(device)
+            for name, value in batch.columns.items()
+            if name.startswith(NOISE_PREFIX)
+        }
+
+    def score(self, policy, batch: RolloutBuffer, iteration: int):
+        """This iteration's estimate under π_θ, with π_old's and π_ref's on the same noise."""
+        inputs = batch.model_inputs(policy.device)
+        scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
+        device = scores.logp.device
+        old = batch.columns["old_logp"][:, iteration].to(device) if "old_logp" in batch.columns else scores.logp.detach()
+        ref = batch.columns["ref_logp"][:, iteration].to(device) if "ref_logp" in batch.columns else None
+        return inputs, scores, old, ref
+
+    # the clipped surrogate with a KL penalty -----------------------------------------------------------
+    def token_loss(self, scores: TokenScores, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                   advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-token −clipped surrogate (+ β·KL) and the diagnostics every GRPO variant logs."""
+        config = self.config
+        logp = scores.logp
+        if config.importance_sampling_level == "sequence":
+            logp = old_logp + sequence_log_ratio(logp, old_logp, mask)
+        per_token, clip_active = clipped_surrogate(
+            logp, old_logp, advantages[:, None], epsilon_low=config.epsilon, epsilon_high=config.epsilon_high,
+            dual_clip=config.dual_clip,
+        )
+        metrics: dict[str, float] = {}
+        if config.beta > 0 and ref_logp is not None:
+            kl = kl_penalty(scores.logp, ref_logp, config.kl_estimator)
+            per_token = per_token + config.beta * kl
+            metrics["kl_ref"] = masked_mean(kl.detach(), mask)
+        log_ratio = (scores.logp - old_logp).detach()
+        metrics["approx_kl_old"] = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+        metrics["clip_fraction"] = masked_mean(clip_active, mask)
+        if scores.entropy is not None:
+            metrics["entropy"] = masked_mean(scores.entropy, mask)
+        metrics["scored_tokens"] = float(mask.sum())
+        return per_token, metrics
+
+    def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
+        mask = inputs.completion_mask.bool() & scores.scored
+        per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
+        loss = aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1])
+        return loss, metrics
+
+    def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]:
+        loss, metrics = self.loss(policy, batch, iteration)
+        (loss * weight).backward()
+        return loss.item(), metrics

@@ -22,6 +22,7 @@ class SequenceBatch:
     attention_mask: torch.Tensor  # [B, P + L]
     prompt_length: int  # P: the completion starts at this column
     completion_mask: torch.Tensor  # [B, L] tokens a loss counts (up to and including the first EOS)
+    unmask_step: torch.Tensor | None = None  # [B, L] denoising step that committed each token (-1: none)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -148,6 +149,7 @@ class RolloutBuffer:
             attention_mask=torch.cat([attention, completion_present], dim=1),
             prompt_length=width,
             completion_mask=self.completion_mask,
+            unmask_step=self.unmask_step,
         )
         if device is not None:
             batch = replace(
@@ -155,5 +157,6 @@ class RolloutBuffer:
                 input_ids=batch.input_ids.to(device),
                 attention_mask=batch.attention_mask.to(device),
                 completion_mask=batch.completion_mask.to(device),
+                unmask_step=batch.unmask_step.to(device),
             )
         return batch

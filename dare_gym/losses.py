@@ -41,6 +41,15 @@ def clipped_surrogate(
     return -surrogate, clip_active
 
 
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's importance ratio per token (``importance_sampling_level="sequence"``): the value is the
+    length-normalised sequence log-ratio (1/|o|) Σ_t (ℓ_t − ℓ_old,t), the gradient that of each token
+    (GSPO-token: sg[s_i]·π_t/sg[π_t])."""
+    weights = mask.to(logp.dtype)
+    mean = ((logp - old_logp) * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    return mean.detach()[:, None] + logp - logp.detach()
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ (Schulman's k1 / k2 / k3), u = ref − θ."""
     u = ref_logp - logp

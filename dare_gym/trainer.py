@@ -227,9 +227,8 @@ class Trainer:
         for iteration in range(self.algorithm.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for minibatch in buffer.minibatches(config.micro_batch_size, generator=self.generator):
-                loss, metrics = self.algorithm.loss(self.policy, minibatch, iteration)
-                (loss * len(minibatch) / len(buffer)).backward()
-                for key, value in dict(metrics, loss=loss.item()).items():
+                loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, len(minibatch) / len(buffer))
+                for key, value in dict(metrics, loss=loss).items():
                     totals.setdefault(key, []).append(value)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.max_grad_norm)
             totals.setdefault("grad_norm", []).append(float(grad_norm))
