@@ -15,7 +15,7 @@ Defaults are d1's ``train.yaml`` (ε = 0.5, β = 0.04, μ = 12, p_mask_prompt = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
 
@@ -26,8 +26,7 @@ class DiffuGRPOConfig(PolicyGradientConfig):
     beta: float = 0.04
     epsilon: float = 0.5
     scale_rewards: str = "none"
-    estimator: str = "d1"
-    estimator_kwargs: dict = field(default_factory=lambda: {"p_mask_prompt": 0.15})
+    estimator: str = "d1"  # its p_mask_prompt defaults to the recipe's 0.15
 
 
 @register_algorithm("d1", DiffuGRPOConfig)

@@ -124,11 +124,22 @@ class RolloutBuffer:
         unique = torch.unique_consecutive(self.group_id)
         return [(self.group_id == g).nonzero().flatten() for g in unique]
 
-    def minibatches(self, size: int, *, generator: torch.Generator | None = None) -> Iterator["RolloutBuffer"]:
-        """Shuffled row subsets of at most ``size`` rows covering the buffer once."""
-        order = torch.randperm(len(self), generator=generator)
-        for start in range(0, len(self), size):
-            yield self.select(order[start : start + size])
+    def minibatches(self, size: int, *, generator: torch.Generator | None = None,
+                    unit: str | None = None) -> Iterator["RolloutBuffer"]:
+        """Shuffled row subsets of about ``size`` rows covering the buffer once. With ``unit`` (a column name,
+        or ``"group_id"``), rows sharing a value stay in one minibatch (DPO's chosen/rejected pairs)."""
+        if unit is None:
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(self), size):
+                yield self.select(order[start : start + size])
+            return
+        keys = self.group_id if unit == "group_id" else self.columns[unit]
+        units = torch.unique(keys)
+        units = units[torch.randperm(len(units), generator=generator)]
+        per_unit = max(1, len(self) // max(1, len(units)))
+        step = max(1, size // per_unit)
+        for start in range(0, len(units), step):
+            yield self.select(torch.isin(keys, units[start : start + step]))
 
     def model_inputs(self, device: torch.device | str | None = None) -> SequenceBatch:
         """Left-pad each prompt against its completion (so that the completion columns align) and return

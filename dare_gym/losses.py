@@ -110,3 +110,77 @@ def masked_diffusion_sft_loss(
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     per_row = (ce * masked.float()).sum(dim=1) / (p_mask * answer_lengths.float())
     return per_row.mean()
+
+
+def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> torch.Tensor:
+    """CJ-GRPO's aggregation: a token mean over the batch within each denoising step, then the mean over
+    steps, so every step weighs the same whatever it unmasks: (1/S) Σ_s Σ U_s ℓ / Σ U_s."""
+    losses = [(per_token * mask).sum() / mask.sum().clamp(min=1) for mask in step_masks if mask.any()]
+    return torch.stack(losses).mean()
+
+
+def reinforce_loss(sequence_scores: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """SPG's surrogate, no ratio and no clipping, weighted by length: Σ_i −A_i ℓ̂_i |o_i| / Σ_i |o_i|."""
+    lengths = lengths.to(sequence_scores.dtype)
+    return (-advantages * sequence_scores * lengths).sum() / lengths.sum().clamp(min=1)
+
+
+def spg_elbo(draw_logp: list[torch.Tensor], draw_masks: list[torch.Tensor]) -> torch.Tensor:
+    """SPG's lower bound per sequence: the mean over draws of the mean log-prob of the masked tokens
+    (t = |𝓜|/|o| absorbs the 1/t weight)."""
+    values = [(logp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1) for logp, mask in zip(draw_logp, draw_masks)]
+    return torch.stack(values).mean(dim=0)
+
+
+def spg_eubo(draw_logp: list[torch.Tensor], draw_masks: list[torch.Tensor], valid: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """SPG's upper bound per sequence: (1/β) · mean over tokens seen of log mean_j[1[k∈𝓜_j] p_j^β / t_j],
+    with t_j the draw's empirical mask ratio |𝓜_j| / |o|. Computed in log space."""
+    length = valid.sum(dim=1, keepdim=True).clamp(min=1).to(draw_logp[0].dtype)
+    terms = []
+    for logp, mask in zip(draw_logp, draw_masks):
+        ratio = mask.sum(dim=1, keepdim=True).clamp(min=1) / length
+        terms.append(torch.where(mask, beta * logp - torch.log(ratio), torch.full_like(logp, float("-inf"))))
+    log_mean = torch.logsumexp(torch.stack(terms), dim=0) - torch.log(torch.tensor(float(len(terms))))
+    seen = torch.stack(draw_masks).any(dim=0) & valid.bool()
+    per_token = torch.where(seen, log_mean, torch.zeros_like(log_mean))
+    return per_token.sum(dim=1) / seen.sum(dim=1).clamp(min=1) / beta
+
+
+def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
+                     dual_clip: float | None) -> torch.Tensor:
+    """BGPO's loss for one Monte-Carlo sample: the ELBO-ratio objective replaced by a bound linear in the
+    sample (A > 0: A(1 + d) from eˣ ≥ 1 + x; A < 0: A·e^d by Jensen), d = 𝓑_j − 𝓑_old,j on identical masks,
+    through PPO clipping (and dual-clip for A < 0), averaged over sequences."""
+    d = elbo - old_elbo
+    ratio = torch.where(advantages > 0, 1 + d, torch.exp(d))
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+    if dual_clip is not None:
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    return -surrogate.mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO with (ELBO) log-likelihood estimates: −log σ(β[(𝓑θ(y_w) − 𝓑ref(y_w)) − (𝓑θ(y_l) − 𝓑ref(y_l))])."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def espo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, ref_elbo: torch.Tensor | None, advantages: torch.Tensor,
+              length: torch.Tensor, *, epsilon: float, beta: float) -> torch.Tensor:
+    """ESPO: a sequence ratio ρ = exp((𝓑 − 𝓑_old)/L) through PPO clipping, mean over sequences, plus
+    β · Σ ½(𝓑 − 𝓑_ref)² / (B·L) (k2 on the raw ELBO, then divided by L)."""
+    length = length.to(elbo.dtype)
+    ratio = torch.exp((elbo - old_elbo) / length)
+    policy = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages).mean()
+    if ref_elbo is None or beta == 0:
+        return policy
+    return policy + beta * (0.5 * (elbo - ref_elbo).square() / length).mean()
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       epsilon: float) -> torch.Tensor:
+    """PPO's clipped value loss per token: ½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)."""
+    clipped = old_values + torch.clamp(values - old_values, -epsilon, epsilon)
+    return 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square())

@@ -25,6 +25,8 @@ class Completion:
     prompt_ids: torch.Tensor  # [P] the prompt's tokens, no padding
     completion_ids: torch.Tensor  # [gen_length] every generated token, EOS padding included
     unmask_step: torch.Tensor  # [gen_length] the denoising step that committed each token
+    step_predictions: torch.Tensor | None = None  # [steps, gen_length] x̂₀ at each step (record_predictions)
+    step_confidence: torch.Tensor | None = None  # [steps, gen_length] probability of each guess
 
 
 class DiffusionPolicy:
@@ -118,12 +120,14 @@ class DiffusionPolicy:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int = 256,
+        record_predictions: bool = False,
     ) -> list[Completion]:
         """Complete every prompt with the semi-autoregressive masked diffusion sampler.
 
         Unset settings come from ``generation_defaults``. With ``temperature=0`` and
         ``remasking="low_confidence"`` this is LLaDA's reference ``generate()``, token for token.
-        ``seed`` (or an explicit ``generator``) makes sampling reproducible.
+        ``seed`` (or an explicit ``generator``) makes sampling reproducible. ``record_predictions`` keeps
+        the sampler's guess x̂₀ and its confidences at every step (MDPO scores them).
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single str")
@@ -145,7 +149,7 @@ class DiffusionPolicy:
                 prompt_ids, prompt_mask = self.encode_prompts(chunk)
                 out = generate_masked_diffusion(
                     self.logits, prompt_ids, prompt_mask, mask_token_id=self.mask_token_id,
-                    generator=generator, **settings,
+                    generator=generator, record_predictions=record_predictions, **settings,
                 )
                 for row in range(len(chunk)):
                     ids = out.completion_ids[row].cpu()
@@ -155,6 +159,8 @@ class DiffusionPolicy:
                             prompt_ids=prompt_ids[row][prompt_mask[row].bool()].cpu(),
                             completion_ids=ids,
                             unmask_step=out.unmask_step[row].cpu(),
+                            step_predictions=None if out.step_predictions is None else out.step_predictions[row].cpu(),
+                            step_confidence=None if out.step_confidence is None else out.step_confidence[row].cpu(),
                         )
                     )
         finally:
@@ -214,6 +220,13 @@ def load_policy(
     meta_file = Path(source) / POLICY_META_FILE
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
+    if (Path(source) / "adapter_config.json").is_file():  # an unmerged LoRA adapter: base model + adapter
+        from dare_gym.lora import load_lora_policy
+
+        return load_lora_policy(
+            source, meta, device=device, dtype=dtype, family=family, mask_token_id=mask_token_id,
+            trust_remote_code=trust_remote_code, **generation_defaults,
+        )
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     hf_logging.disable_progress_bar()
     try:

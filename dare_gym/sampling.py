@@ -28,6 +28,10 @@ class SamplerOutput:
     completion_ids: torch.Tensor  # [B, gen_length]
     unmask_step: torch.Tensor  # [B, gen_length], global step (0-based) at which each token was committed
     num_forward_passes: int
+    # With record_predictions: the sampler's full guess x̂₀ at every step (masked positions filled with that
+    # step's predictions) and the probability of each guess; committed positions hold their token and 1.
+    step_predictions: torch.Tensor | None = None  # [B, steps, gen_length]
+    step_confidence: torch.Tensor | None = None  # [B, steps, gen_length]
 
 
 def tokens_per_step(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
@@ -85,6 +89,7 @@ def generate_masked_diffusion(
     temperature: float = 0.0,
     remasking: str = "low_confidence",
     generator: torch.Generator | None = None,
+    record_predictions: bool = False,
 ) -> SamplerOutput:
     """Decode ``gen_length`` tokens after each left-padded prompt row.
 
@@ -95,6 +100,8 @@ def generate_masked_diffusion(
         remasking: which masked positions to commit first: ``low_confidence`` (highest probability of the
             predicted token) or ``random``.
         generator: seeds the Gumbel noise and random remasking.
+        record_predictions: also return every step's x̂₀ and its confidences (MDPO's intermediate rewards);
+            positions right of the current block get greedy guesses that do not touch the random stream.
     """
     if remasking not in REMASKING_RULES:
         raise ValueError(f"remasking must be one of {REMASKING_RULES}, got {remasking!r}")
@@ -108,6 +115,7 @@ def generate_masked_diffusion(
     unmask_step = torch.full((batch, gen_length), -1, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)[:, None]
     global_step = 0
+    predictions, confidences = [], []
 
     for block in range(gen_length // block_length):
         start = prompt_length + block * block_length
@@ -120,7 +128,8 @@ def generate_masked_diffusion(
             masked = x[:, :end] == mask_token_id
             columns = masked.any(dim=0).nonzero().squeeze(1)
             masked = masked[:, columns]
-            logits = logits_fn(x, attention_mask)[:, columns]
+            all_logits = logits_fn(x, attention_mask)
+            logits = all_logits[:, columns]
             predicted = gumbel_max_sample(logits, temperature, generator)
             if remasking == "low_confidence":
                 probs = torch.softmax(logits.double(), dim=-1)
@@ -134,6 +143,11 @@ def generate_masked_diffusion(
             commit = torch.zeros_like(masked)
             commit[rows.expand_as(chosen)[keep], chosen[keep]] = True
             commit &= masked
+            if record_predictions:
+                guess, guess_confidence = _full_guess(x, all_logits, columns, predicted, masked, prompt_length,
+                                                      mask_token_id)
+                predictions.append(guess)
+                confidences.append(guess_confidence)
             x[:, columns] = torch.where(commit, predicted, x[:, columns])
             in_completion = columns >= prompt_length
             completion_columns = columns[in_completion] - prompt_length
@@ -142,6 +156,23 @@ def generate_masked_diffusion(
             )
             global_step += 1
 
+    recorded = {}
+    if record_predictions:
+        recorded = dict(step_predictions=torch.stack(predictions, dim=1), step_confidence=torch.stack(confidences, dim=1))
     return SamplerOutput(
-        completion_ids=x[:, prompt_length:], unmask_step=unmask_step, num_forward_passes=global_step
+        completion_ids=x[:, prompt_length:], unmask_step=unmask_step, num_forward_passes=global_step, **recorded
     )
+
+
+def _full_guess(x, all_logits, columns, predicted, masked, prompt_length, mask_token_id):
+    """This step's x̂₀ over the completion: the step's own predictions in the candidate columns, greedy
+    guesses for masked positions further right, committed tokens elsewhere (with confidence 1)."""
+    completion = all_logits[:, prompt_length:].double()
+    probs = torch.softmax(completion, dim=-1)
+    guess = torch.where(x[:, prompt_length:] == mask_token_id, probs.argmax(dim=-1), x[:, prompt_length:])
+    in_completion = columns >= prompt_length
+    positions = columns[in_completion] - prompt_length
+    guess[:, positions] = torch.where(masked[:, in_completion], predicted[:, in_completion], guess[:, positions])
+    confidence = probs.gather(-1, guess[..., None]).squeeze(-1)
+    confidence = torch.where(x[:, prompt_length:] == mask_token_id, confidence, torch.ones_like(confidence))
+    return guess, confidence.float()

@@ -28,6 +28,13 @@ from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.config import ConfigError
 from dare_gym.evaluation import evaluate
+from dare_gym.lora import (
+    LoraSettings,
+    adapter_disabled_reference,
+    apply_lora,
+    load_lora_weights,
+    save_lora_policy,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -76,6 +83,7 @@ class TrainConfig:
     torch_threads: int | None = None
     tensorboard: bool = False
     progress: bool = True
+    lora: LoraSettings | None = None  # train LoRA adapters (peft); the reference is the base, adapters off
 
     def __post_init__(self):
         positive = ("prompts_per_step", "group_size", "max_steps", "micro_batch_size", "eval_every", "save_every",
@@ -161,19 +169,25 @@ class Trainer:
             torch.set_num_threads(config.torch_threads)
         seed_everything(config.seed)
         self.policy = policy if policy is not None else dare_gym.load_policy(config.policy)
+        if config.lora is not None:
+            apply_lora(self.policy, config.lora, verbose=config.progress)
         self.algorithm = make_algorithm(
             config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id
         )
         self.reference = None
         if self.algorithm.needs_reference:
-            self.reference = copy.copy(self.policy)
-            self.reference.model = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+            if config.lora is not None:  # the same weights with the adapters switched off: no second copy
+                self.reference = adapter_disabled_reference(self.policy)
+            else:
+                self.reference = copy.copy(self.policy)
+                self.reference.model = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.train_env = dare_gym.make_vec(
             config.env, config.prompts_per_step * config.group_size, group_size=config.group_size, **config.env_kwargs
         )
         self.eval_env = dare_gym.make(config.env, **config.eval_env_kwargs)
         self.optimizer = torch.optim.AdamW(
-            self.policy.model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+            [p for p in self.policy.model.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=config.adam_betas,
             weight_decay=config.weight_decay,
         )
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -187,19 +201,24 @@ class Trainer:
         """Sample a group of completions per prompt, score them, and fill a buffer."""
         timings = {}
         start = time.perf_counter()
+        needs = set(getattr(self.algorithm, "rollout_needs", ()))
         prompts, infos = self.train_env.reset()
         completions = self.policy.generate(
             list(prompts), generator=self.generator, batch_size=self.config.micro_batch_size,
-            **self.config.rollout.as_kwargs(),
+            record_predictions="step_predictions" in needs, **self.config.rollout.as_kwargs(),
         )
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
-        timings["time_reward"] = time.perf_counter() - start
         buffer = RolloutBuffer.from_rollouts(
             prompts, completions, rewards.tolist(), infos["group_id"].tolist(),
             completion_mask_fn=self.policy.completion_mask, pad_token_id=self.policy.tokenizer.pad_token_id,
         )
+        if "step_predictions" in needs:
+            self._add_step_rewards(buffer, completions, prompts, infos["index"])
+        if "demonstrations" in needs:
+            self._add_demonstrations(buffer, infos["index"])
+        timings["time_reward"] = time.perf_counter() - start
         generated = sum(len(c.completion_ids) for c in completions)
         stats = {
             "reward_mean": float(rewards.mean()),
@@ -211,6 +230,33 @@ class Trainer:
             **timings,
         }
         return buffer, stats
+
+    def _records(self, indices) -> list[dict]:
+        return [env.record(int(i)) for env, i in zip(self.train_env.envs, indices)]
+
+    def _add_step_rewards(self, buffer: RolloutBuffer, completions, prompts, indices) -> None:
+        """MDPO's intermediate rewards: the env's reward of the sampler's guess x̂₀ at every step."""
+        reward_fn = self.train_env.envs[0].reward_fn
+        step_rewards = []
+        for completion, prompt, record in zip(completions, prompts, self._records(indices)):
+            texts = [self.policy.decode(guess) for guess in completion.step_predictions]
+            results = reward_fn.score_many(texts, [record] * len(texts), [prompt] * len(texts))
+            step_rewards.append([r.total for r in results])
+        buffer.columns["step_reward"] = torch.tensor(step_rewards, dtype=torch.float32)
+        buffer.columns["step_prediction"] = torch.stack([c.step_predictions for c in completions])
+        buffer.columns["step_confidence"] = torch.stack([c.step_confidence for c in completions])
+
+    def _add_demonstrations(self, buffer: RolloutBuffer, indices) -> None:
+        """Gold answers for behaviour cloning, tokenised and EOS-padded like the completions."""
+        env = self.train_env.envs[0]
+        if not hasattr(env, "demonstration"):
+            raise ValueError(f"{self.config.env} has no demonstrations for SFT; use sft's source: rollouts")
+        tokenizer, width = self.policy.tokenizer, buffer.completion_ids.shape[1]
+        rows = []
+        for record in self._records(indices):
+            ids = tokenizer(env.demonstration(record), add_special_tokens=False)["input_ids"][: width - 1]
+            rows.append(ids + [tokenizer.eos_token_id] * (width - len(ids)))
+        buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts."""
@@ -226,13 +272,16 @@ class Trainer:
         totals: dict[str, list[float]] = {}
         for iteration in range(self.algorithm.config.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for minibatch in buffer.minibatches(config.micro_batch_size, generator=self.generator):
+            unit = getattr(self.algorithm, "minibatch_unit", None)  # e.g. DPO keeps each pair together
+            for minibatch in buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit):
                 loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, len(minibatch) / len(buffer))
                 for key, value in dict(metrics, loss=loss).items():
                     totals.setdefault(key, []).append(value)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.max_grad_norm)
             totals.setdefault("grad_norm", []).append(float(grad_norm))
             self.optimizer.step()
+            if hasattr(self.algorithm, "after_optimizer_step"):  # e.g. PPO steps its value model
+                self.algorithm.after_optimizer_step()
         self.policy.model.eval()
         stats.update({key: float(np.mean(values)) for key, values in totals.items()})
         stats["time_update"] = time.perf_counter() - start
@@ -260,13 +309,14 @@ class Trainer:
         final = root / f"step-{self.step:06d}"
         tmp = root / f".tmp-step-{self.step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp / "policy")
+        self.save_policy(tmp / "policy", merged=False)
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "env_rng": self.train_env.np_random.bit_generator.state,
+                "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None,
             },
             tmp / "trainer_state.pt",
         )
@@ -279,6 +329,12 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def save_policy(self, path: Path, *, merged: bool) -> None:
+        if self.config.lora is None:
+            self.policy.save_pretrained(path)
+        else:
+            save_lora_policy(self.policy, path, merged=merged)
+
     def latest_checkpoint(self) -> Path | None:
         pointer = self.checkpoint_root() / LATEST_FILE
         if not pointer.is_file():
@@ -289,13 +345,17 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "policy" / "model.safetensors"))
-        self.policy.model.load_state_dict(weights, strict=False)
+        if self.config.lora is not None:
+            load_lora_weights(self.policy, path / "policy")
+        else:
+            self.policy.model.load_state_dict(load_file(str(path / "policy" / "model.safetensors")))
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.train_env.np_random.bit_generator.state = state["env_rng"]
+        if state.get("algorithm") is not None:
+            self.algorithm.load_state_dict(state["algorithm"])
         info = json.loads((path / "trainer_state.json").read_text())
         self.step = info["step"]
         self.elapsed_before_resume = info["elapsed_s"]
@@ -348,7 +408,7 @@ class Trainer:
         finally:
             bar.close()
         self.save_checkpoint()
-        self.policy.save_pretrained(self.output_dir / "final_policy")
+        self.save_policy(self.output_dir / "final_policy", merged=bool(config.lora and config.lora.merge_on_save))
         logger.close()
         history = logger.read()
         final = [r for r in history if "heldout_accuracy" in r][-1] if config.eval_size else {}

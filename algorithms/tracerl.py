@@ -1,0 +1,65 @@
+"""TraceRL (trajectory-aware RL; Wang et al., 2025, dLLM-RL).
+
+The rollout's step map is replayed with shrinkage s: every s consecutive denoising steps form one round, and
+each round is one training row: the state before the round (the tokens of earlier rounds revealed) scoring
+the tokens the round committed (the ``trajectory`` estimator with ``shrink``). Per row the clipped surrogate
+is summed over the targets and divided by L₁, the padded response length; rows are averaged:
+
+    loss = mean_rows [ −Σ_targets min(ρA, clip(ρ)A) / L₁ ] + β Σ k3 / L₁
+
+The "KL" term is taken against π_old, as in the released policy script (only old log-probs exist there), so
+with a single update per batch (μ = 1) it is zero. A is the group z-score with the population std.
+Defaults (SDAR/TraDo recipe): ε = 0.2, β = 0.01, shrink 1; the LLaDA/Dream recipe uses shrink 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dare_gym.advantages import STD_EPS, zero_variance_groups
+from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
+from dare_gym.losses import clipped_surrogate, kl_penalty
+
+
+@dataclass
+class TraceRLConfig(PolicyGradientConfig):
+    num_iterations: int = 1
+    beta: float = 0.01
+    epsilon: float = 0.2
+    estimator: str = "trajectory"
+    estimator_kwargs: dict = field(default_factory=lambda: {"shrink": 1})
+
+
+@register_algorithm("tracerl", TraceRLConfig)
+class TraceRL(PolicyGradient):
+    @property
+    def needs_reference(self) -> bool:
+        return False  # the KL term is against π_old
+
+    def advantages(self, buffer, group_size):
+        grouped = buffer.reward.double().view(-1, group_size)
+        z = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, unbiased=False, keepdim=True) + STD_EPS)
+        buffer.advantage = z.flatten().to(buffer.reward.dtype)
+        if self.config.drop_zero_variance_groups:
+            buffer = buffer.select(~zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size))
+        return buffer
+
+    def loss(self, policy, batch, iteration):
+        config = self.config
+        inputs, scores, old_logp, _ = self.score(policy, batch, iteration)
+        valid = inputs.completion_mask.bool()
+        advantages = batch.advantage.to(scores.logp.device)[:, None]
+        surrogate, clip_active = clipped_surrogate(scores.logp, old_logp, advantages, epsilon_low=config.epsilon,
+                                                   epsilon_high=config.epsilon_high)
+        kl = kl_penalty(scores.logp, old_logp, config.kl_estimator)
+        per_token = surrogate + config.beta * kl
+        padded_length = float(per_token.shape[1])  # L₁
+        rows = [(per_token * (draw.masked & valid)).sum(dim=1) / padded_length for draw in scores.draws]
+        row_present = [(draw.masked & valid).any(dim=1) for draw in scores.draws]
+        losses = torch.cat([r[p] for r, p in zip(rows, row_present)])
+        mask = valid & scores.scored
+        metrics = {"clip_fraction": masked_mean(clip_active, mask), "kl_old": masked_mean(kl.detach(), mask),
+                   "rows": float(losses.numel()), "entropy": masked_mean(scores.entropy, mask)}
+        return losses.mean(), metrics
