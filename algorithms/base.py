@@ -193,14 +193,17 @@ class PolicyGradient:
         chunks = [torch.arange(start, min(start + micro_batch_size, len(buffer)))
                   for start in range(0, len(buffer), micro_batch_size)]
         chunk_inputs = [buffer.select(rows).model_inputs(policy.device) for rows in chunks]
+        # A noise-free estimator (trajectory replay) gives every iteration the same inputs: score them once.
+        distinct = noises[:1] if getattr(self.estimator, "deterministic", False) else noises
         for column, scorer in scorers:
             per_iteration = []
-            for noise in noises:
+            for noise in distinct:
                 scores = [
                     self.estimator.token_logp(scorer.logits, inputs, {k: v[rows] for k, v in noise.items()}).logp
                     for rows, inputs in zip(chunks, chunk_inputs)
                 ]
                 per_iteration.append(torch.cat(scores).cpu())
+            per_iteration *= len(noises) // len(distinct)
             buffer.columns[column] = torch.stack(per_iteration, dim=1)
 
     def noise(self, batch: RolloutBuffer, iteration: int, device) -> dict[str, torch.Tensor]:

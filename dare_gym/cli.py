@@ -96,6 +96,35 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dare_gym.compare import run_comparison
+    from dare_gym.config import ConfigError
+
+    # `--seeds 0 1 eval_size=16`: nargs="+" swallows trailing overrides; give them back
+    overrides = list(args.overrides)
+    algorithms = [a for a in args.algorithms if "=" not in a]
+    seeds = []
+    for item in args.seeds:
+        if "=" in item:
+            overrides.append(item)
+            continue
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ConfigError(f"--seeds: expected integers, got {item!r}") from None
+    overrides = [a for a in args.algorithms if "=" in a] + overrides
+    report = run_comparison(
+        algorithms, seeds, args.budget_rollouts, config_path=args.config or default_config_path(),
+        overrides=overrides, output_dir=args.output, threshold=args.threshold, sft_baseline=args.sft_baseline,
+        sft_batch_size=args.sft_batch_size, imports=args.imports, shared_recipe=not args.no_shared_recipe,
+        run_timeout=args.run_timeout,
+    )
+    print(f"\n{report['table']}\n")
+    for name, path in report["files"].items():
+        print(f"{name:<13} {path}")
+    return 0 if any(run["error"] is None for run in report["runs"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dare-gym", description="Post-train diffusion language models with reinforcement learning."
@@ -134,6 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     algos = sub.add_parser("algorithms", help="list the registered algorithms and their defaults",
                            description="List the registered algorithms with their config defaults.")
     algos.set_defaults(func=_cmd_algorithms)
+
+    cmp = sub.add_parser(
+        "compare", help="compare algorithms on equal rollout budgets over several seeds",
+        description="Train each algorithm for each seed, each run in its own process, on the same env, policy "
+        "and held-out set with the same number of rollouts (max_steps = budget // (prompts_per_step x "
+        "group_size)); write results.csv, summary.md, curves.png and compare.json to --output and print a "
+        "Markdown table. Overrides are dotted field=value pairs applied to every run; algorithm.<field>=value "
+        "applies to the algorithms whose config has that field.",
+    )
+    cmp.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
+                     help="registered algorithm names, or 'all'")
+    cmp.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED", help="seeds (default: 0 1 2)")
+    cmp.add_argument("--budget-rollouts", type=int, required=True, metavar="N",
+                     help="rollouts (sampled completions) per run; the same for every run")
+    cmp.add_argument("--config", type=Path, help="YAML config with the shared settings and recipe "
+                     "(default: the packaged default.yaml)")
+    cmp.add_argument("--sft-baseline", action="store_true",
+                     help="add continued SFT on gold answers for each seed, for the mean RL train time of that seed")
+    cmp.add_argument("--sft-batch-size", type=int, default=64, help="SFT batch size (default: 64)")
+    cmp.add_argument("--output", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    cmp.add_argument("--threshold", type=float, default=0.8,
+                     help="report the first step whose held-out accuracy reaches this (default: 0.8)")
+    cmp.add_argument("--no-shared-recipe", action="store_true",
+                     help="apply the config's algorithm options only to the algorithm it names; the others run "
+                     "at their own defaults")
+    cmp.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="import MODULE first, in every run too (registers out-of-tree algorithms); repeatable")
+    cmp.add_argument("--run-timeout", type=float, metavar="SECONDS", help="kill and record a run after this long")
+    cmp.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. eval_size=100 algorithm.beta=0")
+    cmp.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -204,7 +204,9 @@ def stratified_mask_counts(length: torch.Tensor, draws: int, generator=None) -> 
     length = length.long().clamp(min=1)
     k = (torch.rand(length.shape, generator=generator).to(length.device) * length).long() + 1
     offsets = torch.arange(draws, device=length.device)[None, :] * length[:, None].double() / draws
-    counts = torch.round(k[:, None].double() + offsets).long()
+    # Round half up, not half to even (torch.round): k + round(j·L/n) must be the same shift of k for every k,
+    # or x_j is not uniform on 1..L where j·L/n ends in .5 and the draw's 1/x_j weight is biased.
+    counts = torch.floor(k[:, None].double() + offsets + 0.5).long()
     return (counts - 1) % length[:, None] + 1
 
 
@@ -279,9 +281,12 @@ class PairedELBO:
         length = present.sum(dim=1)
         masks, counts = [], []
         for _ in range(self.mc_num):
-            k0 = torch.randint(0, int(length.max()) + 1, (1,), generator=generator).to(length.device)
+            # One uniform per call, so k₀ ~ U{0..L_row} in every row (rows of equal length share k₀), and
+            # round half up, so k_j is the same shift of k₀ whatever k₀ is: each row's k is uniform on 0..L_row.
+            u = torch.rand(1, generator=generator).to(length.device)
+            k0 = (u * (length + 1)).long().clamp(max=length)
             j = torch.arange(rows, device=length.device)
-            k = torch.round(k0 + j * (length + 1).double() / rows).long() % (length + 1)
+            k = torch.floor(k0 + j * (length + 1).double() / rows + 0.5).long() % (length + 1)
             masks.append(_mask_exactly(k, present, generator))
             counts.append(k)
         return {"masked": torch.stack(masks, dim=1), "counts": torch.stack(counts, dim=1)}
@@ -397,6 +402,7 @@ class TrajectoryReplay:
             raise ValueError(f"shrink must be >= 1, got {self.shrink!r}")
 
     forwards_per_sample = None  # one per step group: the sampler's steps / shrink, or L left to right
+    deterministic = True  # no random noise: every inner iteration replays the same states
 
     def sample_noise(self, batch, generator=None) -> dict[str, torch.Tensor]:
         present = _present(batch)

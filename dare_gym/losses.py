@@ -184,3 +184,13 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     """PPO's clipped value loss per token: ½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)."""
     clipped = old_values + torch.clamp(values - old_values, -epsilon, epsilon)
     return 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square())
+
+
+def mdpo_step_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, masked: torch.Tensor,
+                   confidence: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """MDPO's loss at one denoising step: per token −s·λ_t·conf with λ_t = L/(#masked + 1e-4), on the positions
+    masked in that step's state, summed and divided by the batch's masked count."""
+    weights = masked.to(logp.dtype)
+    lam = masked.shape[1] / (weights.sum(dim=1) + 1e-4)
+    per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], epsilon_low=epsilon)
+    return (per_token * lam[:, None] * confidence * weights).sum() / weights.sum().clamp(min=1)

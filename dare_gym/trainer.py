@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import dare_gym
+from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.config import ConfigError
@@ -205,7 +206,7 @@ class Trainer:
         prompts, infos = self.train_env.reset()
         completions = self.policy.generate(
             list(prompts), generator=self.generator, batch_size=self.config.micro_batch_size,
-            record_predictions="step_predictions" in needs, **self.config.rollout.as_kwargs(),
+            record_predictions="step_predictions" in needs, **self.rollout_kwargs(),
         )
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -230,6 +231,16 @@ class Trainer:
             **timings,
         }
         return buffer, stats
+
+    def rollout_kwargs(self) -> dict[str, Any]:
+        """The sampler settings for rollouts: the config's, then what the algorithm requires (JustGRPO
+        decodes left to right, one token per step: ``{"block_length": 1, "steps": "gen_length"}``)."""
+        settings = self.config.rollout.as_kwargs()
+        required = getattr(self.algorithm, "rollout_settings", {})
+        if required:
+            gen_length = settings.get("gen_length", self.policy.generation_defaults["gen_length"])
+            settings.update({key: gen_length if value == "gen_length" else value for key, value in required.items()})
+        return settings
 
     def _records(self, indices) -> list[dict]:
         return [env.record(int(i)) for env, i in zip(self.train_env.envs, indices)]
@@ -262,8 +273,10 @@ class Trainer:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts."""
         config = self.config
         rows_collected = len(buffer)
+        uniform = zero_variance_groups(buffer.reward, config.group_size)
         buffer = self.algorithm.advantages(buffer, config.group_size)
-        stats: dict[str, float] = {"zero_variance_fraction": 1 - len(buffer) / rows_collected}
+        stats: dict[str, float] = {"zero_variance_fraction": float(uniform.float().mean()),
+                                   "rows_trained": float(len(buffer)), "rows_collected": float(rows_collected)}
         if len(buffer) == 0:
             return stats  # every group scored uniformly: no signal in this batch
         start = time.perf_counter()

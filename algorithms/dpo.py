@@ -1,0 +1,78 @@
+"""DPO for diffusion LMs (Rafailov et al., 2023; LLaDA 1.5's form): preferences scored with ELBO estimates.
+
+    loss = −log σ( β [ (𝓑_θ(y_w) − 𝓑_ref(y_w)) − (𝓑_θ(y_l) − 𝓑_ref(y_l)) ] )
+
+Pairs come from the policy's own rollouts ranked by the verifiable reward: in every group whose rewards
+differ, the best completion is chosen and the worst rejected. (Offline pairs, e.g. HH-RLHF, go through
+:meth:`RolloutBuffer.from_pairs`.) 𝓑 is the stratified ELBO (``elbo`` estimator), scored for the policy and
+the frozen reference on the same masks; like DARE, each ELBO is divided by the response length, which sets
+β's scale. Defaults (DARE): β = 0.2, lr 5e-7, one ELBO sample (VRPO, in ``vrpo.py``, uses 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
+from dare_gym.losses import dpo_loss
+
+
+@dataclass
+class DPOConfig(PolicyGradientConfig):
+    beta: float = 0.2  # DPO's inverse temperature (not a KL weight: the reference is always used)
+    estimator: str = "elbo"
+    estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 1})
+    length_normalize: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"DPO's beta must be > 0, got {self.beta!r}")
+
+
+def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Row indices of (chosen, rejected): each group's highest- and lowest-reward rows, where they differ."""
+    chosen, rejected = [], []
+    for group in torch.unique(group_id):
+        rows = (group_id == group).nonzero().flatten()
+        rewards = reward[rows]
+        if rewards.max() > rewards.min():
+            chosen.append(int(rows[rewards.argmax()]))
+            rejected.append(int(rows[rewards.argmin()]))
+    return chosen, rejected
+
+
+@register_algorithm("dpo", DPOConfig)
+class DPO(PolicyGradient):
+    minibatch_unit = "pair_id"  # a chosen row and its rejected row always share a minibatch
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def advantages(self, buffer, group_size):
+        """Turn the groups into (chosen, rejected) pairs; rows alternate chosen, rejected."""
+        chosen, rejected = best_and_worst_pairs(buffer.reward, buffer.group_id)
+        order = [row for pair in zip(chosen, rejected) for row in pair]
+        buffer = buffer.select(torch.tensor(order, dtype=torch.long))
+        buffer.columns["pair_id"] = torch.arange(len(order)) // 2
+        buffer.columns["chosen"] = (torch.arange(len(order)) % 2 == 0)
+        buffer.advantage = torch.zeros(len(order))
+        return buffer
+
+    def loss(self, policy, batch, iteration):
+        inputs, scores, _, ref_logp = self.score(policy, batch, iteration)
+        present = scores.scored
+        elbo, ref_elbo = scores.sequence(), (ref_logp * present).sum(dim=1)
+        if self.config.length_normalize:
+            length = inputs.attention_mask[:, inputs.prompt_length:].sum(dim=1).clamp(min=1)
+            elbo, ref_elbo = elbo / length, ref_elbo / length
+        chosen = batch.columns["chosen"].to(elbo.device)
+        order = torch.argsort(batch.columns["pair_id"].to(elbo.device) * 2 + (~chosen).long())
+        elbo, ref_elbo, chosen = elbo[order], ref_elbo[order], chosen[order]
+        loss = dpo_loss(elbo[chosen], ref_elbo[chosen], elbo[~chosen], ref_elbo[~chosen], self.config.beta)
+        margin = (elbo[chosen] - ref_elbo[chosen]) - (elbo[~chosen] - ref_elbo[~chosen])
+        return loss, {"reward_margin": float(self.config.beta * margin.detach().mean()),
+                      "pair_accuracy": float((margin > 0).float().mean())}
