@@ -27,6 +27,7 @@ class BGPOConfig(PolicyGradientConfig):
     dual_clip: float | None = 3.0
     estimator: str = "elbo"
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
+    per_sample_backward: bool = True  # False: one backward over all samples (an ablation: memory grows with n)
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,12 +70,17 @@ class BGPO(PolicyGradient):
         advantages = batch.advantage.to(policy.device)
         length = float(inputs.completion_ids.shape[1])
         samples = self.estimator.mc_num
-        total, drift = 0.0, 0.0
+        total, drift, pending = 0.0, 0.0, []
         for j in range(samples):
             elbo = sample_elbo(self.estimator.draw(policy.logits, inputs, noise, j), length)
             old = batch.columns["old_elbo"][:, iteration, j].to(elbo.device)
             loss = bgpo_sample_loss(elbo, old, advantages, epsilon=self.config.epsilon, dual_clip=self.config.dual_clip)
-            (loss * weight / samples).backward()
+            if self.config.per_sample_backward:
+                (loss * weight / samples).backward()  # this sample's graph is freed here
+            else:
+                pending.append(loss)
             total += loss.item() / samples
             drift += float((elbo.detach() - old).abs().mean()) / samples
+        if pending:
+            (torch.stack(pending).sum() * weight / samples).backward()
         return total, {"elbo_drift": drift, "mc_samples": float(samples)}

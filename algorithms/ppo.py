@@ -37,6 +37,7 @@ class PPOConfig(PolicyGradientConfig):
     value_learning_rate: float = 5e-6
     value_epsilon: float = 0.2
     drop_zero_variance_groups: bool = False  # the value baseline gives a signal even to uniform groups
+    normalize_advantages: bool = False  # whiten the token advantages over the batch (standard PPO practice)
     estimator: str = "trajectory"
     estimator_kwargs: dict = field(default_factory=lambda: {"shrink": 1})
 
@@ -126,6 +127,9 @@ class PPO(PolicyGradient):
         advantage = token_reward - values + gamma * next_value.gather(1, index) + gamma * lam * next_adv.gather(1, index)
         returns = token_reward + gamma * next_ret.gather(1, index)
         valid = groups >= 0
+        if self.config.normalize_advantages:
+            mean, std = advantage[valid].mean(), advantage[valid].std()
+            advantage = (advantage - mean) / (std + 1e-8)
         buffer.columns["token_advantage"] = torch.where(valid, advantage, 0.0).cpu()
         buffer.columns["token_return"] = torch.where(valid, returns, 0.0).cpu()
         buffer.columns["old_value"] = values.cpu()

@@ -212,6 +212,15 @@ def plan_comparison(
     if not isinstance(recipe, dict):
         raise ConfigError(f"{config_path}: algorithm must be a mapping, got {recipe!r}")
     recipe_name = recipe.get("name", "d1")
+    per_algorithm = data.pop("algorithm_options", None) or {}  # {algorithm: {field: value}}, after the recipe
+    if not isinstance(per_algorithm, dict):
+        raise ConfigError(f"{config_path}: algorithm_options must map algorithm names to options, got {per_algorithm!r}")
+    for name, extra in per_algorithm.items():
+        resolve_algorithms([name])  # an unknown algorithm name is an error here
+        unknown = sorted(set(extra) - set(config_fields(name)))
+        if unknown:
+            raise ConfigError(f"{config_path}: algorithm_options.{name}: {', '.join(unknown)} are not fields of "
+                              f"{_config_class_name(name)}; valid: {', '.join(sorted(config_fields(name)))}")
     # shared fields are validated once, with the first algorithm at its own defaults
     probe = dataclass_from_dict(TrainConfig, {**data, "algorithm": {"name": names[0]}})
     rollouts_per_step = probe.prompts_per_step * probe.group_size
@@ -257,7 +266,8 @@ def plan_comparison(
                 return str(error)
             return None
 
-        section = section_with(kept)
+        own_options = per_algorithm.get(name, {})
+        section = section_with({**kept, **own_options})
         if dropped[name]:
             notes.append(f"{name}: dropped recipe option(s) {', '.join(dropped[name])} "
                          f"(not fields of {_config_class_name(name)})")
@@ -268,7 +278,7 @@ def plan_comparison(
         if error and kept and name != recipe_name:
             # the shared recipe has fields this algorithm has but values it rejects (an estimator it cannot
             # use, a KL term it does not have): run it at its own defaults, plus the overrides, and say so
-            fallback = section_with({})
+            fallback = section_with(dict(own_options))
             if invalid(fallback) is None:
                 notes.append(f"{name}: rejects the shared recipe ({error}); runs at its own defaults instead "
                              f"(recipe options not applied: {', '.join(sorted(kept))})")

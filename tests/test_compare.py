@@ -242,3 +242,21 @@ def test_an_algorithm_that_rejects_the_shared_recipe_runs_at_its_own_defaults(to
     assert plan.options[nokl] == {"name": nokl, "epsilon": 0.3}  # the overrides still apply
     assert plan.options["d1"]["beta"] == 0.04 and not plan.config_errors
     assert any(f"{nokl}: rejects the shared recipe" in note and "beta must be 0" in note for note in plan.notes)
+
+
+def test_a_new_algorithm_is_one_short_file_that_compare_picks_up():
+    """algorithms/reinforce.py composes an existing estimator with a new loss; nothing else names it."""
+    import subprocess
+    from pathlib import Path
+
+    from dare_gym.algorithms import list_algorithms
+    from dare_gym.compare import plan_comparison
+
+    source = Path(__file__).resolve().parents[1] / "algorithms" / "reinforce.py"
+    assert len(source.read_text().splitlines()) <= 40
+    assert "reinforce" in list_algorithms()
+    mentions = subprocess.run(["git", "grep", "-l", "Reinforce", "--", "*.py"], capture_output=True, text=True,
+                              cwd=source.parents[1]).stdout.split()
+    assert mentions == ["algorithms/reinforce.py"]
+    plan = plan_comparison(["d1", "reinforce"], [0], 256, overrides=["eval_size=16"])
+    assert plan.options["reinforce"]["name"] == "reinforce" and not plan.config_errors
