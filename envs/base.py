@@ -50,14 +50,20 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         self._last_text = ""
 
     # ------------------------------------------------------------------ what a task subclass provides
+    # A file-backed split keeps its records here (in file order); a procedural one leaves it None and
+    # overrides ``load_record`` to generate record i from i.
+    _records: list[dict] | None = None
+
     @property
     def num_records(self) -> int | None:
         """How many records the split has, or None for an unbounded procedural stream."""
-        raise NotImplementedError
+        return None if self._records is None else len(self._records)
 
     def load_record(self, index: int) -> dict:
         """Record ``index`` of the split (file order), gold answer included."""
-        raise NotImplementedError
+        if self._records is None:
+            raise NotImplementedError(f"{type(self).__name__} must generate its records in load_record")
+        return dict(self._records[index])
 
     def prompt(self, record: Mapping) -> str:
         raise NotImplementedError

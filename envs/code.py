@@ -33,13 +33,6 @@ class HumanEvalEnv(TextTaskEnv):
             required_fields=("task_id", "prompt", "entry_point", "canonical_solution", "test"),
         )
 
-    @property
-    def num_records(self) -> int:
-        return len(self._records)
-
-    def load_record(self, index: int) -> dict:
-        return dict(self._records[index])
-
     def prompt(self, record: Mapping) -> str:
         return ("Complete the following Python function. Reply with the function body, or the whole function "
                 f"in a ```python block.\n```python\n{record['prompt']}```\n")
@@ -70,13 +63,6 @@ class MBPPEnv(TextTaskEnv):
         self._records = sorted((r for r in records if int(r["task_id"]) in wanted), key=lambda r: int(r["task_id"]))
         if not self._records:
             raise ValueError(f"{self.source}: no records with task_id in {wanted.start}..{wanted.stop - 1}")
-
-    @property
-    def num_records(self) -> int:
-        return len(self._records)
-
-    def load_record(self, index: int) -> dict:
-        return dict(self._records[index])
 
     def prompt(self, record: Mapping) -> str:
         return (f"{record['text']}\nYour code should pass this test:\n{record['test_list'][0]}\n"

@@ -13,7 +13,7 @@ import random
 from typing import Mapping
 
 from dare_gym.envs.base import TextTaskEnv
-from dare_gym.envs.data import DataFormatError, read_jsonl, resolve_local_file
+from dare_gym.envs.data import DataFormatError, read_jsonl, require_local_file
 from dare_gym.rewards.countdown import countdown_solves
 
 SPLITS = ("train", "test")
@@ -60,14 +60,8 @@ class CountdownEnv(TextTaskEnv):
             raise ValueError(f"num_numbers must be 3, 4 or None (either), got {num_numbers!r}")
         super().__init__(split=split, **common)
         self.num_numbers = num_numbers
-        self._records: list[dict] | None = None
         if split == "test":
-            path = resolve_local_file(data_files, "d1/countdown_cd3_test.jsonl")
-            if path is None:
-                raise FileNotFoundError(
-                    "countdown's test split is d1's countdown_cd3_test.jsonl: pass data_files= or set "
-                    "DARE_GYM_DATA_DIR to a folder holding d1/countdown_cd3_test.jsonl"
-                )
+            path = require_local_file(data_files, "d1/countdown_cd3_test.jsonl", "countdown's test split (d1's)")
             self._records = [self._parse_test_record(r, path, n) for n, r in enumerate(read_jsonl(path), start=1)]
             self.source = str(path)
 
@@ -80,13 +74,9 @@ class CountdownEnv(TextTaskEnv):
             raise DataFormatError(f"{path}: record {number}: expected 'input' like '30,100,93' and an integer "
                                   f"'output', got {record!r} ({error})") from None
 
-    @property
-    def num_records(self) -> int | None:
-        return None if self._records is None else len(self._records)
-
     def load_record(self, index: int) -> dict:
         if self._records is not None:
-            return dict(self._records[index])
+            return super().load_record(index)
         count = self.num_numbers or (3 if index % 2 == 0 else 4)
         return make_problem(index, count)
 

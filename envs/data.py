@@ -59,6 +59,16 @@ def resolve_local_file(data_files: str | os.PathLike | None, relative_path: str)
     return None
 
 
+def require_local_file(data_files: str | os.PathLike | None, relative_path: str, what: str) -> Path:
+    """Like :func:`resolve_local_file` for data that has no hub copy: a missing file is an error saying how
+    to provide it."""
+    path = resolve_local_file(data_files, relative_path)
+    if path is None:
+        raise FileNotFoundError(f"{what} is read from {relative_path}: pass data_files= or set {DATA_DIR_VARIABLE} "
+                                f"to a folder holding {relative_path}")
+    return path
+
+
 def load_records(
     *,
     data_files: str | os.PathLike | None,

@@ -40,13 +40,6 @@ class GSM8KEnv(TextTaskEnv):
         self._records = records
         self.instruction = instruction
 
-    @property
-    def num_records(self) -> int:
-        return len(self._records)
-
-    def load_record(self, index: int) -> dict:
-        return dict(self._records[index])
-
     def prompt(self, record: Mapping) -> str:
         return f"{record['question']}\n{self.instruction}" if self.instruction else str(record["question"])
 

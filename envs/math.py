@@ -46,13 +46,6 @@ class _MathEnv(TextTaskEnv):
     def gold_of(record: Mapping) -> str | None:
         return last_boxed(record["solution"])
 
-    @property
-    def num_records(self) -> int:
-        return len(self._records)
-
-    def load_record(self, index: int) -> dict:
-        return dict(self._records[index])
-
     def prompt(self, record: Mapping) -> str:
         return f"{record['problem']}\n{self.instruction}" if self.instruction else str(record["problem"])
 

@@ -72,7 +72,7 @@ class ReasoningGymEnv(TextTaskEnv):
         return len(self.dataset)
 
     def load_record(self, index: int) -> dict:
-        return dict(self.dataset[index])
+        return dict(self.dataset[index])  # reasoning-gym builds items on demand: no list to keep
 
     def prompt(self, record: Mapping) -> str:
         return f"{record['question']}\nPut the final answer inside <answer></answer>."

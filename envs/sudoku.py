@@ -15,7 +15,7 @@ import random
 from typing import Mapping
 
 from dare_gym.envs.base import TextTaskEnv
-from dare_gym.envs.data import DataFormatError, resolve_local_file
+from dare_gym.envs.data import DataFormatError, require_local_file
 from dare_gym.rewards.sudoku import answer_grid
 
 SPLITS = ("train", "test")
@@ -103,14 +103,8 @@ class Sudoku4Env(TextTaskEnv):
             raise ValueError(f"min_clues must be an integer in [4, 15], got {min_clues!r}")
         super().__init__(split=split, **common)
         self.min_clues = min_clues
-        self._records: list[dict] | None = None
         if split == "test":
-            path = resolve_local_file(data_files, "d1/4x4_test_sudoku.csv")
-            if path is None:
-                raise FileNotFoundError(
-                    "sudoku's test split is d1's 4x4_test_sudoku.csv: pass data_files= or set DARE_GYM_DATA_DIR "
-                    "to a folder holding d1/4x4_test_sudoku.csv"
-                )
+            path = require_local_file(data_files, "d1/4x4_test_sudoku.csv", "sudoku's test split (d1's)")
             self._records = self._read_csv(path)
             self.source = str(path)
 
@@ -128,13 +122,9 @@ class Sudoku4Env(TextTaskEnv):
                 records.append({"puzzle": puzzle, "solution": solution})
         return records
 
-    @property
-    def num_records(self) -> int | None:
-        return None if self._records is None else len(self._records)
-
     def load_record(self, index: int) -> dict:
         if self._records is not None:
-            return dict(self._records[index])
+            return super().load_record(index)
         return make_puzzle(index, self.min_clues)
 
     def prompt(self, record: Mapping) -> str:
