@@ -95,6 +95,36 @@ class RolloutBuffer:
             pad_token_id=pad_token_id,
         )
 
+    @classmethod
+    def from_pairs(cls, policy, pairs, *, max_prompt_tokens: int = 256, max_response_tokens: int = 64) -> "RolloutBuffer":
+        """Offline preference pairs (``PreferencePair`` or anything with prompt/chosen/rejected) as buffer rows:
+        chosen then rejected, one group per pair (reward 1 and 0), so that DPO/VRPO train on them as on
+        ranked rollouts. Prompts keep their last ``max_prompt_tokens`` tokens; responses their first
+        ``max_response_tokens``, then EOS padding to a common width."""
+        tokenizer, eos = policy.tokenizer, policy.tokenizer.eos_token_id
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        prompts, responses, rewards, groups = [], [], [], []
+        for number, pair in enumerate(pairs):
+            for response, reward in ((pair.chosen, 1.0), (pair.rejected, 0.0)):
+                prompts.append(torch.tensor(ids(pair.prompt)[-max_prompt_tokens:], dtype=torch.long))
+                responses.append(ids(response)[:max_response_tokens])
+                rewards.append(reward)
+                groups.append(number)
+        width = max(len(r) for r in responses) + 1  # room for at least one EOS
+        completion_ids = torch.tensor([r + [eos] * (width - len(r)) for r in responses], dtype=torch.long)
+        prompt_ids, prompt_mask = _right_pad(prompts, tokenizer.pad_token_id)
+        texts = [text for p in pairs for text in (p.chosen, p.rejected)]
+        return cls(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+            completion_mask=policy.completion_mask(completion_ids), unmask_step=torch.zeros_like(completion_ids),
+            reward=torch.tensor(rewards), group_id=torch.tensor(groups),
+            prompts=[p.prompt for p in pairs for _ in range(2)], completions=texts,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
     def __len__(self) -> int:
         return self.reward.shape[0]
 
