@@ -111,3 +111,115 @@ def test_sft_loss_worked_example():
     masked = torch.tensor([[True, True, False, False]])
     loss = masked_diffusion_sft_loss(logits, targets, masked, torch.tensor([0.5]), torch.tensor([4]))
     assert loss.item() == pytest.approx(1.5, abs=1e-6)
+
+
+# ------------------------------------------------------------------- the zoo's losses (ALGORITHMS.md)
+
+from dare_gym.advantages import mdpo_step_advantages, step_gae  # noqa: E402
+from dare_gym.losses import (  # noqa: E402
+    bgpo_sample_loss,
+    clipped_value_loss,
+    dpo_loss,
+    espo_loss,
+    mdpo_step_loss,
+    reinforce_loss,
+    sequence_log_ratio,
+    spg_elbo,
+    spg_eubo,
+    step_mean_loss,
+)
+
+
+def test_gspo_sequence_ratio():
+    logp, old = torch.tensor([[0.1, -0.05, 0.0]]), torch.zeros(1, 3)
+    log_ratio = sequence_log_ratio(logp, old, torch.ones(1, 3))
+    assert torch.exp(log_ratio) == pytest.approx(torch.full((1, 3), 1.016806), abs=1e-6)
+
+
+def test_cj_grpo_step_losses():
+    advantages = group_advantages(REWARDS, 2, scale_rewards="none")[:, None]
+    per_token, _ = clipped_surrogate(LOGP, OLD, advantages, epsilon_low=0.5)
+    per_token = per_token + 0.04 * kl_penalty(LOGP, REF)
+    step_one = torch.tensor([[True, False, True], [False, True, True]])
+    loss = step_mean_loss(per_token, [step_one, ~step_one])
+    assert loss.item() == pytest.approx(-0.002285, abs=1e-6)
+
+
+def test_spg_bounds_and_losses():
+    masks = [torch.tensor([[False, True, True], [True, False, True]])]
+    elbo = spg_elbo([LOGP], masks)
+    eubo = spg_eubo([LOGP], masks, torch.ones(2, 3), beta=1.5)
+    assert elbo.tolist() == pytest.approx([-0.6, -1.6])
+    assert eubo[1].item() == pytest.approx(-1.329690, abs=1e-6)
+    advantages, lengths = torch.tensor([0.5, -0.5]), torch.tensor([3, 3])
+    assert reinforce_loss(elbo, advantages, lengths).item() == pytest.approx(-0.25)
+    with_eubo = torch.stack([elbo[0], eubo[1]])
+    assert reinforce_loss(with_eubo, advantages, lengths).item() == pytest.approx(-0.182422, abs=1e-6)
+    mix = torch.stack([elbo[0], 0.5 * eubo[1] + 0.5 * elbo[1]])
+    assert mix[1].item() == pytest.approx(-1.464845, abs=1e-6)
+    assert reinforce_loss(mix, advantages, lengths).item() == pytest.approx(-0.216211, abs=1e-6)
+
+
+def test_bgpo_bound_worked_example_and_lower_bound_property():
+    elbo = torch.tensor([[-0.50, -0.70], [-1.0, -1.2]])
+    old = torch.tensor([[-0.55, -0.65], [-1.1, -1.1]])
+    advantages = torch.tensor([0.707007, -0.707007])
+    samples = [bgpo_sample_loss(elbo[:, j], old[:, j], advantages, epsilon=0.2, dual_clip=3.0) for j in range(2)]
+    assert [s.item() for s in samples] == pytest.approx([0.019503, -0.015965], abs=1e-6)
+    bound = sum(samples) / 2
+    assert bound.item() == pytest.approx(0.001769, abs=1e-6)
+    # The exact ELBO-ratio loss is 0 here (equal means); BGPO's loss is never below it.
+    exact_ratio = torch.exp(elbo.mean(1) - old.mean(1))
+    exact = -(exact_ratio * advantages).mean()
+    assert bound.item() >= exact.item()
+
+
+def test_espo_worked_example():
+    loss = espo_loss(torch.tensor([-2.4, -4.5]), torch.tensor([-2.7, -4.2]), torch.tensor([-2.5, -4.0]),
+                     torch.tensor([1.0, -1.0]), torch.tensor([3, 3]), epsilon=0.2, beta=1e-3)
+    assert loss.item() == pytest.approx(-0.100145, abs=1e-6)
+
+
+def test_dpo_worked_example():
+    loss = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-15.0]), torch.tensor([-14.0]), 0.2)
+    assert loss.item() == pytest.approx(0.437488, abs=1e-6)
+
+
+def test_tracerl_row_loss_worked_example():
+    logp = torch.tensor([[0.1, -0.05, 0.0, 0.0]], requires_grad=True)
+    old = torch.zeros(1, 4)
+    targets = torch.tensor([[True, True, False, False]])
+    surrogate, _ = clipped_surrogate(logp, old, torch.tensor([[0.7071]]), epsilon_low=0.2)
+    per_token = surrogate + 0.01 * kl_penalty(logp, old)
+    assert (-surrogate[targets]).tolist() == pytest.approx([0.781466, 0.672614], abs=1e-6)
+    assert ((per_token * targets).sum() / 4).item() == pytest.approx(-0.363505, abs=1e-6)
+
+
+def test_justgrpo_gradient_worked_example():
+    advantages = group_advantages(REWARDS, 2, scale_rewards="group")
+    logp = LOGP.clone().requires_grad_(True)
+    per_token, _ = clipped_surrogate(logp, logp.detach(), advantages[:, None], epsilon_low=0.2)
+    loss = per_token.sum() / (3 * 2)  # 1 / (L · N_valid)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-9)
+    assert logp.grad[0].tolist() == pytest.approx([-0.117834] * 3, abs=1e-6)
+
+
+def test_mdpo_step_advantages_and_loss():
+    advantages = mdpo_step_advantages(torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]), 2)
+    expected = [[0.706907, 0.707007, -0.707007], [-0.706907, -0.707007, 0.707007]]
+    assert advantages.tolist()[0] == pytest.approx(expected[0], abs=1e-6)
+    assert advantages.tolist()[1] == pytest.approx(expected[1], abs=1e-6)
+    logp = torch.zeros(2, 3)
+    masked = torch.tensor([[True, True, False], [True, True, False]])
+    confidence = torch.tensor([[0.9, 0.6, 1.0], [0.8, 0.5, 1.0]])
+    loss = mdpo_step_loss(logp, logp, advantages[:, 1], masked, confidence, epsilon=0.2)
+    assert loss.item() == pytest.approx(-0.053022, abs=1e-6)
+
+
+def test_step_gae_and_value_loss_worked_examples():
+    advantages, returns = step_gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.2, 0.5, 0.8]]),
+                                   torch.ones(1, 3, dtype=torch.bool))
+    assert advantages.tolist()[0] == pytest.approx([0.8, 0.5, 0.2])
+    assert returns.tolist()[0] == pytest.approx([1.0, 1.0, 1.0])
+    assert clipped_value_loss(torch.tensor(0.6), torch.tensor(0.3), torch.tensor(1.0), 0.2).item() == pytest.approx(0.125)
