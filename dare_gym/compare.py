@@ -621,20 +621,22 @@ def plot_curves(runs: Sequence[dict], path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     names = list(dict.fromkeys(r["algorithm"] for r in runs if r["algorithm"] != SFT_NAME))
-    colors = plt.get_cmap("tab10")
+    # Many algorithms: 20 colours, and a second line style once they repeat, so that no two lines look alike.
+    colors, styles = plt.get_cmap("tab20"), ("-", "--", ":", "-.")
+    many = len(names) > 6  # per-seed lines would bury the means
     for index, name in enumerate(names):
         ok = [r for r in runs if r["algorithm"] == name and r["error"] is None and r.get("curve")]
-        color = colors(index % 10)
+        color, style = colors(index % 20), styles[(index // 20) % len(styles)]
         for axis, key in ((left, "rollouts"), (right, "train_seconds")):
             band = _band(ok, key)
             if band is None:
                 continue
             grid, mean, std, curves = band
-            axis.plot(grid, mean, color=color, label=f"{name} (mean of {len(ok)})")
-            axis.fill_between(grid, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
-            for curve in curves:
+            axis.plot(grid, mean, color=color, ls=style, lw=1.8, label=f"{name} (mean of {len(ok)})")
+            axis.fill_between(grid, mean - std, mean + std, color=color, alpha=0.08 if many else 0.18, linewidth=0)
+            for curve in [] if many else curves:
                 axis.plot(*zip(*curve), color=color, alpha=0.35, lw=0.7)
     sft = [r for r in runs if r["algorithm"] == SFT_NAME and r["error"] is None and r.get("curve")]
     band = _band(sft, "train_seconds")
@@ -653,11 +655,12 @@ def plot_curves(runs: Sequence[dict], path: Path, title: str = "") -> Path:
     for axis in (left, right):
         axis.set_ylabel("held-out greedy accuracy")
         axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(loc="lower right", fontsize=8)
+    handles, labels = right.get_legend_handles_labels()
+    if handles:  # one legend for both panels, outside them
+        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.80 if handles else 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)
