@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
+from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
 from dare_gym.losses import reinforce_loss, spg_elbo, spg_eubo
 
 

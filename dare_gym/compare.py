@@ -661,12 +661,9 @@ def plot_curves(runs: Sequence[dict], path: Path, title: str = "") -> Path:
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.80 if handles else 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    from dare_gym.trainer import save_figure
+
+    return save_figure(figure, path)
 
 
 # ------------------------------------------------------------------------------------------- driver

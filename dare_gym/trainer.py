@@ -463,6 +463,13 @@ def plot_metrics(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     if title:
         figure.suptitle(title)
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)

@@ -122,7 +122,7 @@ def main() -> None:
     results["total_seconds"] = round(time.time() - started)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\n| method | seeds | held-out accuracy before | after | gain (points) |\n|---|---|---|---|---|")
+    print("\n| method | seeds | held-out accuracy before | after | gain (points) |\n|---|---|---|---|---|")
     for name in ("rl", "sft"):
         runs = results[name]
         if not runs:
