@@ -158,6 +158,7 @@ class PolicyGradient:
     ``loss`` (how the per-token terms are combined) or ``backward``."""
 
     config: PolicyGradientConfig
+    population_std = False  # TraceRL z-scores with the population std
 
     def __init__(self, config: PolicyGradientConfig, *, mask_token_id: int):
         self.config = config
@@ -170,7 +171,8 @@ class PolicyGradient:
     # advantages ---------------------------------------------------------------------------------------
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         buffer.advantage = group_advantages(
-            buffer.reward, group_size, scale_rewards=self.config.scale_rewards, baseline=self.config.baseline
+            buffer.reward, group_size, scale_rewards=self.config.scale_rewards, baseline=self.config.baseline,
+            population_std=self.population_std,
         )
         if self.config.drop_zero_variance_groups:
             flat = zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size)
@@ -178,15 +180,19 @@ class PolicyGradient:
         return buffer
 
     # score π_old and π_ref on each iteration's noise --------------------------------------------------------
-    @torch.no_grad()
-    def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
-        iterations = self.config.num_iterations
+    def store_noise(self, policy, buffer: RolloutBuffer, generator) -> list[dict[str, torch.Tensor]]:
+        """Draw the estimator's noise for each inner iteration and keep it in the buffer (rows first)."""
         inputs = buffer.model_inputs(policy.device)
-        noises = [self.estimator.sample_noise(inputs, generator) for _ in range(iterations)]
+        noises = [self.estimator.sample_noise(inputs, generator) for _ in range(self.config.num_iterations)]
         for name in noises[0]:
             buffer.columns[NOISE_PREFIX + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
+        return noises
+
+    @torch.no_grad()
+    def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
+        noises = self.store_noise(policy, buffer, generator)
         scorers = []
-        if iterations > 1:  # with μ = 1 the update is on-policy and π_old is π_θ detached
+        if len(noises) > 1:  # with μ = 1 the update is on-policy and π_old is π_θ detached
             scorers.append(("old_logp", policy))
         if self.needs_reference:
             scorers.append(("ref_logp", reference))

@@ -48,10 +48,7 @@ class BGPO(PolicyGradient):
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
         """Fresh ELBO masks per iteration, and π_old's value of every sample on them."""
         iterations, samples = self.config.num_iterations, self.estimator.mc_num
-        inputs = buffer.model_inputs(policy.device)
-        noises = [self.estimator.sample_noise(inputs, generator) for _ in range(iterations)]
-        for name in noises[0]:
-            buffer.columns["noise." + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
+        noises = self.store_noise(policy, buffer, generator)
         length = float(buffer.completion_ids.shape[1])
         old = torch.zeros(len(buffer), iterations, samples)
         for start in range(0, len(buffer), micro_batch_size):

@@ -24,7 +24,7 @@ from torch import nn
 
 from dare_gym.advantages import step_gae
 from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
-from dare_gym.losses import clipped_surrogate, clipped_value_loss
+from dare_gym.losses import clipped_surrogate, clipped_value_loss, trace_row_losses
 
 
 @dataclass
@@ -146,14 +146,10 @@ class PPO(PolicyGradient):
         values = self._token_values(inputs, groups)
         value_loss = clipped_value_loss(values, batch.columns["old_value"].to(device),
                                         batch.columns["token_return"].to(device), config.value_epsilon)
-        padded_length = float(surrogate.shape[1])  # L₁
-        policy_rows, value_rows = [], []
-        for draw in scores.draws:
-            targets = draw.masked & valid
-            rows = targets.any(dim=1)
-            policy_rows.append(((surrogate * targets).sum(dim=1) / padded_length)[rows])
-            value_rows.append(((value_loss * targets).sum(dim=1) / padded_length)[rows])
-        policy_loss, critic_loss = torch.cat(policy_rows).mean(), torch.cat(value_rows).mean()
+        targets = [draw.masked & valid for draw in scores.draws]
+        padded_length = surrogate.shape[1]  # L₁
+        policy_loss = trace_row_losses(surrogate, targets, padded_length).mean()
+        critic_loss = trace_row_losses(value_loss, targets, padded_length).mean()
         metrics = {"value_loss": critic_loss.item(), "clip_fraction": masked_mean(clip_active, valid),
                    "value_mean": masked_mean(values.detach(), valid), "entropy": masked_mean(scores.entropy, valid)}
         return policy_loss + critic_loss, metrics  # the value loss's gradient only reaches the value model

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dare_gym.algorithms.base import AlgorithmConfig, register_algorithm
-from dare_gym.losses import masked_diffusion_sft_loss
-from dare_gym.sft import P_MASK_EPS
+from dare_gym.sft import masked_answer_loss, sample_answer_masks
 
 
 @dataclass
@@ -46,21 +45,17 @@ class SFT:
         return buffer.select((buffer.reward >= best) & (buffer.reward >= self.config.min_reward))
 
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
-        rows, length = buffer.completion_ids.shape
-        iterations = self.config.num_iterations
-        t = 1 - torch.rand(rows, iterations, generator=generator)
-        buffer.columns["sft_p_mask"] = (1 - P_MASK_EPS) * t + P_MASK_EPS
-        buffer.columns["sft_masked"] = torch.rand(rows, iterations, length, generator=generator) < buffer.columns["sft_p_mask"][..., None]
+        draws = [sample_answer_masks(*buffer.completion_ids.shape, generator) for _ in range(self.config.num_iterations)]
+        buffer.columns["sft_p_mask"] = torch.stack([p for p, _ in draws], dim=1)
+        buffer.columns["sft_masked"] = torch.stack([m for _, m in draws], dim=1)
 
     def loss(self, policy, batch, iteration):
         inputs = batch.model_inputs(policy.device)
         answers = batch.columns["demonstration_ids"].to(policy.device) if "demonstration_ids" in batch.columns else inputs.completion_ids
-        present = inputs.attention_mask[:, inputs.prompt_length:].bool()
+        present = inputs.attention_mask[:, inputs.prompt_length:].bool()  # EOS padding is a target too
         masked = batch.columns["sft_masked"][:, iteration].to(policy.device) & present
         p_mask = batch.columns["sft_p_mask"][:, iteration].to(policy.device)
-        noised = answers.masked_fill(masked, self.mask_token_id)
-        logits = policy.logits(torch.cat([inputs.prompt_ids, noised], dim=1), inputs.attention_mask)
-        loss = masked_diffusion_sft_loss(logits[:, inputs.prompt_length:], answers, masked, p_mask, present.sum(dim=1))
+        loss = masked_answer_loss(policy, inputs, answers, masked, p_mask, present.sum(dim=1))
         return loss, {"cloned_rows": float(len(batch))}
 
     def backward(self, policy, batch, iteration, weight):

@@ -46,12 +46,7 @@ class SPGConfig(PolicyGradientConfig):
 @register_algorithm("spg", SPGConfig)
 class SPG(PolicyGradient):
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
-        # No π_old or π_ref to score: only fresh block masks for each inner iteration.
-        iterations = self.config.num_iterations
-        inputs = buffer.model_inputs(policy.device)
-        noises = [self.estimator.sample_noise(inputs, generator) for _ in range(iterations)]
-        for name in noises[0]:
-            buffer.columns["noise." + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
+        self.store_noise(policy, buffer, generator)  # no π_old or π_ref to score: only fresh block masks
 
     def loss(self, policy, batch, iteration):
         config = self.config

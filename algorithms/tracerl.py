@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
-from dare_gym.advantages import STD_EPS, zero_variance_groups
 from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
-from dare_gym.losses import clipped_surrogate, kl_penalty
+from dare_gym.losses import clipped_surrogate, kl_penalty, trace_row_losses
 
 
 @dataclass
@@ -34,17 +32,10 @@ class TraceRLConfig(PolicyGradientConfig):
 
 @register_algorithm("tracerl", TraceRLConfig)
 class TraceRL(PolicyGradient):
+    population_std = True
     @property
     def needs_reference(self) -> bool:
         return False  # the KL term is against π_old
-
-    def advantages(self, buffer, group_size):
-        grouped = buffer.reward.double().view(-1, group_size)
-        z = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, unbiased=False, keepdim=True) + STD_EPS)
-        buffer.advantage = z.flatten().to(buffer.reward.dtype)
-        if self.config.drop_zero_variance_groups:
-            buffer = buffer.select(~zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size))
-        return buffer
 
     def loss(self, policy, batch, iteration):
         config = self.config
@@ -55,10 +46,7 @@ class TraceRL(PolicyGradient):
                                                    epsilon_high=config.epsilon_high)
         kl = kl_penalty(scores.logp, old_logp, config.kl_estimator)
         per_token = surrogate + config.beta * kl
-        padded_length = float(per_token.shape[1])  # L₁
-        rows = [(per_token * (draw.masked & valid)).sum(dim=1) / padded_length for draw in scores.draws]
-        row_present = [(draw.masked & valid).any(dim=1) for draw in scores.draws]
-        losses = torch.cat([r[p] for r, p in zip(rows, row_present)])
+        losses = trace_row_losses(per_token, [draw.masked & valid for draw in scores.draws], per_token.shape[1])
         mask = valid & scores.scored
         metrics = {"clip_fraction": masked_mean(clip_active, mask), "kl_old": masked_mean(kl.detach(), mask),
                    "rows": float(losses.numel()), "entropy": masked_mean(scores.entropy, mask)}

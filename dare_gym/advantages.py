@@ -23,12 +23,14 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group", baseline: str = "mean"
+    rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group", baseline: str = "mean",
+    population_std: bool = False,
 ) -> torch.Tensor:
     """GRPO advantages.
 
     baseline: ``mean`` subtracts the group mean; ``rloo`` the mean of the *other* members (leave one out).
-    scale_rewards: divide by the unbiased std (+1e-4) of the ``group``, of the whole ``batch``, or ``none``.
+    scale_rewards: divide by the std (+1e-4) of the ``group``, of the whole ``batch``, or ``none``; the std is
+    the unbiased one unless ``population_std`` (TraceRL's z-score).
     """
     if scale_rewards not in SCALE_CHOICES:
         raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {scale_rewards!r}")
@@ -42,10 +44,11 @@ def group_advantages(
             raise ValueError("the leave-one-out baseline needs group_size >= 2")
         others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         centred = grouped - others
+    unbiased = not population_std
     if scale_rewards == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + STD_EPS)
+        centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + STD_EPS)
     elif scale_rewards == "batch":
-        centred = centred / (rewards.double().std() + STD_EPS)
+        centred = centred / (rewards.double().std(unbiased=unbiased) + STD_EPS)
     return centred.flatten().to(rewards.dtype)
 
 

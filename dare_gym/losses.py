@@ -119,6 +119,12 @@ def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> t
     return torch.stack(losses).mean()
 
 
+def trace_row_losses(per_token: torch.Tensor, step_masks: list[torch.Tensor], padded_length: float) -> torch.Tensor:
+    """TraceRL's rows: one per (rollout, replayed step) that has targets, each Σ_targets loss / L₁."""
+    rows = [((per_token * mask).sum(dim=1) / padded_length)[mask.any(dim=1)] for mask in step_masks]
+    return torch.cat(rows)
+
+
 def reinforce_loss(sequence_scores: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """SPG's surrogate, no ratio and no clipping, weighted by length: Σ_i −A_i ℓ̂_i |o_i| / Σ_i |o_i|."""
     lengths = lengths.to(sequence_scores.dtype)

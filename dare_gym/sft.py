@@ -40,18 +40,28 @@ def demonstration_batch(policy, prompts: Sequence[str], answers: Sequence[str], 
     )
 
 
+def sample_answer_masks(rows: int, length: int, generator: torch.Generator | None = None):
+    """LLaDA's SFT noise: per row t ~ U(0, 1] and p = (1 − ε)t + ε; each answer token masked with probability p.
+    Returns (p [rows], masked [rows, length])."""
+    t = 1 - torch.rand(rows, generator=generator)  # U(0, 1]
+    p_mask = (1 - P_MASK_EPS) * t + P_MASK_EPS
+    return p_mask, torch.rand(rows, length, generator=generator) < p_mask[:, None]
+
+
+def masked_answer_loss(policy, batch: SequenceBatch, answers: torch.Tensor, masked: torch.Tensor,
+                       p_mask: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+    """The SFT ELBO loss of ``answers`` after ``batch``'s prompts, with the given tokens masked."""
+    noised = answers.masked_fill(masked, policy.mask_token_id)
+    logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask)
+    return masked_diffusion_sft_loss(logits[:, batch.prompt_length :], answers, masked, p_mask, answer_lengths)
+
+
 def masked_diffusion_loss(policy, batch: SequenceBatch, generator: torch.Generator | None = None) -> torch.Tensor:
     """One Monte-Carlo sample of the SFT ELBO loss for a batch of demonstrations."""
     answers = batch.completion_ids
-    rows, length = answers.shape
-    t = 1 - torch.rand(rows, generator=generator)  # U(0, 1]
-    p_mask = ((1 - P_MASK_EPS) * t + P_MASK_EPS).to(answers.device)
-    masked = (torch.rand(rows, length, generator=generator).to(answers.device) < p_mask[:, None])
-    masked &= batch.completion_mask.bool()
-    noised = answers.masked_fill(masked, policy.mask_token_id)
-    logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask)
-    answer_lengths = batch.completion_mask.sum(dim=1)
-    return masked_diffusion_sft_loss(logits[:, batch.prompt_length :], answers, masked, p_mask, answer_lengths)
+    p_mask, masked = sample_answer_masks(*answers.shape, generator)
+    masked = masked.to(answers.device) & batch.completion_mask.bool()
+    return masked_answer_loss(policy, batch, answers, masked, p_mask.to(answers.device), batch.completion_mask.sum(dim=1))
 
 
 def train_on_demonstrations(
