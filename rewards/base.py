@@ -159,34 +159,15 @@ class CombinedReward:
                 columns = {key: [s.get(key) for s in samples] for key in set().union(*samples)} if samples else {}
                 columns.pop("prompts", None)
                 columns.pop("completions", None)
-                try:
-                    values = self._call(lambda: list(fn(prompts, list(completions), **columns)))
-                    if len(values) != count:
-                        raise _ScoreError(f"returned {len(values)} scores for {count} completions")
-                    scores[name] = []
-                    for i, value in enumerate(values):
-                        try:
-                            scores[name].append(_check_score(value))
-                        except (_ScoreError, TypeError, ValueError) as error:
-                            scores[name].append(0.0)
-                            errors[i][name] = f"{type(error).__name__}: {error}"
-                except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
-                    scores[name] = [0.0] * count
-                    for i in range(count):
-                        errors[i][name] = f"{type(error).__name__}: {error}"
+                call = lambda: list(fn(prompts, list(completions), **columns))  # noqa: E731
+                scores[name] = self._score_batch(name, call, count, errors, none_allowed=True)
                 continue
             batch_fn = getattr(fn, "batch_fn", None)
             if batch_fn is not None and count > 1:
-                # A per-sample reward with a parallel batch form (the code sandbox runs programs side by side).
-                try:  # the time limit is per completion, so the batch gets count times as long
-                    values = self._call(batch_fn, list(completions), list(samples), scale=count)
-                    if len(values) != count:
-                        raise _ScoreError(f"returned {len(values)} scores for {count} completions")
-                    scores[name] = [_check_score(v) or 0.0 for v in values]
-                except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
-                    scores[name] = [0.0] * count
-                    for i in range(count):
-                        errors[i][name] = f"{type(error).__name__}: {error}"
+                # A per-sample reward with a parallel batch form (the code sandbox runs programs side by side);
+                # the time limit is per completion, so the batch gets count times as long.
+                call = lambda: self._call(batch_fn, list(completions), list(samples), scale=count)  # noqa: E731
+                scores[name] = self._score_batch(name, call, count, errors, none_allowed=False, timed=False)
                 continue
             scores[name] = []
             for i in range(count):
@@ -205,6 +186,28 @@ class CombinedReward:
             skipped = [name for name, _, _ in self.terms if scores[name][i] is None]
             results.append(RewardResult(total=total, components=components, errors=errors[i], not_applicable=skipped))
         return results
+
+    def _score_batch(self, name: str, call: Callable[[], list], count: int, errors: list[dict[str, str]], *,
+                     none_allowed: bool, timed: bool = True) -> list[float | None]:
+        """One call scoring the whole batch; each value checked on its own, a failing call scores 0 for all."""
+        try:
+            values = self._call(call) if timed else call()
+            if len(values) != count:
+                raise _ScoreError(f"returned {len(values)} scores for {count} completions")
+        except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
+            for i in range(count):
+                errors[i][name] = f"{type(error).__name__}: {error}"
+            return [0.0] * count
+        scores: list[float | None] = []
+        for i, value in enumerate(values):
+            try:
+                if value is None and not none_allowed:
+                    raise _ScoreError("returned None (a per-sample reward must return a number)")
+                scores.append(_check_score(value))
+            except (_ScoreError, TypeError, ValueError) as error:
+                scores.append(0.0)
+                errors[i][name] = f"{type(error).__name__}: {error}"
+        return scores
 
     def __call__(self, completion: str, sample: Mapping, prompt: str = "") -> RewardResult:
         return self.score_many([completion], [sample], [prompt])[0]
