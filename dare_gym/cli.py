@@ -76,11 +76,23 @@ def _cmd_envs(args: argparse.Namespace) -> int:
                 importlib.import_module(module)
             except ImportError as error:
                 print(f"({prefix}* envs unavailable: {error})")
+    from dare_gym.envs.base import describe_splits
+
+    previous: list[str] = []
     for env_id in dare_gym.list_envs():
         spec = gymnasium.spec(gymnasium_id(env_id))
         module, _, name = str(spec.entry_point).partition(":")
-        doc = (getattr(__import__(module, fromlist=[name]), name).__doc__ or "").strip().splitlines()
+        env_class = getattr(__import__(module, fromlist=[name]), name)
+        doc = (env_class.__doc__ or "").strip().splitlines()
         print(f"{env_id:<34} {doc[0] if doc else ''}")
+        splits = describe_splits(env_class) if getattr(env_class, "splits", ()) else []
+        if splits != previous:  # a family sharing its splits (rg/*) lists them once
+            print("\n".join(f"    {line}" for line in splits))
+        previous = splits
+    print("\n`dare-gym train` trains on an env's default split (env_kwargs.split) and evaluates on its held-out "
+          "split (eval_env_kwargs). Procedural training streams never draw a held-out problem; a training split "
+          "read from a file that shares records with the held-out set is refused (allow_eval_overlap: true "
+          "overrides).")
     return 0
 
 

@@ -28,6 +28,7 @@ from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.config import ConfigError
+from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
 from dare_gym.lora import (
     LoraSettings,
@@ -62,6 +63,7 @@ class TrainConfig:
     env: str = "digitsort-v0"
     env_kwargs: dict = field(default_factory=dict)
     eval_env_kwargs: dict = field(default_factory=lambda: {"split": "test"})
+    allow_eval_overlap: bool = False  # train even where the training split shares records with the held-out set
     policy: str = "tiny"
     algorithm: dict = field(default_factory=lambda: {"name": DEFAULT_ALGORITHM})
     prompts_per_step: int = 32
@@ -186,6 +188,11 @@ class Trainer:
             config.env, config.prompts_per_step * config.group_size, group_size=config.group_size, **config.env_kwargs
         )
         self.eval_env = dare_gym.make(config.env, **config.eval_env_kwargs)
+        try:  # no held-out record is ever trained on: procedural streams skip them, file splits must not share any
+            guard_held_out(self.train_env.envs, self.eval_env, eval_size=config.eval_size,
+                           allow_overlap=config.allow_eval_overlap)
+        except SplitOverlapError as error:
+            raise ConfigError(str(error)) from None
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.model.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=config.adam_betas,
@@ -211,6 +218,7 @@ class Trainer:
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
+        step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
         buffer = RolloutBuffer.from_rollouts(
             prompts, completions, rewards.tolist(), infos["group_id"].tolist(),
             completion_mask_fn=self.policy.completion_mask, pad_token_id=self.policy.tokenizer.pad_token_id,

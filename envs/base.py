@@ -7,19 +7,72 @@ term. The gold answer never appears in ``info``.
 A task subclass says where records come from (``num_records`` and ``load_record``), how a record becomes a
 prompt, what its default reward is, and what "correct" means. Procedural tasks have no files: record ``i``
 is generated from ``i`` (``num_records`` is None for an unbounded training stream).
+
+Splits: every task declares its splits (:class:`SplitInfo`: name, size, source) for ``dare-gym envs``;
+training uses the constructor's default split (``train`` wherever the task has one) and evaluation the
+``test`` split. A record's :meth:`~TextTaskEnv.fingerprint` (a hash of its problem text) lets the trainer
+prove the two disjoint (:mod:`dare_gym.envs.splits`), and :meth:`~TextTaskEnv.hold_out` keeps a procedural
+training stream from ever drawing an evaluation problem.
+
+Actions: a completion longer than the action space's ``max_length`` is truncated to it before scoring (so a
+reward never sees unbounded text) and ``info["action_truncated"]`` says so.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Collection, Mapping, NamedTuple
 
 import gymnasium
+import numpy as np
 
 from dare_gym.rewards.base import RewardResult, RewardSpec, resolve_reward
 from dare_gym.spaces import UnicodeText
 
 UNBOUNDED_INDEX = 2**31 - 1  # procedural tasks draw indices in [0, this) when none is given
 DEFAULT_REWARD_TIMEOUT_S = 60.0  # a reward term running longer scores 0 ("timed out") instead of hanging a run
+MAX_HELD_OUT_REDRAWS = 10_000  # a draw landing on a held-out record is redrawn at most this many times
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a task, as ``dare-gym envs`` lists it."""
+
+    name: str
+    size: int | None  # None: an unbounded procedural stream
+    source: str  # where its records come from
+
+
+def describe_splits(env_class: type["TextTaskEnv"]) -> list[str]:
+    """One line per split of a task: name, role (the default split trains, ``eval_split`` is held out),
+    size and source, as ``dare-gym envs`` prints them."""
+    default, held_out = env_class.default_split(), env_class.eval_split
+    lines = []
+    for split in env_class.splits:
+        roles = [role for role, applies in (("default", split.name == default), ("held out", split.name == held_out))
+                 if applies]
+        size = "unbounded" if split.size is None else f"{split.size:,}"
+        label = f"{split.name} ({', '.join(roles)})" if roles else split.name
+        lines.append(f"{label:<26} {size:>9}  {split.source}")
+    return lines
+
+
+def fingerprint_text(text: str) -> str:
+    """A short, stable hash of a problem's text with whitespace runs collapsed: the same problem gives the
+    same fingerprint whichever file or split it was read from."""
+    return hashlib.sha256(" ".join(str(text).split()).encode("utf-8")).hexdigest()[:16]
+
+
+class PendingStep(NamedTuple):
+    """An episode that ``begin_step`` ended and ``finish_step`` will report: its record, index, the
+    completion as scored (truncated to the action space) and notes for ``info``."""
+
+    record: dict
+    index: int | None
+    completion: str
+    notes: dict
 
 
 class TextTaskEnv(gymnasium.Env[str, str]):
@@ -32,6 +85,8 @@ class TextTaskEnv(gymnasium.Env[str, str]):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
     default_reward: RewardSpec = "exact_match"
+    splits: tuple[SplitInfo, ...] = ()  # for `dare-gym envs`; the constructor's `split` default trains
+    eval_split = "test"  # the held-out split the trainer evaluates on by default
     max_prompt_chars = 16_384
     max_completion_chars = 65_536
 
@@ -48,6 +103,7 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         self._record: dict | None = None
         self._index: int | None = None
         self._last_text = ""
+        self._held_out: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ what a task subclass provides
     # A file-backed split keeps its records here (in file order); a procedural one leaves it None and
@@ -76,6 +132,59 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         """Fields safe to show the agent (never the gold answer)."""
         return {}
 
+    def problem_text(self, record: Mapping) -> str:
+        """The text that identifies the problem, without the task's instruction (default: the prompt)."""
+        return self.prompt(record)
+
+    # ------------------------------------------------------------------------ splits and held-out sets
+    @classmethod
+    def default_split(cls) -> str:
+        """The split the constructor reads when none is given (the training split)."""
+        return inspect.signature(cls.__init__).parameters["split"].default
+
+    @property
+    def procedural(self) -> bool:
+        """Whether records are generated from their index rather than read from a file."""
+        return self._records is None
+
+    def fingerprint(self, record: Mapping) -> str:
+        """A hash of the record's problem text (:func:`fingerprint_text`), equal for equal problems."""
+        return fingerprint_text(self.problem_text(record))
+
+    def fingerprints(self, limit: int | None = None) -> dict[str, int]:
+        """Fingerprint -> index of the first ``limit`` records (all of a finite split by default)."""
+        count = self.num_records
+        if count is None and limit is None:
+            raise ValueError(f"split {self.split!r} is an unbounded stream: pass limit=")
+        size = count if limit is None else (limit if count is None else min(count, limit))
+        found: dict[str, int] = {}
+        for index in range(size):
+            found.setdefault(self.fingerprint(self.load_record(index)), index)
+        return found
+
+    def hold_out(self, fingerprints: Collection[str]) -> None:
+        """Never draw a record with one of these fingerprints at random (``reset`` without an index, and
+        :meth:`draw_indices`); an explicit ``options={"index": i}`` still selects record ``i``."""
+        self._held_out = frozenset(fingerprints)
+
+    def draw_indices(self, rng: np.random.Generator, size: int | None = None):
+        """Random record indices (an int when ``size`` is None), redrawing any that is held out. With
+        nothing held out this is exactly one ``rng.integers`` call, so seeded runs draw what they always did."""
+        bound = self.num_records or UNBOUNDED_INDEX
+        drawn = rng.integers(bound, size=size)
+        indices = [int(drawn)] if size is None else [int(i) for i in drawn]
+        if self._held_out:
+            for position, index in enumerate(indices):
+                for _ in range(MAX_HELD_OUT_REDRAWS):
+                    if self.fingerprint(self.load_record(index)) not in self._held_out:
+                        break
+                    index = int(rng.integers(bound))
+                else:
+                    raise RuntimeError(f"split {self.split!r}: {MAX_HELD_OUT_REDRAWS} draws in a row were held-out "
+                                       "records; the training split is (nearly) the held-out set")
+                indices[position] = index
+        return indices[0] if size is None else indices
+
     # --------------------------------------------------------------------------------- gymnasium API
     def record(self, index: int) -> dict:
         count = self.num_records
@@ -93,7 +202,7 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         if "index" in options:
             index = int(options["index"])
         else:
-            index = int(self.np_random.integers(self.num_records or UNBOUNDED_INDEX))
+            index = self.draw_indices(self.np_random)
         self._record = self.record(index)
         self._index = index
         prompt = self.prompt(self._record)
@@ -101,23 +210,36 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         return prompt, {"index": index, "split": self.split, **self.public_info(self._record)}
 
     def step(self, completion: str) -> tuple[str, float, bool, bool, dict]:
-        record, index = self.begin_step(completion)
-        result = self.reward_fn(completion, record, self.prompt(record))
-        return self.finish_step(completion, record, index, result)
+        pending = self.begin_step(completion)
+        result = self.reward_fn(pending.completion, pending.record, self.prompt(pending.record))
+        return self.finish_step(pending, result)
 
-    def begin_step(self, completion: str) -> tuple[dict, int | None]:
-        """End the episode and hand back its record (for scoring many envs' completions in one batch)."""
+    def begin_step(self, completion: str) -> PendingStep:
+        """End the episode and hand back what to score (for scoring many envs' completions in one batch).
+
+        A completion longer than the action space's ``max_length`` is cut to that length: rewards and
+        checkers only ever see bounded text, and ``info["action_truncated"]`` gives the reason.
+        """
         if self._record is None:
             raise RuntimeError("call reset() before step(): each episode is one prompt and one completion")
         if not isinstance(completion, str):
             raise TypeError(f"the action must be the completion text (str), got {type(completion).__name__}")
-        record, index = self._record, self._index
+        notes = {}
+        limit = self.action_space.max_length
+        if len(completion) > limit:
+            notes["action_truncated"] = (f"the completion has {len(completion)} characters, more than the action "
+                                         f"space's max_length={limit}: only its first {limit} were scored")
+            completion = completion[:limit]
+        pending = PendingStep(self._record, self._index, completion, notes)
         self._record = None  # the episode ends here
-        return record, index
+        return pending
 
-    def finish_step(self, completion: str, record: Mapping, index: int | None, result: RewardResult):
-        self._last_text = completion
-        return "", float(result.total), True, False, self.step_info(completion, record, index, result)
+    def finish_step(self, pending: PendingStep, result: RewardResult):
+        """Report a scored episode: ``(observation, reward, terminated, truncated, info)``."""
+        self._last_text = pending.completion
+        info = self.step_info(pending.completion, pending.record, pending.index, result)
+        info.update(pending.notes)
+        return "", float(result.total), True, False, info
 
     def step_info(self, completion: str, record: Mapping, index: int | None, result: RewardResult) -> dict:
         """The ``info`` of a step: correctness, reward components, and whatever went wrong in scoring."""

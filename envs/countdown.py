@@ -5,6 +5,8 @@ that some expression over all of them reaches (a random expression tree with pos
 values), seeded by ``i``. ``split="test"`` reads d1's ``countdown_cd3_test.jsonl`` (``data_files=`` or
 ``$DARE_GYM_DATA_DIR/d1/countdown_cd3_test.jsonl``; 256 three-number problems; no hub copy exists). Records
 are ``{"numbers": [...], "target": int}``; the reward is :func:`dare_gym.rewards.countdown.countdown_reward`.
+A problem is its multiset of numbers and its target: the trainer holds the test problems out of the
+procedural training stream (which would otherwise draw about 4% of them in 100,000 problems).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import random
 from typing import Mapping
 
-from dare_gym.envs.base import TextTaskEnv
-from dare_gym.envs.data import DataFormatError, read_jsonl, require_local_file
+from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.data import DataFormatError, read_jsonl, require_local_file, where
 from dare_gym.rewards.countdown import countdown_solves
 
 SPLITS = ("train", "test")
@@ -52,6 +54,10 @@ class CountdownEnv(TextTaskEnv):
     """Reach a target number with the given numbers, each used once, and + - * /."""
 
     default_reward = "countdown"
+    splits = (
+        SplitInfo("train", None, "procedural: 3 or 4 numbers in [1, 99], seeded by the record index"),
+        SplitInfo("test", 256, "d1's 3-number problems: d1/countdown_cd3_test.jsonl (no hub copy)"),
+    )
 
     def __init__(self, *, split: str = "train", num_numbers: int | None = None, data_files=None, **common):
         if split not in SPLITS:
@@ -62,17 +68,25 @@ class CountdownEnv(TextTaskEnv):
         self.num_numbers = num_numbers
         if split == "test":
             path = require_local_file(data_files, "d1/countdown_cd3_test.jsonl", "countdown's test split (d1's)")
-            self._records = [self._parse_test_record(r, path, n) for n, r in enumerate(read_jsonl(path), start=1)]
+            records = read_jsonl(path)
+            self._records = [self._parse_test_record(record, where(records, n)) for n, record in enumerate(records)]
             self.source = str(path)
 
     @staticmethod
-    def _parse_test_record(record: dict, path, number: int) -> dict:
-        try:
-            numbers = [int(x) for x in str(record["input"]).split(",")]
-            return {"numbers": numbers, "target": int(record["output"])}
-        except (KeyError, ValueError) as error:
-            raise DataFormatError(f"{path}: record {number}: expected 'input' like '30,100,93' and an integer "
-                                  f"'output', got {record!r} ({error})") from None
+    def _parse_test_record(record: dict, location: str) -> dict:
+        """d1's ``{"input": "30,100,93", "output": "23"}`` as ``{"numbers": [30, 100, 93], "target": 23}``."""
+        fields = {"input": "comma-separated integers like '30,100,93'", "output": "an integer like '23'"}
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise DataFormatError(f"{location} lacks field(s) {missing}; it has {sorted(record)}")
+        parsed = {}
+        for name, many in (("input", True), ("output", False)):
+            try:
+                parsed[name] = _parse_int_text(record[name], many=many)
+            except ValueError:
+                message = f"{location}: field {name!r} must be {fields[name]}, got {record[name]!r}"
+                raise DataFormatError(message) from None
+        return {"numbers": parsed["input"], "target": parsed["output"]}
 
     def load_record(self, index: int) -> dict:
         if self._records is not None:
@@ -89,11 +103,27 @@ class CountdownEnv(TextTaskEnv):
     def public_info(self, record: Mapping) -> dict:
         return {"numbers": list(record["numbers"]), "target": int(record["target"])}
 
+    def problem_text(self, record: Mapping) -> str:
+        return f"{sorted(int(n) for n in record['numbers'])} -> {int(record['target'])}"
+
     @staticmethod
     def demonstration(record: Mapping) -> str:
         if "solution" not in record:
             raise KeyError("test records carry no solution expression")
         return f"<answer>{record['solution']}</answer>"
+
+
+def _parse_int_text(value, *, many: bool):
+    """Integers written as text, as d1 stores them (one, or comma-separated when ``many``); an int is
+    accepted for one. Anything else (a bool, a float, a list, words) raises ValueError."""
+    if not many and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(value)
+    numbers = [int(part) for part in value.split(",")]
+    if not many and len(numbers) != 1:
+        raise ValueError(value)
+    return numbers if many else numbers[0]
 
 
 def check_solution(record: Mapping) -> bool:

@@ -1,7 +1,8 @@
 """GSM8K grade-school math (Cobbe et al., 2021): a question in, a numeric answer out, judged by math-verify.
 
-Records come from ``data_files=`` (a JSONL path), else ``$DARE_GYM_DATA_DIR/gsm8k/<split>.jsonl``, else the
-hub dataset ``openai/gsm8k`` (config ``main``). Each record keeps its fields (``question``, ``answer``) and
+Splits: ``train`` (the default, 7,473 problems) and ``test`` (1,319, the held-out set), disjoint. Records come
+from ``data_files=`` (a JSONL path), else ``$DARE_GYM_DATA_DIR/gsm8k/<split>.jsonl``, else the hub dataset
+``openai/gsm8k`` (config ``main``). Each record keeps its fields (``question``, ``answer``, both strings) and
 gains ``gold``, the final number after ``####`` with thousands separators removed.
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from dare_gym.envs.base import TextTaskEnv
-from dare_gym.envs.data import hub_split, load_records
+from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.data import DataFormatError, hub_split, load_records, where
 from dare_gym.rewards.math import answers_match, extract_final_answer, gsm8k_gold
 
 SPLITS = ("train", "test")
@@ -20,9 +21,15 @@ INSTRUCTION = (
 
 
 class GSM8KEnv(TextTaskEnv):
-    default_reward = "math_verify"
+    """Grade-school math word problems with a numeric answer."""
 
-    def __init__(self, *, split: str = "test", data_files=None, instruction: str = INSTRUCTION, **common):
+    default_reward = "math_verify"
+    splits = (
+        SplitInfo("train", 7473, "GSM8K train: gsm8k/train.jsonl, else hub openai/gsm8k"),
+        SplitInfo("test", 1319, "GSM8K test: gsm8k/test.jsonl, else hub openai/gsm8k"),
+    )
+
+    def __init__(self, *, split: str = "train", data_files=None, instruction: str = INSTRUCTION, **common):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         super().__init__(split=split, **common)
@@ -30,18 +37,21 @@ class GSM8KEnv(TextTaskEnv):
             data_files=data_files,
             relative_path=f"gsm8k/{split}.jsonl",
             hub_loader=hub_split("openai/gsm8k", "main", split),
-            required_fields=("question", "answer"),
+            required_fields={"question": str, "answer": str},
         )
-        for number, record in enumerate(records, start=1):
+        for position, record in enumerate(records):
             try:
                 record["gold"] = gsm8k_gold(record["answer"])
             except ValueError as error:
-                raise ValueError(f"{self.source}: record {number}: {error}") from None
+                raise DataFormatError(f"{where(records, position, self.source)}: field 'answer': {error}") from None
         self._records = records
         self.instruction = instruction
 
     def prompt(self, record: Mapping) -> str:
         return f"{record['question']}\n{self.instruction}" if self.instruction else str(record["question"])
+
+    def problem_text(self, record: Mapping) -> str:
+        return str(record["question"])
 
     def is_correct(self, completion: str, record: Mapping) -> bool:
         prediction = extract_final_answer(completion)

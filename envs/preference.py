@@ -13,7 +13,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from dare_gym.envs.data import DataFormatError, read_jsonl, resolve_local_file
+from dare_gym.envs.data import (
+    DataFormatError,
+    DataNotFoundError,
+    local_lookup,
+    read_jsonl,
+    require_fields,
+    resolve_local_file,
+    where,
+)
 
 ASSISTANT_TURN = "\n\nAssistant:"
 HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -47,12 +55,8 @@ class PreferenceDataset(Sequence[PreferencePair]):
     @classmethod
     def from_records(cls, records: Sequence[dict], *, source: str = "memory") -> "PreferenceDataset":
         """From records that already hold ``prompt``, ``chosen`` and ``rejected`` fields."""
-        pairs = []
-        for number, record in enumerate(records, start=1):
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
-            if missing:
-                raise DataFormatError(f"{source}: record {number} needs string field(s) {missing}")
-            pairs.append(PreferencePair(record["prompt"], record["chosen"], record["rejected"]))
+        require_fields(records, {"prompt": str, "chosen": str, "rejected": str}, source)
+        pairs = [PreferencePair(record["prompt"], record["chosen"], record["rejected"]) for record in records]
         return cls(pairs, source=source)
 
 
@@ -68,17 +72,19 @@ def split_transcript(transcript: str) -> tuple[str, str]:
 def hh_rlhf_pairs(records: Sequence[dict], *, source: str, on_mismatch: str = "skip") -> PreferenceDataset:
     if on_mismatch not in ("skip", "error"):
         raise ValueError(f"on_mismatch must be 'skip' or 'error', got {on_mismatch!r}")
+    require_fields(records, {"chosen": str, "rejected": str}, source)  # a wrong layout is an error, never skipped
     pairs, skipped = [], []
-    for number, record in enumerate(records, start=1):
+    for position, record in enumerate(records):
+        number = position + 1
         try:
-            prompt, chosen = split_transcript(str(record["chosen"]))
-            other_prompt, rejected = split_transcript(str(record["rejected"]))
+            prompt, chosen = split_transcript(record["chosen"])
+            other_prompt, rejected = split_transcript(record["rejected"])
             if prompt != other_prompt:
                 raise ValueError("chosen and rejected transcripts differ before their last Assistant turn")
-        except (KeyError, ValueError) as error:
+        except ValueError as error:
             reason = f"{type(error).__name__}: {error}"
             if on_mismatch == "error":
-                raise DataFormatError(f"{source}: record {number}: {reason}") from None
+                raise DataFormatError(f"{where(records, position, source)}: {reason}") from None
             skipped.append((number, reason))
             continue
         pairs.append(PreferencePair(prompt, chosen, rejected))
@@ -94,7 +100,8 @@ def load_hh_rlhf(subset: str = "harmless-base", split: str = "test", *, data_fil
     ``$DARE_GYM_DATA_DIR/hh_rlhf/<subset>_<split>.jsonl.gz``, else the hub dataset ``Anthropic/hh-rlhf``."""
     if subset not in HH_SUBSETS:
         raise ValueError(f"subset must be one of {HH_SUBSETS}, got {subset!r}")
-    path = resolve_local_file(data_files, f"hh_rlhf/{subset}_{split}.jsonl.gz")
+    relative_path = f"hh_rlhf/{subset}_{split}.jsonl.gz"
+    path = resolve_local_file(data_files, relative_path)
     if path is not None:
         return hh_rlhf_pairs(read_jsonl(path), source=str(path), on_mismatch=on_mismatch)
 
@@ -103,9 +110,10 @@ def load_hh_rlhf(subset: str = "harmless-base", split: str = "test", *, data_fil
 
         try:
             return [dict(r) for r in datasets.load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)]
-        except Exception as error:  # noqa: BLE001 - re-raised with the way out
-            raise RuntimeError(f"could not load Anthropic/hh-rlhf ({subset}, {split}) from the hub: {error}. "
-                               "Pass data_files= or set DARE_GYM_DATA_DIR.") from error
+        except Exception as error:  # noqa: BLE001 - re-raised with where else the data was looked for
+            raise DataNotFoundError(f"no local {relative_path} and could not load Anthropic/hh-rlhf ({subset}, "
+                                    f"{split}) from the Hugging Face hub ({type(error).__name__}: {error}). "
+                                    f"{local_lookup(relative_path)}") from error
 
     return hh_rlhf_pairs(hub_records(), source=f"hub:Anthropic/hh-rlhf/{subset}", on_mismatch=on_mismatch)
 

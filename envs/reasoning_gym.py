@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-from dare_gym.envs.base import TextTaskEnv
+from dare_gym.envs.base import SplitInfo, TextTaskEnv
 from dare_gym.registry import register_env
 from dare_gym.rewards.base import register_reward
 
@@ -46,6 +46,10 @@ class ReasoningGymEnv(TextTaskEnv):
     """A reasoning-gym procedural dataset; ``dataset_kwargs`` set its difficulty options."""
 
     default_reward = "reasoning_gym"
+    splits = (
+        SplitInfo("train", SPLIT_SIZES["train"], f"procedural: the task's items for seed {SPLIT_SEEDS['train']}"),
+        SplitInfo("test", SPLIT_SIZES["test"], f"procedural: the task's items for seed {SPLIT_SEEDS['test']}"),
+    )
 
     def __init__(self, *, task: str, split: str = "train", size: int | None = None,
                  dataset_kwargs: dict | None = None, **common):
@@ -76,6 +80,9 @@ class ReasoningGymEnv(TextTaskEnv):
 
     def prompt(self, record: Mapping) -> str:
         return f"{record['question']}\nPut the final answer inside <answer></answer>."
+
+    def problem_text(self, record: Mapping) -> str:
+        return str(record["question"])
 
     @staticmethod
     def demonstration(record: Mapping) -> str:

@@ -15,7 +15,7 @@ import random
 import zlib
 from typing import Mapping
 
-from dare_gym.envs.base import TextTaskEnv
+from dare_gym.envs.base import SplitInfo, TextTaskEnv
 
 TEST_SPLIT_SIZE = 500
 SPLITS = ("train", "test")
@@ -37,6 +37,10 @@ class DigitSortEnv(TextTaskEnv):
     """Sort a string of digits in ascending order."""
 
     default_reward = "char_match"
+    splits = (
+        SplitInfo("train", None, "procedural: digit strings whose hash is not 0 mod 8, seeded by the record index"),
+        SplitInfo("test", TEST_SPLIT_SIZE, "procedural: digit strings whose hash is 0 mod 8 (disjoint from train)"),
+    )
 
     def __init__(self, *, split: str = "train", num_digits: int = 6, **common):
         if split not in SPLITS:
@@ -55,6 +59,9 @@ class DigitSortEnv(TextTaskEnv):
 
     def prompt(self, record: Mapping) -> str:
         return f"sort {record['digits']}\n"
+
+    def problem_text(self, record: Mapping) -> str:
+        return str(record["digits"])
 
     def is_correct(self, completion: str, record: Mapping) -> bool:
         return completion.strip() == record["gold"]

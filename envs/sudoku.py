@@ -5,7 +5,8 @@ random order, while the solution stays unique (checked by an exhaustive solver),
 cells. ``split="test"`` reads d1's ``4x4_test_sudoku.csv`` (``data_files=`` or
 ``$DARE_GYM_DATA_DIR/d1/4x4_test_sudoku.csv``) as strings, so leading zeros survive. Grids are 16-character
 row-major strings with ``0`` for an empty cell. The reward gives d1's partial credit (see
-:mod:`dare_gym.rewards.sudoku`); ``correct`` means the completion's grid is the solution.
+:mod:`dare_gym.rewards.sudoku`); ``correct`` means the completion's grid is the solution. A problem is its
+puzzle grid: the trainer holds the test puzzles out of the procedural training stream.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import csv
 import random
 from typing import Mapping
 
-from dare_gym.envs.base import TextTaskEnv
-from dare_gym.envs.data import DataFormatError, require_local_file
+from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.data import DataFormatError, require_local_file, text_lines
 from dare_gym.rewards.sudoku import answer_grid
 
 SPLITS = ("train", "test")
@@ -95,6 +96,10 @@ class Sudoku4Env(TextTaskEnv):
     """Solve a 4×4 Sudoku with a unique solution."""
 
     default_reward = "sudoku"
+    splits = (
+        SplitInfo("train", None, "procedural: unique-solution puzzles with min_clues (default 6) givens"),
+        SplitInfo("test", 500, "d1's puzzles: d1/4x4_test_sudoku.csv (no hub copy)"),
+    )
 
     def __init__(self, *, split: str = "train", min_clues: int = 6, data_files=None, **common):
         if split not in SPLITS:
@@ -110,16 +115,19 @@ class Sudoku4Env(TextTaskEnv):
 
     @staticmethod
     def _read_csv(path) -> list[dict]:
+        """``Puzzle,Solution`` rows read as strings (leading zeros survive); a malformed row, bytes that are
+        not UTF-8 or a wrong compression raise :class:`DataFormatError` naming the line."""
         records = []
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"Puzzle", "Solution"} <= set(reader.fieldnames):
-                raise DataFormatError(f"{path}:1: expected a header with Puzzle and Solution, got {reader.fieldnames}")
-            for row in reader:
-                puzzle, solution = row["Puzzle"].strip(), row["Solution"].strip()  # strings: keep leading zeros
-                if not (len(puzzle) == len(solution) == 16 and (puzzle + solution).isdigit()):
-                    raise DataFormatError(f"{path}:{reader.line_num}: expected two 16-digit grids, got {row!r}")
-                records.append({"puzzle": puzzle, "solution": solution})
+        reader = csv.DictReader(line for _, line in text_lines(path))
+        if reader.fieldnames is None or not {"Puzzle", "Solution"} <= set(reader.fieldnames):
+            raise DataFormatError(f"{path}:1: expected a header with Puzzle and Solution, got {reader.fieldnames}")
+        for row in reader:
+            for field in ("Puzzle", "Solution"):
+                value = (row[field] or "").strip()
+                if not (len(value) == 16 and value.isdigit() and value.isascii()):
+                    raise DataFormatError(f"{path}:{reader.line_num}: field {field!r} must be a 16-digit grid, "
+                                          f"got {row[field]!r}")
+            records.append({"puzzle": row["Puzzle"].strip(), "solution": row["Solution"].strip()})
         return records
 
     def load_record(self, index: int) -> dict:
@@ -134,6 +142,9 @@ class Sudoku4Env(TextTaskEnv):
 
     def public_info(self, record: Mapping) -> dict:
         return {"puzzle": record["puzzle"]}
+
+    def problem_text(self, record: Mapping) -> str:
+        return str(record["puzzle"])
 
     def is_correct(self, completion: str, record: Mapping) -> bool:
         return is_valid_solution(answer_grid(completion), record["puzzle"])

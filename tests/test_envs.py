@@ -16,6 +16,18 @@ from dare_gym.spaces import UnicodeText
 
 PROCEDURAL = ["digitsort-v0", "countdown-v0", "sudoku4-v0"]
 FILE_BACKED = ["gsm8k-v0", "math500-v0", "math-v0"]
+MATH_TRAIN_RECORD = {"problem": "What is $1+1$?", "level": "Level 1", "type": "Algebra",
+                     "solution": "$1+1=\\boxed{2}$."}
+
+
+def local_kwargs(env_id: str, split: str, tmp_path) -> dict:
+    """Arguments that build ``split`` of ``env_id`` from local files: MATH's train split is not in
+    shared/data, so math-v0's comes from a one-record file in MATH's layout."""
+    if env_id == "math-v0" and split == "train":
+        path = tmp_path / "math_train.jsonl"
+        path.write_text(json.dumps(MATH_TRAIN_RECORD) + "\n")
+        return {"split": split, "data_files": str(path)}
+    return {"split": split}
 
 
 def test_every_env_is_registered_in_both_places():
@@ -31,17 +43,41 @@ def test_check_env_procedural(env_id):
 
 
 @pytest.mark.parametrize("env_id", FILE_BACKED)
-def test_check_env_file_backed(env_id, data_dir):
-    check_env(dare_gym.make(env_id))
+def test_check_env_file_backed(env_id, data_dir, tmp_path):
+    check_env(dare_gym.make(env_id, **local_kwargs(env_id, "train", tmp_path)))
 
 
-def test_every_registered_env_passes_check_env(data_dir):
+def test_every_registered_env_passes_check_env_on_every_split(data_dir, tmp_path):
     for env_id in dare_gym.list_envs():
         if env_id.startswith("rg/"):
             continue  # the optional reasoning-gym family has a test of its own below
-        check_env(dare_gym.make(env_id))
-        if env_id in ("countdown-v0", "sudoku4-v0", "digitsort-v0"):
-            check_env(dare_gym.make(env_id, split="test"))
+        env_class = type(dare_gym.make(env_id, split="test"))
+        assert env_class.splits, f"{env_id} declares no splits for `dare-gym envs`"
+        for split in env_class.splits:
+            env = dare_gym.make(env_id, **local_kwargs(env_id, split.name, tmp_path))
+            check_env(env)
+            if split.size is not None and "data_files" not in local_kwargs(env_id, split.name, tmp_path):
+                assert env.num_records == split.size, (env_id, split.name)
+
+
+def test_every_env_trains_on_a_split_disjoint_from_its_held_out_split(data_dir, tmp_path):
+    """The default split is a training split wherever the task has one, and shares no problem with the
+    held-out split (procedural streams by construction or by holding the held-out problems out)."""
+    from dare_gym.envs.splits import guard_held_out
+
+    for env_id in dare_gym.list_envs():
+        if env_id.startswith("rg/"):
+            continue
+        env_class = type(dare_gym.make(env_id, split="test"))
+        default = env_class.default_split()
+        if len(env_class.splits) > 1:
+            assert default == "train", env_id
+        if env_id == "humaneval-v0":
+            continue  # one split only: training on it is refused (test_splits.py)
+        train = dare_gym.make(env_id, **local_kwargs(env_id, default, tmp_path))
+        held_out = dare_gym.make(env_id, split=env_class.eval_split)
+        account = guard_held_out([train], held_out)
+        assert "share no record" in account or "never drawn" in account, (env_id, account)
 
 
 def test_unicode_text_space_accepts_real_prompts():
@@ -93,12 +129,16 @@ def test_gsm8k_reads_data_files_and_names_malformed_lines(tmp_path):
         dare_gym.make("gsm8k-v0", data_files=str(tmp_path / "nowhere.jsonl"))
 
 
-def test_gsm8k_reads_the_data_dir_variable(tmp_path, monkeypatch):
+def test_gsm8k_reads_the_data_dir_variable_and_trains_on_train(tmp_path, monkeypatch):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "2*3?", "answer": "#### 6"}) + "\n")
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(
+        "".join(json.dumps({"question": f"{n}+1?", "answer": f"#### {n + 1}"}) + "\n" for n in range(3)))
     monkeypatch.setenv("DARE_GYM_DATA_DIR", str(tmp_path))
     env = dare_gym.make("gsm8k-v0")
-    assert env.num_records == 1 and env.source.endswith("test.jsonl")
+    assert env.split == "train" and env.num_records == 3 and env.source.endswith("train.jsonl")
+    test = dare_gym.make("gsm8k-v0", split="test")
+    assert test.num_records == 1 and test.source.endswith("test.jsonl")
 
 
 def test_digitsort_records_are_deterministic_and_test_is_held_out():
@@ -164,7 +204,7 @@ def test_make_vec_groups_share_a_problem():
     assert again == prompts
     _, rewards, terminated, truncated, step_infos = vec.step(["0"] * 12)
     assert rewards.shape == (12,) and terminated.all() and not truncated.any()
-    assert step_infos["correct"].dtype == np.bool_
+    assert step_infos["final_info"]["correct"].dtype == np.bool_
     with pytest.raises(ValueError, match="multiple of group_size=5"):
         dare_gym.make_vec("digitsort-v0", num_envs=12, group_size=5)
     with pytest.raises(ValueError, match="one completion per sub-env"):
@@ -203,8 +243,10 @@ def test_code_envs_score_canonical_solutions_and_reject_hostile_ones(data_dir):
     assert reward == 1.0 and step_info["correct"]
     env.reset(options={"index": 0})
     assert env.step("    import os\n    os._exit(0)\n")[1] == 0.0
-    mbpp = dare_gym.make("mbpp-v0")
+    mbpp = dare_gym.make("mbpp-v0", split="test")
     assert mbpp.num_records == 500 and mbpp.record(0)["task_id"] == 11
+    train = dare_gym.make("mbpp-v0")
+    assert train.split == "train" and train.num_records == 464 and train.record(0)["task_id"] == 511
     check_env(mbpp)
     mbpp.reset(options={"index": 0})
     assert mbpp.step(mbpp.demonstration(mbpp.record(0)))[1] == 1.0
@@ -218,4 +260,24 @@ def test_code_rewards_score_a_vector_batch_in_parallel(data_dir):
     good = [env.record(0)["canonical_solution"], "    return None\n", env.record(1)["canonical_solution"], "    pass\n"]
     _, rewards, *_, infos = vec.step(good)
     assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert infos["correct"].tolist() == [True, False, True, False]
+    assert infos["final_info"]["correct"].tolist() == [True, False, True, False]
+
+
+def test_an_over_long_completion_is_truncated_to_the_action_space_with_the_reason():
+    seen = []
+
+    def last_chars(completion, sample):
+        seen.append(completion)
+        return 0.0
+
+    env = dare_gym.make("digitsort-v0", reward=[("char_match", 1.0), (last_chars, 1.0)])
+    limit = env.action_space.max_length
+    prompt, _ = env.reset(options={"index": 0})
+    gold = "".join(sorted(prompt.split()[1]))
+    _, _, terminated, _, info = env.step(gold + "x" * (2 * limit))
+    assert len(seen[0]) == limit and seen[0].startswith(gold)  # scored, but only up to the limit
+    assert terminated and info["correct"] is False and info["reward_components"]["last_chars"] == 0.0
+    assert info["action_truncated"] == (f"the completion has {2 * limit + len(gold)} characters, more than the "
+                                        f"action space's max_length={limit}: only its first {limit} were scored")
+    env.reset(options={"index": 0})
+    assert "action_truncated" not in env.step(gold)[4]

@@ -89,11 +89,12 @@ def test_trl_style_batched_rewards_plug_in():
     vec = dare_gym.make_vec("digitsort-v0", num_envs=4, group_size=2, reward=[("char_match", 1.0), (length_penalty, 1.0)])
     prompts, _ = vec.reset(seed=0)
     _, rewards, _, _, infos = vec.step(["012345", "skip", "1", "99"])
+    infos = infos["final_info"]  # the scored episodes (the vector env auto-resets in the same step)
     assert len(calls) == 1  # one call for the whole batch
     assert calls[0][0] == list(prompts) and calls[0][2] == ["digits", "gold"]
-    assert infos["reward_components"][2]["length_penalty"] == pytest.approx(-0.1)
+    assert infos["reward_components"]["length_penalty"][2] == pytest.approx(-0.1)
     assert infos["reward_not_applicable"][1] == ["length_penalty"] and not infos["_reward_not_applicable"][0]
-    assert rewards[1] == pytest.approx(infos["reward_components"][1]["char_match"])
+    assert rewards[1] == pytest.approx(infos["reward_components"]["char_match"][1])
 
     @batched
     def constant(p, c, **kw):
@@ -111,4 +112,5 @@ def test_a_batched_reward_returning_the_wrong_count_scores_zero_with_the_reason(
     vec = dare_gym.make_vec("digitsort-v0", num_envs=2, group_size=2, reward=short)
     vec.reset(seed=0)
     _, rewards, *_, infos = vec.step(["1", "2"])
-    assert rewards.tolist() == [0.0, 0.0] and "returned 1 scores for 2" in infos["reward_errors"][0]["short"]
+    errors = infos["final_info"]["reward_errors"]["short"]
+    assert rewards.tolist() == [0.0, 0.0] and "returned 1 scores for 2" in errors[0]

@@ -9,6 +9,7 @@ import pytest
 
 import dare_gym
 from dare_gym.envs.countdown import check_solution, make_problem
+from dare_gym.envs.data import DataFormatError
 from dare_gym.envs.preference import PreferenceDataset, load_hh_rlhf, split_transcript
 from dare_gym.envs.sudoku import count_solutions, is_valid_solution, make_puzzle
 from dare_gym.rewards.countdown import countdown_solves, evaluate_expression
@@ -19,7 +20,7 @@ from dare_gym.rewards.sudoku import answer_grid, sudoku_reward
 
 
 def test_math500_boxed_golds_are_judged_correct(data_dir):
-    env = dare_gym.make("math500-v0")
+    env = dare_gym.make("math500-v0", split="test")
     assert env.num_records == 500
     misses = []
     for index in range(env.num_records):
@@ -32,12 +33,12 @@ def test_math500_boxed_golds_are_judged_correct(data_dir):
 
 
 def test_math500_golds_agree_with_the_last_boxed_of_the_solution(data_dir):
-    env = dare_gym.make("math500-v0")
+    env = dare_gym.make("math500-v0", split="test")
     assert all(last_boxed(env.record(i)["solution"]) == env.record(i)["answer"] for i in range(500))
 
 
 def test_math_full_split_takes_the_last_brace_matched_boxed(data_dir):
-    env = dare_gym.make("math-v0")
+    env = dare_gym.make("math-v0", split="test")
     assert env.num_records == 5000
     line = (data_dir / "math" / "test.jsonl").read_text().splitlines()[0]
     assert env.record(0)["gold"] == last_boxed(json.loads(line)["solution"])
@@ -50,7 +51,7 @@ def test_math_full_split_takes_the_last_brace_matched_boxed(data_dir):
 
 
 def test_math_info_never_holds_the_answer(data_dir):
-    env = dare_gym.make("math500-v0")
+    env = dare_gym.make("math500-v0", split="test")
     for index in range(0, 500, 50):
         _, info = env.reset(options={"index": index})
         assert "answer" not in info and "gold" not in info and "solution" not in info
@@ -104,7 +105,7 @@ def test_countdown_test_split_reads_d1s_file(data_dir):
 def test_countdown_rejects_malformed_lines(tmp_path):
     path = tmp_path / "cd.jsonl"
     path.write_text('{"input": "1,2,3", "output": "6"}\n{"input": "1,x", "output": "6"}\n')
-    with pytest.raises(ValueError, match=r"cd\.jsonl: record 2"):
+    with pytest.raises(DataFormatError, match=r"cd\.jsonl:2: record 2: field 'input' must be comma-separated"):
         dare_gym.make("countdown-v0", split="test", data_files=str(path))
 
 
@@ -184,7 +185,7 @@ def test_hh_rlhf_pairs_split_at_the_last_assistant_turn(data_dir):
 def test_preference_dataset_from_records_and_errors(tmp_path):
     data = PreferenceDataset.from_records([{"prompt": "q", "chosen": "a", "rejected": "b"}])
     assert data[0].chosen == "a" and len(data) == 1
-    with pytest.raises(ValueError, match="record 1 needs string field"):
+    with pytest.raises(DataFormatError, match=r"record 1 lacks field\(s\) \['rejected'\]"):
         PreferenceDataset.from_records([{"prompt": "q", "chosen": "a"}])
     assert split_transcript("\n\nHuman: hi\n\nAssistant: yo") == ("\n\nHuman: hi\n\nAssistant:", " yo")
     bad = tmp_path / "pairs.jsonl"
