@@ -1,5 +1,6 @@
 """Reward throughput: math verifications per second on the GSM8K and MATH-500 golds, and sandboxed executions
-per second on HumanEval's 164 canonical solutions with 1 and 2 workers.
+per second on HumanEval's 164 canonical solutions with 1 and 2 workers (the sandbox against its previous design:
+experiments/bench_sandbox.py).
 
     DARE_GYM_DATA_DIR=../shared/data python experiments/bench_rewards.py    # writes experiments/results/rewards.json
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import dare_gym
 from dare_gym.rewards.math import answers_match, math_verify_reward
-from dare_gym.rewards.sandbox import SandboxLimits, isolation_report, run_programs
-from dare_gym.rewards.code import humaneval_program
+from dare_gym.rewards.sandbox import SandboxLimits, check_programs, isolation_report
+from dare_gym.rewards.code import humaneval_check
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,9 +51,9 @@ def bench_math(env_id: str, completion_of, threads: int) -> dict:
 def bench_humaneval(workers: int) -> dict:
     env = dare_gym.make("humaneval-v0")
     records = [env.record(i) for i in range(env.num_records)]
-    programs = [humaneval_program(r, r["canonical_solution"]) for r in records]
+    programs = [humaneval_check(r, r["canonical_solution"]) for r in records]
     start = time.perf_counter()
-    results = run_programs(programs, SandboxLimits(timeout_s=10.0), workers=workers)
+    results = check_programs(programs, SandboxLimits(timeout_s=10.0), workers=workers)
     seconds = time.perf_counter() - start
     return {"workers": workers, "programs": len(programs), "passed": sum(r.passed for r in results),
             "seconds": seconds, "executions_per_s": rate(len(programs), seconds)}

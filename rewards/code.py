@@ -1,5 +1,6 @@
-"""Code rewards for HumanEval and MBPP: pull the code out of a completion, assemble the program with the
-benchmark's tests, and run it in the sandbox (:mod:`dare_gym.rewards.sandbox`). 1.0 if it passes, else 0.0.
+"""Code rewards for HumanEval and MBPP: pull the code out of a completion, run it in the sandbox, and judge it
+by the benchmark's tests run in a separate trusted checker (:func:`dare_gym.rewards.sandbox.check_program`).
+1.0 if it passes, else 0.0.
 
 Completion formats (:func:`extract_code`):
 
@@ -12,38 +13,55 @@ Completion formats (:func:`extract_code`):
   prompt, or a whole function).
 
 A top-level ``if __name__ == "__main__":`` block in the extracted code is dropped (demo code that would read
-stdin and fail).
+stdin and fail). Every step over the completion's text is linear in its length (fences are found by a
+scanner, not by a backtracking pattern), so a megabyte of repeated fences costs milliseconds.
 
-HumanEval (:func:`humaneval_program`): if the code defines the entry point at top level it is a whole function:
-the program is the prompt's header (everything before the entry point's ``def``: imports and helper functions)
-followed by the code; otherwise the code is a body and the program is ``prompt + body``. Then the record's
-``test`` and ``check(entry_point)``.
+What runs where (see :mod:`dare_gym.rewards.sandbox` for why this verdict cannot be forged):
 
-MBPP (:func:`mbpp_program`): the code, then ``test_setup_code``, then the ``test_list`` asserts (optionally the
-``challenge_test_list`` too). The setup goes AFTER the code because the dataset's setups use classes that the
-solution defines (task 367 builds a tree of ``Node`` objects); a setup that only imports works in either order.
-MBPP's ``\\r\\n`` line endings are normalized.
+* HumanEval (:func:`humaneval_check`). The program is the prompt's header (everything before the entry
+  point's ``def``: imports and helper functions) followed by the code when the code defines the entry point
+  at top level (a whole function), else ``prompt + code`` (a body). The checker runs that same trusted header
+  (so HumanEval/32's ``poly`` and /38's ``encode_cyclic``, which the tests call, are the prompt's, whatever
+  the completion redefines), then the record's ``test`` and ``check(entry_point)`` with ``entry_point`` bound
+  to a proxy of the program's function.
+* MBPP (:func:`mbpp_check`). The program is the code. The checker runs the ``test_list`` asserts (optionally
+  ``challenge_test_list`` too) with every name they call bound to a proxy of the program's function of that
+  name, except builtins the reference solution does not redefine (task 126 defines its own ``sum``); names the
+  asserts use as modules (task 596's ``sys``) are imported in the checker. ``test_setup_code`` runs in the
+  checker when it needs nothing of the solution (imports); it also runs in the program, after the code, as it
+  always did (a solution may rely on the setup's imports). A setup that uses the solution's own classes (tasks
+  367 and 927 build trees of the solution's ``Node``) runs ONLY in the program: what it binds (``root``,
+  ``root1``...) reaches the checker as references that calls pass back, never as objects, and the results are
+  plain data as always. This gives up nothing of soundness: the setup only builds the inputs, the program
+  sees its inputs anyway, and the expected answers stay in the checker. What it gives up: an assert that
+  used a solution's object other than by calling a function with it (an attribute, a comparison) cannot be
+  checked; no MBPP record does. MBPP's ``\\r\\n`` line endings are normalized.
 
 Rewards never raise: anything that goes wrong scores 0.0.
 """
 
 from __future__ import annotations
 
+import ast
 import builtins
 import collections
 import dataclasses
 import os
 import re
+import sys
+import warnings
 from typing import Mapping, Sequence
 
 from dare_gym.rewards.base import register_reward
-from dare_gym.rewards.sandbox import ExecutionResult, SandboxLimits, run_program, run_programs
+from dare_gym.rewards.sandbox import CheckSpec, ExecutionResult, SandboxLimits, check_program, check_programs
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MAX_COMPLETION_CHARS",
     "extract_code",
-    "humaneval_program",
-    "mbpp_program",
+    "humaneval_check",
+    "mbpp_check",
+    "mbpp_spec",
     "code_humaneval",
     "code_mbpp",
     "execute_humaneval",
@@ -56,29 +74,62 @@ DEFAULT_LIMITS = SandboxLimits(timeout_s=10.0)
 """Limits of every reward run. The folder named by ``DARE_GYM_DATA_DIR`` (the benchmarks' answer keys) is added
 to ``hidden_paths`` at call time, so a completion cannot read the canonical solutions."""
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.#-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+MAX_COMPLETION_CHARS = 1 << 20
+"""Longer completions score 0.0 without running. Extraction is linear, so this is not about time in this
+process: it keeps a pathological completion from costing a sandbox compile of megabytes and its memory."""
+
+_FENCE = "```"
+_FENCE_LABEL = re.compile(r"[ \t]*([A-Za-z0-9_+.#-]*)")  # one anchored match per fence: linear
 _PYTHON_LABELS = {"", "python", "py", "python3", "py3", "pycon", "ipython"}
 _MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*(['"])__main__\1\s*:""")
-_BUILTIN_NAMES = set(dir(builtins))
+_BUILTIN_NAMES = frozenset(dir(builtins))
 
 
 def _normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _definitions(code: str, name: str) -> list[re.Match]:
+    """Top-level ``def name(`` lines of ``code`` (one anchored pattern with no nested repetition: linear)."""
+    return list(re.finditer(rf"(?m)^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code))
+
+
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"(?m)^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code) is not None
+    return bool(_definitions(code, name))
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """``(label, body)`` of every fenced block, in order; an unclosed last fence runs to the end.
+
+    A scanner over ``str.find``: each search starts where the previous one ended, so the whole pass is linear
+    in ``len(text)``. A fence opens a block only if a newline follows it somewhere (its info line); the label
+    is the leading ``[A-Za-z0-9_+.#-]*`` of that line after spaces and tabs.
+    """
+    blocks = []
+    start = text.find(_FENCE)
+    while start != -1:
+        line_end = text.find("\n", start + len(_FENCE))
+        if line_end == -1:
+            break
+        label = _FENCE_LABEL.match(text, start + len(_FENCE), line_end).group(1)
+        close = text.find(_FENCE, line_end + 1)
+        if close == -1:
+            blocks.append((label, text[line_end + 1:]))
+            break
+        blocks.append((label, text[line_end + 1:close]))
+        start = text.find(_FENCE, close + len(_FENCE))
+    return blocks
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str:
-    """The code of a completion (see the module docstring for the rules)."""
+    """The code of a completion (see the module docstring for the rules); linear in its length."""
     text = _normalize(completion)
-    before, fence, after = text.partition("```")
-    if fence and text.count("```") % 2 == 1 and before.strip() and not re.match(r"[ \t]*[A-Za-z]", after):
+    before, fence, after = text.partition(_FENCE)
+    if fence and text.count(_FENCE) % 2 == 1 and before.strip() and not re.match(r"[ \t]*[A-Za-z]", after):
         # an odd number of fences, code before the first one, and that one is bare: the prompt opened the
         # block and the completion closes it
         text = "```\n" + text
-    blocks = [(label.lower(), body) for label, body in _FENCE.findall(text)]
+    blocks = [(label.lower(), body) for label, body in _fenced_blocks(text)]
     if not blocks:
         return text
     python_blocks = [body for label, body in blocks if label in _PYTHON_LABELS] or [body for _, body in blocks]
@@ -91,10 +142,11 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
 
 def _strip_main_guard(code: str) -> str:
     """Drop top-level ``if __name__ == "__main__":`` blocks (with their ``elif``/``else`` parts)."""
-    lines = code.split("\n")
+    if "__main__" not in code:
+        return code
     kept: list[str] = []
     skipping = False
-    for line in lines:
+    for line in code.split("\n"):
         top_level = bool(line) and not line[0].isspace() and not line.startswith("#")
         if _MAIN_GUARD.match(line):
             skipping = True
@@ -108,18 +160,25 @@ def _strip_main_guard(code: str) -> str:
     return "\n".join(kept)
 
 
-def humaneval_program(record: Mapping, completion: str) -> str:
-    """The full HumanEval program for ``completion``: prompt + code (or body), the test, ``check(entry_point)``."""
+# ------------------------------------------------------------------------------------------------ HumanEval
+
+
+def humaneval_check(record: Mapping, completion: str) -> tuple[str, CheckSpec]:
+    """The program to sandbox for ``completion`` and the trusted check of the HumanEval record."""
     prompt = _normalize(record["prompt"])
     entry_point = record["entry_point"]
+    stubs = _definitions(prompt, entry_point)
+    header = prompt[:stubs[-1].start()] if stubs else prompt
     code = _strip_main_guard(extract_code(completion, entry_point))
     if _defines(code, entry_point):
-        stubs = list(re.finditer(rf"(?m)^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", prompt))
-        header = prompt[:stubs[-1].start()] if stubs else prompt
         solution = (header.rstrip("\n") + "\n\n\n" if header.strip() else "") + code
     else:
         solution = prompt + code
-    return f"{solution.rstrip()}\n\n\n{_normalize(record['test']).strip()}\n\n\ncheck({entry_point})\n"
+    test = f"{_normalize(record['test']).strip()}\n\n\ncheck({entry_point})\n"
+    return solution, CheckSpec(prelude=header if stubs else "", test=test, functions=(entry_point,))
+
+
+# ------------------------------------------------------------------------------------------------ MBPP
 
 
 def _mbpp_entry_point(record: Mapping) -> str | None:
@@ -134,17 +193,81 @@ def _mbpp_entry_point(record: Mapping) -> str | None:
     return best.most_common(1)[0][0] if best else None
 
 
-def mbpp_program(record: Mapping, completion: str, *, include_challenge: bool = False) -> str:
-    """The full MBPP program: the code, ``test_setup_code``, then the asserts of ``test_list``."""
-    code = _strip_main_guard(extract_code(completion, _mbpp_entry_point(record)))
-    tests: list[str] = list(record.get("test_list") or [])
+def _free_and_bound(source: str) -> tuple[set[str], list[str]]:
+    """Names ``source`` reads without binding them anywhere, and the names it binds at top level (in order)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tree = ast.parse(source)
+    loaded, bound = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    top_level = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id not in top_level:
+                top_level.append(target.id)
+    return loaded - bound, top_level
+
+
+def _reference_definitions(code: str) -> set[str]:
+    """Names the (trusted) reference solution defines at top level (functions, classes, assignments); empty
+    if it does not parse."""
+    try:
+        with warnings.catch_warnings():  # old escapes like "\w" in the dataset's code are not our warnings
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def mbpp_spec(record: Mapping, include_challenge: bool = False) -> CheckSpec:
+    """The trusted check of an MBPP record (see the module docstring for what runs where)."""
+    tests = list(record.get("test_list") or [])
     if include_challenge:
         tests += list(record.get("challenge_test_list") or [])
-    if not any(str(t).strip() for t in tests):
+    test = "\n".join(_normalize(str(t)).strip() for t in tests)
+    if not test.strip():
         raise ValueError(f"MBPP record {record.get('task_id')!r} has no tests: nothing to verify")
     setup = _normalize(record.get("test_setup_code") or "").strip()
-    parts = [code.rstrip(), setup, "\n".join(_normalize(t).strip() for t in tests)]
-    return "\n\n\n".join(p for p in parts if p) + "\n"
+    setup_free, setup_bound = _free_and_bound(setup) if setup else (set(), [])
+    uses_solution = any(n not in _BUILTIN_NAMES and n not in sys.stdlib_module_names for n in setup_free)
+    remote = tuple(setup_bound) if uses_solution else ()
+    checker_side = set(remote) if uses_solution else set(setup_bound)
+    reference = _reference_definitions(_normalize(record.get("code") or ""))
+    functions, modules = [], []
+    for name in sorted(_free_and_bound(test)[0] - checker_side):
+        if name in reference:  # the solution's function, even under a builtin's name (task 126's sum)
+            functions.append(name)
+        elif name in sys.stdlib_module_names:  # a module the asserts use (task 596's sys)
+            modules.append(name)
+        elif name not in _BUILTIN_NAMES:  # the solution must define it
+            functions.append(name)
+    return CheckSpec(test=test, prelude="" if uses_solution else setup, functions=tuple(functions),
+                     modules=tuple(modules), program_setup=setup, remote_names=remote)
+
+
+def mbpp_check(record: Mapping, completion: str, *, include_challenge: bool = False) -> tuple[str, CheckSpec]:
+    """The program to sandbox for ``completion`` (its code) and the trusted check of the MBPP record."""
+    spec = mbpp_spec(record, include_challenge)
+    return _strip_main_guard(extract_code(completion, _mbpp_entry_point(record))), spec
+
+
+# ------------------------------------------------------------------------------------------------ rewards
 
 
 def _limits() -> SandboxLimits:
@@ -161,14 +284,30 @@ def _record(sample: Mapping) -> Mapping:
     return sample
 
 
+def _refusal(completion: str) -> str | None:
+    """Why a completion is not run at all, or None."""
+    if not isinstance(completion, str):
+        return f"a completion must be a str, got {type(completion).__name__}"
+    if len(completion) > MAX_COMPLETION_CHARS:
+        return f"the completion has {len(completion)} characters; code rewards read at most {MAX_COMPLETION_CHARS}"
+    return None
+
+
+def _execute(build, completion: str, sample: Mapping, limits: SandboxLimits | None) -> ExecutionResult:
+    refusal = _refusal(completion)
+    if refusal is not None:
+        return ExecutionResult(False, "failed", None, "", "", 0.0, refusal)
+    return check_program(*build(_record(sample), completion), limits or _limits())
+
+
 def execute_humaneval(completion: str, sample: Mapping, limits: SandboxLimits | None = None) -> ExecutionResult:
     """Run a HumanEval completion and return the sandbox's full result (reason, output, timing)."""
-    return run_program(humaneval_program(_record(sample), completion), limits or _limits())
+    return _execute(humaneval_check, completion, sample, limits)
 
 
 def execute_mbpp(completion: str, sample: Mapping, limits: SandboxLimits | None = None) -> ExecutionResult:
     """Run an MBPP completion and return the sandbox's full result (reason, output, timing)."""
-    return run_program(mbpp_program(_record(sample), completion), limits or _limits())
+    return _execute(mbpp_check, completion, sample, limits)
 
 
 @register_reward("humaneval")
@@ -192,28 +331,28 @@ def code_mbpp(completion: str, sample: Mapping) -> float:
 def _batch(build, completions: Sequence[str], samples: Sequence[Mapping], workers: int) -> list[float]:
     if len(completions) != len(samples):
         raise ValueError(f"{len(completions)} completions for {len(samples)} samples")
-    programs: list[str | None] = []
+    jobs: list[tuple[str, CheckSpec] | None] = []
     for completion, sample in zip(completions, samples):
         try:
-            programs.append(build(_record(sample), completion))
+            jobs.append(None if _refusal(completion) else build(_record(sample), completion))
         except Exception:
-            programs.append(None)
-    runnable = [p for p in programs if p is not None]
+            jobs.append(None)
+    runnable = [job for job in jobs if job is not None]
     try:
-        results = iter(run_programs(runnable, _limits(), workers=workers))
+        results = iter(check_programs(runnable, _limits(), workers=workers))
     except Exception:
-        return [0.0] * len(programs)
-    return [0.0 if p is None else (1.0 if next(results).passed else 0.0) for p in programs]
+        return [0.0] * len(jobs)
+    return [0.0 if job is None else (1.0 if next(results).passed else 0.0) for job in jobs]
 
 
 def humaneval_rewards(completions: Sequence[str], samples: Sequence[Mapping], workers: int = 2) -> list[float]:
     """Score a batch of HumanEval completions, ``workers`` sandboxes at a time."""
-    return _batch(humaneval_program, completions, samples, workers)
+    return _batch(humaneval_check, completions, samples, workers)
 
 
 def mbpp_rewards(completions: Sequence[str], samples: Sequence[Mapping], workers: int = 2) -> list[float]:
     """Score a batch of MBPP completions, ``workers`` sandboxes at a time."""
-    return _batch(mbpp_program, completions, samples, workers)
+    return _batch(mbpp_check, completions, samples, workers)
 
 
 code_humaneval.batch_fn = humaneval_rewards  # score many completions in parallel sandboxes

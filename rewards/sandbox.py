@@ -1,64 +1,82 @@
-"""Run untrusted Python programs (model completions plus their tests) in a sandbox and decide PASS soundly.
+"""Run untrusted Python programs in a sandbox, and judge them by trusted tests that run in ANOTHER process.
 
-Every program runs in a FRESH process, started for it alone, and everything it leaves behind is killed.
+Two processes per run, started for it alone; everything either leaves behind is killed:
 
-Isolation layers, strongest first (what is active on this machine: :func:`isolation_report`):
+* **the program** (:mod:`dare_gym.rewards.sandbox_harness`): the untrusted code runs as ``__main__`` in a
+  fully isolated process (below), then only ANSWERS CALLS: the checker names one of its top-level functions
+  and sends arguments; it replies with the result or the exception raised, as plain data.
+* **the checker** (:mod:`dare_gym.rewards.code_checker`): a process of the parent's, with its own time, CPU
+  and memory limits, that runs the benchmark's trusted test code (:class:`CheckSpec`: HumanEval's
+  ``check(candidate)`` with the prompt's helper functions, MBPP's asserts) against proxies of the program's
+  functions. Arguments and results cross as JSON-like values with exact types (int, float incl. nan/inf,
+  bool, None, str, bytes, list, tuple, dict, set, ...; :mod:`dare_gym.rewards.sandbox_protocol`), decoded
+  by the checker with size and depth caps into builtin objects: never pickle, never an object of the
+  program's. Its verdict goes to the parent on a pipe that only the two of them hold.
 
-* **Namespaces** (root + util-linux ``unshare``): a new network namespace (only a downed loopback: no
-  connection to the internet, to the host's localhost, or to the host's abstract unix sockets), a new pid
-  namespace whose init is the trusted harness (when it exits, the kernel kills every process of the run,
-  double-forked daemons included; the program cannot see or signal the host's processes), and a new mount
-  namespace in which every mount is made read-only, the working directory is a private, size-limited tmpfs
-  owned by the run's uid (it vanishes with the run), ``/proc`` is covered by an empty tmpfs, and any
-  ``SandboxLimits.hidden_paths`` are covered too. Directories that the unprivileged uid cannot traverse on the
-  way to the interpreter (``/root`` for a pyenv install) are replaced, inside the namespace only, by a tmpfs
-  that holds nothing but the interpreter's own directory: the rest of them stays hidden.
+Why this is sound (the threat model). The program may do anything its process allows: rewrite every
+function, frame, closure, builtin and module it can reach (the harness included), start sub-interpreters,
+``ctypes`` its own memory, fork, or die at any moment. None of that reaches the verdict: the test code and
+every comparison run in the checker, which the program can only send bytes to. So the program is, to the
+checker, an arbitrary function from the calls it receives to plain-data replies, and a run passes only if such
+replies satisfy the tests — exactly what passing the tests means. An ``__eq__`` that always says True never
+crosses (objects are not plain data); a program that dies, hangs, breaks the protocol, returns what is not
+plain data, raises ``SystemExit`` in a call, or leaves threads or processes running FAILS the whole run (the
+checker raises a ``BaseException`` that a test's ``except Exception`` cannot swallow and records it anyway).
+What remains: the program can learn the expected answers only by computing them (the test code never enters
+its process; the benchmark's files are hidden with ``hidden_paths``; it cannot see or trace the checker,
+which runs under another uid outside its pid namespace); trusted test code that accepts wrong answers stays
+weak; a kernel exploit breaks any sandbox; and in the weakest fallback (not root: no per-run uid and no pid
+namespace) the program runs as the same user as the parent and the checker and can reach them through
+``ptrace`` or ``/proc`` where the kernel allows it: :func:`isolation_report` then says
+``verdict_isolated: False``.
+
+``run_program(source)`` is the degenerate check with no test: it passes if the program runs to its end and
+says goodbye. That verdict is the program's own word (a program can claim it falsely), which is right for
+running a program, never for judging untrusted code: the code rewards always use :func:`check_program`.
+
+Isolation of the program, strongest layer first (what is active on this machine: :func:`isolation_report`):
+
+* **Namespaces** (root + util-linux ``unshare``): network (only a downed loopback: no connection to the
+  internet, the host's localhost or its abstract unix sockets), pid (the harness is init: when it exits the
+  kernel kills every process of the run), mount (every mount read-only, a private size-limited tmpfs working
+  directory owned by the run's uid, ``/proc`` covered by an empty tmpfs, ``SandboxLimits.hidden_paths``
+  covered; directories that the run's uid cannot traverse on the way to the interpreter are replaced by a
+  tmpfs holding only the interpreter's own directory), IPC (System V shared memory, message queues and
+  semaphores and POSIX message queues die with the run; POSIX shared memory lives in ``/dev/shm``, which is
+  read-only) and UTS (hostname). Shared on purpose: the **user** namespace (the program is an unprivileged uid
+  without capabilities there; where the kernel allows unprivileged user namespaces it may make its own, which
+  give it capabilities only over namespaces it owns: mounts it inherits stay locked, read-only and covered),
+  the **cgroup** namespace (cgroup files are read-only mounts owned by root; ``/proc/self/cgroup`` is hidden
+  with ``/proc``) and the **time** namespace (setting a clock needs ``CAP_SYS_TIME``; reading uptime leaks
+  nothing of other runs).
 * **An unprivileged uid/gid**, unique per concurrent run (claimed through an abstract unix socket, so two
-  processes on one host never share one): ``RLIMIT_NPROC`` binds (it does not bind root), no capabilities,
-  ``no_new_privs``, no way to signal the host's processes, no write access to anything the run does not own.
-* **cgroups v1** (``pids`` and ``memory``): a per-run cgroup caps the number of tasks of the whole tree (for
-  root too) and its total memory (tmpfs included); at the end every task still in it is killed.
-* **rlimits** in the child: CPU seconds, address space, processes, file size, open files, no core files.
-* **Always**: a new session/process group (the whole group is SIGKILLed at the end and on timeout), an
-  environment built from scratch (nothing of the parent's), a private temporary working directory removed
-  afterwards, stdin from ``/dev/null``, capped stdout/stderr, and a wall-clock deadline owned by the parent.
+  processes on one host never share one): ``RLIMIT_NPROC`` binds, no capabilities, ``no_new_privs``, no way to
+  signal or trace the host's processes (the checker included), no write access to anything it does not own.
+* **Private keyrings**: the kernel keeps keys per uid, outside every namespace; a run gets a fresh session
+  keyring (the parent's stays out of reach) and its uid's user keyrings are emptied before the program
+  starts, so nothing stored there carries into a later run.
+* **cgroups v1** (``pids`` and ``memory``): a per-run cgroup caps the tasks of the whole tree (for root too)
+  and its memory (tmpfs included); at the end every task still in it is killed.
+* **rlimits**: CPU seconds, address space, processes, file size, open files, no core files.
+* **Always**: a new session/process group (SIGKILLed at the end and on timeout), an environment built from
+  scratch, a private temporary working directory removed afterwards, stdin from ``/dev/null``, capped
+  stdout/stderr, and one wall-clock deadline owned by the parent for both processes.
 
 Where a layer is missing (not root, no ``unshare``, no cgroup v1 controllers) the next ones still apply and a
 ONE-TIME warning names exactly what is missing. Without a pid namespace nor cgroups, the harness is a child
-subreaper (orphans stay in its tree); on timeout the parent stops and kills that tree (found through ``/proc``),
-the harness kills what the program left when it reports a failure, and with a per-run uid every process of that
-uid is killed too. The hole left in that weakest mode: a program that detaches a ``setsid`` daemon and then
-leaves through ``os._exit`` (bypassing the harness) keeps the daemon alive unless a per-run uid is in use.
-
-Deciding PASS (threat model). Exit status and printed text are under the program's control, so they are never
-enough. The parent writes a random per-run token into a sealed memfd; the trusted harness (the child's main
-script) reads it straight into an anonymous page with ``readv`` (it never becomes a Python object), marks the
-page ``PROT_NONE`` and ``MADV_DONTFORK``, closes the memfd and every other descriptor except a dedicated result
-pipe, installs an audit hook, and only then compiles and ``exec``\\ s the program in a fresh ``__main__``
-module. Only if ``exec`` returns normally, in the original process, with no thread and no child process left
-running, does the harness unprotect the page, write the token to the result pipe and ``os._exit(0)``. The
-parent counts a pass only if exactly the token arrived, the run exited with status 0, and no limit was hit.
-So ``sys.exit(0)``, ``os._exit(0)``, ``raise SystemExit``, ``atexit`` tricks, printed markers, garbage written
-to any descriptor, a forked child reaching the end of the program, or threads/processes left behind all score
-as not passed. The audit hook always refuses ``sys.settrace``/``sys.setprofile`` (a trace function could jump
-over the tests), the ``gc`` object walkers, sub-interpreters and opening a file named ``mem``; it refuses
-``ctypes`` symbol look-ups and raw-address reads unless they come from the harness's own frame.
-
-Known limits, stated honestly: the harness and the program share one interpreter, so a program that
-deliberately attacks the interpreter's memory (for instance by rebuilding a native function pointer to
-``mprotect`` from addresses leaked through ``ctypes`` and the libc image on disk, then reading the token page)
-can forge a pass; so can a kernel exploit. Without the mount namespace a symlink to ``/proc/self/mem`` is only
-caught by a path check. The verdict is about the program, not about intent: a completion that games the tests
-(e.g. returns an object whose ``__eq__`` is always true) passes. Files readable by every user stay readable
-(hide them with ``hidden_paths``). Programs that need the network, write outside their working directory, use
-``sys.settrace``, or leave threads or processes running are scored as failed by design.
+subreaper and kills what the program left when it exits; on timeout the parent stops and kills that tree
+(found through ``/proc``), and with a per-run uid every process of that uid is killed too. The hole left in
+that weakest mode: a ``setsid`` daemon of a program that then leaves through ``os._exit`` survives unless a
+per-run uid is in use. Files readable by every user stay readable (hide them with ``hidden_paths``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import marshal
 import os
+import platform
 import pwd
 import secrets
 import selectors
@@ -76,30 +94,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["SandboxLimits", "ExecutionResult", "run_program", "run_programs", "isolation_report"]
+from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol
+
+__all__ = [
+    "CheckSpec",
+    "ExecutionResult",
+    "SandboxLimits",
+    "check_program",
+    "check_programs",
+    "isolation_report",
+    "run_program",
+    "run_programs",
+]
 
 logger = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32
-_RESULT_CAP = 4096
+_VERDICT_CAP = 64 * 1024
 _UID_BASE = 1_870_000_000  # far above any login uid and the usual subuid ranges
 _UID_SLOTS = 4096
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CGROUP_PARENT = "dare_gym_sandbox"
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CGROUP_HEADROOM_MB = 128
-_EXIT_GRACE_S = 0.25  # how long pipes may stay open after the main process exited (fallback mode only)
+_CHECKER_MEMORY_HEADROOM_MB = 512  # decoding a large reply takes several times its size
+_EXIT_GRACE_S = 0.25  # how long the program may take to exit after the verdict (it normally has already)
+_NAMESPACES = ("--mount", "--net", "--pid", "--ipc", "--uts")
+_KEYCTL_SYSCALL = {"x86_64": 250, "amd64": 250, "aarch64": 219, "arm64": 219}
+_CHILD_PACKAGE = "_dare_gym_sandbox"
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """Limits of one run.
 
-    ``timeout_s``: wall-clock limit, owned by the parent (the run is killed at the deadline).
+    ``timeout_s``: wall-clock limit of the whole run (program and checker), owned by the parent.
     ``cpu_s``: CPU seconds per process (``RLIMIT_CPU``); ``None`` means ``timeout_s``.
-    ``memory_mb``: address space per process (``RLIMIT_AS``); with the memory cgroup, the whole tree may use
-    ``memory_mb + workdir_mb + 128`` MB of RAM (tmpfs included) before the OOM killer stops it.
-    ``max_processes``: tasks (processes and threads) of the run: pids cgroup and ``RLIMIT_NPROC``.
+    ``memory_mb``: address space per process (``RLIMIT_AS``); with the memory cgroup, the program's whole tree
+    may use ``memory_mb + workdir_mb + 128`` MB of RAM (tmpfs included) before the OOM killer stops it.
+    ``max_processes``: tasks (processes and threads) of the program: pids cgroup and ``RLIMIT_NPROC``.
     ``max_output_bytes``: what is kept of stdout and of stderr each; the rest is read and dropped.
     ``workdir_mb``: size of the private working directory (tmpfs) and ``RLIMIT_FSIZE``.
     ``hidden_paths``: directories covered by an empty read-only tmpfs inside the run (e.g. a benchmark's
@@ -130,13 +162,46 @@ class SandboxLimits:
         return float(self.timeout_s if self.cpu_s is None else self.cpu_s)
 
 
+@dataclass(frozen=True)
+class CheckSpec:
+    """The trusted half of a check: code that runs in the checker, never in the program's process.
+
+    ``prelude``: run first in the checker's namespace (HumanEval: the prompt's imports and helper functions).
+    ``modules``: imported into that namespace by name (MBPP 596's asserts use the ``sys`` that the
+    solution imports). ``functions``: names bound to proxies of the program's top-level functions.
+    ``program_setup``: trusted code run INSIDE the program after it loaded, for test inputs that are objects of
+    the program's own classes (MBPP 367 builds trees of the solution's ``Node``); ``remote_names``: the names
+    it binds, passed to calls by reference. ``test``: the test code, run in the checker last; the run passes
+    if it completes. An empty spec checks only that the program runs to its end (:func:`run_program`).
+    """
+
+    test: str = ""
+    prelude: str = ""
+    functions: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    program_setup: str = ""
+    remote_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("test", "prelude", "program_setup"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"CheckSpec.{name} must be a str, got {type(getattr(self, name)).__name__}")
+        for name in ("functions", "modules", "remote_names"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) and v.isidentifier() for v in value):
+                raise ValueError(f"CheckSpec.{name} must be a sequence of identifiers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+
+
 @dataclass
 class ExecutionResult:
     """Outcome of one run.
 
-    ``status`` is one of ``"passed"``, ``"failed"`` (the program raised, exited early or misbehaved),
-    ``"timeout"`` (wall-clock limit), ``"killed"`` (by a signal: memory, CPU or process limits) or
-    ``"error"`` (the sandbox itself could not run the program). ``reason`` says why it did not pass.
+    ``status`` is one of ``"passed"``, ``"failed"`` (a test failed, the program raised, exited early or
+    misbehaved), ``"timeout"`` (wall-clock limit), ``"killed"`` (the program was killed by a signal: memory,
+    CPU or process limits) or ``"error"`` (the sandbox or the trusted test code could not run).
+    ``reason`` says why it did not pass. ``stdout``/``stderr`` are the program's; ``checker_output`` is what
+    the trusted test code printed. ``returncode`` is the program process's exit status.
     """
 
     passed: bool
@@ -148,425 +213,357 @@ class ExecutionResult:
     reason: str
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    checker_output: str = ""
 
 
 # --------------------------------------------------------------------------------------------------------
-# The trusted harness: the child's main script (``python -S -s -B -c _HARNESS <config fd> <result fd>``).
+# The children's code: real modules of this package, compiled once and sent to each child.
 # --------------------------------------------------------------------------------------------------------
 
-_HARNESS = r'''
-import os, sys
 
-def _main():
-    cfg_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-    write, _exit, getpid = os.write, os._exit, os.getpid
+@functools.lru_cache(maxsize=None)
+def _child_code() -> tuple[str, tuple, tuple]:
+    """The boot script's text, and the compiled modules of the program's and the checker's processes."""
 
-    def setup_error(message):
-        try:
-            write(result_fd, ("ERROR:" + message).encode("utf-8", "replace")[:4000])
-        finally:
-            _exit(3)
+    def compiled(module) -> tuple[str, object]:
+        path = Path(module.__file__)
+        return module.__name__.rpartition(".")[2], compile(path.read_text(), str(path), "exec", dont_inherit=True)
 
+    protocol = compiled(sandbox_protocol)
+    boot = Path(sandbox_boot.__file__).read_text()
+    return boot, (protocol, compiled(sandbox_harness)), (protocol, compiled(code_checker))
+
+
+def _payload_fd(modules: tuple, entry: str, payload: dict) -> int:
+    """A memory file holding what the boot script loads; the caller passes it to the child and closes it."""
+    data = marshal.dumps((_CHILD_PACKAGE, list(modules), entry, payload))
+    fd = os.memfd_create("dare_gym_sandbox", os.MFD_CLOEXEC)
     try:
-        import ctypes, marshal, signal, builtins, types, threading, _thread
-        import mmap as _mmap
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = lambda name, res, args: _setfn(libc._FuncPtr((name, libc)), res, args)
-        c = ctypes
-        mmap_ = fn("mmap", c.c_void_p, [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long])
-        mprotect = fn("mprotect", c.c_int, [c.c_void_p, c.c_size_t, c.c_int])
-        madvise = fn("madvise", c.c_int, [c.c_void_p, c.c_size_t, c.c_int])
-        page = _mmap.PAGESIZE
-        addr = mmap_(None, page, 3, 0x22, -1, 0)  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
-        if not addr or addr == c.c_void_p(-1).value:
-            raise OSError("mmap of the token page failed")
-        token_len = 32
-        if os.readv(cfg_fd, [(c.c_char * token_len).from_address(addr)]) != token_len:
-            raise OSError("short read of the run token")
-        madvise(addr, page, 10)  # MADV_DONTFORK: forked children do not get the page
-        if mprotect(addr, page, 0) != 0:  # PROT_NONE
-            raise OSError("mprotect of the token page failed")
-        del mprotect, mmap_, madvise, fn
-        data = bytearray()
-        while True:
-            chunk = os.read(cfg_fd, 1 << 20)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_program(solution: str, spec: CheckSpec, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run ``solution`` (untrusted code) in a fresh sandboxed process and judge it by ``spec``'s trusted test
+    code, run in a separate checker process (see the module docstring for why that verdict is sound).
+
+    Returns within ``limits.timeout_s`` plus about a second whatever the program does. Never raises for
+    anything the program does; a failure of the sandbox or of the test code is ``status="error"``.
+    """
+    start = time.monotonic()
+    if not isinstance(solution, str):
+        return _error(f"the program must be a str, got {type(solution).__name__}", start)
+    if not isinstance(spec, CheckSpec):
+        return _error(f"spec must be a CheckSpec, got {type(spec).__name__}", start)
+    try:
+        plan = _get_plan()
+    except Exception as error:  # pragma: no cover - probing never raises in practice
+        return _error(f"sandbox probe failed: {type(error).__name__}: {error}", start)
+    return _run(solution, spec, limits, plan)
+
+
+def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+    """Run a whole program in a fresh sandboxed process; it passes if it runs to its end (raising nothing)
+    and leaves no thread or process running. That is the program's own word: use :func:`check_program` to
+    judge untrusted code against tests."""
+    return check_program(source, CheckSpec(), limits)
+
+
+def check_programs(jobs: Sequence[tuple[str, CheckSpec]] | Iterable[tuple[str, CheckSpec]],
+                   limits: SandboxLimits = SandboxLimits(), workers: int = 2) -> list[ExecutionResult]:
+    """:func:`check_program` for many ``(solution, spec)`` pairs, ``workers`` at a time; results keep the order."""
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    _get_plan()  # probe once, outside the pool
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1:
+        return [check_program(solution, spec, limits) for solution, spec in jobs]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dare_gym_sandbox") as pool:
+        return list(pool.map(lambda job: check_program(job[0], job[1], limits), jobs))
+
+
+def run_programs(sources: Sequence[str] | Iterable[str], limits: SandboxLimits = SandboxLimits(),
+                 workers: int = 2) -> list[ExecutionResult]:
+    """:func:`run_program` for many programs, ``workers`` at a time; results keep the order."""
+    return check_programs([(source, CheckSpec()) for source in sources], limits, workers)
+
+
+@dataclass
+class _Child:
+    """One started process of a run and the parent's read ends of its output."""
+
+    proc: subprocess.Popen
+    outputs: dict  # fd -> stream name
+
+
+def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> ExecutionResult:
+    start = time.monotonic()
+    deadline = start + float(limits.timeout_s)
+    workdir = checker_dir = uid_sock = program = checker = None
+    cgroups: dict[str, Path] = {}
+    parent_fds: list[int] = []  # the parent's copies of the channel ends, closed once both children hold them
+    verdict_r = None
+    uid = None
+    try:
+        workdir = tempfile.mkdtemp(prefix="dare_gym_sandbox_")
+        checker_dir = tempfile.mkdtemp(prefix="dare_gym_checker_")
+        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's (reused) cgroups
+        if plan.drop_uid:
+            uid = slot_uid
+            if not plan.namespaces:
+                os.chown(workdir, uid, uid)
+        if plan.cgroups:
+            cgroups = _slot_cgroups(plan, limits, slot_uid)
+        oom_before = _oom_kills(cgroups)
+        call_r, call_w = os.pipe()
+        parent_fds += [call_r, call_w]
+        reply_r, reply_w = os.pipe()
+        parent_fds += [reply_r, reply_w]
+        verdict_r, verdict_w = os.pipe()
+        parent_fds.append(verdict_w)
+        program = _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, call_r, reply_w)
+        checker = _start_checker(spec, limits, checker_dir, call_w, reply_r, verdict_w)
+        for fd in parent_fds:
+            os.close(fd)
+        parent_fds.clear()
+        return _supervise(program, checker, verdict_r, limits, deadline, start, cgroups, uid, plan, oom_before)
+    except Exception as error:
+        return _error(f"sandbox failure: {type(error).__name__}: {error}", start)
+    finally:
+        for fd in parent_fds + ([verdict_r] if verdict_r is not None else []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for child in (program, checker):
+            if child is not None and child.proc.returncode is None:
+                _stop(child, program, cgroups, uid, plan)
+        if cgroups:
+            _kill_cgroups(cgroups, budget_s=0.2)
+        for folder in (workdir, checker_dir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        if uid_sock is not None:
+            uid_sock.close()
+
+
+def _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, call_fd, reply_fd) -> _Child:
+    memory = int(limits.memory_mb) * 1024 * 1024
+    config = {
+        "workdir": workdir,
+        "uid": slot_uid if plan.drop_uid else 0,
+        "gid": slot_uid if plan.drop_uid else 0,
+        "drop_uid": plan.drop_uid,
+        "mount_ns": plan.namespaces,
+        "hidden_paths": [str(p) for p in limits.hidden_paths],
+        "cgroup_procs": [str(p / "cgroup.procs") for p in cgroups.values()],
+        "workdir_mb": int(limits.workdir_mb),
+        "keyctl": plan.keyctl,
+        "rlimits": {
+            "cpu": max(1, int(-(-limits.effective_cpu_s // 1))),
+            "as": memory,
+            "nproc": int(limits.max_processes),
+            "fsize": int(limits.workdir_mb) * 1024 * 1024,
+            "nofile": 256,
+        },
+    }
+    boot, modules, _ = _child_code()
+    payload = {"config": config, "source": solution, "setup": spec.program_setup, "call_fd": call_fd,
+               "reply_fd": reply_fd, "site_paths": _site_paths()}
+    payload_fd = _payload_fd(modules, "sandbox_harness", payload)
+    try:
+        argv = [sys.executable, "-S", "-s", "-B", "-c", boot, str(payload_fd)]
+        if plan.namespaces:
+            argv = [plan.unshare, *_NAMESPACES, "--fork", "--kill-child", "--propagation", "private", *argv]
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+            env=_clean_env(workdir), pass_fds=(payload_fd, call_fd, reply_fd), start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(payload_fd)
+    return _Child(proc, {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"})
+
+
+def _start_checker(spec: CheckSpec, limits: SandboxLimits, folder: str, call_fd: int, reply_fd: int,
+                   verdict_fd: int) -> _Child:
+    boot, _, modules = _child_code()
+    payload = {
+        "spec": {"prelude": spec.prelude, "test": spec.test, "functions": list(spec.functions),
+                 "modules": list(spec.modules), "remote_names": list(spec.remote_names)},
+        "call_fd": call_fd, "reply_fd": reply_fd, "verdict_fd": verdict_fd, "site_paths": _site_paths(),
+        "rlimits": {"cpu": max(1, int(-(-limits.effective_cpu_s // 1))) + 1,
+                    "as": (int(limits.memory_mb) + _CHECKER_MEMORY_HEADROOM_MB) * 1024 * 1024},
+    }
+    payload_fd = _payload_fd(modules, "code_checker", payload)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-s", "-B", "-c", boot, str(payload_fd)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=folder, env=_clean_env(folder),
+            pass_fds=(payload_fd, call_fd, reply_fd, verdict_fd), start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(payload_fd)
+    return _Child(proc, {proc.stdout.fileno(): "checker"})
+
+
+def _stop(child: _Child, program: _Child | None, cgroups, uid, plan) -> None:
+    """Kill one child of the run: the program with its whole tree, the checker with its process group."""
+    if child is program:
+        _kill_tree(child.proc, cgroups, uid if not plan.namespaces else None, plan.namespaces)
+    elif child.proc.returncode is None:
+        try:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        child.proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class _Outputs:
+    """Reads every output pipe of a run without blocking, keeping at most a cap of each."""
+
+    def __init__(self, streams: dict[int, str], caps: dict[str, int]):
+        self.streams, self.caps = streams, caps
+        self.data = {name: bytearray() for name in caps}
+        self.overflow = {name: False for name in caps}
+        self.selector = selectors.DefaultSelector()
+        for fd in streams:
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ)
+
+    def open(self, name: str) -> bool:
+        return any(self.streams[key.fd] == name for key in self.selector.get_map().values())
+
+    def read(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            try:
+                chunk = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
             if not chunk:
-                break
-            data += chunk
-        os.close(cfg_fd)
-        size = int.from_bytes(data[:4], "little")
-        header, body = bytes(data[4:4 + size]), bytes(data[4 + size:])
-        del data
-        cfg = marshal.loads(header)
-        source = body.decode("utf-8", "surrogatepass")
-        sys.path.extend(p for p in cfg["site_paths"] if p not in sys.path)
-        program_path = _setup(cfg, libc, source)
-    except BaseException as error:
-        setup_error(f"sandbox setup failed: {type(error).__name__}: {error}")
-
-    harness_pid = getpid()
-    count_threads = _thread._count
-    shutdown_threads = getattr(threading, "_shutdown", None)
-    waitpid, WNOHANG, WALL = os.waitpid, os.WNOHANG, 0x40000000
-    sigmask, all_signals = signal.pthread_sigmask, signal.valid_signals()
-    stdout, stderr = sys.stdout, sys.stderr
-    char_array = c.c_char * token_len
-    thread_errors = []
-    # everything used after the program ran is a local of this frame (the program can rebind globals)
-    setfn, sleep, describe, kill_descendants, printexc = _setfn, _sleep, _describe, _kill_descendants, print_exc
-    monotonic = __import__("time").monotonic
-
-    def report(kind, message, code):
-        if getpid() != harness_pid:  # a forked child of the program: only the harness speaks
-            _exit(code)
-        if harness_pid != 1:  # no pid namespace to clean up after us: kill what the program left
-            try:
-                kill_descendants(harness_pid)
-            except BaseException:
-                pass
-        for stream in (stdout, stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        try:
-            write(result_fd, (kind + ":" + message).encode("utf-8", "replace")[:4000])
-        except BaseException:
-            pass
-        _exit(code)
-
-    def excepthook(args):
-        thread_errors.append(f"{args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}")
-        try:
-            printexc(args.exc_type, args.exc_value, args.exc_traceback)
-        except BaseException:
-            pass
-
-    threading.excepthook = excepthook
-    module = types.ModuleType("__main__")
-    module.__file__ = program_path
-    module.__builtins__ = builtins
-    sys.modules["__main__"] = module
-    sys.argv = [program_path]
-    try:
-        code = compile(source, program_path, "exec", dont_inherit=True, optimize=0)
-    except BaseException as error:
-        report("FAIL", _describe(error, program_path, source), 1)
-    del source
-    _install_audit_hook(sys._getframe(), cfg.get("proc_visible", True))
-    try:
-        exec(code, module.__dict__)
-    except BaseException as error:
-        try:
-            printexc(type(error), error, error.__traceback__.tb_next)  # without the harness's frame
-        except BaseException:
-            pass
-        report("FAIL", describe(error, program_path, None), 1)
-    # -- the program returned normally; from here on only locals of this frame are used --
-    if getpid() != harness_pid:
-        _exit(0)
-    try:
-        sigmask(signal.SIG_BLOCK, all_signals)
-        if shutdown_threads is not None:
-            shutdown_threads()  # what the interpreter does at exit: atexit hooks of threading, join threads
-    except BaseException as error:
-        report("FAIL", "while joining threads: " + describe(error, program_path, None), 1)
-    if thread_errors:
-        report("FAIL", "uncaught exception in a thread: " + "; ".join(thread_errors[:5]), 1)
-    grace_end = monotonic() + 0.1  # a thread or a child that is just finishing is not "left running"
-    while count_threads():
-        if monotonic() > grace_end:
-            report("FAIL", f"the program left {count_threads()} thread(s) running", 1)
-        sleep(0.002)
-    while True:
-        try:
-            pid, _status = waitpid(-1, WNOHANG | WALL)
-        except ChildProcessError:
-            break  # no child at all: nothing of the program runs any more (orphans come back to us)
-        if pid == 0:
-            if monotonic() > grace_end:
-                report("FAIL", "the program left child processes running", 1)
-            sleep(0.002)
-    for stream in (stdout, stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    protect = setfn(libc._FuncPtr(("mprotect", libc)), c.c_int, [c.c_void_p, c.c_size_t, c.c_int])
-    if protect(addr, page, 1) != 0:  # PROT_READ
-        _exit(4)
-    try:
-        write(result_fd, char_array.from_address(addr))
-    except BaseException:
-        _exit(4)
-    _exit(0)
-
-
-def _kill_descendants(root):
-    import signal
-    stopped = set()
-    for _ in range(10):
-        parents = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        stat = f.read()
-                    parents[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
-                except (OSError, ValueError, IndexError):
-                    pass
-        tree, todo = set(), [root]
-        while todo:
-            parent = todo.pop()
-            for pid, ppid in parents.items():
-                if ppid == parent and pid not in tree:
-                    tree.add(pid)
-                    todo.append(pid)
-        new = tree - stopped
-        if not new:
-            break
-        for pid in new:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except OSError:
-                pass
-        stopped |= new
-    for pid in stopped:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def print_exc(*args):
-    import traceback
-    traceback.print_exception(*args)
-
-
-def _sleep(seconds):
-    import time
-    time.sleep(seconds)
-
-
-def _setfn(f, restype, argtypes):
-    f.restype, f.argtypes = restype, argtypes
-    return f
-
-
-def _describe(error, program_path, source):
-    try:
-        name = type(error).__name__
-        if isinstance(error, SystemExit):
-            return f"SystemExit({error.code!r}): the program exited before it completed"
-        if isinstance(error, SyntaxError):
-            return f"SyntaxError: {error.msg} (line {error.lineno})"
-        text = str(error)
-        where = ""
-        tb = error.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == program_path:
-                import linecache
-                line = linecache.getline(program_path, tb.tb_lineno).strip()
-                where = f" at line {tb.tb_lineno}" + (f": {line}" if line else "")
-            tb = tb.tb_next
-        return f"{name}{': ' + text if text else ''}{where}"[:2000]
-    except BaseException:
-        return "an exception that could not be described"
-
-
-def _install_audit_hook(harness_frame, proc_visible):
-    import _thread
-    getframe, basename, realpath, fspath = sys._getframe, os.path.basename, os.path.realpath, os.fspath
-    harness_thread = _thread.get_ident()
-    get_ident = _thread.get_ident
-    always = frozenset({
-        "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-        "cpython.PyInterpreterState_New",
-    })
-    harness_only = frozenset({
-        "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.cdata", "ctypes.string_at", "ctypes.wstring_at",
-        "ctypes.call_function",
-    })
-
-    def hook(event, args):
-        if event in always:
-            raise RuntimeError(f"{event} is not allowed in the sandbox")
-        if event in harness_only:
-            if getframe(1) is harness_frame and get_ident() == harness_thread:
-                return
-            raise RuntimeError(f"{event} is not allowed in the sandbox")
-        if event == "open" and args:
-            path = args[0]
-            if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__"):
-                try:
-                    path = fspath(path)
-                    if isinstance(path, bytes):
-                        path = path.decode("utf-8", "replace")
-                    names = {basename(path)}
-                    if proc_visible:
-                        names.add(basename(realpath(path)))
-                except Exception:
-                    names = set()
-                if "mem" in names:
-                    raise PermissionError(f"opening {path!r} is not allowed in the sandbox")
-
-    sys.addaudithook(hook)
-
-
-def _setup(cfg, libc, source):
-    """Namespaces, cgroups, mounts, privileges and limits; runs as root when the parent is root."""
-    import ctypes, resource
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-    MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_MOVE, MS_REC = 32, 1024, 2048, 4096, 8192, 16384
-    MS_RELATIME = 1 << 21
-    workdir, uid, gid = cfg["workdir"], cfg["uid"], cfg["gid"]
-
-    for procs in cfg["cgroup_procs"]:
-        with open(procs, "w") as f:
-            f.write("0")
-
-    if cfg["mount_ns"]:
-        mount = _setfn(libc._FuncPtr(("mount", libc)), ctypes.c_int,
-                       [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p])
-        enc = lambda s: None if s is None else os.fsencode(s)
-
-        def do_mount(src, target, fstype, flags, data=None):
-            if mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mount({src!r}, {target!r}, {fstype!r}): {os.strerror(err)}")
-
-        def traversable(path):
-            st = os.stat(path)
-            if st.st_uid == uid:
-                return bool(st.st_mode & 0o100)
-            if st.st_gid == gid:
-                return bool(st.st_mode & 0o010)
-            return bool(st.st_mode & 0o001)
-
-        needed = {os.path.realpath(p) for p in
-                  [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                   os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))]
-                  + [p for p in sys.path if p and os.path.isdir(p)]}
-        stash_root = os.path.join(workdir, ".stash")
-        os.mkdir(stash_root, 0o700)
-        counter = 0
-        for _ in range(16):  # open, inside the namespace only, the directories that block the interpreter
-            blocker = None
-            for target in sorted(needed):
-                cur = "/"
-                for part in [p for p in target.split("/") if p]:
-                    if not traversable(cur):
-                        blocker = (cur, part)
-                        break
-                    cur = os.path.join(cur, part)
-                if blocker:
-                    break
-            if blocker is None:
-                break
-            directory = blocker[0]
-            if directory == "/":
-                raise OSError("the root directory is not traversable by the sandbox uid")
-            children = sorted({t[len(directory):].lstrip("/").split("/")[0] for t in needed
-                               if t.startswith(directory.rstrip("/") + "/")})
-            stashed = []
-            for child in children:
-                src = os.path.join(directory, child)
-                stash = os.path.join(stash_root, str(counter))
-                counter += 1
-                is_dir = os.path.isdir(src)
-                os.mkdir(stash) if is_dir else open(stash, "w").close()
-                do_mount(src, stash, None, MS_BIND | MS_REC)
-                stashed.append((child, stash, is_dir))
-            do_mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-            for child, stash, is_dir in stashed:
-                dest = os.path.join(directory, child)
-                os.mkdir(dest) if is_dir else open(dest, "w").close()
-                do_mount(stash, dest, None, MS_MOVE)
-        else:
-            raise OSError("could not make the interpreter reachable for the sandbox uid")
-
-        for hidden in cfg["hidden_paths"]:
-            hidden = os.path.realpath(hidden)
-            if not os.path.isdir(hidden) or hidden == "/":
+                self.selector.unregister(key.fd)
                 continue
-            if any(n == hidden or n.startswith(hidden + "/") for n in needed) or \
-                    (workdir + "/").startswith(hidden + "/"):
-                continue
-            do_mount("tmpfs", hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+            name = self.streams[key.fd]
+            room = self.caps[name] - len(self.data[name])
+            if room > 0:
+                self.data[name] += chunk[:room]
+            if len(chunk) > max(room, 0):
+                self.overflow[name] = True
 
-        do_mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-                 f"size={int(cfg['workdir_mb'])}m,mode=0700,uid={uid},gid={gid}")
-        os.chdir(workdir)
+    def read_until(self, done, deadline: float) -> bool:
+        """Read until ``done()`` or the deadline; whether ``done()`` came first."""
+        while not done():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            self.read(min(deadline - now, 0.05))
+        return True
 
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read().splitlines()
-        def unescape(text):  # mountinfo writes space, tab, newline and backslash as \ooo
-            parts = text.split("\\")
-            out = parts[0]
-            for part in parts[1:]:
-                out += chr(int(part[:3], 8)) + part[3:] if part[:3].isdigit() else "\\" + part
-            return out
-        keep = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
-        for line in mountinfo:
-            fields = line.split()
-            point, options = unescape(fields[4]), fields[5].split(",")
-            if point == workdir:
-                continue
-            flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-            for option in options:
-                flags |= keep.get(option, 0)
-            try:
-                do_mount(None, point, None, flags)
-            except OSError:
-                if point == "/":
-                    raise
-        do_mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
-    else:
-        os.chdir(workdir)
+    def text(self, name: str) -> str:
+        return bytes(self.data[name]).decode("utf-8", "replace")
 
-    program_path = os.path.join(workdir, "program.py")
-    fd = os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
-        f.write(source)
-
-    prctl = _setfn(libc._FuncPtr(("prctl", libc)), ctypes.c_int,
-                   [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
-    if cfg["drop_uid"]:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        if os.getuid() != uid or os.geteuid() != uid:
-            raise OSError("could not drop privileges")
-    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL (reset by the uid change; set again)
-    prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: other processes cannot read this one's memory
-    if os.getpid() != 1:
-        prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to the harness
-
-    limits = cfg["rlimits"]
-    cpu = int(limits["cpu"])
-    for which, soft, hard in [
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, limits["as"], limits["as"]),
-        (resource.RLIMIT_NPROC, limits["nproc"], limits["nproc"]),
-        (resource.RLIMIT_FSIZE, limits["fsize"], limits["fsize"]),
-        (resource.RLIMIT_NOFILE, limits["nofile"], limits["nofile"]),
-        (resource.RLIMIT_CORE, 0, 0),
-    ]:
-        old_soft, old_hard = resource.getrlimit(which)
-        if old_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, old_hard), min(hard, old_hard)
-        resource.setrlimit(which, (soft, hard))
-
-    result_fd = int(sys.argv[2])
-    os.closerange(3, result_fd)
-    os.closerange(result_fd + 1, 1 << 16)
-    return program_path
+    def close(self) -> None:
+        self.selector.close()
 
 
-_main()
-'''
+def _supervise(program: _Child, checker: _Child, verdict_r: int, limits: SandboxLimits, deadline: float,
+               start: float, cgroups: dict[str, Path], uid: int | None, plan: _Plan,
+               oom_before: int) -> ExecutionResult:
+    cap = int(limits.max_output_bytes)
+    outputs = _Outputs({**program.outputs, **checker.outputs, verdict_r: "verdict"},
+                       {"stdout": cap, "stderr": cap, "checker": cap, "verdict": _VERDICT_CAP})
+    try:
+        timed_out = not outputs.read_until(lambda: not outputs.open("verdict"), deadline)
+        verdict = None if timed_out else _parse_verdict(bytes(outputs.data["verdict"]))
+        if verdict is not None and verdict[0] == "died":  # let its exit status arrive (for the reason)
+            outputs.read_until(lambda: _exited_without_reaping(program.proc.pid), min(deadline, time.monotonic() + 0.2))
+        exited_alone = _exited_without_reaping(program.proc.pid)
+        if not timed_out:  # it normally exits right after its goodbye: keep its last output
+            outputs.read_until(lambda: not outputs.open("stdout") and not outputs.open("stderr"),
+                               min(deadline, time.monotonic() + _EXIT_GRACE_S))
+        for child in (program, checker):
+            _stop(child, program, cgroups, uid, plan)
+        drain_end = time.monotonic() + 0.2
+        outputs.read_until(lambda: not outputs.selector.get_map(), drain_end)
+    finally:
+        outputs.close()
+        for child in (program, checker):
+            for stream in (child.proc.stdout, child.proc.stderr):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+    rc = program.proc.returncode
+
+    def make(passed: bool, status: str, reason: str) -> ExecutionResult:
+        return ExecutionResult(passed, status, rc, outputs.text("stdout"), outputs.text("stderr"),
+                               time.monotonic() - start, reason, outputs.overflow["stdout"],
+                               outputs.overflow["stderr"], outputs.text("checker"))
+
+    oom = oom_before >= 0 and _oom_kills(cgroups) > oom_before or oom_before < 0 and _memory_failures(cgroups) > 0
+    if timed_out:
+        return make(False, "timeout", f"exceeded the wall-clock limit of {limits.timeout_s:g} s")
+    if verdict is None:
+        tail = outputs.text("checker").strip().splitlines()[-3:]
+        return make(False, "error", f"the checker ended without a verdict (exit status {checker.proc.returncode})"
+                                    + (": " + " | ".join(tail) if tail else ""))
+    kind, reason = verdict
+    if kind == "pass" and checker.proc.returncode == 0:
+        return make(True, "passed", "")
+    if kind == "error":
+        return make(False, "error", reason)
+    if exited_alone and rc is not None and rc < 0 or oom:
+        return make(False, "killed", f"{_signal_reason(rc, oom, limits)} ({reason})")
+    if kind == "died" and exited_alone and rc is not None:
+        return make(False, "failed", f"{reason}; exit status {rc}")
+    return make(False, "failed", reason or "the checker gave no reason")
+
+
+def _parse_verdict(data: bytes) -> tuple[str, str] | None:
+    try:
+        message = sandbox_protocol.parse_message(data)
+    except sandbox_protocol.ProtocolError:
+        return None
+    kind, reason = message.get("verdict"), message.get("reason")
+    if kind not in ("pass", "fail", "died", "error") or not isinstance(reason, str):
+        return None
+    return kind, reason
+
+
+def _signal_reason(rc: int | None, oom: bool, limits: SandboxLimits) -> str:
+    if oom:
+        return "memory limit of the run exceeded (killed by the OOM killer)"
+    sig = -rc if rc is not None else 0
+    if sig == signal.SIGXCPU:
+        return f"CPU time limit of {limits.effective_cpu_s:g} s exceeded"
+    if sig == signal.SIGKILL:
+        return "killed by SIGKILL (CPU hard limit, memory limit or the sandbox)"
+    try:
+        return f"killed by {signal.Signals(sig).name}"
+    except ValueError:
+        return f"killed by signal {sig}"
+
+
+def _error(reason: str, start: float) -> ExecutionResult:
+    return ExecutionResult(False, "error", None, "", "", time.monotonic() - start, reason)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -580,12 +577,14 @@ class _Plan:
     drop_uid: bool = False
     cgroups: dict = field(default_factory=dict)  # controller -> Path of this process's parent cgroup
     unshare: str | None = None
+    keyctl: int | None = None  # the keyctl syscall number, where known
     missing: dict = field(default_factory=dict)  # layer -> why it is missing
 
 
 _PLAN: _Plan | None = None
 _PLAN_LOCK = threading.Lock()
 _WARNED = False
+_NAMESPACE_LAYERS = ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace")
 
 
 def _find_unshare() -> str | None:
@@ -636,6 +635,9 @@ def _build_plan() -> _Plan:
     plan = _Plan()
     is_root = os.geteuid() == 0
     plan.unshare = _find_unshare()
+    plan.keyctl = _KEYCTL_SYSCALL.get(platform.machine().lower())
+    if plan.keyctl is None:
+        plan.missing["private_keyrings"] = f"keyctl's system call number is unknown on {platform.machine()}"
     if not is_root:
         plan.missing["namespaces"] = "not running as root"
     elif plan.unshare is None:
@@ -643,8 +645,7 @@ def _build_plan() -> _Plan:
     else:
         try:
             probe = subprocess.run(
-                [plan.unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "--propagation", "private",
-                 "true"],
+                [plan.unshare, *_NAMESPACES, "--fork", "--kill-child", "--propagation", "private", "true"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10,
                 env={"PATH": _SAFE_PATH},
             )
@@ -672,15 +673,13 @@ def _build_plan() -> _Plan:
                 f"under {_CGROUP_ROOT}")
     if "namespaces" in plan.missing:
         why = plan.missing.pop("namespaces")
-        for layer in ("network_namespace", "pid_namespace", "mount_namespace"):
+        for layer in _NAMESPACE_LAYERS:
             plan.missing[layer] = why
     return plan
 
 
 def _trial(plan: _Plan) -> ExecutionResult:
-    return _run(
-        "import os\nassert os.getcwd()\n",
-        SandboxLimits(timeout_s=20), plan)
+    return _run("import os\nassert os.getcwd()\n", CheckSpec(), SandboxLimits(timeout_s=20), plan)
 
 
 def _get_plan() -> _Plan:
@@ -695,7 +694,7 @@ def _get_plan() -> _Plan:
                 result = _trial(plan)
             if not result.passed and plan.namespaces:
                 plan.namespaces = False
-                for layer in ("network_namespace", "pid_namespace", "mount_namespace"):
+                for layer in _NAMESPACE_LAYERS:
                     plan.missing[layer] = f"a trial run in namespaces failed: {result.reason}"
                 result = _trial(plan)
             if not result.passed and plan.cgroups:
@@ -720,8 +719,11 @@ def isolation_report() -> dict:
 
     Probes once per process (with a trial run) and caches the answer. Keys: ``root``, ``fresh_process``,
     ``new_session``, ``network_namespace``, ``pid_namespace``, ``mount_namespace`` (read-only file system,
-    private tmpfs working directory, hidden ``/proc``), ``unprivileged_uid``, ``pids_cgroup``,
-    ``memory_cgroup``, ``rlimits`` (list), ``clean_env``, ``audit_hook``, ``token_protocol``, ``missing``
+    private tmpfs working directory, hidden ``/proc``), ``ipc_namespace``, ``uts_namespace``,
+    ``unprivileged_uid``, ``private_keyrings``, ``pids_cgroup``, ``memory_cgroup``, ``rlimits`` (list),
+    ``clean_env``, ``separate_checker`` (the tests run in another process than the program),
+    ``verdict_isolated`` (the program can reach neither the checker nor the parent: a per-run uid or a pid
+    namespace), ``shared_namespaces`` (namespace -> why sharing it is safe), ``unshare``, ``missing``
     (layer -> reason).
     """
     plan = _get_plan()
@@ -729,16 +731,21 @@ def isolation_report() -> dict:
         "root": os.geteuid() == 0,
         "fresh_process": True,
         "new_session": True,
-        "network_namespace": plan.namespaces,
-        "pid_namespace": plan.namespaces,
-        "mount_namespace": plan.namespaces,
+        **{layer: plan.namespaces for layer in _NAMESPACE_LAYERS},
         "unprivileged_uid": plan.drop_uid,
+        "private_keyrings": plan.keyctl is not None,
         "pids_cgroup": "pids" in plan.cgroups,
         "memory_cgroup": "memory" in plan.cgroups,
         "rlimits": ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"],
         "clean_env": True,
-        "audit_hook": True,
-        "token_protocol": True,
+        "separate_checker": True,
+        "verdict_isolated": plan.drop_uid or plan.namespaces,
+        "shared_namespaces": {
+            "user": "the program is an unprivileged uid without capabilities; user namespaces it makes give it "
+                    "power only over namespaces it owns",
+            "cgroup": "cgroup files are read-only mounts owned by root, /proc/self/cgroup is hidden",
+            "time": "setting a clock needs CAP_SYS_TIME; nothing of one run reaches another",
+        } if plan.namespaces else {},
         "unshare": plan.unshare,
         "missing": dict(plan.missing),
     }
@@ -899,114 +906,6 @@ def _clean_env(workdir: str) -> dict[str, str]:
     }
 
 
-def _error(reason: str, start: float) -> ExecutionResult:
-    return ExecutionResult(False, "error", None, "", "", time.monotonic() - start, reason)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Running.
-# --------------------------------------------------------------------------------------------------------
-
-
-def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
-    """Run ``source`` (a whole program: code and its tests) in a fresh sandboxed process.
-
-    Passes only if the program runs to its end normally (see the module docstring for how that is decided),
-    within every limit. Returns within ``limits.timeout_s`` plus about a second whatever the program does.
-    Never raises for anything the program does; a sandbox failure is reported as ``status="error"``.
-    """
-    start = time.monotonic()
-    if not isinstance(source, str):
-        return _error(f"source must be a str, got {type(source).__name__}", start)
-    try:
-        plan = _get_plan()
-    except Exception as error:  # pragma: no cover - probing never raises in practice
-        return _error(f"sandbox probe failed: {type(error).__name__}: {error}", start)
-    return _run(source, limits, plan)
-
-
-def _run(source: str, limits: SandboxLimits, plan: _Plan) -> ExecutionResult:
-    start = time.monotonic()
-    deadline = start + float(limits.timeout_s)
-    token = secrets.token_bytes(TOKEN_BYTES)
-    workdir = uid_sock = proc = None
-    cgroups: dict[str, Path] = {}
-    uid = gid = 0
-    result_r = None
-    try:
-        workdir = tempfile.mkdtemp(prefix="dare_gym_sandbox_")
-        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's (reused) cgroups
-        if plan.drop_uid:
-            uid = gid = slot_uid
-            if not plan.namespaces:
-                os.chown(workdir, uid, gid)
-        if plan.cgroups:
-            cgroups = _slot_cgroups(plan, limits, slot_uid)
-        oom_before = _oom_kills(cgroups)
-        memory = int(limits.memory_mb) * 1024 * 1024
-        config = {
-            "workdir": workdir,
-            "uid": uid,
-            "gid": gid,
-            "drop_uid": plan.drop_uid,
-            "mount_ns": plan.namespaces,
-            "proc_visible": not plan.namespaces,
-            "hidden_paths": [str(p) for p in limits.hidden_paths],
-            "site_paths": _site_paths(),
-            "cgroup_procs": [str(p / "cgroup.procs") for p in cgroups.values()],
-            "workdir_mb": int(limits.workdir_mb),
-            "rlimits": {
-                "cpu": max(1, int(-(-limits.effective_cpu_s // 1))),
-                "as": memory,
-                "nproc": int(limits.max_processes),
-                "fsize": int(limits.workdir_mb) * 1024 * 1024,
-                "nofile": 256,
-            },
-        }
-        header = marshal.dumps(config)
-        payload = token + len(header).to_bytes(4, "little") + header + source.encode("utf-8", "surrogatepass")
-        result_r, result_w = os.pipe()
-        try:
-            config_fd = os.memfd_create("dare_gym_sandbox", os.MFD_CLOEXEC)
-        except OSError:
-            os.close(result_w)
-            raise
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(config_fd, view):]
-            os.lseek(config_fd, 0, os.SEEK_SET)
-            argv = [sys.executable, "-S", "-s", "-B", "-c", _HARNESS, str(config_fd), str(result_w)]
-            if plan.namespaces:
-                argv = [plan.unshare, "--mount", "--net", "--pid", "--fork", "--kill-child",
-                        "--propagation", "private", *argv]
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
-                env=_clean_env(workdir), pass_fds=(config_fd, result_w), start_new_session=True, close_fds=True,
-            )
-        finally:
-            os.close(config_fd)
-            os.close(result_w)
-        return _supervise(proc, result_r, token, limits, deadline, start, cgroups, uid if plan.drop_uid else None,
-                          plan, oom_before)
-    except Exception as error:
-        if proc is not None:
-            _kill_tree(proc, cgroups, uid if plan.drop_uid and not plan.namespaces else None, plan.namespaces)
-        return _error(f"sandbox failure: {type(error).__name__}: {error}", start)
-    finally:
-        if result_r is not None:
-            try:
-                os.close(result_r)
-            except OSError:
-                pass
-        if cgroups:
-            _kill_cgroups(cgroups, budget_s=0.2)
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if uid_sock is not None:
-            uid_sock.close()
-
-
 def _exited_without_reaping(pid: int) -> bool:
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -1091,123 +990,3 @@ def _kill_tree(proc: subprocess.Popen, cgroups: dict[str, Path], uid: int | None
         _kill_cgroups(cgroups, budget_s=0.3)
     if uid is not None:
         _kill_uid(uid)
-
-
-def _supervise(proc, result_r, token, limits, deadline, start, cgroups, uid, plan, oom_before) -> ExecutionResult:
-    cap = int(limits.max_output_bytes)
-    streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr", result_r: "result"}
-    caps = {"stdout": cap, "stderr": cap, "result": _RESULT_CAP}
-    data = {name: bytearray() for name in caps}
-    overflow = {name: False for name in caps}
-    selector = selectors.DefaultSelector()
-    for fd in streams:
-        os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ)
-
-    def read_ready(timeout: float) -> None:
-        for key, _ in selector.select(timeout):
-            fd = key.fd
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                selector.unregister(fd)
-                continue
-            name = streams[fd]
-            room = caps[name] - len(data[name])
-            if room > 0:
-                data[name] += chunk[:room]
-            if len(chunk) > max(room, 0):
-                overflow[name] = True
-
-    timed_out = False
-    exited_at = None
-    try:
-        while selector.get_map():
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = True
-                break
-            wait = min(deadline - now, 0.05)
-            if exited_at is not None:
-                if now - exited_at >= _EXIT_GRACE_S:
-                    break  # something outlived the main process and holds the pipes: it is killed below
-                wait = min(wait, _EXIT_GRACE_S - (now - exited_at))
-            read_ready(wait)
-            if exited_at is None and _exited_without_reaping(proc.pid):
-                exited_at = time.monotonic()
-        _kill_tree(proc, cgroups, uid if not plan.namespaces else None, plan.namespaces)
-        try:
-            proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            pass
-        drain_end = time.monotonic() + 0.2
-        while selector.get_map() and time.monotonic() < drain_end:
-            read_ready(0.02)
-    finally:
-        selector.close()
-        for stream in (proc.stdout, proc.stderr):
-            try:
-                stream.close()
-            except OSError:
-                pass
-    duration = time.monotonic() - start
-    stdout = bytes(data["stdout"]).decode("utf-8", "replace")
-    stderr = bytes(data["stderr"]).decode("utf-8", "replace")
-    result = bytes(data["result"])
-    rc = proc.returncode
-
-    def make(passed: bool, status: str, reason: str) -> ExecutionResult:
-        return ExecutionResult(passed, status, rc, stdout, stderr, duration, reason, overflow["stdout"],
-                               overflow["stderr"])
-
-    oom = oom_before >= 0 and _oom_kills(cgroups) > oom_before or oom_before < 0 and _memory_failures(cgroups) > 0
-    if timed_out:
-        return make(False, "timeout", f"exceeded the wall-clock limit of {limits.timeout_s:g} s")
-    if result == token and rc == 0:
-        return make(True, "passed", "")
-    if rc is not None and rc < 0:
-        sig = -rc
-        try:
-            signame = signal.Signals(sig).name
-        except ValueError:
-            signame = f"signal {sig}"
-        if oom:
-            why = "memory limit of the run exceeded (killed by the OOM killer)"
-        elif sig == signal.SIGXCPU:
-            why = f"CPU time limit of {limits.effective_cpu_s:g} s exceeded"
-        elif sig == signal.SIGKILL:
-            why = "killed by SIGKILL (CPU hard limit, memory limit or the sandbox)"
-        else:
-            why = f"killed by {signame}"
-        return make(False, "killed", why)
-    if token in result:
-        return make(False, "failed", "the result channel was tampered with (extra bytes around the token)")
-    if result.startswith(b"FAIL:"):
-        return make(False, "failed", result[5:].decode("utf-8", "replace"))
-    if result.startswith(b"ERROR:"):
-        return make(False, "error", result[6:].decode("utf-8", "replace"))
-    if oom:
-        return make(False, "killed", "memory limit of the run exceeded (OOM killer)")
-    if rc == 0:
-        return make(False, "failed", "the program exited with status 0 before it completed (os._exit or a "
-                                     "similar early exit); no completion signal from the harness")
-    tail = stderr.strip().splitlines()[-1:] if stderr.strip() else []
-    return make(False, "failed", f"exited with status {rc} without a verdict" + (f": {tail[0]}" if tail else ""))
-
-
-def run_programs(sources: Sequence[str] | Iterable[str], limits: SandboxLimits = SandboxLimits(),
-                 workers: int = 2) -> list[ExecutionResult]:
-    """Run many programs, ``workers`` at a time (each in its own sandboxed process); results keep the order."""
-    sources = list(sources)
-    if not sources:
-        return []
-    _get_plan()  # probe once, outside the pool
-    workers = max(1, min(int(workers), len(sources)))
-    if workers == 1:
-        return [run_program(s, limits) for s in sources]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dare_gym_sandbox") as pool:
-        return list(pool.map(lambda s: run_program(s, limits), sources))

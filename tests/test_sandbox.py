@@ -1,15 +1,21 @@
-"""The sandboxed executor (dare_gym.rewards.sandbox) and the code rewards (dare_gym.rewards.code).
+"""The sandbox (dare_gym.rewards.sandbox): isolation of the program, and a verdict that the program cannot reach.
 
-Data tests need DARE_GYM_DATA_DIR (HumanEval, MBPP); the hostile-program corpus and the unit tests do not.
-Run with ``-s`` to see the measured numbers.
+Every hostile program of the corpus runs twice, side by side: as a whole program (``run_program``: it must not
+pass, must return in time and must leave nothing behind) and as the solution of a check it fails
+(``check_program``: whatever it does, the failing solution must not pass). The verdict section attacks the
+checker directly: programs that rewrite everything they can reach, start sub-interpreters, die at every moment
+of the protocol, or answer with objects. The code rewards are tested in tests/test_code_rewards.py.
+Run with ``-s`` to see what each hostile program got.
 """
 
 from __future__ import annotations
 
-import gzip
+import ctypes
 import json
+import math
 import os
 import secrets
+import shutil
 import socket
 import stat
 import tempfile
@@ -19,20 +25,14 @@ from pathlib import Path
 
 import pytest
 
+from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol
 from dare_gym.rewards import sandbox as sb
-from dare_gym.rewards.base import get_reward
-from dare_gym.rewards.code import (
-    code_humaneval,
-    code_mbpp,
-    extract_code,
-    humaneval_program,
-    mbpp_program,
-    _mbpp_entry_point,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = sb.SandboxLimits(timeout_s=2.0)
 SLACK_S = 1.0  # every run must return within its timeout plus this
+FAILING_SPEC = sb.CheckSpec(test="assert solve(2) == 4\nassert solve(5) == 25\n", functions=("solve",))
+WRONG_SOLVE = "\n\ndef solve(x):\n    return x + 1\n"  # appended to a hostile program: a failing solution
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,26 @@ def _proc_entries():
             yield entry
 
 
+def _slot_is_free(uid: int) -> bool:
+    """Whether no run (of any process on the host) holds this uid's slot right now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(f"\0dare_gym_sandbox/uid/{uid}")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def _sandbox_uid_processes() -> list[tuple[int, int]]:
-    """Processes on the host that run as one of the sandbox's per-run uids."""
+    """Processes on the host that run as a per-run uid that no run holds any more: left over from a run.
+    (Other processes on the host, the rest of the test suite say, may be running sandboxes right now.)"""
+    found = [(pid, uid) for pid, uid in _uid_processes() if _slot_is_free(uid)]
+    return [(pid, uid) for pid, uid in found if Path(f"/proc/{pid}").exists()]
+
+
+def _uid_processes() -> list[tuple[int, int]]:
     low, high = sb._UID_BASE, sb._UID_BASE + sb._UID_SLOTS
     found = []
     for entry in _proc_entries():
@@ -89,23 +107,44 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_tempdir():
+    """The runs of this module make their folders in a folder of its own (other processes on the host may be
+    running sandboxes in the shared temporary folder meanwhile)."""
+    folder = tempfile.mkdtemp(prefix="dare_gym_test_runs_")
+    os.chmod(folder, 0o755)  # the per-run uid must be able to traverse it (fallback without a mount namespace)
+    old, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield Path(folder)
+    finally:
+        tempfile.tempdir = old
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _leftover_workdirs() -> set[str]:
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("dare_gym_sandbox_")}
+    return {name for name in os.listdir(tempfile.gettempdir())
+            if name.startswith(("dare_gym_sandbox_", "dare_gym_checker_"))}
 
 
 def _run_hostile(source: str, limits: sb.SandboxLimits = HOSTILE) -> sb.ExecutionResult:
-    """Run a hostile program: it must not pass, must return in time, and must leave nothing behind."""
+    """Run a hostile program twice side by side, as a whole program and as a failing solution of a check:
+    neither may pass, both must return in time, and nothing may be left behind. Returns the whole-program
+    result (its reason and output are what the program's own run says)."""
     workdirs_before = _leftover_workdirs()
+    source = textwrap.dedent(source)
     start = time.monotonic()
-    result = sb.run_program(textwrap.dedent(source), limits)
+    whole, checked = sb.check_programs([(source, sb.CheckSpec()), (source + WRONG_SOLVE, FAILING_SPEC)], limits,
+                                       workers=2)
     elapsed = time.monotonic() - start
-    print(f"    -> {result.status:8s} {elapsed:5.2f}s  {result.reason[:110]}")
-    assert not result.passed, f"a hostile program passed: {result}"
+    print(f"    -> {whole.status:8s} {elapsed:5.2f}s  {whole.reason[:100]}")
+    print(f"       checked: {checked.status:8s} {checked.reason[:100]}")
+    assert not whole.passed, f"a hostile program passed: {whole}"
+    assert not checked.passed, f"a hostile failing solution passed: {checked}"
     assert elapsed <= limits.timeout_s + SLACK_S, f"took {elapsed:.2f}s for a {limits.timeout_s}s limit"
-    assert result.duration_s <= limits.timeout_s + SLACK_S
+    assert whole.duration_s <= limits.timeout_s + SLACK_S and checked.duration_s <= limits.timeout_s + SLACK_S
     assert _sandbox_uid_processes() == [], "a process of the sandbox outlived its run"
     assert _leftover_workdirs() - workdirs_before == set(), "a sandbox working directory was left behind"
-    return result
+    return whole
 
 
 # ------------------------------------------------------------------------------------------------ basics
@@ -113,15 +152,17 @@ def _run_hostile(source: str, limits: sb.SandboxLimits = HOSTILE) -> sb.Executio
 
 def test_isolation_report_names_the_active_layers(report):
     print("\n    isolation:", json.dumps(report, indent=None, default=str))
-    assert report["fresh_process"] and report["new_session"] and report["clean_env"] and report["token_protocol"]
+    assert report["fresh_process"] and report["new_session"] and report["clean_env"] and report["separate_checker"]
     assert {"RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC"} <= set(report["rlimits"])
-    for layer in ("network_namespace", "pid_namespace", "mount_namespace", "unprivileged_uid", "pids_cgroup",
-                  "memory_cgroup"):
+    for layer in ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace",
+                  "unprivileged_uid", "private_keyrings", "pids_cgroup", "memory_cgroup"):
         assert report[layer] or layer in report["missing"], f"{layer} is off but not reported as missing"
     if os.geteuid() == 0 and report["unshare"]:
         # this project's machines (developers and CI run as root, util-linux installed): everything is on
         assert report["network_namespace"] and report["pid_namespace"] and report["mount_namespace"]
-        assert report["unprivileged_uid"]
+        assert report["ipc_namespace"] and report["uts_namespace"] and report["unprivileged_uid"]
+        assert report["verdict_isolated"]
+        assert set(report["shared_namespaces"]) == {"user", "cgroup", "time"}  # each with why it is safe
         assert report["missing"] == {} or set(report["missing"]) <= {"pids_cgroup", "memory_cgroup"}
 
 
@@ -236,15 +277,17 @@ def _daemon_source(marker: str, tail: str) -> str:
 
 
 def test_weakest_fallback_still_judges_soundly_and_cleans_up():
-    plan = sb._Plan()  # no namespaces, no per-run uid, no cgroups: a fresh process, rlimits, the token protocol
+    plan = sb._Plan()  # no namespaces, no per-run uid, no cgroups: fresh processes, rlimits, the checker
     limits = sb.SandboxLimits(timeout_s=1.5)
-    assert sb._run("assert sum([1, 2]) == 3\n", limits, plan).passed
+    assert sb._run("assert sum([1, 2]) == 3\n", sb.CheckSpec(), limits, plan).passed
+    assert sb._run("def solve(x):\n    return x * x\n", FAILING_SPEC, limits, plan).passed
+    assert not sb._run("def solve(x):\n    return x + 2\n", FAILING_SPEC, limits, plan).passed
     for source in ("import os\nos._exit(0)\n", "raise SystemExit(0)\n", "assert False\n"):
-        assert not sb._run(source, limits, plan).passed
+        assert not sb._run(source, sb.CheckSpec(), limits, plan).passed
     for tail in ("while True:\n    pass\n", "assert False\n", ""):
         marker = f"{secrets.randbelow(10**6) + 10**6}.{secrets.randbelow(900) + 100}"
         start = time.monotonic()
-        result = sb._run(_daemon_source(marker, tail), limits, plan)
+        result = sb._run(_daemon_source(marker, tail), sb.CheckSpec(), limits, plan)
         assert not result.passed and time.monotonic() - start <= limits.timeout_s + SLACK_S, result
         assert _processes_with(marker) == [], f"a setsid daemon survived the fallback ({tail!r})"
 
@@ -559,69 +602,26 @@ def test_hostile_thread_tries_to_rescue_a_failing_main():
 
 
 def test_hostile_trace_function_jumps_over_the_failing_assert():
+    # the tests run in the checker: a tracer in the program's process has nothing to jump over
     source = """
-        import sys
+        import sys, threading
         def tracer(frame, event, arg):
-            if event == "line" and frame.f_code.co_name == "<module>" and frame.f_lineno == 9:
-                frame.f_lineno = 10
+            if event == "line" and "assert" in (frame.f_code.co_name + str(frame.f_code.co_consts)):
+                try:
+                    frame.f_lineno = frame.f_lineno + 1
+                except Exception:
+                    pass
             return tracer
         sys.settrace(tracer)
+        threading.settrace(tracer)
         sys._getframe().f_trace = tracer
         assert False, "skipped by the tracer"
-        x = 1
     """
-    assert "settrace" in _run_hostile(source).reason
-
-
-def test_hostile_walks_frames_to_forge_the_token():
-    source = """
-        import ctypes, gc, os, sys
-        harness = sys._getframe(1)
-        names = harness.f_locals
-        print(sorted(names))
-        libc, addr, fd = names.get("libc"), names.get("addr"), names.get("result_fd")
-        attempts = [
-            lambda: libc._FuncPtr(("mprotect", libc)),
-            lambda: ctypes.CDLL(None).mprotect,
-            lambda: ctypes.string_at(addr, 32),
-            lambda: (ctypes.c_char * 32).from_address(addr),
-            lambda: gc.get_objects(),
-            lambda: gc.get_referrers(harness),
-            lambda: open("/proc/self/mem", "rb"),
-            lambda: sys.setprofile(lambda *a: None),
-        ]
-        for attempt in attempts:
-            try:
-                attempt()
-                print("allowed!")
-            except Exception as error:
-                print("refused:", type(error).__name__, error)
-        try:
-            harness.f_globals["_main"]()  # run the harness again from inside
-        except BaseException as error:
-            print("re-entry:", type(error).__name__)
-        sys.stdout.flush()
-        if fd is not None:
-            os.write(fd, os.urandom(32))
-        os._exit(0)
-    """
-    result = _run_hostile(source)
-    assert "allowed!" not in result.stdout, result.stdout
-    assert result.stdout.count("refused:") == 8 and "re-entry" in result.stdout, result.stdout
-
-
-def test_hostile_reads_the_token_page_raw():
-    # c_char_p(address) reads memory without any audit event; the page is PROT_NONE, so this crashes
-    source = """
-        import ctypes, sys
-        addr = sys._getframe(1).f_locals["addr"]
-        print(ctypes.c_char_p(addr).value)
-    """
-    assert _run_hostile(source).status in ("killed", "failed")
+    assert "AssertionError" in _run_hostile(source).reason
 
 
 def test_hostile_fork_child_runs_to_the_end():
-    # only the original harness process may report; a forked child reaching the end is ignored
+    # only the original process speaks for the program; a forked child reaching the end leaves silently
     source = """
         import os
         if os.fork() != 0:
@@ -647,145 +647,480 @@ def test_hostile_reads_proc_and_escapes_privileges(isolated):
         assert "refused: [Errno 1]" in result.stdout
 
 
-# ------------------------------------------------------------------------------------------------ code rewards
+# ------------------------------------------------------------------------------------------------ the verdict
 
 
-def test_extract_code_rules():
-    assert extract_code("    return x + 1\n") == "    return x + 1\n"
-    fenced = "Here:\n```python\ndef f(x):\n    return 1\n```\nand better:\n```python\ndef f(x):\n    return 2\n```\n"
-    assert "return 2" in extract_code(fenced)
-    both = "```python\ndef f(x):\n    return 1\n```\n```python\nprint(f(3))\n```"
-    assert "return 1" in extract_code(both, entry_point="f")  # the block that defines the entry point
-    assert "print" in extract_code(both)  # otherwise the last one
-    assert extract_code("```\ndef g():\n    pass\n") == "def g():\n    pass\n"  # unclosed fence
-    assert extract_code("```py\ncode\r\n```") == "code\n"
-    assert extract_code("    return 3\n```\ntrailing prose") == "    return 3\n"  # the prompt opened it
-    assert "def h" in extract_code("Sure:\n```python\ndef h():\n    pass\n")  # labelled, unclosed
+def _check(solution: str, test: str, functions=("f",), limits: sb.SandboxLimits = HOSTILE, **spec):
+    result = sb.check_program(textwrap.dedent(solution), sb.CheckSpec(test=textwrap.dedent(test),
+                                                                      functions=functions, **spec), limits)
+    print(f"    -> {result.status:8s} {result.duration_s:5.2f}s  {result.reason[:110]}")
+    assert result.duration_s <= limits.timeout_s + SLACK_S
+    assert _sandbox_uid_processes() == []
+    return result
 
 
-def test_humaneval_program_assembly():
-    record = {
-        "prompt": "from typing import List\n\n\ndef inc(xs: List[int]) -> List[int]:\n    \"\"\"Add one.\"\"\"\n",
-        "entry_point": "inc",
-        "test": "def check(candidate):\n    assert candidate([1]) == [2]\n",
-    }
-    body = humaneval_program(record, "    return [x + 1 for x in xs]\n")
-    assert body.endswith("check(inc)\n") and record["prompt"] + "    return [x + 1" in body
-    full = "```python\ndef inc(xs):\n    return [x + 1 for x in xs]\n\nif __name__ == '__main__':\n    input()\n```"
-    program = humaneval_program(record, full)
-    assert "input()" not in program and "from typing import List" in program
-    assert program.count("def inc(") == 1  # the prompt's stub is replaced, its header kept
-    assert sb.run_program(body).passed and sb.run_program(program).passed
-    bodyless = dict(record, prompt="import math\n\ndef inc(xs):\n")  # a prompt without a docstring
-    assert code_humaneval("def inc(xs):\n    return [x + 1 for x in xs]\n", bodyless) == 1.0
-    assert code_humaneval(full, record) == 1.0
-    assert code_humaneval("    return xs\n", record) == 0.0
+def test_a_correct_solution_passes_and_a_wrong_one_fails_with_the_test_line():
+    test = "assert f(2) == 4\nassert f(3) == 9, 'three squared'\n"
+    assert _check("def f(x):\n    return x * x\n", test).passed
+    result = _check("def f(x):\n    return 4 if x == 2 else 0\n", test)
+    assert result.status == "failed" and "AssertionError: three squared at test line 2" in result.reason
 
 
-def test_mbpp_program_assembly():
-    record = {"task_id": 2, "text": "", "code": "def sq(x):\r\n    return x * x", "test_setup_code": "",
-              "test_list": ["assert sq(3) == 9", "assert sq(-2) == 4", "assert math.isclose(sq(0.5), 0.25)"],
-              "challenge_test_list": []}
-    record["test_setup_code"] = "import math"
-    assert _mbpp_entry_point(record) == "sq"
-    program = mbpp_program(record, record["code"])
-    assert "\r" not in program and program.index("def sq") < program.index("import math") < program.index("assert")
-    assert code_mbpp(record["code"], record) == 1.0
-    assert code_mbpp("```python\ndef sq(x):\n    return x + x\n```", record) == 0.0
+def test_objects_of_the_program_never_reach_the_checker():
+    # an __eq__ that always says True, a str subclass that equals everything, a bool that is always true
+    solution = """
+        class Anything:
+            def __eq__(self, other):
+                return True
+            __hash__ = object.__hash__
+            def __bool__(self):
+                return True
+        class Liar(str):
+            def __eq__(self, other):
+                return True
+            __hash__ = str.__hash__
+        def f(x):
+            return Anything()
+        def g(x):
+            return Liar("wrong")
+        def h(x):
+            return [Anything()]
+    """
+    result = _check(solution, "assert f(1) == 42\n")
+    assert not result.passed and "not plain data" in result.reason and "Anything" in result.reason
+    assert not _check(solution, "assert g(1) == 'right'\n", functions=("g",)).passed  # it arrives as 'wrong'
+    assert not _check(solution, "assert h(1) == [42]\n", functions=("h",)).passed
 
 
-def test_rewards_are_registered_and_never_raise():
-    assert get_reward("humaneval") is code_humaneval and get_reward("mbpp") is code_mbpp
-    for reward in (code_humaneval, code_mbpp):
-        assert reward("anything", {}) == 0.0
-        assert reward(None, {"prompt": 1}) == 0.0  # type: ignore[arg-type]
-    assert code_mbpp("x = 1\n", {"task_id": 1, "test_list": []}) == 0.0  # nothing to verify: never a pass
-    assert code_humaneval("    return 1\n", {"prompt": "def f():\n", "entry_point": "f"}) == 0.0  # no test
+REWRITE_EVERYTHING = """
+    import builtins, gc, sys, types
+
+    def forged(*args, **kwargs):
+        return True
+
+    def wrong(x):
+        return -1
+
+    touched = 0
+    # every function of every module, every frame's globals and locals, every closure cell
+    for module in list(sys.modules.values()):
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            if isinstance(value, types.FunctionType) and name != "wrong":
+                try:
+                    value.__code__ = forged.__code__ if value.__code__.co_freevars == () else value.__code__
+                    touched += 1
+                except (TypeError, ValueError, AttributeError):
+                    pass
+    frame = sys._getframe()
+    while frame is not None:
+        for scope in (frame.f_globals, frame.f_locals):
+            for name in list(scope):
+                if isinstance(scope[name], types.FunctionType) and name not in ("wrong", "forged"):
+                    scope[name] = forged
+        frame = frame.f_back
+    for obj in gc.get_objects():
+        if isinstance(obj, types.FunctionType) and obj.__closure__:
+            for cell in obj.__closure__:
+                try:
+                    cell.cell_contents = forged
+                except ValueError:
+                    pass
+    for name in ("AssertionError", "Exception", "BaseException", "SystemExit"):
+        setattr(builtins, name, type(name, (), {}))
+    builtins.isinstance = forged
+    builtins.len = lambda obj: 0
+    sys.modules["json"] = None
+    print("rewrote", touched, "functions", file=sys.stderr)
+    f = wrong
+"""
 
 
-# ------------------------------------------------------------------------------------------------ benchmarks
+def test_rewriting_every_function_frame_closure_builtin_and_module_cannot_forge_a_pass():
+    result = _check(REWRITE_EVERYTHING, "assert f(1) == 2\nassert f(2) == 3\n")
+    assert not result.passed and "rewrote" in result.stderr, result
 
 
-def _humaneval(data_dir: Path) -> list[dict]:
-    path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def test_rewriting_the_harness_and_the_protocol_inside_a_call_cannot_forge_a_pass():
+    # during the first call, replace the harness's serving functions and the protocol module by forgeries
+    solution = """
+        import sys
+        def f(x):
+            for name, module in list(sys.modules.items()):
+                if name.startswith("_dare_gym_sandbox"):
+                    for attr in dir(module):
+                        if callable(getattr(module, attr)) and not attr.startswith("__"):
+                            try:
+                                setattr(module, attr, lambda *a, **k: {"ok": True, "id": 1, "bye": True})
+                            except (AttributeError, TypeError):
+                                pass
+            return 0
+    """
+    result = _check(solution, "assert f(1) == 1\nassert f(2) == 2\n")
+    assert not result.passed
 
 
-def _mbpp_test_split(data_dir: Path) -> list[dict]:
-    path = data_dir / "mbpp" / "mbpp.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if 11 <= int(r["task_id"]) <= 510]
+def test_sub_interpreters_cannot_forge_a_pass():
+    solution = """
+        import os
+        started = []
+        code = "import os\\nfor fd in range(3, 64):\\n    try:\\n        os.write(fd, b'PASS')\\n    except OSError:\\n        pass\\n"
+        try:
+            import _xxsubinterpreters as interpreters
+            interpreter = interpreters.create()
+            interpreters.run_string(interpreter, code)
+            started.append("_xxsubinterpreters")
+        except ImportError:
+            pass
+        try:
+            import _testcapi
+            _testcapi.run_in_subinterp(code)
+            started.append("_testcapi")
+        except ImportError:
+            pass
+        try:
+            from test.support import interpreters as support
+            support.create().run(code)
+            started.append("test.support")
+        except Exception:
+            pass
+        print("started", started)
+        def f(x):
+            return -1
+    """
+    result = _check(solution, "assert f(1) == 1\n")
+    assert not result.passed
+    available = [name for name in ("_xxsubinterpreters", "_testcapi") if _importable(name)]
+    for name in available:  # what this interpreter ships did start inside the sandbox
+        assert name in result.stdout, result.stdout
 
 
-def test_humaneval_canonical_solutions_pass_and_bare_prompts_fail(data_dir):
-    records = _humaneval(data_dir)
-    assert len(records) == 164
-    limits = sb.SandboxLimits(timeout_s=10.0)
-    start = time.monotonic()
-    results = sb.run_programs([humaneval_program(r, r["canonical_solution"]) for r in records], limits, workers=2)
-    wall = time.monotonic() - start
-    misses = [(r["task_id"], res.status, res.reason) for r, res in zip(records, results) if not res.passed]
-    print(f"\n    HumanEval canonical: {len(records) - len(misses)}/164 pass in {wall:.2f}s with 2 workers "
-          f"({len(records) / wall:.1f} executions/s)")
-    assert misses == [], misses
-    assert wall <= 60.0  # target 30 s; generous here because the test machine may be busy
-
-    start = time.monotonic()
-    bare = sb.run_programs([humaneval_program(r, "") for r in records], limits, workers=2)
-    wall = time.monotonic() - start
-    passing = [(r["task_id"], res.reason) for r, res in zip(records, bare) if res.passed]
-    print(f"    HumanEval bare prompts: {len(passing)}/164 pass in {wall:.2f}s; passing: {passing}")
-    assert len(passing) <= 2, passing
-    assert all(res.status in ("failed", "timeout") for res in bare)
-
-
-def test_humaneval_reward_reads_no_answer_key(data_dir):
-    records = _humaneval(data_dir)
-    record = records[0]
-    path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
-    cheat = (f"    import gzip, json\n    for line in gzip.open({str(path)!r}, 'rt'):\n"
-             f"        r = json.loads(line)\n        if r['task_id'] == {record['task_id']!r}:\n"
-             f"            exec(r['prompt'] + r['canonical_solution'], globals())\n"
-             f"            return {record['entry_point']}(numbers, threshold)\n")
-    assert code_humaneval(record["canonical_solution"], record) == 1.0
-    old = os.environ.get("DARE_GYM_DATA_DIR")
-    os.environ["DARE_GYM_DATA_DIR"] = str(data_dir)
+def _importable(name: str) -> bool:
     try:
-        assert code_humaneval(cheat, record) == 0.0
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+KILL_MOMENTS = {  # die() ends the process at once; the harness is pid 1 of its namespace, which ignores its own
+    # SIGKILL, so a program dies by exiting or crashing
+    "before answering": "die()\n",
+    "crashes before answering": "ctypes.string_at(0)\n",
+    "closes its channels": "for fd in range(3, 256):\n    try:\n        os.close(fd)\n    except OSError:\n        pass\n",
+    "in the first call": "def f(x):\n    die()\n",
+    "crashes in a call": "def f(x):\n    ctypes.string_at(0)\n",
+    "SystemExit in a call": "def f(x):\n    raise SystemExit(0)\n",
+    "KeyboardInterrupt in a call": "def f(x):\n    raise KeyboardInterrupt\n",
+    "after two answers": "calls = []\ndef f(x):\n    calls.append(x)\n    if len(calls) > 2:\n        die()\n"
+                         "    return x + 1\n",
+    "mid-message": "def f(x):\n    os.write(REPLY, (1000).to_bytes(4, 'big') + b'Tj')\n    die()\n",
+    "garbage reply": "def f(x):\n    os.write(REPLY, os.urandom(64))\n    return x + 1\n",
+    "after answering": "def f(x):\n    return x + 1\nimport threading\nthreading.Timer(0.05, die).start()\n",
+    "at the goodbye": "def f(x):\n    return x + 1\nsys.modules['_dare_gym_sandbox.sandbox_harness']._finish = die\n",
+    "hangs in a call": "def f(x):\n    import time\n    time.sleep(60)\n",
+}
+KILL_PRELUDE = textwrap.dedent("""
+    import ctypes, fcntl, os, signal, stat, sys
+    def reply_fd():  # the program's end of the reply channel: the one write-only pipe above stderr
+        for fd in range(3, 256):
+            try:
+                if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 1:
+                    return fd
+            except OSError:
+                pass
+    REPLY = reply_fd()
+    def die():
+        os._exit(0)
+""")
+
+
+@pytest.mark.parametrize("moment", sorted(KILL_MOMENTS))
+def test_a_program_that_dies_at_any_moment_fails(moment):
+    # ``f`` would pass every assert (f(x) == x + 1) if it answered; dying anywhere must still fail the run,
+    # even under a test that swallows every exception with a bare except
+    body = KILL_PRELUDE + KILL_MOMENTS[moment]
+    if "def f" not in body:
+        body += "def f(x):\n    return x + 1\n"
+    swallowing = "try:\n    assert f(1) == 2\nexcept BaseException:\n    pass\nassert f(2) == 3\nassert f(3) == 4\n"
+    limits = sb.SandboxLimits(timeout_s=1.5)
+    results = sb.check_programs([(body, sb.CheckSpec(test=test, functions=("f",)))
+                                 for test in ("assert f(1) == 2\nassert f(2) == 3\nassert f(3) == 4\n",
+                                              swallowing)], limits, workers=2)
+    for result in results:
+        print(f"    -> {result.status:8s} {result.duration_s:5.2f}s  {result.reason[:110]}")
+        assert not result.passed, result
+        assert result.duration_s <= limits.timeout_s + SLACK_S
+    assert _sandbox_uid_processes() == []
+
+
+def test_the_test_code_never_enters_the_program_process():
+    marker = f"expected-{secrets.token_hex(8)}"
+    solution = """
+        import gc, sys, types
+        def strings(obj):
+            if isinstance(obj, dict):
+                return [*obj.keys(), *obj.values()]
+            if isinstance(obj, (list, tuple, set, frozenset)):
+                return list(obj)
+            if isinstance(obj, types.CodeType):
+                return list(obj.co_consts)
+            return []
+        def f(x):
+            prefix = "expected-"
+            found = [s for o in gc.get_objects() for s in strings(o)
+                     if isinstance(s, str) and s.startswith(prefix) and s != prefix]
+            frame, frames = sys._getframe(), 0
+            while frame is not None:
+                found += [v for v in frame.f_locals.values()
+                          if isinstance(v, str) and v.startswith(prefix) and v != prefix]
+                frame, frames = frame.f_back, frames + 1
+            print("found", found, "frames", frames)
+            return found[0] if found else "nothing"
+    """
+    result = _check(solution, f"assert f(1) == {marker!r}\n")
+    assert not result.passed and marker not in result.stdout and "found []" in result.stdout
+
+
+def test_builtin_exceptions_come_back_and_stop_iteration_cannot_end_a_test_loop():
+    solution = """
+        class MyError(ValueError):
+            pass
+        def f(x):
+            if x < 0:
+                raise MyError("negative")
+            return x
+        def g(x):
+            raise StopIteration
+    """
+    expects_value_error = "try:\n    f(-1)\nexcept ValueError as e:\n    assert str(e) == 'negative'\nelse:\n" \
+                          "    assert False\nassert f(2) == 2\n"
+    assert _check(solution, expects_value_error).passed
+    # a StopIteration raised by the program must not end this loop early (it would skip the failing check)
+    loop = "for value in map(g, [1, 2]):\n    pass\nassert False, 'reached'\n"
+    result = _check(solution, loop, functions=("g",))
+    assert not result.passed and "RuntimeError" in result.reason and "StopIteration" in result.reason
+
+
+def test_values_cross_with_their_exact_types():
+    values = ("[0, -1, 2**70, -(2**90), 1.5, -0.0, float('inf'), True, False, None, 'a\\udc80\\u00e9', b'\\x00\\xff',"
+              " bytearray(b'ab'), (1, (2, [3])), {1, 2}, frozenset({'x'}), {(1, 2): [3], 'k': {'n': None}},"
+              " 1+2j, range(1, 10, 3)]")
+    solution = """
+        import collections
+        def echo(x):
+            return x
+        def views(d):
+            return d.keys(), d.values(), d.items(), iter([1, 2]), collections.deque([3]), (i for i in range(3))
+        def nan():
+            return float('nan')
+    """
+    test = f"""
+        import collections
+        values = {values}
+        back = echo(values)
+        assert back == values and [type(v) for v in back] == [type(v) for v in values]
+        assert str(back[5]) == '-0.0' and type(back[3]) is int and type(back[7]) is bool
+        keys, vals, items, it, dq, gen = views({{'a': 1, 'b': 2}})
+        assert keys == {{'a', 'b'}} and type(keys) is type({{}}.keys()) and list(vals) == [1, 2]
+        assert items == {{('a', 1), ('b', 2)}} and list(it) == [1, 2] and dq == collections.deque([3])
+        assert list(gen) == [0, 1, 2] and gen != [0, 1, 2]
+        x = nan()
+        assert x != x
+    """
+    assert _check(solution, test, functions=("echo", "views", "nan")).passed
+
+
+def test_unencodable_arguments_from_the_test_are_an_error_not_a_failure():
+    result = _check("def f(x):\n    return 1\n", "assert f(lambda: 1) == 1\n")
+    assert result.status == "error" and "plain data" in result.reason
+
+
+def test_setup_objects_stay_in_the_program_and_are_passed_by_reference():
+    solution = """
+        class Node:
+            def __init__(self, value, left=None):
+                self.value, self.left = value, left
+        def depth(node):
+            return 0 if node is None else 1 + depth(node.left)
+    """
+    spec = dict(program_setup="root = Node(1, Node(2, Node(3)))\nleaf = Node(9)\n", remote_names=("root", "leaf"))
+    assert _check(solution, "assert depth(root) == 3\nassert depth(leaf) == 1\n", functions=("depth",), **spec).passed
+    assert not _check(solution, "assert depth(root) == 2\n", functions=("depth",), **spec).passed
+
+
+def test_the_checker_has_its_own_time_limit():
+    # trusted test code that loops on what the program answers is killed at the deadline with the program
+    limits = sb.SandboxLimits(timeout_s=1.0)
+    result = _check("def f(x):\n    return 1\n", "while f(0) != 2:\n    pass\n", limits=limits)
+    assert result.status == "timeout"
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+
+
+def test_protocol_round_trips_plain_data_and_refuses_everything_else():
+    value = [1, 2**80, -0.0, float("inf"), "\ud800", b"\x00", (1, frozenset({2})), {(1,): {3}}, None, True]
+    back = sandbox_protocol.decode(sandbox_protocol.encode(value))
+    assert back == value and [type(v) for v in back] == [type(v) for v in value]
+    assert math.isnan(sandbox_protocol.decode(sandbox_protocol.encode(float("nan"))))
+
+    class Point(tuple):
+        pass
+
+    assert type(sandbox_protocol.decode(sandbox_protocol.encode(Point((1, 2))))) is tuple
+    cycle: list = []
+    cycle.append(cycle)
+    for bad in (object(), lambda: 1, cycle, type, sandbox_protocol):
+        with pytest.raises(sandbox_protocol.Unencodable):
+            sandbox_protocol.encode(bad)
+    good = sandbox_protocol.encode([1, "x"])
+    malformed = [
+        b"X",  # unknown tag
+        b"l" + (10**6).to_bytes(4, "big"),  # a count larger than the bytes left
+        good + b"N",  # trailing bytes
+        b"s" + (2).to_bytes(4, "big") + b"\xff\xfe",  # not UTF-8
+        b"S" + (1).to_bytes(4, "big") + b"l" + bytes(4),  # an unhashable set member
+        b"l\x00\x00\x00\x01" * 100 + b"N",  # deeper than the cap
+        b"R" + (4).to_bytes(4, "big") + b"root",  # a reference where only plain data may come
+        b"j" + bytes(3),  # cut off
+    ]
+    for data in malformed:
+        with pytest.raises(sandbox_protocol.ProtocolError):
+            sandbox_protocol.decode(data)
+
+
+def test_protocol_messages_are_framed_and_capped():
+    read_fd, write_fd = os.pipe()
+    try:
+        sandbox_protocol.write_message(write_fd, {"id": 1, "ok": [1, 2]})
+        os.write(write_fd, (sandbox_protocol.MAX_MESSAGE_BYTES + 1).to_bytes(4, "big"))
+        assert sandbox_protocol.read_message(read_fd) == {"id": 1, "ok": [1, 2]}
+        with pytest.raises(sandbox_protocol.ProtocolError, match="limit"):
+            sandbox_protocol.read_message(read_fd)
     finally:
-        if old is None:
-            del os.environ["DARE_GYM_DATA_DIR"]
-        else:
-            os.environ["DARE_GYM_DATA_DIR"] = old
+        os.close(read_fd)
+        os.close(write_fd)
 
 
-def test_mbpp_reference_code_passes_and_broken_code_fails(data_dir):
-    records = _mbpp_test_split(data_dir)
-    assert len(records) == 500
-    start = time.monotonic()
-    results = sb.run_programs([mbpp_program(r, r["code"]) for r in records], workers=2)
-    wall = time.monotonic() - start
-    misses = [(r["task_id"], res.status, res.reason) for r, res in zip(records, results) if not res.passed]
-    print(f"\n    MBPP reference: {500 - len(misses)}/500 pass in {wall:.2f}s with 2 workers; misses: {misses}")
-    assert len(misses) <= 5, misses
+def test_harness_and_checker_are_real_modules_that_the_children_run():
+    # the sandbox ships these very modules (compiled from their files) to its children
+    boot, program_side, checker_side = sb._child_code()
+    assert boot == Path(sandbox_boot.__file__).read_text()
+    assert [name for name, _ in program_side] == ["sandbox_protocol", "sandbox_harness"]
+    assert [name for name, _ in checker_side] == ["sandbox_protocol", "code_checker"]
+    assert program_side[1][1].co_filename == sandbox_harness.__file__
+    assert checker_side[1][1].co_filename == code_checker.__file__
+    assert not hasattr(sb, "_HARNESS")
+    error = ValueError("bad")
+    assert sandbox_harness.builtin_exception_name(type("MyError", (KeyError,), {})()) == "KeyError"
+    assert code_checker.describe_failure(error, {}) == "ValueError: bad"
 
-    # the same code, then the entry point replaced by one returning a value that equals nothing
-    broken = []
-    for record in records:
-        name = _mbpp_entry_point(record)
-        assert name, record["task_id"]
-        broken.append(record["code"] + f"\n\n\nclass _Wrong:\n    __eq__ = lambda self, other: False\n"
-                      f"    __bool__ = lambda self: False\n\n\ndef {name}(*args, **kwargs):\n    return _Wrong()\n")
-    start = time.monotonic()
-    results = sb.run_programs([mbpp_program(r, b) for r, b in zip(records, broken)], workers=2)
-    wall = time.monotonic() - start
-    passing = [r["task_id"] for r, res in zip(records, results) if res.passed]
-    asserting = sum("AssertionError" in res.reason for res in results)
-    print(f"    MBPP broken: {len(passing)}/500 pass in {wall:.2f}s ({asserting} by AssertionError)")
-    assert passing == [], passing
+
+# ------------------------------------------------------------------------------------------------ leftovers
+
+
+def _sysv_ipc() -> dict[str, set[str]]:
+    """Keys and ids of every System V IPC object on the host."""
+    found = {}
+    for kind in ("shm", "msg", "sem"):
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+        found[kind] = {" ".join(line.split()[:2]) for line in lines}
+    return found
+
+
+def test_ipc_objects_do_not_outlive_the_run(isolated):
+    if not isolated or not Path("/proc/sysvipc/shm").exists():
+        pytest.skip("needs the namespaces and /proc/sysvipc")
+    name = f"/dare_gym_{secrets.token_hex(4)}"
+    source = f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        IPC_CREAT = 0o1000
+        made = {{}}
+        made["shm"] = libc.shmget(0x5A5A0001, 4096, IPC_CREAT | 0o666)
+        made["msg"] = libc.msgget(0x5A5A0002, IPC_CREAT | 0o666)
+        made["sem"] = libc.semget(0x5A5A0003, 1, IPC_CREAT | 0o666)
+        try:
+            mq_open = ctypes.CDLL("librt.so.1", use_errno=True).mq_open
+        except OSError:
+            mq_open = libc.mq_open
+        made["mqueue"] = mq_open({name.encode()!r}, os.O_CREAT | os.O_RDWR, 0o666, None)
+        try:
+            with open("/dev/shm/{name[1:]}", "w") as f:
+                f.write("left behind")
+            made["posix_shm"] = 0
+        except OSError as error:
+            made["posix_shm"] = -error.errno
+        print(made)
+        assert all(made[k] >= 0 for k in ("shm", "msg", "sem", "mqueue")), made
+    """
+    before = _sysv_ipc()
+    result = sb.run_program(textwrap.dedent(source))
+    assert result.passed, result  # the program made every object it asked for, inside its run
+    after = _sysv_ipc()
+    for kind in before:
+        assert after[kind] - before[kind] == set(), f"System V {kind} outlived the run: {after[kind] - before[kind]}"
+    assert not Path(f"/dev/shm/{name[1:]}").exists()
+    if Path("/dev/mqueue").is_dir():
+        assert not Path(f"/dev/mqueue/{name[1:]}").exists()
+    mq_open = _libc_mq_open()
+    if mq_open is not None:  # the host's IPC namespace has no such queue
+        assert mq_open(name.encode(), os.O_RDONLY) == -1 and ctypes.get_errno() == 2
+
+
+def _libc_mq_open():
+    for library in ("librt.so.1", None):
+        try:
+            function = ctypes.CDLL(library, use_errno=True).mq_open
+            function.restype = ctypes.c_int
+            return function
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+KEYCTL_SOURCE = """
+    import ctypes, os, platform
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[platform.machine()]
+    USER, USER_SESSION, SESSION, KEYCTL_SEARCH = -4, -5, -3, 10
+    def add(description, keyring):
+        payload = b"secret of an earlier run"
+        return libc.syscall(ADD_KEY, b"user", description, payload, len(payload), ctypes.c_long(keyring))
+    def find(description):  # searched in the uid's own keyrings, which outlive every process of the uid
+        return max(libc.syscall(KEYCTL, KEYCTL_SEARCH, ctypes.c_long(keyring), b"user", description,
+                                ctypes.c_long(0)) for keyring in (USER, USER_SESSION))
+"""
+
+
+def test_keys_do_not_carry_into_a_later_run(report):
+    if not report["private_keyrings"] or not report["unprivileged_uid"]:
+        pytest.skip("needs a per-run uid and keyctl")
+    description = f"dare_gym_{secrets.token_hex(4)}"
+    store = KEYCTL_SOURCE + f"""
+    print(os.getuid(), add({description.encode()!r}, USER), add({description.encode()!r}, SESSION),
+          find({description.encode()!r}))
+    """
+    look = KEYCTL_SOURCE + f"""
+    print(os.getuid(), find({description.encode()!r}))
+    """
+    stored = sb.run_program(textwrap.dedent(store))
+    assert stored.passed, stored
+    uid, user_key, session_key, found_now = map(int, stored.stdout.split())
+    assert user_key > 0 and session_key > 0 and found_now == user_key, "keys can be made and found in a run"
+    for _ in range(10):  # the same uid slot again (another process on the host may hold it for a moment)
+        found = sb.run_program(textwrap.dedent(look))
+        assert found.passed, found
+        later_uid, key = map(int, found.stdout.split())
+        if later_uid == uid:
+            assert key < 0, "a key stored by an earlier run of this uid was found"
+            break
+    else:
+        pytest.fail(f"no later run got uid {uid} again")
+    # nor did the run reach this process's session keyring
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    request_key = {"x86_64": 249, "aarch64": 218}.get(os.uname().machine)
+    if request_key is not None:
+        assert libc.syscall(request_key, b"user", description.encode(), None, ctypes.c_long(0)) < 0
