@@ -34,8 +34,10 @@ NOISE_PREFIX = "noise."
 class AlgorithmConfig:
     """Fields every algorithm has."""
 
-    num_iterations: int = 1  # μ: updates per batch of rollouts
-    beta: float = 0.0  # KL weight towards the frozen reference (0: no reference model is kept)
+    num_iterations: int = 1
+    """μ: optimizer updates per batch of rollouts"""
+    beta: float = 0.0
+    """KL weight towards the frozen reference (0: no reference model is kept)"""
 
 
 class Algorithm(Protocol):
@@ -121,16 +123,27 @@ class PolicyGradientConfig(AlgorithmConfig):
     num_iterations: int = 1
     beta: float = 0.0
     epsilon: float = 0.2
-    epsilon_high: float | None = None  # clip-higher (DAPO); None: same as epsilon
-    dual_clip: float | None = None  # cap the loss of negative-advantage tokens at -c·A (c > 1)
+    """ratio clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]"""
+    epsilon_high: float | None = None
+    """upper clip range (DAPO's clip-higher); null: same as epsilon"""
+    dual_clip: float | None = None
+    """cap the loss of negative-advantage tokens at -c·A (c > 1); null: no cap"""
     kl_estimator: str = "k3"
+    """KL estimator towards the reference: k1, k2 or k3"""
     loss_type: str = "bnpo"
+    """token-loss reduction: grpo (mean of sequence means), bnpo (token mean), dr_grpo (sum / B·L), dapo"""
     scale_rewards: str = "group"
-    baseline: str = "mean"  # "rloo": leave-one-out
-    importance_sampling_level: str = "token"  # "sequence": GSPO's length-normalised sequence ratio
+    """advantage scaling: divide by the group's std (group), the batch's (batch), or none"""
+    baseline: str = "mean"
+    """advantage baseline: the group mean, or rloo (leave-one-out mean)"""
+    importance_sampling_level: str = "token"
+    """token ratios, or sequence (GSPO's length-normalised sequence ratio)"""
     drop_zero_variance_groups: bool = True
+    """skip groups whose rewards are all equal (they carry no signal)"""
     estimator: str = "d1"
+    """likelihood estimator: d1, random_ratio, coupled, elbo, elbo_pair, block, trajectory, exact_ar"""
     estimator_kwargs: dict = field(default_factory=dict)
+    """the estimator's options, e.g. {p_mask_prompt: 0.15}, {mc_num: 8}, {shrink: 1}"""
 
     def __post_init__(self):
         if self.num_iterations < 1:

@@ -24,7 +24,8 @@ class CJGRPOConfig(PolicyGradientConfig):
     beta: float = 0.04
     epsilon: float = 0.5
     scale_rewards: str = "none"
-    estimator: str = "trajectory"  # shrink 1: every denoising step replayed
+    estimator: str = "trajectory"
+    """likelihood estimator (trajectory with shrink 1: every denoising step of the rollout replayed)"""
 
 
 @register_algorithm("cj_grpo", CJGRPOConfig)

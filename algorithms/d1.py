@@ -26,7 +26,8 @@ class DiffuGRPOConfig(PolicyGradientConfig):
     beta: float = 0.04
     epsilon: float = 0.5
     scale_rewards: str = "none"
-    estimator: str = "d1"  # its p_mask_prompt defaults to the recipe's 0.15
+    estimator: str = "d1"
+    """likelihood estimator (d1's one-step estimator masks the prompt with p_mask_prompt, default 0.15)"""
 
 
 @register_algorithm("d1", DiffuGRPOConfig)

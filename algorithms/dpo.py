@@ -25,6 +25,7 @@ class DPOConfig(PolicyGradientConfig):
     estimator: str = "elbo"
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 1})
     length_normalize: bool = True
+    """divide each ELBO by the response length (sets beta's scale)"""
 
     def __post_init__(self):
         super().__post_init__()

@@ -33,9 +33,13 @@ class PPOConfig(PolicyGradientConfig):
     beta: float = 0.0
     epsilon: float = 0.2
     gamma: float = 1.0
+    """γ: discount over denoising steps"""
     lam: float = 1.0
+    """λ of step-level GAE"""
     value_learning_rate: float = 5e-6
+    """learning rate of the value model's own optimizer"""
     value_epsilon: float = 0.2
+    """clip range of the value loss"""
     drop_zero_variance_groups: bool = False  # the value baseline gives a signal even to uniform groups
     normalize_advantages: bool = False  # whiten the token advantages over the batch (standard PPO practice)
     estimator: str = "trajectory"

@@ -19,8 +19,10 @@ from dare_gym.sft import masked_answer_loss, sample_answer_masks
 @dataclass
 class SFTConfig(AlgorithmConfig):
     num_iterations: int = 1
-    source: str = "rollouts"  # or "demonstrations"
+    source: str = "rollouts"
+    """what is cloned: the best rollouts of each group, or demonstrations (the env's gold answers)"""
     min_reward: float = 1.0
+    """a group's best rollouts are cloned only if their reward reaches this"""
 
     def __post_init__(self):
         if self.source not in ("rollouts", "demonstrations"):

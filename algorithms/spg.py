@@ -31,7 +31,9 @@ class SPGConfig(PolicyGradientConfig):
     estimator: str = "block"
     negative_bound: str = "mix"  # for A ≤ 0: "eubo", "elbo" or "mix"
     eubo_beta: float = 1.5
-    mix_weight: float = 0.5  # ω
+    """β_e of the EUBO upper bound"""
+    mix_weight: float = 0.5
+    """ω: weight of the EUBO in the mix bound"""
 
     def __post_init__(self):
         super().__post_init__()

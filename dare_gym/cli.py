@@ -1,30 +1,99 @@
-"""The ``dare-gym`` command line: ``train``, ``eval``, ``envs``, ``algorithms``."""
+"""The ``dare-gym`` command line: ``train``, ``eval``, ``envs``, ``algorithms``, ``compare``.
+
+Bad input (an unknown field, env, policy folder or sampler setting) is reported in one line that names the
+bad value and the valid choices, with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from importlib import resources
+import textwrap
 from pathlib import Path
+from typing import Callable
 
-DEFAULT_CONFIG = "default.yaml"
+from dare_gym.config import ConfigError, default_config_path
+
+__all__ = ["build_parser", "default_config_path", "main"]
+
+DEFAULT_MINUTES = 5  # the packaged default.yaml's time_limit_minutes (a test keeps them equal)
 
 
-def default_config_path() -> Path:
-    return Path(str(resources.files("dare_gym") / "configs" / DEFAULT_CONFIG))
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose epilog is built only when help is shown (the field list imports torch)."""
+
+    def __init__(self, *args, epilog_fn: Callable[[], str] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+
+def _fill(text: str) -> str:
+    return textwrap.fill(text, width=100)
+
+
+def _import_modules(specs: list[str]) -> None:
+    from dare_gym.user_code import import_module
+
+    for spec in specs:
+        import_module(spec, where=f"--import {spec}")
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _train_fields_help() -> str:
+    from dare_gym.config import describe_fields
+    from dare_gym.trainer import TrainConfig
+
+    return "\n".join([
+        "config fields (set in --config's YAML or as field=value; the defaults are the packaged default.yaml):",
+        *describe_fields(TrainConfig),
+        "",
+        "algorithm.<field>: the fields of the algorithm named by algorithm.name (`dare-gym algorithms NAME`).",
+    ])
+
+
+def train_config_data(config: Path | None, overrides: list[str], imports: list[str], resume: bool) -> tuple[dict, str]:
+    """The config dict of ``dare-gym train`` and where it came from. ``--resume`` without ``--config``
+    continues the run as its output_dir's config.json recorded it (overrides still apply)."""
+    from dare_gym.config import load_config_dict
+    from dare_gym.trainer import TrainConfig
+
+    source = config or default_config_path()
+    data = load_config_dict(source, overrides)
+    if resume and config is None:
+        saved = Path(data.get("output_dir", TrainConfig.output_dir)) / "config.json"
+        if saved.is_file():
+            source, data = f"{saved} (the run's saved config)", load_config_dict(saved, overrides)
+    if imports:
+        existing = data.get("imports") or []
+        data["imports"] = [*existing, *imports] if isinstance(existing, list) else existing
+    return data, str(source)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dare_gym.config import load_config
+    from dare_gym.config import dataclass_from_dict
     from dare_gym.trainer import TrainConfig, Trainer
 
-    config_path = args.config or default_config_path()
-    config = load_config(TrainConfig, config_path, args.overrides)
-    print(f"config: {config_path}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
+    config = dataclass_from_dict(TrainConfig, data)
+    print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"training {config.algorithm['name']} on {config.env} with policy {config.policy!r}; "
-          f"output in {config.output_dir}")
-    summary = Trainer(config).train(resume=args.resume)
+          f"output in {config.output_dir}", flush=True)
+    try:
+        trainer = Trainer(config)
+    except FileNotFoundError as error:  # a policy folder or data file that is not there
+        raise ConfigError(str(error)) from None
+    if args.resume and trainer.latest_checkpoint() is None:
+        raise ConfigError(f"--resume: no checkpoint under {trainer.checkpoint_root()}")
+    summary = trainer.train(resume=args.resume)
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     if before is not None and after is not None:
         print(f"held-out greedy accuracy: before {before:.3f}  after {after:.3f}  "
@@ -33,23 +102,85 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- eval
+
+
 def _parse_key_values(items: list[str], what: str) -> dict:
-    from dare_gym.config import ConfigError, parse_overrides
+    from dare_gym.config import parse_overrides
 
     try:
         return dict(parse_overrides(items))
     except ConfigError as error:
-        raise SystemExit(f"{what}: {error}") from None
+        raise ConfigError(f"{what}: {error}") from None
+
+
+def env_arguments(env_id: str) -> list[str] | None:
+    """The keyword arguments env ``env_id``'s class accepts (None when it cannot be told)."""
+    import importlib
+    import inspect
+
+    import gymnasium
+
+    from dare_gym.registry import gymnasium_id
+
+    entry = gymnasium.spec(gymnasium_id(env_id)).entry_point
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    if not isinstance(entry, type):
+        return None
+    names: list[str] = []
+    for klass in entry.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.name not in names
+                  and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def make_env(env_id: str, split: str, kwargs: dict):
+    """``dare_gym.make`` for the command line: a bad env id, split or argument is a :class:`ConfigError`."""
+    import gymnasium
+
+    import dare_gym
+    from dare_gym.user_code import resolve_env_kwargs
+
+    if env_id not in dare_gym.list_envs():
+        raise ConfigError(f"--env: unknown env {env_id!r}; registered: {', '.join(dare_gym.list_envs())}")
+    kwargs = resolve_env_kwargs(kwargs, where="--env-kwarg")
+    accepted = env_arguments(env_id)
+    unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"--env-kwarg: {env_id} has no argument {', '.join(map(repr, unknown))}; "
+                          f"its arguments: {', '.join(a for a in accepted if a != 'split')}")
+    try:
+        return dare_gym.make(env_id, split=split, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError, gymnasium.error.Error) as error:
+        raise ConfigError(f"--env {env_id} --split {split}: {error}") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import dare_gym
+    from dare_gym.config import dataclass_from_dict
+    from dare_gym.console import quiet_library_warnings
     from dare_gym.evaluation import evaluate
+    from dare_gym.trainer import GenerationConfig
 
-    env_kwargs = _parse_key_values(args.env_kwarg, "--env-kwarg")
-    env = dare_gym.make(args.env, split=args.split, **env_kwargs)
-    policy = dare_gym.load_policy(args.policy)
-    generation = _parse_key_values(args.gen, "--gen")
+    _import_modules(args.imports)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    generation = dataclass_from_dict(GenerationConfig, _parse_key_values(args.gen, "--gen"), where="--gen").as_kwargs()
+    env = make_env(args.env, args.split, _parse_key_values(args.env_kwarg, "--env-kwarg"))
+    try:
+        with quiet_library_warnings():
+            policy = dare_gym.load_policy(args.policy)
+    except (OSError, ValueError) as error:  # FileNotFoundError included
+        raise ConfigError(f"--policy: {error} (give 'tiny', a checkpoint folder or a hub id)") from None
     limit = args.limit if args.limit is not None else (None if env.num_records is not None else 500)
     result = evaluate(policy, env, limit=limit, batch_size=args.batch_size, progress=True, **generation)
     report = {
@@ -58,8 +189,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=2))
     if args.output:
-        Path(args.output).write_text(json.dumps(dict(report, completions=result.completions, correct=result.correct), indent=2))
+        Path(args.output).write_text(json.dumps(dict(report, completions=result.completions, correct=result.correct),
+                                                indent=2))
     return 0
+
+
+# ------------------------------------------------------------------------------------ envs, algorithms
 
 
 def _cmd_envs(args: argparse.Namespace) -> int:
@@ -96,21 +231,37 @@ def _cmd_envs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_sentence(doc: str | None) -> str:
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
 def _cmd_algorithms(args: argparse.Namespace) -> int:
-    import dataclasses
+    import inspect
 
-    from dare_gym.algorithms import ALGORITHMS
+    from dare_gym.algorithms import get_algorithm, list_algorithms
+    from dare_gym.config import describe_fields
 
-    for name, entry in sorted(ALGORITHMS.items()):
-        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in dataclasses.fields(entry.config_class)}
-        print(f"{name:<14} {json.dumps(defaults)}")
+    _import_modules(args.imports)
+    names = args.names or list_algorithms()
+    print("Set a field with algorithm.<field>=value (dare-gym train, compare); the defaults are each paper's.\n")
+    for name in names:
+        try:
+            entry = get_algorithm(name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        summary = _first_sentence(inspect.getmodule(entry.algorithm_class).__doc__ or entry.algorithm_class.__doc__)
+        print(f"{name}: {summary}" if summary else name)
+        print("\n".join(describe_fields(entry.config_class)), end="\n\n")
     return 0
+
+
+# ----------------------------------------------------------------------------------------- compare
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from dare_gym.compare import run_comparison
-    from dare_gym.config import ConfigError
 
     # `--seeds 0 1 eval_size=16`: nargs="+" swallows trailing overrides; give them back
     overrides = list(args.overrides)
@@ -128,7 +279,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     report = run_comparison(
         algorithms, seeds, args.budget_rollouts, config_path=args.config or default_config_path(),
         overrides=overrides, output_dir=args.output, threshold=args.threshold, sft_baseline=args.sft_baseline,
-        sft_batch_size=args.sft_batch_size, imports=args.imports, shared_recipe=not args.no_shared_recipe,
+        sft_batch_size=args.sft_batch_size, imports=args.imports, shared_recipe=args.shared_recipe,
         run_timeout=args.run_timeout,
     )
     print(f"\n{report['table']}\n")
@@ -137,34 +288,51 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if any(run["error"] is None for run in report["runs"]) else 1
 
 
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _add_import(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help=f"import a module (a name, looked up in the current directory too, or a .py path) "
+                        f"first, {what}; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dare-gym", description="Post-train diffusion language models with reinforcement learning."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dare-gym", description="Post-train diffusion language models with reinforcement learning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser(
-        "train", help="train a policy (no arguments: the embedded default, ~10 min on a CPU)",
-        description="Train a dLLM policy with an RL algorithm. With no arguments, runs the embedded default "
-        "(diffu-GRPO on digit sorting with the built-in tiny model). Overrides are dotted "
-        "field=value pairs, e.g. `dare-gym train max_steps=20 algorithm.beta=0.0`.",
+        "train", help=f"train a policy (no arguments: the embedded default, {DEFAULT_MINUTES} minutes on a CPU)",
+        description=_fill("Train a dLLM policy with an RL algorithm. With no arguments, runs the embedded default "
+                          f"(diffu-GRPO on digit sorting with the built-in tiny model, {DEFAULT_MINUTES} minutes on a "
+                          "CPU). Overrides are dotted field=value pairs:")
+        + "\n\n  dare-gym train max_steps=20 algorithm.beta=0.0\n"
+        "  dare-gym train env_kwargs.reward=my_rewards:exact        # fn exact in ./my_rewards.py\n"
+        "  dare-gym train --import path/to/rewards.py 'env_kwargs.reward=[[rewards:exact, 1.0], [format, 0.1]]'",
+        epilog_fn=_train_fields_help,
     )
     train.add_argument("--config", type=Path, help="YAML config file (default: the packaged default.yaml)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint in output_dir; without --config, with the config the "
+                       "run saved there (overrides still apply, e.g. a larger max_steps)")
+    _add_import(train, "to register rewards, envs or algorithms (recorded in the run's config)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learning_rate=5e-5 output_dir=runs/x")
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="score a policy on an env split", description="Score a policy on an env split "
                         "with (by default greedy) completions; prints accuracy and mean reward as JSON.")
-    ev.add_argument("--policy", default="tiny", help="policy name or path (default: tiny)")
-    ev.add_argument("--env", default="digitsort-v0", help="env id (default: digitsort-v0)")
+    ev.add_argument("--policy", default="tiny", help="policy name, checkpoint folder or hub id (default: tiny)")
+    ev.add_argument("--env", default="digitsort-v0", help="env id (default: digitsort-v0; `dare-gym envs` lists them)")
     ev.add_argument("--split", default="test", help="split (default: test)")
     ev.add_argument("--limit", type=int, help="score only the first N records")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (default: 256)")
     ev.add_argument("--gen", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="sampler settings, e.g. --gen steps=4 temperature=0.5")
-    ev.add_argument("--env-kwarg", nargs="*", default=[], metavar="KEY=VALUE", help="extra env arguments")
+                    help="sampler settings: gen_length, steps, block_length, temperature, remasking; "
+                    "e.g. --gen steps=4 temperature=0.5")
+    ev.add_argument("--env-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra env arguments, e.g. --env-kwarg reward=my_rewards:exact")
     ev.add_argument("--output", help="also write the completions and per-record correctness to this JSON file")
+    _add_import(ev, "to register rewards or envs")
     ev.set_defaults(func=_cmd_eval)
 
     envs = sub.add_parser("envs", help="list the registered envs", description="List the registered env ids.")
@@ -172,8 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also list envs of optional extras (rg/* from reasoning-gym)")
     envs.set_defaults(func=_cmd_envs)
 
-    algos = sub.add_parser("algorithms", help="list the registered algorithms and their defaults",
-                           description="List the registered algorithms with their config defaults.")
+    algos = sub.add_parser("algorithms", help="list the registered algorithms and their config fields",
+                           description="List the registered algorithms with each config field, its default and "
+                           "what it does; set them as algorithm.<field>=value.")
+    algos.add_argument("names", nargs="*", metavar="NAME", help="only these algorithms")
+    _add_import(algos, "to list out-of-tree algorithms")
     algos.set_defaults(func=_cmd_algorithms)
 
     cmp = sub.add_parser(
@@ -181,15 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train each algorithm for each seed, each run in its own process, on the same env, policy "
         "and held-out set with the same number of rollouts (max_steps = budget // (prompts_per_step x "
         "group_size)); write results.csv, summary.md, curves.png and compare.json to --output and print a "
-        "Markdown table. Overrides are dotted field=value pairs applied to every run; algorithm.<field>=value "
-        "applies to the algorithms whose config has that field.",
+        "Markdown table. Each algorithm runs its own defaults plus the config's algorithm_options for it; the "
+        "config's algorithm: section applies only to the algorithm it names unless --shared-recipe. Overrides are "
+        "dotted field=value pairs applied to every run; algorithm.<field>=value applies to the algorithms whose "
+        "config has that field.",
     )
     cmp.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
                      help="registered algorithm names, or 'all'")
     cmp.add_argument("--seeds", nargs="+", default=["0", "1", "2"], metavar="SEED", help="seeds (default: 0 1 2)")
     cmp.add_argument("--budget-rollouts", type=int, required=True, metavar="N",
                      help="rollouts (sampled completions) per run; the same for every run")
-    cmp.add_argument("--config", type=Path, help="YAML config with the shared settings and recipe "
+    cmp.add_argument("--config", type=Path, help="YAML config with the shared settings "
                      "(default: the packaged default.yaml)")
     cmp.add_argument("--sft-baseline", action="store_true",
                      help="add continued SFT on gold answers for each seed, for the mean RL train time of that seed")
@@ -197,11 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--output", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
     cmp.add_argument("--threshold", type=float, default=0.8,
                      help="report the first step whose held-out accuracy reaches this (default: 0.8)")
-    cmp.add_argument("--no-shared-recipe", action="store_true",
-                     help="apply the config's algorithm options only to the algorithm it names; the others run "
-                     "at their own defaults")
-    cmp.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                     help="import MODULE first, in every run too (registers out-of-tree algorithms); repeatable")
+    cmp.add_argument("--shared-recipe", action="store_true",
+                     help="apply the config's algorithm: options to every algorithm whose config has those fields "
+                     "(one shared recipe) instead of only to the algorithm it names")
+    cmp.add_argument("--no-shared-recipe", action="store_false", dest="shared_recipe",
+                     help=argparse.SUPPRESS)  # the default since the per-algorithm recipes; kept for old scripts
+    _add_import(cmp, "in every run too (registers out-of-tree algorithms, rewards or envs)")
     cmp.add_argument("--run-timeout", type=float, metavar="SECONDS", help="kill and record a run after this long")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. eval_size=100 algorithm.beta=0")
     cmp.set_defaults(func=_cmd_compare)
@@ -209,13 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dare_gym.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as error:
-        print(f"dare-gym {args.command}: config error: {error}", file=sys.stderr)
+        print(f"dare-gym {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import dare_gym
 from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.config import ConfigError
+from dare_gym.console import RewardFailureMonitor, TrainingProgress, quiet_library_warnings, rollout_reward_errors
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
 from dare_gym.lora import (
@@ -37,22 +37,45 @@ from dare_gym.lora import (
     load_lora_weights,
     save_lora_policy,
 )
+from dare_gym.sampling import REMASKING_RULES
+from dare_gym.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_ALGORITHM = "d1"
+# The recipe of the embedded default (BENCHMARKS.md): UniGRPO's random-ratio estimator, std-normalised group
+# advantages, clip 0.2, 2 inner updates, k3 KL 0.04. d1's paper recipe (12 updates, clip 0.5) is
+# {"name": "d1"}; it learns slowly at the tiny model's scale.
+DEFAULT_RECIPE = {"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1}, "num_iterations": 2,
+                  "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"}
 
 
 @dataclass
 class GenerationConfig:
-    """Sampler settings; None takes the policy's default."""
+    """Sampler settings (a ``rollout:`` or ``evaluation:`` section); None takes the policy's default (the tiny
+    policy: 64 tokens in 64 steps, blocks of 32, greedy, low-confidence remasking)."""
 
     gen_length: int | None = None
+    """completion length in tokens"""
     steps: int | None = None
+    """denoising steps over the whole completion (fewer: several tokens committed per step)"""
     block_length: int | None = None
+    """semi-autoregressive block length in tokens (gen_length: one block)"""
     temperature: float | None = None
+    """sampling temperature; 0 is greedy"""
     remasking: str | None = None
+    """which masked tokens are committed first: low_confidence or random"""
+
+    def __post_init__(self):
+        for name in ("gen_length", "steps", "block_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {value!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 or null, got {self.temperature!r}")
+        if self.remasking is not None and self.remasking not in REMASKING_RULES:
+            raise ValueError(f"remasking must be one of {', '.join(REMASKING_RULES)} or null, got {self.remasking!r}")
 
     def as_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -60,37 +83,77 @@ class GenerationConfig:
 
 @dataclass
 class TrainConfig:
+    """One training run. ``TrainConfig()`` is the run of ``dare-gym train`` with no arguments (the packaged
+    ``dare_gym/configs/default.yaml``): the tuned diffu-GRPO recipe on digit sorting with the tiny policy, for
+    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole (``{"name": "d1"}`` is d1 at its
+    paper's defaults); on the command line ``algorithm.<field>=value`` changes one field of it."""
+
     env: str = "digitsort-v0"
+    """registered env id to train on (`dare-gym envs`)"""
     env_kwargs: dict = field(default_factory=dict)
+    """arguments for the training env, e.g. {split: train, reward: my_rewards:exact}"""
     eval_env_kwargs: dict = field(default_factory=lambda: {"split": "test"})
-    allow_eval_overlap: bool = False  # train even where the training split shares records with the held-out set
+    """arguments for the held-out env"""
+    allow_eval_overlap: bool = False
+    """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    algorithm: dict = field(default_factory=lambda: {"name": DEFAULT_ALGORITHM})
+    """policy name or checkpoint folder"""
+    algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
+    """algorithm name and options (`dare-gym algorithms` lists each one's fields)"""
+    imports: list[str] = field(default_factory=list)
+    """modules or .py files imported first, to register rewards, envs or algorithms (--import)"""
     prompts_per_step: int = 32
+    """prompts sampled per step (GRPO groups)"""
     group_size: int = 8
-    max_steps: int = 1000
-    time_limit_minutes: float | None = None
+    """completions sampled per prompt"""
+    max_steps: int = 100_000
+    """stop after this many steps"""
+    time_limit_minutes: float | None = 5.0
+    """stop after this much wall time (null: no limit)"""
     learning_rate: float = 1e-4
+    """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     max_grad_norm: float = 1.0
+    """gradients are clipped to this global norm"""
     micro_batch_size: int = 256
+    """rows per forward pass (lower it to save memory; the update is the same)"""
     rollout: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.7))
+    """sampler settings for training rollouts"""
     evaluation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
+    """sampler settings for held-out evaluation"""
     eval_every: int = 10
+    """evaluate on the held-out set every this many steps (and after the last)"""
     eval_size: int = 500
-    save_every: int = 50
+    """held-out records scored, the first of the eval split (0: no evaluation)"""
+    save_every: int = 25
+    """write a checkpoint every this many steps (and after the last)"""
     keep_checkpoints: int = 2
+    """checkpoints kept on disk, newest first"""
     output_dir: str = "runs/default"
+    """folder for metrics.jsonl, curves.png, checkpoints/ and final_policy/"""
     seed: int = 0
+    """seed of every random draw (problems, sampling, estimator noise)"""
     torch_threads: int | None = None
+    """CPU threads for torch (null: torch's default)"""
     tensorboard: bool = False
+    """also write TensorBoard scalars to output_dir/tensorboard"""
     progress: bool = True
-    lora: LoraSettings | None = None  # train LoRA adapters (peft); the reference is the base, adapters off
+    """show progress: a bar on a terminal, else a plain line every log_every steps"""
+    log_every: int = 10
+    """steps between plain progress lines, and between reports of the same failing reward"""
+    lora: LoraSettings | None = None
+    """train LoRA adapters (e.g. {r: 8, alpha: 16}); the reference is the base with the adapters off"""
 
     def __post_init__(self):
+        # user modules first: they may register the env, the algorithm or the rewards named below
+        self.imports = [normalize_module_spec(spec) for spec in self.imports]
+        for i, spec in enumerate(self.imports):
+            import_module(spec, where=f"imports[{i}]")
         positive = ("prompts_per_step", "group_size", "max_steps", "micro_batch_size", "eval_every", "save_every",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -102,6 +165,8 @@ class TrainConfig:
             raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
         if self.env not in dare_gym.list_envs():
             raise ConfigError(f"env: unknown env {self.env!r}; registered: {', '.join(dare_gym.list_envs())}")
+        for name in ("env_kwargs", "eval_env_kwargs"):  # a reward reference that does not import fails now
+            resolve_env_kwargs(getattr(self, name), where=name)
         self.algorithm = {"name": DEFAULT_ALGORITHM, **self.algorithm}  # `algorithm.beta=0` alone keeps d1
         try:
             self.algorithm_config()  # validate now, with field names in the error
@@ -171,9 +236,10 @@ class Trainer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         seed_everything(config.seed)
-        self.policy = policy if policy is not None else dare_gym.load_policy(config.policy)
-        if config.lora is not None:
-            apply_lora(self.policy, config.lora, verbose=config.progress)
+        with quiet_library_warnings():
+            self.policy = policy if policy is not None else dare_gym.load_policy(config.policy)
+            if config.lora is not None:
+                apply_lora(self.policy, config.lora, verbose=config.progress)
         self.algorithm = make_algorithm(
             config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id
         )
@@ -185,9 +251,10 @@ class Trainer:
                 self.reference = copy.copy(self.policy)
                 self.reference.model = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         self.train_env = dare_gym.make_vec(
-            config.env, config.prompts_per_step * config.group_size, group_size=config.group_size, **config.env_kwargs
+            config.env, config.prompts_per_step * config.group_size, group_size=config.group_size,
+            **resolve_env_kwargs(config.env_kwargs),
         )
-        self.eval_env = dare_gym.make(config.env, **config.eval_env_kwargs)
+        self.eval_env = dare_gym.make(config.env, **resolve_env_kwargs(config.eval_env_kwargs, where="eval_env_kwargs"))
         try:  # no held-out record is ever trained on: procedural streams skip them, file splits must not share any
             guard_held_out(self.train_env.envs, self.eval_env, eval_size=config.eval_size,
                            allow_overlap=config.allow_eval_overlap)
@@ -202,6 +269,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.step = 0
         self.elapsed_before_resume = 0.0
+        self.last_reward_errors: list[dict[str, str]] = []  # per rollout of the last collected step
         self.train_env.reset(seed=config.seed)
 
     # ---------------------------------------------------------------------------------- one GRPO step
@@ -229,13 +297,14 @@ class Trainer:
             self._add_demonstrations(buffer, infos["index"])
         timings["time_reward"] = time.perf_counter() - start
         generated = sum(len(c.completion_ids) for c in completions)
+        self.last_reward_errors = rollout_reward_errors(step_infos, len(completions))
         stats = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "train_accuracy": float(step_infos["correct"].mean()),
             "completion_length": float(buffer.completion_mask.sum(dim=1).float().mean()),
             "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
-            "reward_errors": int(step_infos.get("_reward_errors", np.zeros(1, bool)).sum()),
+            "reward_errors": sum(1 for errors in self.last_reward_errors if errors),
             **timings,
         }
         return buffer, stats
@@ -310,13 +379,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy and reward of the policy's completions, and ``time_eval``, the seconds it took
+        (the time a run spent learning is its ``elapsed_s`` less the ``time_eval`` of the records before)."""
         if self.config.eval_size == 0:
             return {}
+        start = time.perf_counter()
         result = evaluate(
             self.policy, self.eval_env, limit=self.config.eval_size, batch_size=self.config.micro_batch_size,
             **self.config.evaluation.as_kwargs(),
         )
-        return {"heldout_accuracy": result.accuracy, "heldout_reward": result.mean_reward}
+        return {"heldout_accuracy": result.accuracy, "heldout_reward": result.mean_reward,
+                "time_eval": time.perf_counter() - start}
 
     # ----------------------------------------------------------------------------------- checkpoints
     def checkpoint_root(self) -> Path:
@@ -341,7 +414,7 @@ class Trainer:
             },
             tmp / "trainer_state.pt",
         )
-        state = {"step": self.step, "elapsed_s": self.elapsed(), "config": _jsonable(asdict(self.config))}
+        state = {"step": self.step, "elapsed_s": self.elapsed(), "config": jsonable(asdict(self.config))}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -404,30 +477,36 @@ class Trainer:
         else:
             if (self.output_dir / METRICS_FILE).exists():
                 (self.output_dir / METRICS_FILE).unlink()
-            atomic_write_text(self.output_dir / "config.json", json.dumps(_jsonable(asdict(config)), indent=2) + "\n")
+            atomic_write_text(self.output_dir / "config.json", json.dumps(jsonable(asdict(config)), indent=2) + "\n")
             logger.log({"step": 0, "elapsed_s": 0.0, **self.evaluate()})
         history = logger.read()
         initial = next((r for r in history if "heldout_accuracy" in r), {})
         time_limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
-        bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", disable=None if config.progress else True)
-        last_eval: dict[str, float] = {}
+        progress = TrainingProgress(max_steps=config.max_steps, time_limit_s=time_limit, start_step=self.step,
+                                    start_elapsed=self.elapsed(), every=config.log_every, enabled=config.progress)
+        failures = RewardFailureMonitor(every=config.log_every)
+        last_eval = {k: initial[k] for k in ("heldout_accuracy", "heldout_reward") if k in initial}
+        eval_step = initial.get("step")
+        if not resume and last_eval:
+            progress.update(self.step, self.elapsed(), {}, last_eval, eval_step)
         try:
             while self.step < config.max_steps and (time_limit is None or self.elapsed() < time_limit):
                 buffer, stats = self.collect()
+                for message in failures.check(self.step + 1, self.last_reward_errors):
+                    progress.message(message)
                 stats.update(self.update(buffer))
                 self.step += 1
                 is_last = self.step >= config.max_steps or (time_limit is not None and self.elapsed() >= time_limit)
                 record = {"step": self.step, "elapsed_s": round(self.elapsed(), 2), **stats}
                 if self.step % config.eval_every == 0 or is_last:
-                    last_eval = self.evaluate()
+                    last_eval, eval_step = self.evaluate(), self.step
                     record.update(last_eval)
                 logger.log(record)
                 if self.step % config.save_every == 0:
                     self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", acc=f"{last_eval.get('heldout_accuracy', float('nan')):.3f}")
+                progress.update(self.step, self.elapsed(), stats, last_eval, eval_step, last=is_last)
         finally:
-            bar.close()
+            progress.close()
         self.save_checkpoint()
         self.save_policy(self.output_dir / "final_policy", merged=bool(config.lora and config.lora.merge_on_save))
         logger.close()
@@ -486,9 +565,3 @@ def save_figure(figure, path: Path) -> Path:
     return path
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

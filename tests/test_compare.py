@@ -1,7 +1,8 @@
 """`dare-gym compare`: equal rollout budgets, one process per run, failures recorded, the report files.
 
-One small comparison runs once for the module (d1 on 2 seeds, an out-of-tree algorithm that raises, and the
-SFT baseline); the other tests plan comparisons without training.
+One small comparison runs once for the module (d1 on 2 seeds, an out-of-tree algorithm that raises, imported
+from a module in the current directory, and the SFT baseline); the other tests plan comparisons, compute
+curves and draw plots without training.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from dare_gym.algorithms import ALGORITHMS, register_algorithm
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, PolicyGradientConfig
 from dare_gym.cli import build_parser, default_config_path, main
-from dare_gym.compare import CSV_COLUMNS, filter_algorithm_options, plan_comparison
+from dare_gym.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
+from dare_gym.compare_report import algorithm_style, plot_curves
 from dare_gym.config import ConfigError
+
+COMPARE_DEFAULT = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
 
 TINY = ["prompts_per_step=4", "group_size=4", "eval_size=16", "eval_every=1", "torch_threads=1"]
 BUDGET = 40  # 2 steps of 16 rollouts; 8 rollouts left over
@@ -47,12 +52,13 @@ def comparison(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     (root / "compare_test_plugin.py").write_text(BROKEN_PLUGIN)
     output = root / "out"
-    env = dict(os.environ, TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    # The plugin is found in the current directory, not through PYTHONPATH, by the parent and by every run.
+    env = dict(os.environ, TQDM_DISABLE="1")
+    env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "dare_gym.cli", "compare", "--algorithms", "d1", "broken_for_test",
                "--import", "compare_test_plugin", "--seeds", "0", "1", "--budget-rollouts", str(BUDGET),
                "--sft-baseline", "--output", str(output), "--threshold", "0.3", *TINY]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert process.returncode == 0, process.stdout + process.stderr
     with (output / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -87,7 +93,38 @@ def test_rl_runs_get_equal_rollout_budgets_and_report_memory_and_time(comparison
             assert [p["rollouts"] for p in run["curve"]] == [0, 16, 32]
             config = json.loads((output / "runs" / f"d1-seed{run['seed']}" / "spec.json").read_text())["config"]
             assert config["max_steps"] == 2 and config["time_limit_minutes"] is None
-            assert config["seed"] == run["seed"]
+            assert config["seed"] == run["seed"] and config["imports"] == ["compare_test_plugin"]
+
+
+def test_training_seconds_leave_out_every_evaluation_and_start_at_zero(comparison):
+    _, output, _ = comparison
+    report = json.loads((output / "compare.json").read_text())
+    for run in [r for r in report["runs"] if r["algorithm"] == "d1"]:
+        records = [json.loads(line) for line in
+                   (output / "runs" / f"d1-seed{run['seed']}" / "train" / "metrics.jsonl").read_text().splitlines()]
+        assert all("time_eval" in r for r in records)  # eval_every=1: every record was evaluated
+        seconds = [p["train_seconds"] for p in run["curve"]]
+        assert seconds[0] == 0.0 and 0 < seconds[1] < seconds[2]
+        # elapsed_s is taken before a record's own evaluation: only the evaluations before it are taken out
+        assert seconds[2] == pytest.approx(records[2]["elapsed_s"] - records[0]["time_eval"] - records[1]["time_eval"],
+                                           abs=1e-3)
+        assert run["train_seconds"] == pytest.approx(seconds[-1], abs=1e-3)
+        assert run["seconds_per_step"] == pytest.approx(seconds[-1] / 2, abs=1e-3)
+        # the log of a run shows its progress lines (stdout is a file there)
+        log = (output / "runs" / f"d1-seed{run['seed']}" / "log.txt").read_text()
+        assert "step 2 | reward" in log
+
+
+def test_learning_curve_takes_out_the_evaluations_before_each_point():
+    records = [
+        {"step": 0, "elapsed_s": 0.0, "heldout_accuracy": 0.4, "time_eval": 2.0},
+        {"step": 1, "elapsed_s": 3.0},  # 1 s of training after the 2 s evaluation
+        {"step": 2, "elapsed_s": 4.5, "heldout_accuracy": 0.5, "time_eval": 2.0},
+        {"step": 3, "elapsed_s": 7.5, "heldout_accuracy": 0.6, "time_eval": 2.0},
+    ]
+    curve, train_seconds, eval_seconds = learning_curve(records, rollouts_per_step=16)
+    assert [(p["step"], p["rollouts"], p["train_seconds"]) for p in curve] == [(0, 0, 0.0), (2, 32, 2.5), (3, 48, 3.5)]
+    assert train_seconds == 3.5 and eval_seconds == 6.0
 
 
 def test_a_failing_algorithm_is_recorded_and_the_others_complete(comparison):
@@ -211,7 +248,7 @@ def test_option_filtering_drops_what_the_config_lacks(toy_algorithms):
 
     plan = plan_comparison(["d1", minimal, shared], [0], 64, config_path=default_config_path(),
                            overrides=["prompts_per_step=4", "group_size=4", "algorithm.epsilon=0.3",
-                                      "algorithm.temperature_bonus=0.5"])
+                                      "algorithm.temperature_bonus=0.5"], shared_recipe=True)
     assert plan.options[minimal] == {"name": minimal, "num_iterations": 2, "beta": 0.04, "temperature_bonus": 0.5}
     assert plan.dropped[minimal] == ["epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
     assert plan.ignored_overrides[minimal] == ["algorithm.epsilon=0.3"]
@@ -223,7 +260,7 @@ def test_option_filtering_drops_what_the_config_lacks(toy_algorithms):
     assert not plan.config_errors
 
     own = plan_comparison(["d1", shared], [0], 64, config_path=default_config_path(),
-                          overrides=["prompts_per_step=4", "group_size=4"], shared_recipe=False)
+                          overrides=["prompts_per_step=4", "group_size=4"])
     assert own.options[shared] == {"name": shared} and own.options["d1"]["estimator"] == "random_ratio"
 
 
@@ -238,7 +275,8 @@ def test_an_invalid_config_for_one_algorithm_fails_only_its_runs(toy_algorithms)
 def test_an_algorithm_that_rejects_the_shared_recipe_runs_at_its_own_defaults(toy_algorithms):
     _, _, nokl = toy_algorithms
     plan = plan_comparison(["d1", nokl], [0], 64, config_path=default_config_path(),
-                           overrides=["prompts_per_step=4", "group_size=4", "algorithm.epsilon=0.3"])
+                           overrides=["prompts_per_step=4", "group_size=4", "algorithm.epsilon=0.3"],
+                           shared_recipe=True)
     assert plan.options[nokl] == {"name": nokl, "epsilon": 0.3}  # the overrides still apply
     assert plan.options["d1"]["beta"] == 0.04 and not plan.config_errors
     assert any(f"{nokl}: rejects the shared recipe" in note and "beta must be 0" in note for note in plan.notes)
@@ -260,3 +298,69 @@ def test_a_new_algorithm_is_one_short_file_that_compare_picks_up():
     assert mentions == ["algorithms/reinforce.py"]
     plan = plan_comparison(["d1", "reinforce"], [0], 256, overrides=["eval_size=16"])
     assert plan.options["reinforce"]["name"] == "reinforce" and not plan.config_errors
+
+
+def test_each_algorithm_runs_its_own_defaults_unless_asked_to_share():
+    """The packaged default.yaml's tuned d1 recipe (beta 0.04, 2 iterations) is d1's, not REINFORCE's."""
+    from dare_gym.algorithms import build_config
+
+    plan = plan_comparison(["d1", "reinforce"], [0], 256)
+    assert plan.options["d1"]["beta"] == 0.04 and plan.options["d1"]["num_iterations"] == 2
+    assert plan.options["reinforce"] == {"name": "reinforce"}
+    reinforce = build_config("reinforce", {})
+    assert (reinforce.beta, reinforce.num_iterations) == (0.0, 1)  # what that run trains with
+    assert any("apply to d1 only" in note for note in plan.notes)
+    shared = plan_comparison(["d1", "reinforce"], [0], 256, shared_recipe=True)
+    assert shared.options["reinforce"]["beta"] == 0.04 and shared.options["reinforce"]["num_iterations"] == 2
+    assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1",
+                                      "--shared-recipe"]).shared_recipe is True
+    assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1"]).shared_recipe is False
+
+
+def test_the_comparison_config_gives_each_algorithm_its_own_options():
+    plan = plan_comparison(["d1", "spg", "ppo", "reinforce"], [0], 256, config_path=COMPARE_DEFAULT)
+    assert plan.options == {
+        "d1": {"name": "d1", "num_iterations": 4}, "spg": {"name": "spg", "num_iterations": 1},
+        "ppo": {"name": "ppo", "value_learning_rate": 1e-3, "normalize_advantages": True},
+        "reinforce": {"name": "reinforce"},
+    }
+
+
+def _lab(color: str):
+    """sRGB hex to CIELAB (D65)."""
+    import numpy as np
+
+    rgb = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_fifteen_algorithms_get_clearly_different_colours():
+    import itertools
+
+    import numpy as np
+
+    styles = [algorithm_style(i) for i in range(15)]
+    distances = [np.linalg.norm(_lab(a[0]) - _lab(b[0])) for a, b in itertools.combinations(styles, 2)]
+    assert min(distances) >= 25  # tab20's blue / light blue are 17 apart
+    assert len({algorithm_style(i) for i in range(40)}) == 40  # past the palette, the line style changes
+
+
+def _run(name, seed, points):
+    return {"algorithm": name, "seed": seed, "error": None,
+            "curve": [{"step": s, "rollouts": 16 * s, "train_seconds": t, "heldout_accuracy": a} for s, t, a in points]}
+
+
+def test_mean_line_and_band_end_together_at_the_last_evaluation_all_seeds_reached(tmp_path):
+    runs = [_run("a", 0, [(0, 0.0, 0.4), (5, 2.0, 0.6), (10, 4.0, 0.8)]),
+            _run("a", 1, [(0, 0.0, 0.4), (5, 3.0, 0.5)])]  # cut short
+    x, mean, std, _ = mean_curve(runs, "train_seconds")
+    assert x.tolist() == [0.0, 2.5] and mean.tolist() == pytest.approx([0.4, 0.55]) and len(std) == 2
+    x, mean, _, _ = mean_curve(runs, "rollouts")
+    assert x.tolist() == [0, 80]
+    many = [_run(f"algo{i}", seed, [(0, 0.0, 0.4), (5, 2.0 + seed, 0.5 + i / 100)]) for i in range(15) for seed in (0, 1)]
+    path = plot_curves(many + runs, tmp_path / "curves.png", title="digitsort-v0")
+    assert path.stat().st_size > 20_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -175,3 +176,64 @@ def test_estimator_noise_lines_up_with_minibatches_of_shorter_prompts(tiny_polic
         assert torch.equal(short.columns["noise.prompt_masked"][:, k], inputs.prompt_attention.bool())
     loss, _ = algorithm.loss(tiny_policy, short, iteration=1)
     assert torch.isfinite(loss)
+
+
+def test_the_default_config_is_the_cli_default_run():
+    from dare_gym.config import default_config_path
+
+    assert TrainConfig() == load_config(TrainConfig, default_config_path())
+
+
+REWARD_FILE = """
+def half(completion, sample):
+    return 0.5
+"""
+
+
+def test_a_reward_callable_is_saved_as_a_reference_that_re_creates_it(tmp_path):
+    from dare_gym.user_code import import_module, resolve_env_kwargs
+
+    path = tmp_path / "reward_file_for_test.py"
+    path.write_text(REWARD_FILE)
+    half = import_module(str(path)).half
+    config = small_config(tmp_path, max_steps=1, eval_size=4)
+    config.env_kwargs = {"reward": [(half, 2.0), ("exact_match", 1.0)]}  # what a Python user passes
+    Trainer(config).train()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["env_kwargs"]["reward"] == [[f"{path}:half", 2.0], ["exact_match", 1.0]]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["reward_mean"] >= 1.0  # 2 × 0.5 on every rollout, plus the exact matches
+    again = load_config(TrainConfig, tmp_path / "run" / "config.json")
+    env = dare_gym.make("digitsort-v0", **resolve_env_kwargs(again.env_kwargs))
+    assert env.reward_fn.terms[0][1] is half and env.reward_fn.terms[0][2] == 2.0
+
+
+def test_records_time_their_evaluation_and_not_a_terminal_prints_plain_lines(tmp_path, capsys):
+    Trainer(small_config(tmp_path, max_steps=4, eval_every=2, progress=True, log_every=2)).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "time_eval" in r] == [0, 2, 4]
+    assert all(r["time_eval"] > 0 for r in records if "time_eval" in r)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 0", "step 1", "step 2", "step 4"]
+    assert "held-out acc" in lines[-1] and "(step 4)" in lines[-1] and lines[-1].endswith("0s left")
+
+
+def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(tmp_path, capsys):
+    calls = itertools.count()
+
+    def mostly_fails(completion, sample):
+        if next(calls) % 4:  # 3 of every 4 rollouts
+            raise ZeroDivisionError("division by zero")
+        return 1.0
+
+    config = small_config(tmp_path, max_steps=3, eval_size=0, log_every=2, prompts_per_step=8, group_size=2)
+    config.env_kwargs = {"reward": mostly_fails}
+    Trainer(config).train()
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: reward")]
+    assert len(warnings) == 2 and "at step 1 " in warnings[0] and "at step 3 " in warnings[1]
+    assert "'mostly_fails'" in warnings[0] and "e.g. ZeroDivisionError: division by zero" in warnings[0]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["env_kwargs"]["reward"].endswith(
+        "test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps.<locals>.mostly_fails")
+    with pytest.raises(ConfigError, match="lambda or a function defined inside another function"):
+        load_config(TrainConfig, tmp_path / "run" / "config.json")
