@@ -9,21 +9,37 @@ many at once (the code rewards run their programs in parallel through it).
 
 Rewards know nothing of models or tensors. A reward that raises, returns something that is not a finite
 number, or runs past its time limit scores 0 and the reason is reported: a bad reward never stops a run.
+
+Where a reward runs (:class:`CombinedReward`):
+
+* without a time limit (``timeout_s=None``), in the calling thread, as a plain call;
+* with a limit, in a helper process that is killed at the limit (:mod:`dare_gym.rewards.worker`): the
+  project's own rewards in long-lived spawned helpers, any other callable (lambdas and closures included) in
+  copies of this process forked for the batch. The calls of one batch run in parallel, each under the limit,
+  so hung completions cost one limit, not one each; a limit holds even against work that holds the GIL, and
+  a hung reward never keeps the process from exiting. What a reward changes in its process's memory stays in
+  the helper, and a reward that uses torch or CUDA cannot run in a forked copy: give it no limit.
+* A reward registered with ``linear_time=True`` (the project's format, exact-match, Countdown and Sudoku
+  rewards) runs in the calling thread even under a limit when the completion is short enough to finish
+  within it: its running time is linear in the completion's length and it never blocks, so a completion of at
+  most ``timeout_s * LINEAR_CHARS_PER_S`` characters (a rate ten times below the slowest measured) is done
+  in time; a longer one goes to a helper like any other.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
+
+from dare_gym.rewards.worker import Call, Outcome, describe_error, run_calls
 
 RewardFn = Callable[[str, Mapping], float]
 RewardSpec = Union[str, RewardFn, Sequence[tuple[Union[str, RewardFn], float]], "CombinedReward"]
 DEFAULT_RANGE = (0.0, 1.0)
+LINEAR_CHARS_PER_S = 1_000_000
+"""Characters per second a ``linear_time`` reward is trusted to score at least (see experiments/bench_reward_limits.py)."""
 
 _REWARDS: dict[str, RewardFn] = {}
 
@@ -45,10 +61,13 @@ def is_batched(fn: Callable) -> bool:
 
 
 def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = False,
-                    value_range: tuple[float, float] = DEFAULT_RANGE):
+                    value_range: tuple[float, float] = DEFAULT_RANGE, linear_time: bool = False):
     """Register ``fn`` under ``name``; usable as ``register_reward("x", fn)`` or as a decorator.
 
     ``value_range`` declares the scores the reward can return (checked by the property tests).
+    ``linear_time=True`` declares that ``fn`` scores at least ``LINEAR_CHARS_PER_S`` characters of completion a
+    second whatever the text, and never blocks: under a time limit it may then run in the calling thread (see
+    the module docstring). Declare it only for code you have made linear; anything else runs in a helper.
     """
 
     def add(f: RewardFn) -> RewardFn:
@@ -58,6 +77,7 @@ def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = 
             raise ValueError(f"a reward named {name!r} is already registered; pass overwrite=True to replace it")
         f.reward_name = name
         f.value_range = tuple(value_range)
+        f.linear_time = bool(linear_time)
         _REWARDS[name] = f
         return f
 
@@ -89,29 +109,82 @@ def _term_name(fn: Callable) -> str:
     return getattr(fn, "reward_name", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-class _ScoreError(Exception):
-    pass
-
-
-def _check_score(value) -> float | None:
+def check_score(value, *, none_allowed: bool = False) -> tuple[float | None, str | None]:
+    """``(score, None)`` for a usable score (None for "not applicable" where ``none_allowed``), else ``(0.0,
+    why)``: a value that is not a finite number scores 0 with the reason."""
     if value is None:
-        return None
-    value = float(value)
-    if not math.isfinite(value):
-        raise _ScoreError(f"returned a non-finite score {value!r}")
-    return value
+        return (None, None) if none_allowed else (0.0, "returned None (a per-sample reward must return a number)")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0, f"returned {type(value).__name__} {str(value)[:60]!r}, which is not a number"
+    if not math.isfinite(number):
+        return 0.0, f"returned a non-finite score {number!r}"
+    return number, None
+
+
+class _Scores:
+    """The scores and errors of one batch, filled term by term."""
+
+    def __init__(self, names: Sequence[str], count: int):
+        self.count = count
+        self.values: dict[str, list[float | None]] = {name: [0.0] * count for name in names}
+        self.errors: list[dict[str, str]] = [{} for _ in range(count)]
+
+    def set(self, name: str, index: int, value, *, none_allowed: bool) -> None:
+        self.values[name][index], error = check_score(value, none_allowed=none_allowed)
+        if error is not None:
+            self.errors[index][name] = error
+
+    def set_all(self, name: str, values, *, none_allowed: bool) -> None:
+        """One call's scores for the whole batch, each checked on its own; the wrong count fails them all."""
+        try:
+            values = list(values)
+        except TypeError:
+            self.fail(name, range(self.count), f"returned {type(values).__name__}, not a list of scores")
+            return
+        if len(values) != self.count:
+            self.fail(name, range(self.count), f"returned {len(values)} scores for {self.count} completions")
+            return
+        for index, value in enumerate(values):
+            self.set(name, index, value, none_allowed=none_allowed)
+
+    def fail(self, name: str, indices, reason: str) -> None:
+        for index in indices:
+            self.values[name][index] = 0.0
+            self.errors[index][name] = reason
+
+    def results(self, terms: Sequence[tuple[str, Callable, float]]) -> list[RewardResult]:
+        results = []
+        for i in range(self.count):
+            components = {name: (0.0 if self.values[name][i] is None else self.values[name][i]) for name, _, _ in terms}
+            total = sum(weight * components[name] for name, _, weight in terms)
+            skipped = [name for name, _, _ in terms if self.values[name][i] is None]
+            results.append(RewardResult(total=total, components=components, errors=self.errors[i],
+                                        not_applicable=skipped))
+        return results
+
+
+@dataclass
+class _Job:
+    """A call bound for a helper process: term ``name`` for sample ``index``, or for the whole batch (None).
+    ``per_sample`` is the per-sample function to fall back on if a ``batch_fn`` call overruns."""
+
+    name: str
+    call: Call
+    index: int | None
+    none_allowed: bool = False
+    per_sample: Callable | None = None
 
 
 class CombinedReward:
-    """A weighted sum of reward terms, each called safely and, if ``timeout_s`` is set, under a time limit.
+    """A weighted sum of reward terms, each called safely and, if ``timeout_s`` is set, under a hard time limit
+    per completion (see the module docstring for where each term runs).
 
-    The limit is enforced from a helper thread: a term that overruns scores 0 ("timed out"); Python cannot
-    kill that thread, so it runs on to its end in the background. Rewards that can hang on adversarial input
-    should bound themselves (math-verify and the code sandbox run in killable processes).
+    Under a limit: a per-sample term is one call per completion, all in parallel; a TRL-style batched term is
+    one call for the batch, under one limit; a ``batch_fn`` is one call for the batch under one limit and, if it
+    overruns, each completion is scored on its own under the limit (so a hang costs about two limits).
     """
-
-    _executor: ThreadPoolExecutor | None = None
-    _executor_lock = threading.Lock()
 
     def __init__(self, terms: Sequence[tuple[str, Callable, float]], *, timeout_s: float | None = None):
         if not terms:
@@ -127,23 +200,6 @@ class CombinedReward:
         self.terms = list(terms)
         self.timeout_s = timeout_s
 
-    @classmethod
-    def _pool(cls) -> ThreadPoolExecutor:
-        with cls._executor_lock:
-            if cls._executor is None:
-                cls._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="reward")
-            return cls._executor
-
-    def _call(self, fn: Callable, *args, scale: int = 1):
-        if self.timeout_s is None:
-            return fn(*args)
-        limit = self.timeout_s * scale
-        future = self._pool().submit(fn, *args)
-        try:
-            return future.result(timeout=limit)
-        except FutureTimeout:
-            raise TimeoutError(f"timed out after {limit:g} s") from None
-
     def score_many(self, completions: Sequence[str], samples: Sequence[Mapping],
                    prompts: Sequence[str] | None = None) -> list[RewardResult]:
         """Score a batch; batched terms are called once for the whole batch, the others per sample."""
@@ -151,63 +207,75 @@ class CombinedReward:
         if len(samples) != count or (prompts is not None and len(prompts) != count):
             raise ValueError(f"{count} completions but {len(samples)} samples / "
                              f"{'no' if prompts is None else len(prompts)} prompts")
+        completions, samples = list(completions), list(samples)
         prompts = list(prompts) if prompts is not None else [""] * count
-        scores: dict[str, list[float | None]] = {}
-        errors: list[dict[str, str]] = [{} for _ in range(count)]
+        scores = _Scores([name for name, _, _ in self.terms], count)
+        jobs: list[_Job] = []
         for name, fn, _ in self.terms:
-            if is_batched(fn):
-                columns = {key: [s.get(key) for s in samples] for key in set().union(*samples)} if samples else {}
-                columns.pop("prompts", None)
-                columns.pop("completions", None)
-                call = lambda: list(fn(prompts, list(completions), **columns))  # noqa: E731
-                scores[name] = self._score_batch(name, call, count, errors, none_allowed=True)
-                continue
-            batch_fn = getattr(fn, "batch_fn", None)
-            if batch_fn is not None and count > 1:
-                # A per-sample reward with a parallel batch form (the code sandbox runs programs side by side);
-                # the time limit is per completion, so the batch gets count times as long.
-                call = lambda: self._call(batch_fn, list(completions), list(samples), scale=count)  # noqa: E731
-                scores[name] = self._score_batch(name, call, count, errors, none_allowed=False, timed=False)
-                continue
-            scores[name] = []
-            for i in range(count):
-                try:
-                    value = _check_score(self._call(fn, completions[i], samples[i]))
-                    if value is None:
-                        raise _ScoreError("returned None (a per-sample reward must return a number)")
-                    scores[name].append(value)
-                except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
-                    scores[name].append(0.0)
-                    errors[i][name] = f"{type(error).__name__}: {error}"
-        results = []
-        for i in range(count):
-            components = {name: (0.0 if scores[name][i] is None else scores[name][i]) for name, _, _ in self.terms}
-            total = sum(weight * components[name] for name, _, weight in self.terms)
-            skipped = [name for name, _, _ in self.terms if scores[name][i] is None]
-            results.append(RewardResult(total=total, components=components, errors=errors[i], not_applicable=skipped))
-        return results
+            jobs += self._score_term(name, fn, completions, samples, prompts, scores)
+        while jobs:  # the helpers' share: all terms' calls in one parallel run (then batch_fn fallbacks)
+            outcomes = run_calls([job.call for job in jobs], self.timeout_s)
+            jobs = [retry for job, outcome in zip(jobs, outcomes)
+                    for retry in self._take(job, outcome, completions, samples, scores)]
+        return scores.results(self.terms)
 
-    def _score_batch(self, name: str, call: Callable[[], list], count: int, errors: list[dict[str, str]], *,
-                     none_allowed: bool, timed: bool = True) -> list[float | None]:
-        """One call scoring the whole batch; each value checked on its own, a failing call scores 0 for all."""
+    def _score_term(self, name: str, fn: Callable, completions: list[str], samples: list[Mapping],
+                    prompts: list[str], scores: _Scores) -> list[_Job]:
+        """Score one term in this thread where it may run here; return the calls bound for helpers."""
+        count, limited = len(completions), self.timeout_s is not None
+        if is_batched(fn):
+            columns = {key: [s.get(key) for s in samples] for key in set().union(*samples)} if samples else {}
+            columns.pop("prompts", None)
+            columns.pop("completions", None)
+            if limited:
+                return [_Job(name, Call(fn, (prompts, completions), columns), None, none_allowed=True)]
+            self._here(name, None, scores, Call(fn, (prompts, completions), columns), none_allowed=True)
+            return []
+        batch_fn = getattr(fn, "batch_fn", None)
+        if batch_fn is not None and count > 1:
+            if limited:
+                return [_Job(name, Call(batch_fn, (completions, samples)), None, per_sample=fn)]
+            self._here(name, None, scores, Call(batch_fn, (completions, samples)), none_allowed=False)
+            return []
+        jobs = []
+        for i in range(count):
+            if limited and not self._fits_here(fn, completions[i]):
+                jobs.append(_Job(name, Call(fn, (completions[i], samples[i])), i))
+            else:
+                self._here(name, i, scores, Call(fn, (completions[i], samples[i])), none_allowed=False)
+        return jobs
+
+    def _fits_here(self, fn: Callable, completion: str) -> bool:
+        """Whether a ``linear_time`` reward is sure to score ``completion`` within the limit in this thread."""
+        return getattr(fn, "linear_time", False) and len(completion) <= self.timeout_s * LINEAR_CHARS_PER_S
+
+    @staticmethod
+    def _here(name: str, index: int | None, scores: _Scores, call: Call, *, none_allowed: bool) -> None:
+        """Make ``call`` in this thread and record its score (for the sample ``index``, or for the batch)."""
         try:
-            values = self._call(call) if timed else call()
-            if len(values) != count:
-                raise _ScoreError(f"returned {len(values)} scores for {count} completions")
+            value = call.fn(*call.args, **call.kwargs)
         except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
-            for i in range(count):
-                errors[i][name] = f"{type(error).__name__}: {error}"
-            return [0.0] * count
-        scores: list[float | None] = []
-        for i, value in enumerate(values):
-            try:
-                if value is None and not none_allowed:
-                    raise _ScoreError("returned None (a per-sample reward must return a number)")
-                scores.append(_check_score(value))
-            except (_ScoreError, TypeError, ValueError) as error:
-                scores.append(0.0)
-                errors[i][name] = f"{type(error).__name__}: {error}"
-        return scores
+            scores.fail(name, range(scores.count) if index is None else [index], describe_error(error))
+            return
+        if index is None:
+            scores.set_all(name, value, none_allowed=none_allowed)
+        else:
+            scores.set(name, index, value, none_allowed=none_allowed)
+
+    @staticmethod
+    def _take(job: _Job, outcome: Outcome, completions: list[str], samples: list[Mapping],
+              scores: _Scores) -> list[_Job]:
+        """Record a helper's outcome; a ``batch_fn`` that overran comes back as one job per completion."""
+        indices = range(scores.count) if job.index is None else [job.index]
+        if outcome.timed_out and job.per_sample is not None:
+            return [_Job(job.name, Call(job.per_sample, (completions[i], samples[i])), i) for i in indices]
+        if outcome.error is not None:
+            scores.fail(job.name, indices, outcome.error)
+        elif job.index is None:
+            scores.set_all(job.name, outcome.value, none_allowed=job.none_allowed)
+        else:
+            scores.set(job.name, job.index, outcome.value, none_allowed=job.none_allowed)
+        return []
 
     def __call__(self, completion: str, sample: Mapping, prompt: str = "") -> RewardResult:
         return self.score_many([completion], [sample], [prompt])[0]

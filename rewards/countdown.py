@@ -3,7 +3,9 @@
 The expression is the content of the last ``<answer>…</answer>`` (an ``= target`` tail is tolerated). It is
 parsed with :mod:`ast` and evaluated by walking the tree with exact fractions: only numbers, ``+ - * /``,
 unary minus and parentheses are allowed, so nothing in a completion is ever executed. The numbers used must
-be exactly the multiset given (each once).
+be exactly the multiset given (each once). Linear time: the block is found with a linear scan, and an
+expression longer than 200 characters, or with a character no arithmetic expression has, is rejected before
+it is parsed (so no string literal ever reaches the parser, and no parser warning reaches the console).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from fractions import Fraction
 from typing import Mapping
 
 from dare_gym.rewards.base import register_reward
+from dare_gym.rewards.extract import last_tag_block
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _MAX_EXPRESSION_CHARS = 200
+_NOT_ARITHMETIC = re.compile(r"[^0-9_\s+\-*/()×÷]")  # digits, spaces, operators, parentheses
 _OPERATORS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
               ast.Div: lambda a, b: a / b}
 
@@ -52,6 +55,9 @@ def evaluate_expression(expression: str) -> tuple[Fraction, list[int]]:
         raise InvalidExpression(f"expression longer than {_MAX_EXPRESSION_CHARS} characters")
     if "**" in expression:
         raise InvalidExpression("** is not allowed")
+    stray = _NOT_ARITHMETIC.search(expression)
+    if stray:
+        raise InvalidExpression(f"{stray.group()!r} is not allowed (only integers, + - * / and parentheses)")
     try:
         tree = ast.parse(expression.replace("×", "*").replace("÷", "/"), mode="eval")
     except (SyntaxError, ValueError) as error:
@@ -68,10 +74,10 @@ def countdown_solves(expression: str, numbers: list[int], target: int) -> bool:
     return Counter(used) == Counter(numbers) and value == target
 
 
-@register_reward("countdown")
+@register_reward("countdown", linear_time=True)
 def countdown_reward(completion: str, sample: Mapping) -> float:
     """1.0 if the last ``<answer>`` expression uses exactly ``sample["numbers"]`` and equals ``sample["target"]``."""
-    answers = _ANSWER.findall(completion)
-    if not answers:
+    answer = last_tag_block(completion)
+    if answer is None:
         return 0.0
-    return 1.0 if countdown_solves(answers[-1], list(sample["numbers"]), int(sample["target"])) else 0.0
+    return 1.0 if countdown_solves(answer, list(sample["numbers"]), int(sample["target"])) else 0.0

@@ -1,5 +1,6 @@
-"""Math answer rewards: extract the final answer from a completion and judge it against the gold with
-math-verify, under a time limit this module owns (see :mod:`dare_gym.rewards.worker`)."""
+"""Math answer rewards: extract the final answer from a completion (in linear time, see
+:mod:`dare_gym.rewards.extract`) and judge it against the gold with math-verify, under a time limit this module
+owns (see :mod:`dare_gym.rewards.worker`)."""
 
 from __future__ import annotations
 
@@ -8,58 +9,39 @@ import re
 from typing import Mapping
 
 from dare_gym.rewards.base import register_reward
-from dare_gym.rewards.worker import RewardTimeout, run_with_timeout
+from dare_gym.rewards.extract import last_boxed, last_gsm8k_marker, last_number, last_tag_block
+from dare_gym.rewards.worker import RewardTimeout, alarm, in_helper, run_with_timeout
 
 VERIFY_TIMEOUT_S = 5.0
+MAX_ANSWER_CHARS = 1000  # a longer final answer is judged wrong without parsing it (MATH-500's golds: <= 53)
+_CACHED_CHARS = 1000  # pairs longer than this are not kept in the verdict cache
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_GSM8K_MARKER = re.compile(r"####\s*([^\n]*)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), with nested braces matched."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    open_brace = text.find("{", start)
-    if open_brace < 0:
-        return None
-    depth = 0
-    for i in range(open_brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_brace + 1 : i]
-    return None
+__all__ = ["answers_match", "extract_final_answer", "gold_answer", "gsm8k_gold", "last_boxed", "math_verify_reward"]
 
 
 def extract_final_answer(text: str) -> str | None:
     """The completion's final answer, by the first convention that matches: the last ``<answer>`` block
     (and a ``\\boxed`` inside it), else the last ``\\boxed{}``, else GSM8K's ``#### x`` line, else the last
-    number in the text."""
-    tagged = _ANSWER_TAG.findall(text)
-    if tagged:
-        inner = tagged[-1].strip()
+    number in the text. Linear in the text's length."""
+    tagged = last_tag_block(text, "<answer>", "</answer>", ignore_case=True)
+    if tagged is not None:
+        inner = tagged.strip()
         return last_boxed(inner) or inner
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    marker = _GSM8K_MARKER.findall(text)
-    if marker:
-        return marker[-1].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    marker = last_gsm8k_marker(text)
+    if marker is not None:
+        return marker.strip()
+    return last_number(text)
 
 
 def gsm8k_gold(answer_field: str) -> str:
     """GSM8K's gold number: the text after the final ``####``, thousands separators removed."""
-    marker = _GSM8K_MARKER.findall(answer_field)
-    if not marker:
+    marker = last_gsm8k_marker(answer_field)
+    if marker is None:
         raise ValueError(f"a GSM8K answer must end with '#### <number>', got ...{answer_field[-60:]!r}")
-    return marker[-1].replace(",", "").strip()
+    return marker.replace(",", "").strip()
 
 
 def _strip_number_commas(answer: str) -> str:
@@ -85,20 +67,44 @@ def _verify_in_process(gold: str, prediction: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-@functools.lru_cache(maxsize=65536)
-def answers_match(gold: str, prediction: str, timeout: float = VERIFY_TIMEOUT_S, shortcut: bool = True) -> bool:
-    """Whether ``prediction`` is mathematically equal to ``gold`` (math-verify). Identical strings short-cut
-    (``shortcut=False`` sends them to math-verify too, for benchmarks); anything else runs in a helper process
-    that is killed after ``timeout`` seconds (then: not equal)."""
-    gold, prediction = _strip_number_commas(gold.strip()), _strip_number_commas(prediction.strip())
-    if not prediction:
-        return False
-    if shortcut and prediction == gold:
-        return True
+def _import_math_verify() -> None:
+    """Import math-verify and sympy (about a second) before a helper's first call, outside its time limit."""
+    import math_verify  # noqa: F401
+
+    _parse("1")
+
+
+def _verify(gold: str, prediction: str, timeout: float) -> bool:
+    """math-verify under a hard limit: in a helper process already (the reward runs there under its term's
+    limit), an alarm stops sympy after ``timeout``; elsewhere the check is sent to a helper that is killed."""
     try:
+        if in_helper():
+            with alarm(timeout):
+                return _verify_in_process(gold, prediction)
         return bool(run_with_timeout(_verify_in_process, gold, prediction, timeout=timeout))
     except RewardTimeout:
         return False
+
+
+_verify_cached = functools.lru_cache(maxsize=65536)(_verify)
+
+
+def answers_match(gold: str, prediction: str, timeout: float = VERIFY_TIMEOUT_S, shortcut: bool = True) -> bool:
+    """Whether ``prediction`` is mathematically equal to ``gold`` (math-verify). Identical strings short-cut
+    (``shortcut=False`` sends them to math-verify too, for benchmarks); an answer longer than
+    ``MAX_ANSWER_CHARS`` is not equal; anything else is verified under a hard limit of ``timeout`` seconds
+    (then: not equal). Verdicts on short pairs are cached."""
+    gold, prediction = _strip_number_commas(gold.strip()), _strip_number_commas(prediction.strip())
+    if not prediction or len(prediction) > MAX_ANSWER_CHARS:
+        return False
+    if shortcut and prediction == gold:
+        return True
+    if len(gold) + len(prediction) <= _CACHED_CHARS:
+        return _verify_cached(gold, prediction, timeout)
+    return _verify(gold, prediction, timeout)
+
+
+answers_match.cache_clear = _verify_cached.cache_clear  # benchmarks time uncached verification
 
 
 def gold_answer(sample: Mapping) -> str:
@@ -118,3 +124,8 @@ def math_verify_reward(completion: str, sample: Mapping) -> float:
     if prediction is None:
         return 0.0
     return 1.0 if answers_match(gold_answer(sample), prediction) else 0.0
+
+
+# Loaded once per helper process before its first call, so that no call's limit pays for the import.
+_verify_in_process.warm_up = _import_math_verify
+math_verify_reward.warm_up = _import_math_verify

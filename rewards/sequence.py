@@ -13,13 +13,13 @@ def _gold(sample: Mapping) -> str:
     return str(sample["gold"])
 
 
-@register_reward("exact_match")
+@register_reward("exact_match", linear_time=True)
 def exact_match(completion: str, sample: Mapping) -> float:
     """1.0 if the stripped completion equals the gold string."""
     return 1.0 if completion.strip() == _gold(sample) else 0.0
 
 
-@register_reward("char_match")
+@register_reward("char_match", linear_time=True)
 def char_match(completion: str, sample: Mapping) -> float:
     """Fraction of characters in place: matches / max(len(gold), len(completion)), so missing and extra
     characters both cost. Dense credit for tasks with one right answer (e.g. sorting)."""

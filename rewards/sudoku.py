@@ -8,24 +8,22 @@ whole grid equals the (unique) solution.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 from dare_gym.rewards.base import register_reward
+from dare_gym.rewards.extract import first_ascii_digits, last_tag_block
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 CELLS = 16
 
 
 def answer_grid(completion: str) -> str:
     """The 16-digit grid a completion states (zeros where it gives too few digits)."""
-    answers = _ANSWER.findall(completion)
-    text = answers[-1] if answers else completion
-    digits = "".join(ch for ch in text if ch in "0123456789")
-    return (digits + "0" * CELLS)[:CELLS]
+    answer = last_tag_block(completion)
+    digits = first_ascii_digits(completion if answer is None else answer, CELLS)
+    return digits + "0" * (CELLS - len(digits))
 
 
-@register_reward("sudoku")
+@register_reward("sudoku", linear_time=True)
 def sudoku_reward(completion: str, sample: Mapping) -> float:
     """Fraction of the puzzle's empty cells that the completion fills with the solution's digit (d1)."""
     puzzle, solution = str(sample["puzzle"]), str(sample["solution"])

@@ -1,11 +1,21 @@
 """Property tests for every registered reward: arbitrary text never raises, scores are finite and in the
-declared range, and each call returns within its time limit. Also: timeouts and failures inside envs, and
-TRL-style batched rewards."""
+declared range, and pathological completions (a megabyte of openers, deep nesting, huge numbers, unicode junk)
+return within the time limit plus a second, with the reason recorded when the limit stopped them. Also: hung
+rewards stopped in parallel, a hung reward never keeping its process alive, where each kind of reward runs,
+timeouts and failures inside envs, and TRL-style batched rewards."""
 
 from __future__ import annotations
 
 import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +23,9 @@ from hypothesis import strategies as st
 
 import dare_gym
 import dare_gym.envs.reasoning_gym  # noqa: F401  (registers the "reasoning_gym" reward, tested below too)
-from dare_gym.rewards import batched, get_reward, list_rewards
+from dare_gym.rewards import base as reward_base
+from dare_gym.rewards import batched, get_reward, list_rewards, register_reward, resolve_reward
+from dare_gym.rewards.base import LINEAR_CHARS_PER_S
 
 SAMPLES = {
     "math_verify": {"gold": "\\frac{7}{2}"},
@@ -34,6 +46,25 @@ SAMPLES["reasoning_gym"] = {
 }
 SLOW = {"humaneval", "mbpp"}  # a fresh sandboxed process per call
 TIME_LIMIT_S = 15.0
+NORMAL = {"math_verify": "so $\\boxed{\\frac{7}{2}}$", "exact_match": "012345", "char_match": "012345",
+          "countdown": "<answer>100 - 93 + 30 - 14</answer>", "sudoku": "<answer>3142243142131324</answer>",
+          "humaneval": "    return a + b\n", "mbpp": "def add(a, b):\n    return a + b", "reasoning_gym": "<answer>-4</answer>"}
+
+MIB = 1 << 20
+_JUNK = random.Random(0)
+PATHOLOGICAL = {
+    "answer openers": "<answer>" * (MIB // 8),
+    "boxed openers": "\\boxed{" * (MIB // 7),
+    "deep braces": "\\boxed{" + "{" * 300_000 + "}" * 300_000,
+    "deep parentheses": "<answer>" + "(" * 200_000 + "1" + ")" * 200_000 + "</answer>",
+    "huge number": "9" * 100_000,
+    "a megabyte of text": ("The answer is 42, since 6 * 7 = 42. " * (MIB // 36 + 1))[:MIB],
+    "unicode junk": "".join(chr(_JUNK.choice([_JUNK.randrange(0x20, 0xD800), _JUNK.randrange(0xE000, 0x110000)]))
+                            for _ in range(100_000)),
+    "code fences": "```python\n" * (MIB // 10),
+    "reasoning tags": "<reasoning>" + "</reasoning> <answer>" * (MIB // 21),
+}
+LIMIT_S = 1.5  # small, to keep the suite fast: 1 MiB still fits the in-process budget of linear_time rewards
 
 TEXT = st.one_of(
     st.text(max_size=300),
@@ -79,19 +110,27 @@ def test_a_hanging_reward_times_out_inside_an_env_and_the_run_goes_on():
     assert reward == pytest.approx(info["reward_components"]["char_match"])
 
 
-def test_trl_style_batched_rewards_plug_in():
+@pytest.mark.parametrize("timeout_s", [None, 60.0])  # in this thread; in a forked helper
+def test_trl_style_batched_rewards_plug_in(timeout_s):
     calls = []
 
     def length_penalty(prompts, completions, **columns):
-        calls.append((list(prompts), list(completions), sorted(columns)))
+        calls.append((list(prompts), list(completions), sorted(columns)))  # seen here only without a limit
+        if sorted(columns) != ["digits", "gold"] or len(prompts) != len(completions) or not all(prompts):
+            raise ValueError(f"wrong arguments: {sorted(columns)}, {len(prompts)} prompts")
         return [None if c == "skip" else -len(c) / 10 for c in completions]
 
-    vec = dare_gym.make_vec("digitsort-v0", num_envs=4, group_size=2, reward=[("char_match", 1.0), (length_penalty, 1.0)])
+    vec = dare_gym.make_vec("digitsort-v0", num_envs=4, group_size=2, reward=[("char_match", 1.0), (length_penalty, 1.0)],
+                            reward_timeout_s=timeout_s)
     prompts, _ = vec.reset(seed=0)
     _, rewards, _, _, infos = vec.step(["012345", "skip", "1", "99"])
     infos = infos["final_info"]  # the scored episodes (the vector env auto-resets in the same step)
-    assert len(calls) == 1  # one call for the whole batch
-    assert calls[0][0] == list(prompts) and calls[0][2] == ["digits", "gold"]
+    assert "reward_errors" not in infos
+    if timeout_s is None:
+        assert len(calls) == 1  # one call for the whole batch
+        assert calls[0][0] == list(prompts) and calls[0][2] == ["digits", "gold"]
+    else:
+        assert calls == []  # it ran in a copy of this process
     assert infos["reward_components"]["length_penalty"][2] == pytest.approx(-0.1)
     assert infos["reward_not_applicable"][1] == ["length_penalty"] and not infos["_reward_not_applicable"][0]
     assert rewards[1] == pytest.approx(infos["reward_components"]["char_match"][1])
@@ -114,3 +153,165 @@ def test_a_batched_reward_returning_the_wrong_count_scores_zero_with_the_reason(
     _, rewards, *_, infos = vec.step(["1", "2"])
     errors = infos["final_info"]["reward_errors"]["short"]
     assert rewards.tolist() == [0.0, 0.0] and "returned 1 scores for 2" in errors[0]
+
+
+def _warm(reward, name: str) -> None:
+    """Score a normal completion first, so that a helper for this reward is started and loaded (start-up is
+    not part of any call's limit; see dare_gym.rewards.worker)."""
+    reward.score_many([NORMAL.get(name, "<answer>7</answer>")], [SAMPLES[name]])
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLES) & set(list_rewards())))
+def test_pathological_completions_return_within_the_limit(name):
+    reward = resolve_reward(name, timeout_s=LIMIT_S)
+    low, high = get_reward(name).value_range
+    _warm(reward, name)
+    for label, completion in PATHOLOGICAL.items():
+        started = time.perf_counter()
+        result = reward.score_many([completion], [SAMPLES[name]])[0]
+        elapsed = time.perf_counter() - started
+        error = result.errors.get(name, "")
+        assert elapsed < LIMIT_S + 1, f"{name} on {label}: {elapsed:.1f} s ({error or 'no error'})"
+        assert math.isfinite(result.total) and low <= result.total <= high, (name, label, result)
+        if elapsed >= LIMIT_S:  # the limit stopped it: the reason says so
+            assert error == f"timed out after {LIMIT_S:g} s (stopped)", (name, label, error)
+        if "timed out" in error:
+            assert result.total == 0.0
+            _warm(reward, name)  # its helper was killed: start the next one outside the measured time
+
+
+def test_every_registered_reward_declares_where_it_may_run():
+    linear = {name for name in list_rewards() if get_reward(name).linear_time}
+    assert linear == {"format", "strict_format", "exact_match", "char_match", "countdown", "sudoku"}
+    assert MIB <= LIMIT_S * LINEAR_CHARS_PER_S  # so the test above also runs them in this thread on 1 MiB
+
+
+@pytest.mark.parametrize("kind", ["sleeps", "holds the GIL"])
+def test_hung_completions_are_stopped_in_parallel_at_their_limit(kind):
+    def hangs(completion, sample):
+        if kind == "sleeps":
+            time.sleep(60)
+        else:
+            re.match(r"(a+)+$", "a" * 40 + "b")  # backtracking for hours inside one C call
+        return 1.0
+
+    reward = resolve_reward([("char_match", 1.0), (hangs, 1.0)], timeout_s=1.0)
+    started = time.perf_counter()
+    results = reward.score_many(["012345"] * 8, [{"gold": "012345"}] * 8)
+    # one after another they take 8 s, two at a time 4 s; at once, the limit plus forking eight copies of this
+    # process (tens of ms each, more on a loaded machine)
+    assert time.perf_counter() - started < 1.0 + 2
+    assert [r.errors for r in results] == [{"hangs": "timed out after 1 s (stopped)"}] * 8
+    assert [r.total for r in results] == [1.0] * 8  # the other term still counts
+
+
+def test_a_linear_time_reward_runs_in_this_thread_only_when_it_must_finish_in_time():
+    seen = []
+
+    def length(completion, sample):
+        seen.append(len(completion))  # visible only when called in this process
+        return 1.0
+
+    register_reward("test_linear_length", length, linear_time=True)
+    try:
+        budget = int(0.1 * LINEAR_CHARS_PER_S)
+        results = resolve_reward("test_linear_length", timeout_s=0.1).score_many(["x" * budget, "x" * (budget + 1)],
+                                                                               [{}, {}])
+    finally:
+        reward_base._REWARDS.pop("test_linear_length")
+    assert [r.total for r in results] == [1.0, 1.0] and not any(r.errors for r in results)
+    assert seen == [budget]  # the longer one ran in a helper process
+
+
+def test_a_batch_form_that_overruns_falls_back_to_one_call_per_completion():
+    def exact(completion, sample):
+        return float(completion == sample["gold"])
+
+    def hanging_batch(completions, samples):
+        time.sleep(60)
+
+    def quick_batch(completions, samples):
+        return [0.25] * len(completions)
+
+    completions, samples = ["a", "b", "c"], [{"gold": "a"}, {"gold": "x"}, {"gold": "c"}]
+    exact.batch_fn = quick_batch
+    assert [r.total for r in resolve_reward(exact, timeout_s=5).score_many(completions, samples)] == [0.25] * 3
+    exact.batch_fn = hanging_batch
+    started = time.perf_counter()
+    results = resolve_reward(exact, timeout_s=0.5).score_many(completions, samples)
+    assert time.perf_counter() - started < 2 * 0.5 + 1  # the batch's limit, then the completions' in parallel
+    assert [r.total for r in results] == [1.0, 0.0, 1.0] and not any(r.errors for r in results)
+
+
+HUNG_SCRIPT = """
+import os, sys, time
+
+def hang(pid_file):
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+def hangs(completion, sample):
+    hang(sys.argv[2])
+    return 1.0
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import hung_reward  # by its module name, so that a spawned helper can import it too
+    from dare_gym.rewards import resolve_reward
+    from dare_gym.rewards.worker import RewardTimeout, TimeoutPool
+
+    kind, pid_file, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    if kind == "forked":
+        print(resolve_reward(hung_reward.hangs, timeout_s=limit)("x", {}).errors["hangs"], flush=True)
+    else:
+        try:
+            TimeoutPool().call(hung_reward.hang, pid_file, timeout=limit)
+        except RewardTimeout as error:
+            print(error, flush=True)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+@pytest.mark.parametrize("kind", ["forked", "spawned"])
+def test_a_hung_reward_never_keeps_its_process_alive(tmp_path, kind):
+    script, pid_file = tmp_path / "hung_reward.py", tmp_path / "helper.pid"
+    script.write_text(textwrap.dedent(HUNG_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+    # stopped at the limit: the process reports it and exits, and the helper is gone
+    done = subprocess.run([sys.executable, str(script), kind, str(pid_file), "0.5"], capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "0.5 s" in done.stdout and not _running(int(pid_file.read_text()))
+
+    # the process killed outright while its reward hangs: the kernel takes the helper with it
+    pid_file.unlink()
+    process = subprocess.Popen([sys.executable, str(script), kind, str(pid_file), "60"], env=env)
+    try:
+        assert _wait_for(lambda: pid_file.exists() and pid_file.read_text(), 60)
+        helper = int(pid_file.read_text())
+        assert _running(helper)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert _wait_for(lambda: not _running(helper), 10)
+    finally:
+        process.kill()
+        process.wait()
