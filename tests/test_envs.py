@@ -264,19 +264,16 @@ def test_code_rewards_score_a_vector_batch_in_parallel(data_dir):
 
 
 def test_an_over_long_completion_is_truncated_to_the_action_space_with_the_reason():
-    seen = []
+    def seen(completion, sample):  # the score says what the reward saw (it may run in a helper process)
+        return float(len(completion)) if completion.startswith(gold) else -1.0
 
-    def last_chars(completion, sample):
-        seen.append(completion)
-        return 0.0
-
-    env = dare_gym.make("digitsort-v0", reward=[("char_match", 1.0), (last_chars, 1.0)])
+    env = dare_gym.make("digitsort-v0", reward=[("char_match", 1.0), (seen, 1.0)])
     limit = env.action_space.max_length
     prompt, _ = env.reset(options={"index": 0})
     gold = "".join(sorted(prompt.split()[1]))
     _, _, terminated, _, info = env.step(gold + "x" * (2 * limit))
-    assert len(seen[0]) == limit and seen[0].startswith(gold)  # scored, but only up to the limit
-    assert terminated and info["correct"] is False and info["reward_components"]["last_chars"] == 0.0
+    assert info["reward_components"]["seen"] == limit  # scored, but only up to the limit
+    assert terminated and info["correct"] is False
     assert info["action_truncated"] == (f"the completion has {2 * limit + len(gold)} characters, more than the "
                                         f"action space's max_length={limit}: only its first {limit} were scored")
     env.reset(options={"index": 0})

@@ -104,18 +104,15 @@ def test_dict_info_to_list_gives_one_dict_per_sub_env():
 
 
 def test_an_over_long_completion_is_truncated_with_the_reason():
-    seen = []
-
-    def length(completion, sample):
-        seen.append(len(completion))
-        return 0.0
+    def length(completion, sample):  # the score says what the reward saw (it may run in a helper process)
+        return float(len(completion))
 
     vec = dare_gym.make_vec("digitsort-v0", num_envs=2, group_size=2, reward=length)
     limit = vec.single_action_space.max_length
     vec.reset(seed=0)
-    _, _, _, _, infos = vec.step(["1" * (limit + 10), "short"])
+    _, rewards, _, _, infos = vec.step(["1" * (limit + 10), "short"])
     final = infos["final_info"]
-    assert seen == [limit, 5]  # the reward never saw the whole over-long completion
+    assert rewards.tolist() == [limit, 5]  # the reward never saw the whole over-long completion
     assert final["_action_truncated"].tolist() == [True, False]
     reason = final["action_truncated"][0]
     assert f"{limit + 10} characters" in reason and f"max_length={limit}" in reason
