@@ -13,8 +13,8 @@ Two kinds of helper speak one protocol (:func:`serve` on a pair of pipes):
   any call's limit, so a cold helper never eats into a limit.
 * **forked** (:class:`ForkPool`, one per batch): a copy of the calling process made with ``os.fork()``. It
   serves any callable, lambdas and closures included, because the callable is already in its memory: only
-  the arguments and the result are pickled. The copy sees the process as it was when the batch started, and
-  whatever the callable changes in it (a counter, a cache) is lost with it. A forked copy must not use torch,
+  the arguments and the result are pickled. The copy sees the process as it was when the batch was scored,
+  and whatever the callable changes in it (a counter, a cache) is lost with it. A forked copy must not use torch,
   CUDA or OpenMP, whose thread pools do not survive ``fork``: a reward that needs them runs without a time
   limit (in-process). Another thread may hold a lock (stdout's, say) at the moment of the fork; the copy
   only runs the reward and is killed at its limit, so that costs one limit, never a hang.
@@ -464,13 +464,13 @@ class _Pool:
         with self._changed:
             self._changed.wait(seconds)
 
-    def close(self) -> None:
-        """Kill every helper of this pool, busy ones included."""
+    def close(self, *, wait: bool = True) -> None:
+        """Kill every helper of this pool, busy ones included (``wait=False``: reap them in the background)."""
         with self._changed:
             helpers = list(self._live)
             self._idle.clear()
         for helper in helpers:
-            self.discard(helper, wait=False)
+            self.discard(helper, wait=wait)
 
 
 class TimeoutPool(_Pool):
@@ -776,7 +776,7 @@ def run_calls(calls: Sequence[Call], timeout: float) -> list[Outcome]:
         return _Scheduler(jobs, timeout).run()
     finally:
         if fork_pool is not None:
-            fork_pool.close()
+            fork_pool.close(wait=False)
 
 
 def run_with_timeout(fn: Callable, *args: Any, timeout: float) -> Any:

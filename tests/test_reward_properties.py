@@ -173,7 +173,7 @@ def test_pathological_completions_return_within_the_limit(name):
         error = result.errors.get(name, "")
         assert elapsed < LIMIT_S + 1, f"{name} on {label}: {elapsed:.1f} s ({error or 'no error'})"
         assert math.isfinite(result.total) and low <= result.total <= high, (name, label, result)
-        if elapsed >= LIMIT_S:  # the limit stopped it: the reason says so
+        if elapsed >= LIMIT_S + 0.5:  # nothing runs past the limit: the limit stopped it, and the reason says so
             assert error == f"timed out after {LIMIT_S:g} s (stopped)", (name, label, error)
         if "timed out" in error:
             assert result.total == 0.0
