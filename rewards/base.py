@@ -22,8 +22,9 @@ Where a reward runs (:class:`CombinedReward`):
 * A reward registered with ``linear_time=True`` (the project's format, exact-match, Countdown and Sudoku
   rewards) runs in the calling thread even under a limit when the completion is short enough to finish
   within it: its running time is linear in the completion's length and it never blocks, so a completion of at
-  most ``timeout_s * LINEAR_CHARS_PER_S`` characters (a rate ten times below the slowest measured) is done
-  in time; a longer one goes to a helper like any other.
+  most ``timeout_s * LINEAR_CHARS_PER_S`` characters is done in time (that rate is over 30 times below the
+  slowest measured on pathological text, see experiments/bench_reward_limits.py); a longer one goes to a
+  helper like any other.
 """
 
 from __future__ import annotations
