@@ -89,36 +89,37 @@ def _normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _definitions(code: str, name: str) -> list[re.Match]:
-    """Top-level ``def name(`` lines of ``code`` (one anchored pattern with no nested repetition: linear)."""
-    return list(re.finditer(rf"(?m)^(?:async\s+)?def\s+{re.escape(name)}\s*\(", code))
+def _definition_pattern(name: str) -> re.Pattern:
+    """Top-level ``def name(`` lines (one anchored pattern with no nested repetition: linear)."""
+    return re.compile(rf"(?m)^(?:async\s+)?def\s+{re.escape(name)}\s*\(")
 
 
 def _defines(code: str, name: str) -> bool:
-    return bool(_definitions(code, name))
+    return _definition_pattern(name).search(code) is not None
 
 
-def _fenced_blocks(text: str) -> list[tuple[str, str]]:
-    """``(label, body)`` of every fenced block, in order; an unclosed last fence runs to the end.
+def _fence_spans(text: str) -> list[tuple[int, int, int, int]]:
+    """``(info_start, info_end, body_start, body_end)`` of every fenced block, in order; an unclosed last fence
+    runs to the end.
 
     A scanner over ``str.find``: each search starts where the previous one ended, so the whole pass is linear
-    in ``len(text)``. A fence opens a block only if a newline follows it somewhere (its info line); the label
-    is the leading ``[A-Za-z0-9_+.#-]*`` of that line after spaces and tabs.
+    in ``len(text)``. A fence opens a block only if a newline follows it somewhere: the text up to that newline
+    is its info line, whose leading ``[A-Za-z0-9_+.#-]*`` (after spaces and tabs) is the block's label.
     """
-    blocks = []
+    spans = []
+    width = len(_FENCE)
     start = text.find(_FENCE)
     while start != -1:
-        line_end = text.find("\n", start + len(_FENCE))
+        line_end = text.find("\n", start + width)
         if line_end == -1:
             break
-        label = _FENCE_LABEL.match(text, start + len(_FENCE), line_end).group(1)
         close = text.find(_FENCE, line_end + 1)
         if close == -1:
-            blocks.append((label, text[line_end + 1:]))
+            spans.append((start + width, line_end, line_end + 1, len(text)))
             break
-        blocks.append((label, text[line_end + 1:close]))
-        start = text.find(_FENCE, close + len(_FENCE))
-    return blocks
+        spans.append((start + width, line_end, line_end + 1, close))
+        start = text.find(_FENCE, close + width)
+    return spans
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str:
@@ -129,15 +130,22 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
         # an odd number of fences, code before the first one, and that one is bare: the prompt opened the
         # block and the completion closes it
         text = "```\n" + text
-    blocks = [(label.lower(), body) for label, body in _fenced_blocks(text)]
-    if not blocks:
+    spans = _fence_spans(text)
+    if not spans:
         return text
-    python_blocks = [body for label, body in blocks if label in _PYTHON_LABELS] or [body for _, body in blocks]
+
+    def is_python(span) -> bool:
+        return _FENCE_LABEL.match(text, span[0], span[1]).group(1).lower() in _PYTHON_LABELS
+
+    # the Python (or unlabelled) blocks if there are any, else all; latest first (labels read lazily)
+    only_python = any(is_python(span) for span in reversed(spans))
+    candidates = [span for span in reversed(spans) if not only_python or is_python(span)]
     if entry_point:
-        defining = [body for body in python_blocks if _defines(body, entry_point)]
-        if defining:
-            return defining[-1]
-    return python_blocks[-1]
+        pattern = _definition_pattern(entry_point)
+        for _, _, body_start, body_end in candidates:
+            if text.find(entry_point, body_start, body_end) != -1 and pattern.search(text, body_start, body_end):
+                return text[body_start:body_end]
+    return text[candidates[0][2]:candidates[0][3]]
 
 
 def _strip_main_guard(code: str) -> str:
@@ -167,7 +175,7 @@ def humaneval_check(record: Mapping, completion: str) -> tuple[str, CheckSpec]:
     """The program to sandbox for ``completion`` and the trusted check of the HumanEval record."""
     prompt = _normalize(record["prompt"])
     entry_point = record["entry_point"]
-    stubs = _definitions(prompt, entry_point)
+    stubs = list(_definition_pattern(entry_point).finditer(prompt))
     header = prompt[:stubs[-1].start()] if stubs else prompt
     code = _strip_main_guard(extract_code(completion, entry_point))
     if _defines(code, entry_point):

@@ -1,9 +1,11 @@
 """The trusted side of a sandboxed check: run a benchmark's test code against proxies of the program's functions.
 
-:mod:`dare_gym.rewards.sandbox` starts this module (through :mod:`dare_gym.rewards.sandbox_boot`) in a
+:mod:`dare_gym.rewards.sandbox` runs this module (through :mod:`dare_gym.rewards.sandbox_boot`) in a
 process of its own, beside the sandboxed program (:mod:`dare_gym.rewards.sandbox_harness`), with the parent's
-privileges but its own time, CPU and memory limits. The program's process never holds the test code, and this
-process never holds an object of the program's:
+privileges but its own time, CPU and memory limits: a fork of the checker server (:func:`serve`, one per
+parent process, which has the common imports of test code done) or, where that is unavailable, a fresh
+interpreter. The program's process never holds the test code, and this process never holds an object of the
+program's:
 
 1. the benchmark's trusted prelude runs here (HumanEval's prompt header, whose helpers such as HumanEval/32's
    ``poly`` or /38's ``encode_cyclic`` the tests call);
@@ -32,7 +34,7 @@ import sys
 
 from . import sandbox_protocol as protocol
 
-__all__ = ["CheckerError", "ProgramFailure", "ProgramFunction", "main", "run_check"]
+__all__ = ["CheckerError", "ProgramFailure", "ProgramFunction", "main", "run_check", "serve"]
 
 _REASON_CHARS = 4000
 _FILES = ("<prelude>", "<test>")
@@ -223,12 +225,15 @@ def _set_limit(which: int, soft: int, hard: int) -> None:
 
 
 def main(payload: dict) -> None:
-    """Entry point in the checker's process (called by the boot module); never returns."""
+    """Run one check (in a fresh interpreter, or in a fork of the server) and write its verdict; never returns."""
+    folder = payload["folder"]
+    os.chdir(folder)
+    os.environ["HOME"] = os.environ["TMPDIR"] = folder
     limits = payload["rlimits"]
     _set_limit(resource.RLIMIT_CPU, limits["cpu"], limits["cpu"] + 1)
     _set_limit(resource.RLIMIT_AS, limits["as"], limits["as"])
     _set_limit(resource.RLIMIT_CORE, 0, 0)
-    sys.path.extend(p for p in payload["site_paths"] if p not in sys.path)
+    sys.path.extend(p for p in payload.get("site_paths", ()) if p not in sys.path)
     channel = Channel(payload["call_fd"], payload["reply_fd"])
     try:
         kind, reason = run_check(payload["spec"], channel)
@@ -241,3 +246,83 @@ def main(payload: dict) -> None:
             pass
     protocol.write_message(payload["verdict_fd"], {"verdict": kind, "reason": reason[:_REASON_CHARS]})
     os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+
+def serve(payload: dict) -> None:
+    """The checker server's loop (see ``_CheckerServer`` in :mod:`dare_gym.rewards.sandbox`): import what test
+    code commonly needs once, then fork one checker per request and answer with a pidfd of it. Ends when the
+    parent closes its end of the socket."""
+    import socket
+
+    sys.path.extend(p for p in payload["site_paths"] if p not in sys.path)
+    for name in payload["preload"]:
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    server = socket.socket(fileno=payload["socket_fd"])
+    while True:
+        _reap_children()
+        try:
+            message, fds, _flags, _address = socket.recv_fds(server, 64, 8)
+        except OSError:
+            break
+        if not message:  # the parent closed its end: it has exited
+            break
+        if message != b"check" or len(fds) != 5:
+            _close_all(fds)
+            server.send(b"refused")
+            continue
+        pid = os.fork()
+        if pid == 0:
+            server.close()
+            _run_forked(*fds)
+        _close_all(fds)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            server.send(b"failed")
+            continue
+        try:
+            socket.send_fds(server, [b"forked"], [pidfd])
+        finally:
+            os.close(pidfd)
+    os._exit(0)
+
+
+def _run_forked(payload_fd: int, call_fd: int, reply_fd: int, verdict_fd: int, output_fd: int) -> None:
+    """In the fork: its own session, the run's output pipe as stdout and stderr, then the check."""
+    import marshal
+
+    try:
+        os.setsid()
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        os.close(output_fd)
+        with open(payload_fd, "rb") as stream:
+            payload = marshal.load(stream)
+        payload.update(call_fd=call_fd, reply_fd=reply_fd, verdict_fd=verdict_fd)
+    except BaseException:
+        os._exit(1)
+    main(payload)
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -11,7 +11,10 @@ Two processes per run, started for it alone; everything either leaves behind is 
   functions. Arguments and results cross as JSON-like values with exact types (int, float incl. nan/inf,
   bool, None, str, bytes, list, tuple, dict, set, ...; :mod:`dare_gym.rewards.sandbox_protocol`), decoded
   by the checker with size and depth caps into builtin objects: never pickle, never an object of the
-  program's. Its verdict goes to the parent on a pipe that only the two of them hold.
+  program's. Its verdict goes to the parent on a pipe that only the two of them hold. Checkers are forked by
+  a checker server (one per parent process, common imports of test code done once: a fork costs about a
+  millisecond where a fresh interpreter costs tens), each check in a fork of its own; where pidfds are
+  unavailable, each checker is a fresh interpreter.
 
 Why this is sound (the threat model). The program may do anything its process allows: rewrite every
 function, frame, closure, builtin and module it can reach (the harness included), start sub-interpreters,
@@ -60,7 +63,9 @@ Isolation of the program, strongest layer first (what is active on this machine:
 * **rlimits**: CPU seconds, address space, processes, file size, open files, no core files.
 * **Always**: a new session/process group (SIGKILLed at the end and on timeout), an environment built from
   scratch, a private temporary working directory removed afterwards, stdin from ``/dev/null``, capped
-  stdout/stderr, and one wall-clock deadline owned by the parent for both processes.
+  stdout/stderr, and one wall-clock deadline owned by the parent for both processes. With util-linux
+  ``setpriv``, the run's processes get a parent-death signal, so the kernel kills them if their caller dies (a
+  reward's helper process killed at its time limit): nothing of a run outlives the process that started it.
 
 Where a layer is missing (not root, no ``unshare``, no cgroup v1 controllers) the next ones still apply and a
 ONE-TIME warning names exactly what is missing. Without a pid namespace nor cgroups, the harness is a child
@@ -79,6 +84,7 @@ import os
 import platform
 import pwd
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -121,6 +127,9 @@ _EXIT_GRACE_S = 0.25  # how long the program may take to exit after the verdict 
 _NAMESPACES = ("--mount", "--net", "--pid", "--ipc", "--uts")
 _KEYCTL_SYSCALL = {"x86_64": 250, "amd64": 250, "aarch64": 219, "arm64": 219}
 _CHILD_PACKAGE = "_dare_gym_sandbox"
+_CHECKER_PRELOAD = ("typing", "re", "math", "random", "collections", "itertools", "functools", "heapq", "bisect",
+                    "string", "hashlib", "copy", "fractions", "decimal", "statistics", "operator", "datetime")
+"""Imported once by the checker server, so that the test code of every forked checker finds them loaded."""
 
 
 @dataclass(frozen=True)
@@ -234,9 +243,10 @@ def _child_code() -> tuple[str, tuple, tuple]:
     return boot, (protocol, compiled(sandbox_harness)), (protocol, compiled(code_checker))
 
 
-def _payload_fd(modules: tuple, entry: str, payload: dict) -> int:
-    """A memory file holding what the boot script loads; the caller passes it to the child and closes it."""
-    data = marshal.dumps((_CHILD_PACKAGE, list(modules), entry, payload))
+def _payload_fd(modules: tuple, entry: str, payload: dict, raw: bool = False) -> int:
+    """A memory file holding what the boot script loads (or, ``raw``, only ``payload``: for a checker that the
+    checker server forks); the caller passes it to the child and closes it."""
+    data = marshal.dumps(payload if raw else (_CHILD_PACKAGE, list(modules), entry, payload))
     fd = os.memfd_create("dare_gym_sandbox", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
@@ -301,11 +311,146 @@ def run_programs(sources: Sequence[str] | Iterable[str], limits: SandboxLimits =
 
 
 @dataclass
-class _Child:
-    """One started process of a run and the parent's read ends of its output."""
+class _Program:
+    """The program's process (``unshare`` and the harness under it) and the parent's ends of its output."""
 
     proc: subprocess.Popen
     outputs: dict  # fd -> stream name
+
+
+class _SpawnedChecker:
+    """A checker in a fresh interpreter of its own (when the checker server is unavailable)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.outputs = {proc.stdout.fileno(): "checker"}
+
+    def exited_cleanly(self) -> bool:
+        return self.proc.returncode == 0
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+
+
+class _ForkedChecker:
+    """A checker forked by the checker server; the parent holds a pidfd (immune to pid reuse) to kill it."""
+
+    def __init__(self, pidfd: int, output_fd: int):
+        self.pidfd, self.output_fd = pidfd, output_fd
+        self.outputs = {output_fd: "checker"}
+
+    def exited_cleanly(self) -> bool:
+        return True  # its exit status goes to the server; the verdict is its last act
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)  # readable once the process has exited
+        poller.poll(1000)
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.output_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _CheckerServer:
+    """A long-lived trusted process, one per parent process, that forks a fresh checker for every run.
+
+    A fresh interpreter per checker costs a start-up and the imports of the test code (``typing``, ``re``...)
+    every time; a fork of a process that already has them costs about a millisecond. The server never runs
+    test code or touches a program's data itself: each check runs in its own fork, which dies with the check,
+    so nothing of one check reaches another. It receives the run's channel ends over a private socket pair,
+    answers with a pidfd of the fork (so the parent can kill it at the deadline without any pid-reuse race),
+    and exits when this process closes its end (at exit, or killed). Where pidfds or descriptor passing are
+    unavailable, or the server cannot start, checkers run in fresh interpreters instead.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._owner: int | None = None
+        self.unavailable: str | None = None if all(
+            hasattr(module, name) for module, name in ((os, "pidfd_open"), (signal, "pidfd_send_signal"),
+                                                       (socket, "send_fds"), (socket, "recv_fds"))
+        ) else "pidfds or descriptor passing are unavailable"
+
+    def fork_checker(self, payload_fd: int, fds: list[int]) -> int | None:
+        """A pidfd of a new checker holding ``payload_fd`` and ``fds``; None if the server cannot make one."""
+        with self._lock:
+            if self.unavailable is not None:
+                return None
+            for _attempt in range(2):  # a server that died since the last run is restarted once
+                try:
+                    if self._owner != os.getpid() or self._proc is None or self._proc.poll() is not None:
+                        self._start()
+                    socket.send_fds(self._socket, [b"check"], [payload_fd, *fds])
+                    data, pidfds, _flags, _address = socket.recv_fds(self._socket, 16, 1)
+                except OSError as error:
+                    self._stop(f"{type(error).__name__}: {error}")
+                    continue
+                if data == b"forked" and len(pidfds) == 1:
+                    return pidfds[0]
+                for fd in pidfds:
+                    os.close(fd)
+                self._stop("the server did not fork a checker")
+            return None
+
+    def _start(self) -> None:
+        self._stop(None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot, _, modules = _child_code()
+        payload = {"socket_fd": theirs.fileno(), "site_paths": _site_paths(), "preload": list(_CHECKER_PRELOAD)}
+        payload_fd = _payload_fd(modules, "code_checker:serve", payload)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-S", "-s", "-B", "-c", boot, str(payload_fd)], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=_clean_env("/"),
+                pass_fds=(payload_fd, theirs.fileno()), start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(payload_fd)
+            theirs.close()
+        ours.settimeout(10.0)
+        self._socket, self._owner = ours, os.getpid()
+
+    def _stop(self, why: str | None) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        if self._proc is not None and self._owner == os.getpid():
+            self._proc.kill()
+            self._proc.wait()
+        self._socket = self._proc = self._owner = None
+        if why is not None:
+            logger.warning("dare_gym sandbox: the checker server failed (%s); restarting it", why)
+
+    def forget_after_fork(self) -> None:
+        """In a forked copy of this process: the server belongs to the original; this copy starts its own."""
+        self._lock = threading.Lock()
+        if self._socket is not None:
+            self._socket.close()
+        self._socket = self._proc = self._owner = None
+
+
+_CHECKER_SERVER = _CheckerServer()
+os.register_at_fork(after_in_child=_CHECKER_SERVER.forget_after_fork)
 
 
 def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> ExecutionResult:
@@ -334,7 +479,7 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
         verdict_r, verdict_w = os.pipe()
         parent_fds.append(verdict_w)
         program = _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, call_r, reply_w)
-        checker = _start_checker(spec, limits, checker_dir, call_w, reply_r, verdict_w)
+        checker = _start_checker(spec, limits, plan, checker_dir, call_w, reply_r, verdict_w)
         for fd in parent_fds:
             os.close(fd)
         parent_fds.clear()
@@ -347,9 +492,11 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
                 os.close(fd)
             except OSError:
                 pass
-        for child in (program, checker):
-            if child is not None and child.proc.returncode is None:
-                _stop(child, program, cgroups, uid, plan)
+        if program is not None and program.proc.returncode is None:
+            _stop_program(program, cgroups, uid, plan)
+        if checker is not None:
+            checker.kill()
+            checker.close()
         if cgroups:
             _kill_cgroups(cgroups, budget_s=0.2)
         for folder in (workdir, checker_dir):
@@ -359,7 +506,7 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
             uid_sock.close()
 
 
-def _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, call_fd, reply_fd) -> _Child:
+def _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, call_fd, reply_fd) -> _Program:
     memory = int(limits.memory_mb) * 1024 * 1024
     config = {
         "workdir": workdir,
@@ -388,48 +535,61 @@ def _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, cal
         if plan.namespaces:
             argv = [plan.unshare, *_NAMESPACES, "--fork", "--kill-child", "--propagation", "private", *argv]
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
-            env=_clean_env(workdir), pass_fds=(payload_fd, call_fd, reply_fd), start_new_session=True,
-            close_fds=True,
+            _die_with_this_thread(plan, argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=workdir, env=_clean_env(workdir), pass_fds=(payload_fd, call_fd, reply_fd),
+            start_new_session=True, close_fds=True,
         )
     finally:
         os.close(payload_fd)
-    return _Child(proc, {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"})
+    return _Program(proc, {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"})
 
 
-def _start_checker(spec: CheckSpec, limits: SandboxLimits, folder: str, call_fd: int, reply_fd: int,
-                   verdict_fd: int) -> _Child:
+def _die_with_this_thread(plan: _Plan, argv: list[str]) -> list[str]:
+    """``argv`` started so that the kernel kills it if the thread starting it dies (the parent killed at a
+    reward's time limit, say): nothing of the run outlives its caller."""
+    return [plan.setpriv, "--pdeathsig", "KILL", *argv] if plan.setpriv else argv
+
+
+def _start_checker(spec: CheckSpec, limits: SandboxLimits, plan: _Plan, folder: str, call_fd: int,
+                   reply_fd: int, verdict_fd: int):
+    """The checker, forked by the checker server when it can, else in a fresh interpreter."""
     boot, _, modules = _child_code()
     payload = {
         "spec": {"prelude": spec.prelude, "test": spec.test, "functions": list(spec.functions),
                  "modules": list(spec.modules), "remote_names": list(spec.remote_names)},
-        "call_fd": call_fd, "reply_fd": reply_fd, "verdict_fd": verdict_fd, "site_paths": _site_paths(),
+        "folder": folder,
         "rlimits": {"cpu": max(1, int(-(-limits.effective_cpu_s // 1))) + 1,
                     "as": (int(limits.memory_mb) + _CHECKER_MEMORY_HEADROOM_MB) * 1024 * 1024},
     }
+    output_r, output_w = os.pipe()
+    payload_fd = _payload_fd((), "", payload, raw=True)
+    try:
+        pidfd = _CHECKER_SERVER.fork_checker(payload_fd, [call_fd, reply_fd, verdict_fd, output_w])
+    finally:
+        os.close(payload_fd)
+        os.close(output_w)
+    if pidfd is not None:
+        return _ForkedChecker(pidfd, output_r)
+    os.close(output_r)
+    payload.update(call_fd=call_fd, reply_fd=reply_fd, verdict_fd=verdict_fd, site_paths=_site_paths())
     payload_fd = _payload_fd(modules, "code_checker", payload)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-S", "-s", "-B", "-c", boot, str(payload_fd)], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=folder, env=_clean_env(folder),
-            pass_fds=(payload_fd, call_fd, reply_fd, verdict_fd), start_new_session=True, close_fds=True,
+            _die_with_this_thread(plan, [sys.executable, "-S", "-s", "-B", "-c", boot, str(payload_fd)]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=folder,
+            env=_clean_env(folder), pass_fds=(payload_fd, call_fd, reply_fd, verdict_fd), start_new_session=True,
+            close_fds=True,
         )
     finally:
         os.close(payload_fd)
-    return _Child(proc, {proc.stdout.fileno(): "checker"})
+    return _SpawnedChecker(proc)
 
 
-def _stop(child: _Child, program: _Child | None, cgroups, uid, plan) -> None:
-    """Kill one child of the run: the program with its whole tree, the checker with its process group."""
-    if child is program:
-        _kill_tree(child.proc, cgroups, uid if not plan.namespaces else None, plan.namespaces)
-    elif child.proc.returncode is None:
-        try:
-            os.killpg(child.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+def _stop_program(program: _Program, cgroups, uid, plan) -> None:
+    """Kill the program's whole tree."""
+    _kill_tree(program.proc, cgroups, uid if not plan.namespaces else None, plan.namespaces)
     try:
-        child.proc.wait(timeout=1.0)
+        program.proc.wait(timeout=1.0)
     except subprocess.TimeoutExpired:
         pass
 
@@ -483,7 +643,7 @@ class _Outputs:
         self.selector.close()
 
 
-def _supervise(program: _Child, checker: _Child, verdict_r: int, limits: SandboxLimits, deadline: float,
+def _supervise(program: _Program, checker, verdict_r: int, limits: SandboxLimits, deadline: float,
                start: float, cgroups: dict[str, Path], uid: int | None, plan: _Plan,
                oom_before: int) -> ExecutionResult:
     cap = int(limits.max_output_bytes)
@@ -498,19 +658,17 @@ def _supervise(program: _Child, checker: _Child, verdict_r: int, limits: Sandbox
         if not timed_out:  # it normally exits right after its goodbye: keep its last output
             outputs.read_until(lambda: not outputs.open("stdout") and not outputs.open("stderr"),
                                min(deadline, time.monotonic() + _EXIT_GRACE_S))
-        for child in (program, checker):
-            _stop(child, program, cgroups, uid, plan)
+        _stop_program(program, cgroups, uid, plan)
+        checker.kill()
         drain_end = time.monotonic() + 0.2
         outputs.read_until(lambda: not outputs.selector.get_map(), drain_end)
     finally:
         outputs.close()
-        for child in (program, checker):
-            for stream in (child.proc.stdout, child.proc.stderr):
-                if stream is not None:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
+        for stream in (program.proc.stdout, program.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
     rc = program.proc.returncode
 
     def make(passed: bool, status: str, reason: str) -> ExecutionResult:
@@ -523,10 +681,9 @@ def _supervise(program: _Child, checker: _Child, verdict_r: int, limits: Sandbox
         return make(False, "timeout", f"exceeded the wall-clock limit of {limits.timeout_s:g} s")
     if verdict is None:
         tail = outputs.text("checker").strip().splitlines()[-3:]
-        return make(False, "error", f"the checker ended without a verdict (exit status {checker.proc.returncode})"
-                                    + (": " + " | ".join(tail) if tail else ""))
+        return make(False, "error", "the checker ended without a verdict" + (": " + " | ".join(tail) if tail else ""))
     kind, reason = verdict
-    if kind == "pass" and checker.proc.returncode == 0:
+    if kind == "pass" and checker.exited_cleanly():
         return make(True, "passed", "")
     if kind == "error":
         return make(False, "error", reason)
@@ -577,6 +734,7 @@ class _Plan:
     drop_uid: bool = False
     cgroups: dict = field(default_factory=dict)  # controller -> Path of this process's parent cgroup
     unshare: str | None = None
+    setpriv: str | None = None  # util-linux setpriv, if it can set a parent-death signal
     keyctl: int | None = None  # the keyctl syscall number, where known
     missing: dict = field(default_factory=dict)  # layer -> why it is missing
 
@@ -587,14 +745,22 @@ _WARNED = False
 _NAMESPACE_LAYERS = ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace")
 
 
-def _find_unshare() -> str | None:
-    found = shutil.which("unshare")
+def _find_tool(name: str) -> str | None:
+    found = shutil.which(name)
     if found:
         return found
-    for candidate in ("/usr/bin/unshare", "/bin/unshare", "/usr/sbin/unshare"):
-        if os.access(candidate, os.X_OK):
-            return candidate
+    for folder in ("/usr/bin", "/bin", "/usr/sbin", "/sbin"):
+        if os.access(f"{folder}/{name}", os.X_OK):
+            return f"{folder}/{name}"
     return None
+
+
+def _runs(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=10, env={"PATH": _SAFE_PATH}).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _interpreter_reachable_by_others() -> bool:
@@ -634,7 +800,12 @@ def _cgroup_parent(controller: str) -> Path | None:
 def _build_plan() -> _Plan:
     plan = _Plan()
     is_root = os.geteuid() == 0
-    plan.unshare = _find_unshare()
+    plan.unshare = _find_tool("unshare")
+    plan.setpriv = _find_tool("setpriv")
+    if plan.setpriv is not None and not _runs([plan.setpriv, "--pdeathsig", "KILL", "true"]):
+        plan.setpriv = None
+    if plan.setpriv is None:
+        plan.missing["parent_death_signal"] = "util-linux setpriv with --pdeathsig is not installed"
     plan.keyctl = _KEYCTL_SYSCALL.get(platform.machine().lower())
     if plan.keyctl is None:
         plan.missing["private_keyrings"] = f"keyctl's system call number is unknown on {platform.machine()}"
@@ -721,7 +892,8 @@ def isolation_report() -> dict:
     ``new_session``, ``network_namespace``, ``pid_namespace``, ``mount_namespace`` (read-only file system,
     private tmpfs working directory, hidden ``/proc``), ``ipc_namespace``, ``uts_namespace``,
     ``unprivileged_uid``, ``private_keyrings``, ``pids_cgroup``, ``memory_cgroup``, ``rlimits`` (list),
-    ``clean_env``, ``separate_checker`` (the tests run in another process than the program),
+    ``clean_env``, ``parent_death_signal``, ``separate_checker`` (the tests run in another process than the
+    program), ``checker_server`` (checkers are forked by the server rather than started fresh),
     ``verdict_isolated`` (the program can reach neither the checker nor the parent: a per-run uid or a pid
     namespace), ``shared_namespaces`` (namespace -> why sharing it is safe), ``unshare``, ``missing``
     (layer -> reason).
@@ -738,7 +910,9 @@ def isolation_report() -> dict:
         "memory_cgroup": "memory" in plan.cgroups,
         "rlimits": ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"],
         "clean_env": True,
+        "parent_death_signal": plan.setpriv is not None,
         "separate_checker": True,
+        "checker_server": _CHECKER_SERVER.unavailable is None,
         "verdict_isolated": plan.drop_uid or plan.namespaces,
         "shared_namespaces": {
             "user": "the program is an unprivileged uid without capabilities; user namespaces it makes give it "

@@ -3,7 +3,8 @@
 The parent (:mod:`dare_gym.rewards.sandbox`) writes to a memory file (memfd), read here from ``fd``:
 the name of a package to create, the compiled code of the modules to put in it (its own
 :mod:`~dare_gym.rewards.sandbox_protocol`, :mod:`~dare_gym.rewards.sandbox_harness` or
-:mod:`~dare_gym.rewards.code_checker`), which of them to run, and that module's input. The child thus runs
+:mod:`~dare_gym.rewards.code_checker`), which function to run (``module`` for its ``main``, or
+``module:function``), and its input. The child thus runs
 the same modules that tests import, without importing ``dare_gym`` (and torch) or finding files on disk: the
 program's process may not be able to read the project's folder at all. The modules' relative imports
 (``from . import sandbox_protocol``) resolve inside the package made here.
@@ -27,7 +28,8 @@ def main() -> None:
         sys.modules[module.__name__] = module
         setattr(package, name, module)
         exec(code, module.__dict__)
-    sys.modules[f"{package_name}.{entry}"].main(payload)
+    module_name, _, function = entry.partition(":")
+    getattr(sys.modules[f"{package_name}.{module_name}"], function or "main")(payload)
 
 
 if __name__ == "__main__":

@@ -102,14 +102,14 @@ def test_a_megabyte_of_repeated_fences_is_processed_quickly(name):
     record = {"prompt": "def f(x):\n    \"\"\"Add one.\"\"\"\n", "entry_point": "f",
               "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
     mbpp = {"task_id": 1, "test_list": ["assert f(1) == 2"], "code": "def f(x):\n    return x + 1\n"}
-    start = time.perf_counter()
-    extract_code(text)
-    extract_code(text, entry_point="f")
-    humaneval_check(record, text)
-    mbpp_check(mbpp, text)
-    elapsed = time.perf_counter() - start
-    print(f"    {name}: {elapsed * 1000:.0f} ms for 4 passes over {len(text) / (1 << 20):.2f} MiB")
-    assert elapsed < TIME_LIMIT_S  # a time LIMIT (the old pattern needed ~15 s for 128 KiB of openers)
+    passes = {"extract": lambda: extract_code(text), "extract for f": lambda: extract_code(text, entry_point="f"),
+              "HumanEval program": lambda: humaneval_check(record, text), "MBPP program": lambda: mbpp_check(mbpp, text)}
+    for what, run in passes.items():
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        print(f"    {name}, {what}: {elapsed * 1000:.0f} ms for {len(text) / (1 << 20):.2f} MiB")
+        assert elapsed < TIME_LIMIT_S  # a time LIMIT (the old pattern needed ~15-35 s for 128 KiB of openers)
 
 
 def test_oversized_completions_are_refused_quickly_with_the_reason():

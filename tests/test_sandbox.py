@@ -18,6 +18,8 @@ import secrets
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -155,7 +157,7 @@ def test_isolation_report_names_the_active_layers(report):
     assert report["fresh_process"] and report["new_session"] and report["clean_env"] and report["separate_checker"]
     assert {"RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC"} <= set(report["rlimits"])
     for layer in ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace",
-                  "unprivileged_uid", "private_keyrings", "pids_cgroup", "memory_cgroup"):
+                  "unprivileged_uid", "private_keyrings", "pids_cgroup", "memory_cgroup", "parent_death_signal"):
         assert report[layer] or layer in report["missing"], f"{layer} is off but not reported as missing"
     if os.geteuid() == 0 and report["unshare"]:
         # this project's machines (developers and CI run as root, util-linux installed): everything is on
@@ -953,6 +955,70 @@ def test_the_checker_has_its_own_time_limit():
     limits = sb.SandboxLimits(timeout_s=1.0)
     result = _check("def f(x):\n    return 1\n", "while f(0) != 2:\n    pass\n", limits=limits)
     assert result.status == "timeout"
+
+
+def test_checkers_run_in_fresh_interpreters_where_the_server_is_unavailable(monkeypatch):
+    server = sb._CheckerServer()
+    server.unavailable = "switched off by the test"
+    monkeypatch.setattr(sb, "_CHECKER_SERVER", server)
+    test = "print('checking')\nassert f(2) == 4\n"
+    right = _check("def f(x):\n    return x * x\n", test)
+    assert right.passed and right.checker_output == "checking\n"
+    assert "AssertionError" in _check("def f(x):\n    return 0\n", test).reason
+    assert not _check("import os\ndef f(x):\n    os._exit(0)\n", test).passed
+    assert server._proc is None  # no server was started
+
+
+def test_a_killed_checker_server_is_restarted():
+    test = "assert f(2) == 4\n"
+    assert _check("def f(x):\n    return x * x\n", test).passed
+    first = sb._CHECKER_SERVER._proc
+    assert first is not None and first.poll() is None
+    first.kill()
+    first.wait()
+    assert _check("def f(x):\n    return x * x\n", test).passed
+    assert sb._CHECKER_SERVER._proc.pid != first.pid
+
+
+CALLER = """
+import os, sys, time
+from dare_gym.rewards import sandbox as sb
+spec = sb.CheckSpec(test="assert f(1) == 1\\n", functions=("f",))
+assert sb.check_program("def f(x):\\n    return x\\n", spec).passed
+if os.fork() == 0:  # a forked copy of the caller gets a checker server of its own
+    ok = sb.check_program("def f(x):\\n    return x\\n", spec).passed
+    print("child", ok, sb._CHECKER_SERVER._proc.pid, flush=True)
+    os._exit(0)
+os.wait()
+print("server", sb._CHECKER_SERVER._proc.pid, flush=True)
+sb.check_program("import time\\ntime.sleep(100)\\n", spec, sb.SandboxLimits(timeout_s=60))
+"""
+
+
+def test_nothing_outlives_a_caller_killed_mid_run():
+    # a reward's helper process killed at its time limit: its sandboxed program, checker and server go with it
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    caller = subprocess.Popen([sys.executable, "-c", CALLER], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        child_line = caller.stdout.readline().split()
+        server_line = caller.stdout.readline().split()
+        assert child_line[:2] == ["child", "True"] and server_line[0] == "server", (child_line, server_line)
+        assert child_line[2] != server_line[1]
+        server = int(server_line[1])
+        deadline = time.monotonic() + 10
+        while not _uid_processes() and time.monotonic() < deadline:  # the sleeping program is running
+            time.sleep(0.05)
+        caller.kill()
+        caller.wait()
+        deadline = time.monotonic() + 5
+        while (_sandbox_uid_processes() or Path(f"/proc/{server}").exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_uid_processes() == [], "the program outlived its killed caller"
+        assert not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text().split()[2]
+    finally:
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()
 
 
 # ------------------------------------------------------------------------------------------------ protocol
