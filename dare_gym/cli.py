@@ -38,6 +38,20 @@ def _fill(text: str) -> str:
     return textwrap.fill(text, width=100)
 
 
+def check_policy_name(name: str, where: str) -> None:
+    """Fail at once on a policy that names no local folder and cannot be a hub id (``org/name``), instead of
+    after the hub's retries: ``tiny`` and existing folders pass, and so does ``org/name`` unless ``org`` is a
+    local folder (then a folder was meant)."""
+    path = Path(name).expanduser()
+    if name == "tiny" or path.exists():
+        return
+    parts = name.split("/")
+    hub_like = len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).is_dir()
+    if not hub_like:
+        raise ConfigError(f"{where}: no policy folder {name!r} (give 'tiny', a checkpoint folder or a hub id "
+                          "org/name)")
+
+
 def _import_modules(specs: list[str]) -> None:
     from dare_gym.user_code import import_module
 
@@ -84,6 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
     config = dataclass_from_dict(TrainConfig, data)
+    check_policy_name(config.policy, "policy")
     print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     print(f"training {config.algorithm['name']} on {config.env} with policy {config.policy!r}; "
           f"output in {config.output_dir}", flush=True)
@@ -176,6 +191,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     generation = dataclass_from_dict(GenerationConfig, _parse_key_values(args.gen, "--gen"), where="--gen").as_kwargs()
     env = make_env(args.env, args.split, _parse_key_values(args.env_kwarg, "--env-kwarg"))
+    check_policy_name(args.policy, "--policy")
     try:
         with quiet_library_warnings():
             policy = dare_gym.load_policy(args.policy)

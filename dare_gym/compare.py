@@ -6,13 +6,13 @@ run consumes the same number of rollouts (completions sampled and rewarded):
     max_steps = budget_rollouts // (prompts_per_step × group_size),   time_limit_minutes = null
 
 The comparison that ships with the package (digitsort-v0, the tiny policy, 16 prompts × 8 completions per
-step, each algorithm at its own defaults; 50 steps = 6,400 rollouts per run):
+step, each algorithm at its own defaults plus ``algorithm_options``; 30 steps = 3,840 rollouts per run):
 
     dare-gym compare --config experiments/configs/compare_default.yaml --algorithms all --seeds 0 1 2 \\
-        --budget-rollouts 6400 --sft-baseline --output runs/compare
+        --budget-rollouts 3840 --sft-baseline --output runs/compare
 
-(minutes per run on 2 CPU cores, more for algorithms that update many times per batch: d1 at its paper
-defaults makes 12; the runs are sequential, so the whole comparison takes hours.)
+(the runs are sequential: 48 minutes for every algorithm, 3 seeds and the SFT baseline on 2 CPU cores;
+results in ``experiments/results/compare/``.)
 
 A quicker look: ``dare-gym compare --algorithms d1 --seeds 0 --budget-rollouts 1280`` (the packaged
 default.yaml's recipe, 5 steps of 32 × 8).
@@ -26,8 +26,7 @@ algorithm's config class are kept (the others are dropped and listed in the repo
 rejects the values it keeps (an estimator or a KL weight it cannot use) runs at its own defaults instead, with
 a note. ``algorithm.<field>=value`` overrides apply to every algorithm whose config has that field, and are
 ignored, with a note, for the others (an override that matches no compared algorithm is an error: probably a
-typo). Other dotted overrides
-(``eval_size=100``) set shared fields; ``max_steps``, ``time_limit_minutes``, ``seed``, ``output_dir`` and
+typo). Other dotted overrides (``eval_size=100``) set shared fields; ``max_steps``, ``time_limit_minutes``, ``seed``, ``output_dir`` and
 ``algorithm.name`` are set by the comparison itself. Checkpoints are written only at the end of each run.
 
 Isolation. Each (algorithm, seed) run is a separate process (``python -m dare_gym.compare_run

@@ -212,7 +212,7 @@ def plan_comparison(
             notes.append(f"{name}: invalid config, its runs are recorded as failed: {error}")
         options[name] = section
     if recipe and len(names) > 1:
-        notes.append(f"--shared-recipe: the config's algorithm options apply to every algorithm that has the field"
+        notes.append("--shared-recipe: the config's algorithm options apply to every algorithm that has the field"
                      if shared_recipe else f"the config's algorithm: options apply to {recipe_name} only; the others "
                      "run their own defaults plus algorithm_options (--shared-recipe applies them to all)")
     unused = [text for text, _, _ in algorithm_overrides if text not in used_overrides]

@@ -34,7 +34,7 @@ def is_file_spec(spec: str) -> bool:
 def normalize_module_spec(spec: str) -> str:
     """A ``.py`` path made absolute (so that another process, or a resume elsewhere, finds the same file);
     a module name unchanged."""
-    return str(Path(spec).expanduser().resolve()) if is_file_spec(spec) else spec
+    return str(Path(spec).expanduser().resolve()) if isinstance(spec, str) and is_file_spec(spec) else spec
 
 
 def import_module(spec: str, *, where: str = "import") -> ModuleType:
