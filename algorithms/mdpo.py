@@ -26,7 +26,9 @@ class MDPOConfig(AlgorithmConfig):
     num_iterations: int = 1
     beta: float = 0.0
     epsilon: float = 0.2
-    train_steps: int = 16  # K
+    """ratio clip range of each step's surrogate"""
+    train_steps: int = 16
+    """K: denoising steps trained per batch (those with the largest total |advantage|)"""
 
     def __post_init__(self):
         if self.beta != 0:
