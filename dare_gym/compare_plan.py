@@ -234,7 +234,6 @@ def _config_class_name(name: str) -> str:
 def _import_all(specs: Any, config_path: str | Path) -> list[str]:
     if not isinstance(specs, list):
         raise ConfigError(f"{config_path}: imports must be a list of modules, got {specs!r}")
-    specs = list(dict.fromkeys(normalize_module_spec(spec) for spec in specs))
     for spec in specs:
         import_module(spec, where=f"--import {spec}")
-    return specs
+    return list(dict.fromkeys(normalize_module_spec(spec) for spec in specs))

@@ -364,3 +364,24 @@ def test_mean_line_and_band_end_together_at_the_last_evaluation_all_seeds_reache
     many = [_run(f"algo{i}", seed, [(0, 0.0, 0.4), (5, 2.0 + seed, 0.5 + i / 100)]) for i in range(15) for seed in (0, 1)]
     path = plot_curves(many + runs, tmp_path / "curves.png", title="digitsort-v0")
     assert path.stat().st_size > 20_000
+
+
+def test_import_by_file_path_registers_for_the_plan_and_is_recorded_for_every_run(tmp_path):
+    plugin = tmp_path / "plugins" / "compare_file_plugin.py"
+    plugin.parent.mkdir()
+    plugin.write_text(BROKEN_PLUGIN.replace("broken_for_test", "from_file_for_test"))
+    try:
+        plan = plan_comparison(["d1", "from_file_for_test"], [0], 64, imports=[str(plugin)],
+                               overrides=["prompts_per_step=4", "group_size=4"])
+        assert plan.shared["imports"] == [str(plugin)]
+        assert plan.run_config("from_file_for_test", 0, tmp_path / "run")["imports"] == [str(plugin)]
+    finally:
+        ALGORITHMS.pop("from_file_for_test", None)
+    with pytest.raises(ConfigError, match="--import nowhere/plugin.py: no such file"):
+        plan_comparison(["d1"], [0], 64, imports=["nowhere/plugin.py"])
+
+
+def test_compare_does_not_import_the_command_line():
+    code = "import sys, dare_gym.compare; assert 'dare_gym.cli' not in sys.modules, 'compare imports cli'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
