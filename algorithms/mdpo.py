@@ -17,7 +17,7 @@ import torch
 
 from dare_gym.advantages import mdpo_step_advantages
 from dare_gym.algorithms.base import AlgorithmConfig, register_algorithm
-from dare_gym.estimators import token_log_probs
+from dare_gym.logprobs import token_log_probs
 from dare_gym.losses import mdpo_step_loss
 
 
@@ -67,9 +67,10 @@ class MDPO:
         values = []
         for t in batch.columns["train_steps"][0].tolist():
             state = inputs.completion_ids.masked_fill(inputs.unmask_step >= t, self.mask_token_id)
-            logits = policy.logits(torch.cat([inputs.prompt_ids, state], dim=1), inputs.attention_mask)
+            logits = policy.logits(torch.cat([inputs.prompt_ids, state], dim=1), inputs.attention_mask,
+                                   logits_to_keep=state.shape[1])
             targets = batch.columns["step_prediction"][:, t].to(policy.device)
-            values.append(token_log_probs(logits[:, inputs.prompt_length:], targets))
+            values.append(token_log_probs(logits, targets))
         return torch.stack(values, dim=1)
 
     def loss(self, policy, batch, iteration):

@@ -54,9 +54,10 @@ class PPOConfig(PolicyGradientConfig):
 class ValueModel(nn.Module):
     """The policy's network, copied, with a scalar head on the last hidden state in place of the LM head."""
 
-    def __init__(self, policy_model: nn.Module):
+    def __init__(self, policy):
         super().__init__()
-        backbone = copy.deepcopy(policy_model)
+        self.family, self.block_size = policy.family, policy.block_size  # the forward goes through the family
+        backbone = copy.deepcopy(policy.model)
         if hasattr(backbone, "merge_and_unload"):  # a LoRA policy: the value model is a plain full copy
             backbone = backbone.merge_and_unload()
         self.backbone = backbone.train().requires_grad_(True)
@@ -67,8 +68,9 @@ class ValueModel(nn.Module):
         output.register_forward_hook(lambda module, args, result: setattr(self, "_hidden", args[0]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return self.head(self._hidden).squeeze(-1)
+        self.family.forward(self.backbone, input_ids, attention_mask, block_size=self.block_size)
+        hidden = self.family.align(self._hidden, attention_mask)  # position i: the state that predicts token i
+        return self.head(hidden).squeeze(-1)
 
 
 @register_algorithm("ppo", PPOConfig)
@@ -85,7 +87,7 @@ class PPO(PolicyGradient):
 
     def _ensure_value_model(self, policy) -> ValueModel:
         if self.value_model is None:
-            self.value_model = ValueModel(policy.model).to(policy.device)
+            self.value_model = ValueModel(policy).to(policy.device)
             self.value_optimizer = torch.optim.AdamW(self.value_model.parameters(), lr=self.config.value_learning_rate)
             if self._pending_state is not None:
                 self.load_state_dict(self._pending_state)

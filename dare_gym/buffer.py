@@ -159,13 +159,13 @@ class RolloutBuffer:
         """Shuffled row subsets of about ``size`` rows covering the buffer once. With ``unit`` (a column name,
         or ``"group_id"``), rows sharing a value stay in one minibatch (DPO's chosen/rejected pairs)."""
         if unit is None:
-            order = torch.randperm(len(self), generator=generator)
+            order = _randperm(len(self), generator)
             for start in range(0, len(self), size):
                 yield self.select(order[start : start + size])
             return
         keys = self.group_id if unit == "group_id" else self.columns[unit]
         units = torch.unique(keys)
-        units = units[torch.randperm(len(units), generator=generator)]
+        units = units[_randperm(len(units), generator)]
         per_unit = max(1, len(self) // max(1, len(units)))
         step = max(1, size // per_unit)
         for start in range(0, len(units), step):
@@ -201,3 +201,10 @@ class RolloutBuffer:
                 unmask_step=batch.unmask_step.to(device),
             )
         return batch
+
+
+def _randperm(count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A random order of ``count`` rows, drawn wherever ``generator`` lives and returned on the CPU (the buffer's
+    home)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randperm(count, generator=generator, device=device).cpu()

@@ -8,7 +8,8 @@ compare like with like, and VRPO's antithetic sampling comes for free):
     noise = estimator.sample_noise(batch, generator)        # masks, noise levels: tensors, rows first
     scores = estimator.token_logp(logits_fn, batch, noise)  # TokenScores
 
-``logits_fn(input_ids, attention_mask) -> logits`` is the policy's family-aligned forward. ``scores.logp`` is
+``logits_fn(input_ids, attention_mask, *, logits_to_keep=0) -> logits`` is the policy's family-aligned forward
+(``logits_to_keep=n``: only the last n positions, 0: all). ``scores.logp`` is
 a per-token estimate (or, for ELBO estimators, each token's weighted contribution, so that the sum over
 ``scores.scored`` is the sequence estimate); ``scores.draws`` keeps each forward's raw token log-probs, masks
 and weights for algorithms that need them one by one (BGPO's per-sample backward, SPG's EUBO, step losses).
@@ -32,7 +33,12 @@ from typing import Callable, Protocol
 
 import torch
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from dare_gym.device import uniform
+from dare_gym.logprobs import token_entropy, token_log_probs
+
+LogitsFn = Callable[..., torch.Tensor]
+"""``logits_fn(input_ids, attention_mask, *, logits_to_keep=0) -> logits`` aligned so that position i predicts
+token i; ``logits_to_keep=n`` returns only the last n positions."""
 
 
 @dataclass
@@ -69,21 +75,13 @@ class LikelihoodEstimator(Protocol):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising the full log-softmax (vocabularies are large)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-probabilities in half precision are too coarse for ratios
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def _forward(logits_fn: LogitsFn, batch, completion: torch.Tensor, prompt: torch.Tensor | None = None):
-    """Token log-probs of the clean completion given a noised completion (and optionally noised prompt)."""
+    """Token log-probs of the clean completion given a noised completion (and optionally noised prompt).
+    Only the completion's positions pay for the vocabulary-wide head (``logits_to_keep``)."""
     prompt = batch.prompt_ids if prompt is None else prompt
-    logits = logits_fn(torch.cat([prompt, completion], dim=1), batch.attention_mask)[:, batch.prompt_length :]
-    with torch.no_grad():
-        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return token_log_probs(logits, batch.completion_ids), entropy
+    logits = logits_fn(torch.cat([prompt, completion], dim=1), batch.attention_mask,
+                       logits_to_keep=completion.shape[1])
+    return token_log_probs(logits, batch.completion_ids), token_entropy(logits)
 
 
 def _present(batch) -> torch.Tensor:
@@ -92,7 +90,7 @@ def _present(batch) -> torch.Tensor:
 
 
 def _uniform(shape, generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator).to(device)
+    return uniform(shape, generator, device)
 
 
 def _mask_exactly(counts: torch.Tensor, allowed: torch.Tensor, generator) -> torch.Tensor:
@@ -181,7 +179,7 @@ class CoupledComplementary:
     def sample_noise(self, batch, generator=None) -> dict[str, torch.Tensor]:
         rows, length = batch.completion_ids.shape
         device = batch.completion_ids.device
-        t = self.t_low + (self.t_high - self.t_low) * torch.rand(1, generator=generator).item()
+        t = self.t_low + (self.t_high - self.t_low) * _uniform(1, generator, "cpu").item()
         return {"t": torch.full((rows,), t, device=device),
                 "first_masked": _uniform((rows, length), generator, device) < t}
 
@@ -202,7 +200,7 @@ def stratified_mask_counts(length: torch.Tensor, draws: int, generator=None) -> 
     """LLaDA's stratified counts: one k ~ U{1..L} per row, then x_j = round(k + j·L/n) wrapped into 1..L.
     ``length`` is [B]; returns [B, n]. Example: L = 4, n = 2, k = 1 gives (1, 3)."""
     length = length.long().clamp(min=1)
-    k = (torch.rand(length.shape, generator=generator).to(length.device) * length).long() + 1
+    k = (_uniform(length.shape, generator, length.device) * length).long() + 1
     offsets = torch.arange(draws, device=length.device)[None, :] * length[:, None].double() / draws
     # Round half up, not half to even (torch.round): k + round(j·L/n) must be the same shift of k for every k,
     # or x_j is not uniform on 1..L where j·L/n ends in .5 and the draw's 1/x_j weight is biased.
@@ -283,7 +281,7 @@ class PairedELBO:
         for _ in range(self.mc_num):
             # One uniform per call, so k₀ ~ U{0..L_row} in every row (rows of equal length share k₀), and
             # round half up, so k_j is the same shift of k₀ whatever k₀ is: each row's k is uniform on 0..L_row.
-            u = torch.rand(1, generator=generator).to(length.device)
+            u = _uniform(1, generator, length.device)
             k0 = (u * (length + 1)).long().clamp(max=length)
             j = torch.arange(rows, device=length.device)
             k = torch.floor(k0 + j * (length + 1).double() / rows + 0.5).long() % (length + 1)

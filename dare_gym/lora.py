@@ -221,13 +221,13 @@ class AdapterDisabledReference(DiffusionPolicy):
             raise AttributeError(name)
         return getattr(self._policy, name)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         model = self.model
         was_training = model.training
         try:
             with torch.no_grad(), model.disable_adapter():
                 model.eval()
-                return self.family.logits(model, input_ids, attention_mask)
+                return self._policy.logits(input_ids, attention_mask, **kwargs)
         finally:
             model.train(was_training)
 
@@ -296,6 +296,7 @@ def load_lora_policy(
     dtype: torch.dtype | str | None = None,
     family: str | None = None,
     mask_token_id: int | None = None,
+    chat_template: bool | None = None,
     trust_remote_code: bool = False,
     **generation_defaults,
 ) -> DiffusionPolicy:
@@ -305,9 +306,8 @@ def load_lora_policy(
     The adapter is loaded trainable, as it was during training.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    from dare_gym.policy import load_policy
+    from dare_gym.policy import load_policy, load_tokenizer
 
     path = Path(path)
     if meta is None:
@@ -317,9 +317,10 @@ def load_lora_policy(
     base_name = (meta.get("lora") or {}).get("base_model") or adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{path / ADAPTER_CONFIG_FILE} names no base model and {POLICY_META_FILE} records none")
-    base = load_policy(base_name, device=device, dtype=dtype, family=family, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    base = load_policy(base_name, device=device, dtype=dtype, family=family or meta.get("family"),
+                       chat_template=chat_template, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True).to(base.device)
+    tokenizer = load_tokenizer(path, base.family, trust_remote_code=trust_remote_code)
     defaults = dict(base.generation_defaults)
     defaults.update(meta.get("generation_defaults", {}))
     defaults.update(generation_defaults)
@@ -329,9 +330,10 @@ def load_lora_policy(
         model,
         tokenizer,
         mask_token_id=mask_token_id,
-        family=family or meta.get("family") or base.family,
+        family=base.family,
         stop_token_ids=meta.get("stop_token_ids") or base.stop_token_ids,
         generation_defaults=defaults,
+        chat_template=base.chat_template if chat_template is None else chat_template,
     )
     lora_meta = meta.get("lora") or {}
     if lora_meta.get("settings"):

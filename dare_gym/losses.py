@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dare_gym.logprobs import token_log_probs
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -107,7 +109,7 @@ def masked_diffusion_sft_loss(
         masked: [B, L] bool, the answer positions that were masked in the input.
         p_mask: [B] each row's masking probability; answer_lengths: [B] answer length with EOS padding.
     """
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    ce = -token_log_probs(logits, targets)  # float32 cross-entropy in chunks (no full-vocabulary copy)
     per_row = (ce * masked.float()).sum(dim=1) / (p_mask * answer_lengths.float())
     return per_row.mean()
 

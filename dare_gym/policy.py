@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from dare_gym.device import resolve_device, resolve_dtype
 from dare_gym.models.families import ModelFamily, family_for_model_type, get_family
 from dare_gym.sampling import generate_masked_diffusion
 
@@ -36,8 +37,11 @@ class DiffusionPolicy:
         model: the ``transformers`` model (anything whose output has ``.logits``).
         tokenizer: its tokenizer; prompts are left-padded with its pad token.
         mask_token_id: the id the sampler and estimators write into masked positions.
-        family: the :class:`ModelFamily` adapter (logit alignment).
+        family: the :class:`ModelFamily` adapter: it owns the forward (masks, positions, logit shift).
+        block_size: the block of block-causal attention (SDAR, a block-causal tiny model); None: bidirectional.
         stop_token_ids: ids that end a completion (EOS, and EOT for chat models).
+        chat_template: whether prompts go through the tokenizer's chat template as a user message (instruct
+            checkpoints) or are used as plain text (base checkpoints, the tiny model).
         generation_defaults: sampler settings used where ``generate`` is not told otherwise.
     """
 
@@ -50,10 +54,15 @@ class DiffusionPolicy:
         family: str | ModelFamily = "llada",
         stop_token_ids: Sequence[int] | None = None,
         generation_defaults: dict | None = None,
+        chat_template: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.family = get_family(family) if isinstance(family, str) else family
+        self.block_size = self.family.block_size(model.config) if hasattr(model, "config") else None
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        self.chat_template = bool(chat_template)
         if mask_token_id is None:
             mask_token_id = getattr(model.config, "mask_token_id", None) or tokenizer.mask_token_id
         if mask_token_id is None:
@@ -74,15 +83,28 @@ class DiffusionPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family."""
-        return self.family.logits(self.model, input_ids, attention_mask)
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
+               logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
+        the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``: see
+        :meth:`ModelFamily.forward`."""
+        return self.family.forward(self.model, input_ids, attention_mask, block_size=self.block_size, cache=cache,
+                                   logits_to_keep=logits_to_keep)
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model reads for an env's prompt: through the chat template as one user message for
+        instruct checkpoints, unchanged otherwise."""
+        if not self.chat_template:
+            return prompt
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=False)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokenise prompts into left-padded ids and a 0/1 attention mask, on the policy's device."""
+        """Tokenise prompts (formatted by :meth:`format_prompt`) into left-padded ids and a 0/1 attention
+        mask, on the policy's device."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single str")
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [self.tokenizer(self.format_prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
         if any(len(ids) == 0 for ids in encoded):
             raise ValueError("an empty prompt cannot be completed: every row needs at least one prompt token")
         width = max(len(ids) for ids in encoded)
@@ -181,7 +203,7 @@ class DiffusionPolicy:
         self.tokenizer.save_pretrained(path)
         meta = dict(
             family=self.family.name, mask_token_id=self.mask_token_id, stop_token_ids=self.stop_token_ids,
-            generation_defaults=self.generation_defaults,
+            chat_template=self.chat_template, generation_defaults=self.generation_defaults,
         )
         (path / POLICY_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -193,60 +215,158 @@ def load_policy(
     dtype: torch.dtype | str | None = None,
     family: str | None = None,
     mask_token_id: int | None = None,
+    chat_template: bool | None = None,
     trust_remote_code: bool = False,
     **generation_defaults,
 ) -> DiffusionPolicy:
     """Load a dLLM policy by name or path.
 
     ``"tiny"`` is the built-in CPU model trained by ``experiments/train_tiny.py``. Anything else is a local
-    folder or hub id loaded with ``transformers`` (``AutoModelForMaskedLM``, else ``AutoModel``); a folder
-    written by :meth:`DiffusionPolicy.save_pretrained` also restores the family, mask id and sampler
-    defaults. Extra keyword arguments override the sampler defaults (``gen_length=...``).
+    folder (or a hub id) of a known family, detected from ``config.json``'s ``model_type`` — LLaDA / LLaDA-1.5
+    (``llada``), Dream (``Dream``), SDAR (``sdar``) — and loaded with this project's own classes (no remote
+    code); ``family=`` overrides the detection. A folder written by :meth:`DiffusionPolicy.save_pretrained`
+    also restores the family, mask id, stop ids and sampler defaults; an unmerged LoRA adapter folder loads
+    its base plus the adapter.
+
+    ``device``: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ``dtype``: ``float32`` | ``bfloat16`` | ``auto``
+    (None: as saved). Mask, EOS, EOT and pad ids come from the checkpoint's files (config, generation config,
+    tokenizer, chat template). ``chat_template`` (None: use it when the tokenizer has one) formats prompts as a
+    user message. Extra keyword arguments override the sampler defaults (``gen_length=...``).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    import dare_gym.models  # noqa: F401  (registers the families' classes with the Auto classes)
 
-    import dare_gym.models.tiny  # noqa: F401  (registers the tiny model with the Auto classes)
-
+    device = resolve_device(device)
+    dtype = None if dtype is None else resolve_dtype(dtype, device)
     source = TINY_CHECKPOINT if str(name_or_path) == "tiny" else name_or_path
     if str(name_or_path) == "tiny" and not (TINY_CHECKPOINT / "config.json").exists():
         raise FileNotFoundError(
             f"the built-in tiny checkpoint is missing at {TINY_CHECKPOINT}; rebuild it with "
             "`python experiments/train_tiny.py`"
         )
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    local = Path(source)
+    if not local.exists() and (os.path.isabs(str(source)) or str(source).startswith((".", "~"))):
+        raise FileNotFoundError(f"policy folder {str(source)!r} does not exist")
     meta: dict = {}
-    meta_file = Path(source) / POLICY_META_FILE
+    meta_file = local / POLICY_META_FILE
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-    if (Path(source) / "adapter_config.json").is_file():  # an unmerged LoRA adapter: base model + adapter
+    if (local / "adapter_config.json").is_file():  # an unmerged LoRA adapter: base model + adapter
         from dare_gym.lora import load_lora_policy
 
         return load_lora_policy(
             source, meta, device=device, dtype=dtype, family=family, mask_token_id=mask_token_id,
-            trust_remote_code=trust_remote_code, **generation_defaults,
+            chat_template=chat_template, trust_remote_code=trust_remote_code, **generation_defaults,
         )
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    hf_logging.disable_progress_bar()
-    try:
-        load_kwargs = dict(trust_remote_code=trust_remote_code)
-        if dtype is not None:
-            load_kwargs["dtype"] = dtype
-        try:
-            model = AutoModelForMaskedLM.from_pretrained(source, **load_kwargs)
-        except ValueError:  # families whose auto_map only names AutoModel (LLaDA, Dream)
-            model = AutoModel.from_pretrained(source, **load_kwargs)
-    finally:
-        hf_logging.enable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local} has no config.json: not a model folder")
+    model_family, config = resolve_family(source, family or meta.get("family"), trust_remote_code)
+    model = load_model(source, model_family, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(source, model_family, trust_remote_code=trust_remote_code)
+    if chat_template is None:
+        chat_template = meta.get("chat_template", bool(getattr(tokenizer, "chat_template", None)))
     defaults = dict(meta.get("generation_defaults", {}))
     defaults.update(generation_defaults)
     return DiffusionPolicy(
         model.to(device),
         tokenizer,
         mask_token_id=mask_token_id if mask_token_id is not None else meta.get("mask_token_id"),
-        family=family or meta.get("family") or family_for_model_type(getattr(config, "model_type", "")),
-        stop_token_ids=meta.get("stop_token_ids"),
+        family=model_family,
+        stop_token_ids=meta.get("stop_token_ids") or stop_token_ids(source, config, tokenizer, chat_template),
         generation_defaults=defaults,
+        chat_template=chat_template,
     )
+
+
+def resolve_family(source, family: str | None, trust_remote_code: bool = False):
+    """(family, config) of a checkpoint: ``family`` when given, else the one its ``model_type`` names."""
+    from transformers import AutoConfig
+
+    if family is not None:
+        chosen = get_family(family)
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except ValueError:  # a model_type transformers does not know: read it as the chosen family's config
+            from transformers import PretrainedConfig
+
+            config = PretrainedConfig.from_pretrained(source)
+        return chosen, config
+    config_dict = _read_config(source)
+    chosen = family_for_model_type(str(config_dict.get("model_type", "")), where=f"{source}/config.json")
+    return chosen, AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def _read_config(source) -> dict:
+    local = Path(source) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from transformers import PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(source)  # a hub id (where the hub is reachable)
+    return config_dict
+
+
+def load_model(source, family: ModelFamily, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """The family's model class from a folder or hub id, with its LM head."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    auto = getattr(transformers, family.auto_class)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    hf_logging.disable_progress_bar()
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(source, family: ModelFamily, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer: ``AutoTokenizer``, or the family's concrete class where the folder names a
+    remote tokenizer class (Dream's ``DreamTokenizer`` is a Qwen2 BPE tokenizer)."""
+    import transformers
+
+    if family.tokenizer_class is not None and not trust_remote_code:
+        tokenizer = getattr(transformers, family.tokenizer_class).from_pretrained(source)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # the families pad with EOS (LLaDA, Dream, SDAR)
+    return tokenizer
+
+
+def stop_token_ids(source, config, tokenizer, chat: bool) -> list[int]:
+    """The ids that end a completion, from the checkpoint's files: the tokenizer's EOS, the generation
+    config's ``eos_token_id`` (SDAR lists ``<|im_end|>`` there), and with a chat template the token that closes
+    an assistant turn (LLaDA's ``<|eot_id|>``, ChatML's ``<|im_end|>``)."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+
+    def add(value):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, int) and item not in ids:
+                ids.append(item)
+
+    add(tokenizer.eos_token_id)
+    add(getattr(config, "eos_token_id", None))
+    try:
+        add(GenerationConfig.from_pretrained(source).eos_token_id)
+    except (OSError, ValueError):
+        pass  # no generation_config.json
+    if chat:
+        add(end_of_turn_id(tokenizer))
+    return ids
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant message, if any."""
+    marker = "\u2063dare\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a conversation: no end-of-turn token
+        return None
+    after = text.rsplit(marker, 1)[-1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids + list(tokenizer.added_tokens_decoder) else None

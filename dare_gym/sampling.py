@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from dare_gym.device import uniform
+
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``logits_fn(input_ids, attention_mask) -> logits [B, T, V]`` with logits[:, i] predicting token i."""
 
@@ -53,10 +55,9 @@ def gumbel_max_sample(logits: torch.Tensor, temperature: float, generator: torch
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    uniform = uniform.clamp_min(torch.finfo(torch.float64).tiny)
+    u = uniform(logits.shape, generator, logits.device, torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
     # argmax(exp(l) / (-log u)^T) == argmax(l - T log(-log u)); the log form cannot overflow.
-    perturbed = logits.double() - temperature * torch.log(-torch.log(uniform))
+    perturbed = logits.double() - temperature * torch.log(-torch.log(u))
     return perturbed.argmax(dim=-1)
 
 
@@ -135,7 +136,7 @@ def generate_masked_diffusion(
                 probs = torch.softmax(logits.double(), dim=-1)
                 confidence = probs.gather(-1, predicted[..., None]).squeeze(-1)
             else:
-                confidence = torch.rand(predicted.shape, dtype=torch.float64, device=device, generator=generator)
+                confidence = uniform(predicted.shape, generator, device, torch.float64)
             confidence = confidence.masked_fill(~masked, float("-inf"))
             count = schedule[:, step]
             chosen = confidence.topk(int(count.max()), dim=-1).indices  # most confident first

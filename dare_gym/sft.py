@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from dare_gym.buffer import SequenceBatch
+from dare_gym.device import uniform
 from dare_gym.losses import masked_diffusion_sft_loss
 
 P_MASK_EPS = 1e-3
@@ -43,17 +44,18 @@ def demonstration_batch(policy, prompts: Sequence[str], answers: Sequence[str], 
 def sample_answer_masks(rows: int, length: int, generator: torch.Generator | None = None):
     """LLaDA's SFT noise: per row t ~ U(0, 1] and p = (1 − ε)t + ε; each answer token masked with probability p.
     Returns (p [rows], masked [rows, length])."""
-    t = 1 - torch.rand(rows, generator=generator)  # U(0, 1]
+    t = 1 - uniform(rows, generator, "cpu")  # U(0, 1]
     p_mask = (1 - P_MASK_EPS) * t + P_MASK_EPS
-    return p_mask, torch.rand(rows, length, generator=generator) < p_mask[:, None]
+    return p_mask, uniform((rows, length), generator, "cpu") < p_mask[:, None]
 
 
 def masked_answer_loss(policy, batch: SequenceBatch, answers: torch.Tensor, masked: torch.Tensor,
                        p_mask: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
     """The SFT ELBO loss of ``answers`` after ``batch``'s prompts, with the given tokens masked."""
     noised = answers.masked_fill(masked, policy.mask_token_id)
-    logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask)
-    return masked_diffusion_sft_loss(logits[:, batch.prompt_length :], answers, masked, p_mask, answer_lengths)
+    logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask,
+                           logits_to_keep=answers.shape[1])
+    return masked_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
 
 
 def masked_diffusion_loss(policy, batch: SequenceBatch, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -100,7 +102,8 @@ def train_on_demonstrations(
     bar = tqdm(total=max_steps, desc="sft", unit="step", disable=None if progress else True)
     while (max_steps is None or step < max_steps) and (seconds is None or elapsed < seconds):
         started = time.perf_counter()
-        records = [env.record(int(i)) for i in torch.randint(0, bound, (batch_size,), generator=generator)]
+        records = [env.record(int(i)) for i in torch.randint(0, bound, (batch_size,), generator=generator,
+                                                                device=generator.device if generator else None)]
         batch = demonstration_batch(
             policy, [env.prompt(r) for r in records], [env.demonstration(r) for r in records], answer_length
         )

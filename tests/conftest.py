@@ -1,5 +1,6 @@
-"""Shared fixtures. Data-dependent tests read ../shared/data through DARE_GYM_DATA_DIR; where it is absent
-they skip with the reason, except under CI (DARE_GYM_REQUIRE_DATA=1), where a missing folder is an error."""
+"""Shared fixtures. Data-dependent tests read ../shared/data through DARE_GYM_DATA_DIR, and tests of real
+checkpoint files ../shared/families through DARE_GYM_FAMILIES_DIR; where a folder is absent they skip with the
+reason, except under CI (DARE_GYM_REQUIRE_DATA=1), where a missing folder is an error."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def data_dir() -> Path:
             pytest.fail(f"benchmark data required in CI: {reason}")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def families_dir() -> Path:
+    """``../shared/families`` (the real config, weight-name and tokenizer files of LLaDA, Dream, SDAR, LLaDA2),
+    through DARE_GYM_FAMILIES_DIR; skipped with the reason where absent, an error under CI."""
+    value = os.environ.get("DARE_GYM_FAMILIES_DIR")
+    if value and Path(value).is_dir():
+        return Path(value)
+    reason = f"DARE_GYM_FAMILIES_DIR is unset or not a folder ({value!r})"
+    if os.environ.get("DARE_GYM_REQUIRE_DATA") == "1":
+        pytest.fail(f"the real checkpoint files are required in CI: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,12 @@ class RecordingModel:
     def __init__(self):
         self.inputs = []
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         self.inputs.append(input_ids.clone())
         counts = (input_ids == MASK).sum(dim=1).double()
         logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
         logits.scatter_(-1, ((input_ids + 1) % VOCAB)[..., None], counts[:, None, None].expand(-1, input_ids.shape[1], 1))
-        return logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
 
 def expected_logp(n_masks: int, hit: bool) -> float:

@@ -54,7 +54,7 @@ class ScriptedModel:
     def __init__(self, batch: SequenceBatch, rule):
         self.batch, self.rule, self.inputs = batch, rule, []
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         self.inputs.append(input_ids.clone())
         prompt_length = self.batch.prompt_length
         masked = input_ids[:, prompt_length:] == MASK
@@ -64,7 +64,7 @@ class ScriptedModel:
         logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
         logits[:, prompt_length:] = rest[..., None]
         logits[:, prompt_length:].scatter_(-1, self.batch.completion_ids[..., None], value[..., None])
-        return logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     def completion_masks(self) -> list[torch.Tensor]:
         """[B, L] bool per recorded forward: the completion positions that were MASK."""
@@ -675,10 +675,10 @@ def test_replay_of_a_greedy_rollout_reproduces_the_sampler_states():
                    unmask_step=[completion.unmask_step.tolist()])
     recorded = []
 
-    def logits_fn(input_ids, attention_mask):
+    def logits_fn(input_ids, attention_mask, logits_to_keep=0):
         logits = policy.logits(input_ids, attention_mask)
         recorded.append(logits[:, b.prompt_length :])
-        return logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     for shrink, forwards in ((1, 4), (2, 2)):
         recorded.clear()

@@ -1,8 +1,26 @@
-"""Model family adapters: what differs between dLLM families, in one place, instead of per-algorithm code.
+"""Model families: what differs between dLLM families, in one place. **A family owns the forward.**
 
-An adapter knows how to turn (ids, padding mask) into logits aligned so that ``logits[:, i]`` predicts token
-``i``. Families adapted from autoregressive models (Dream, DiffuCoder) predict token i+1 at position i; the
-adapter shifts their logits right by one so that samplers and estimators never need to know.
+Given token ids and a 0/1 padding mask (plus, optionally, a KV cache and the number of logits wanted), a
+family builds what its model needs and returns logits aligned so that ``logits[:, i]`` predicts token ``i``:
+
+* an additive 4D attention mask ``[B, 1, Q, K]`` (0 where a query may attend, ``finfo.min`` elsewhere):
+  bidirectional with pad keys hidden, or **block-causal** for block-diffusion models (bidirectional inside a
+  block, causal across blocks; blocks of ``block_size`` real tokens counted from each row's first real token);
+* position ids that count only real tokens, so a left-padded row computes exactly what it computes alone;
+* the logit shift of families adapted from autoregressive models (Dream: logit i predicts token i+1);
+* the cache hook: a ``transformers`` ``Cache`` holding the keys/values of earlier positions (the fast samplers
+  of :mod:`dare_gym.samplers` build on it), in which case the padding mask covers cached and new positions.
+
+Samplers, estimators, PPO's value model and MDPO call :meth:`ModelFamily.forward` (through
+``DiffusionPolicy.logits``); nothing else calls a model directly. Families are chosen from ``config.json``'s
+``model_type`` by :func:`family_for_model_type`; an unknown type is an error that lists the known ones.
+
+| family | model_type | model class | attention | shift |
+|---|---|---|---|---|
+| ``tiny`` | ``dare_tiny_dllm`` | built-in | full, or block-causal when its config sets ``block_size`` | no |
+| ``llada`` | ``llada`` | :mod:`dare_gym.models.llada` (own implementation, checkpoint names) | full | no |
+| ``dream`` | ``Dream`` | transformers' Qwen2 (:mod:`dare_gym.models.qwen_dllms`) | full | yes |
+| ``sdar`` | ``sdar`` | transformers' Qwen3 (:mod:`dare_gym.models.qwen_dllms`) | block-causal, ``block_size`` | no |
 """
 
 from __future__ import annotations
@@ -14,22 +32,120 @@ import torch
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str
-    shift_logits: bool = False  # True for AR-initialised models (Dream): logit i predicts token i+1
-    model_types: tuple[str, ...] = ()  # the ``config.model_type`` values this family recognises
+    """The conventions of one dLLM family.
 
-    def logits(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    Attributes:
+        name: the family's name (``family=`` in ``load_policy`` and configs).
+        model_types: the ``config.model_type`` values of its checkpoints.
+        shift_logits: True for families adapted from AR models (Dream): raw logit i predicts token i+1.
+        block_size_key: the config key holding the block size of block-causal attention (``block_size`` for
+            SDAR); None for always-bidirectional families. A config without the key (or null) is bidirectional.
+        explicit_mask: pass a 4D mask even when nothing is hidden. Native transformers decoders (Qwen2/Qwen3)
+            build a *causal* mask when given none, which would silently turn a dLLM autoregressive.
+        auto_class: the ``transformers`` Auto class that returns the model with its LM head.
+        tokenizer_class: a concrete tokenizer class to use where the folder's tokenizer config names remote
+            code (Dream's ``DreamTokenizer`` is a Qwen2 BPE tokenizer); None: ``AutoTokenizer``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    shift_logits: bool = False
+    block_size_key: str | None = None
+    explicit_mask: bool = False
+    auto_class: str = "AutoModelForMaskedLM"
+    tokenizer_class: str | None = None
+
+    # ------------------------------------------------------------------------------------ attention
+    def block_size(self, config) -> int | None:
+        """The block size of block-causal attention for a model with this ``config``; None: bidirectional."""
+        if self.block_size_key is None:
+            return None
+        value = getattr(config, self.block_size_key, None)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{self.name}: config.{self.block_size_key} must be a positive integer, got {value!r}")
+        return value
+
+    def attention_inputs(self, attention_mask: torch.Tensor, query_length: int, *, block_size: int | None,
+                         dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(additive 4D mask or None, position ids) for the last ``query_length`` positions of rows whose keys
+        (cached and new) have the 0/1 padding mask ``attention_mask`` [B, K]."""
+        return attention_inputs(attention_mask, query_length, block_size=block_size, dtype=dtype,
+                                explicit=self.explicit_mask)
+
+    # -------------------------------------------------------------------------------------- forward
+    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                block_size: int | None = None, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Aligned logits ``[B, Q', V]`` for ``input_ids`` [B, Q].
+
+        ``attention_mask``: 0/1 [B, K] over the cached positions followed by the Q new ones (None: all real).
+        ``cache``: a ``transformers`` ``Cache`` of the K − Q earlier positions; it is extended with the new
+        keys/values (crop it afterwards to keep only committed positions). ``logits_to_keep=n`` returns
+        only the last n positions' logits (0: all Q), which spares the vocabulary-wide head elsewhere.
+        """
+        batch, query_length = input_ids.shape
+        if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones(batch, past + query_length, dtype=torch.long, device=input_ids.device)
+        mask, positions = self.attention_inputs(attention_mask, query_length, block_size=block_size,
+                                                dtype=_compute_dtype(model))
+        keep = logits_to_keep
+        if keep and self.shift_logits:
+            keep = min(keep + 1, query_length)  # the first kept token reads the logit before it
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        if cache is not None:
+            kwargs.update(cache=cache, use_cache=True)
+        if keep:
+            kwargs["logits_to_keep"] = keep
+        logits = model(**kwargs).logits
         if self.shift_logits:
-            # Read token j from logit j-1; position 0 (always a prompt token) reuses logit 0.
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            logits = self.align(logits, attention_mask[:, -logits.shape[1]:])
+            if logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
         return logits
+
+    def align(self, outputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-position outputs (logits or hidden states) [B, T, ·] re-indexed so that position i holds what
+        predicts token i. For shifted families that is position i−1's output, where i−1 is a real token; the
+        first real token of a row (never predicted) keeps its own, so left padding changes nothing."""
+        if not self.shift_logits:
+            return outputs
+        shifted = torch.cat([outputs[:, :1], outputs[:, :-1]], dim=1)
+        previous_real = torch.cat([torch.zeros_like(attention_mask[:, :1]), attention_mask[:, :-1]], dim=1).bool()
+        return torch.where(previous_real[..., None], shifted, outputs)
+
+
+def attention_inputs(attention_mask: torch.Tensor, query_length: int, *, block_size: int | None,
+                     dtype: torch.dtype, explicit: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The additive 4D mask ``[B, 1, Q, K]`` and position ids ``[B, Q]`` for the last ``query_length`` of K keys.
+
+    A query attends to every real key (pads hidden), and under block-causal attention only to keys whose
+    block (position // block_size) is not after its own. Positions count real tokens from 0 in each row.
+    Where nothing is hidden and ``explicit`` is False the mask is None (the model's fast full attention).
+    """
+    real = attention_mask.bool()
+    key_positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    positions = key_positions[:, -query_length:]
+    if block_size is None and not explicit and bool(real.all()):
+        return None, positions
+    visible = real[:, None, :].expand(-1, query_length, -1)  # [B, Q, K]
+    if block_size is not None:
+        visible = visible & (key_positions[:, None, :] // block_size <= positions[:, :, None] // block_size)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None], positions
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
 
 
 FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family (a new dLLM architecture is one registration plus, if transformers lacks it, a model)."""
     FAMILIES[family.name] = family
     return family
 
@@ -38,17 +154,28 @@ def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-def family_for_model_type(model_type: str) -> ModelFamily:
-    """The family whose checkpoints declare ``model_type``; unknown types get LLaDA's conventions."""
+def describe_families() -> str:
+    return ", ".join(f"{f.name} (model_type {' / '.join(f.model_types)})" for f in FAMILIES.values())
+
+
+def family_for_model_type(model_type: str, *, where: str = "config.json") -> ModelFamily:
+    """The family whose checkpoints declare ``model_type``; an unknown type is an error naming the known ones."""
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    return FAMILIES["llada"]
+    raise ValueError(
+        f"{where}: model_type {model_type!r} is not a known dLLM family. Known families: {describe_families()}. "
+        f"If this checkpoint follows one of them, load it with family=<name> (e.g. load_policy(path, "
+        f"family='llada'), or `policy_family: llada` in a train config)."
+    )
 
 
-register_family(ModelFamily("tiny", model_types=("dare_tiny_dllm",)))
-register_family(ModelFamily("llada", model_types=("llada",)))
-register_family(ModelFamily("dream", shift_logits=True, model_types=("Dream", "dream")))
+register_family(ModelFamily("tiny", ("dare_tiny_dllm",), block_size_key="block_size"))
+register_family(ModelFamily("llada", ("llada",)))
+register_family(ModelFamily("dream", ("Dream", "dream"), shift_logits=True, explicit_mask=True,
+                            auto_class="AutoModelForCausalLM", tokenizer_class="Qwen2Tokenizer"))
+register_family(ModelFamily("sdar", ("sdar",), block_size_key="block_size", explicit_mask=True,
+                            auto_class="AutoModelForCausalLM", tokenizer_class="Qwen2Tokenizer"))

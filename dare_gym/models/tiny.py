@@ -5,6 +5,10 @@ token i) so that every sampler, estimator and algorithm written for LLaDA runs o
 in minutes. Padding is handled the way batched dLLM inference needs it: a 2D ``attention_mask`` hides
 pad keys from every query, and positions come from ``position_ids`` (by default the running count of
 real tokens), so a left-padded row computes exactly what it computes alone.
+
+It also takes what a model family builds (``dare_gym.models.families``): an additive 4D mask ``[B, 1, Q, K]``
+(block-causal when the config sets ``block_size``: the block-diffusion variant that stands in for SDAR on CPU),
+a ``transformers`` ``Cache`` of earlier positions' keys/values, and ``logits_to_keep``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
 
@@ -34,6 +40,7 @@ class TinyDLLMConfig(PreTrainedConfig):
         pad_token_id: int = 0,
         eos_token_id: int = 2,
         bos_token_id: int = 1,
+        block_size: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -46,6 +53,7 @@ class TinyDLLMConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
+        self.block_size = block_size  # None: bidirectional; n: block-causal with blocks of n tokens (SDAR-like)
         super().__init__(
             pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id, **kwargs
         )
@@ -76,11 +84,12 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
     """Pre-norm transformer block: bidirectional self-attention, then a SwiGLU MLP."""
 
-    def __init__(self, config: TinyDLLMConfig):
+    def __init__(self, config: TinyDLLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -90,12 +99,15 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_bias, cache: Cache | None = None
+                ) -> torch.Tensor:
         batch, length, width = h.shape
         q, k, v = self.qkv(self.attn_norm(h)).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if cache is not None:  # keys are stored rotated: their positions are absolute and never change
+            k, v = cache.update(k, v, self.layer_idx)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=False)
         h = h + self.out(attn.transpose(1, 2).reshape(batch, length, width))
         gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
@@ -105,6 +117,7 @@ class Block(nn.Module):
 class TinyDLLMPreTrainedModel(PreTrainedModel):
     config_class = TinyDLLMConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -126,7 +139,7 @@ class TinyDLLMModel(TinyDLLMPreTrainedModel):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
@@ -141,23 +154,27 @@ class TinyDLLMModel(TinyDLLMPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         h = self.embed(input_ids)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            if attention_mask is None or attention_mask.dim() == 4:
+                position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device) + past).expand_as(input_ids)
             else:
                 # Count only real tokens, so left padding does not shift a row's positions.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         cos, sin = self.rotary(position_ids, h.dtype)
         attn_bias = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attn_bias = attention_mask.to(h.dtype)  # built by the model family (block-causal, cached keys, ...)
+        elif attention_mask is not None and not bool(attention_mask.all()):
             # Additive bias over keys only: every query (pads included) sees exactly the real tokens.
             keep = attention_mask.bool()[:, None, None, :]
             attn_bias = torch.zeros(keep.shape, dtype=h.dtype, device=h.device)
             attn_bias = attn_bias.masked_fill(~keep, torch.finfo(h.dtype).min)
         for block in self.blocks:
-            h = block(h, cos, sin, attn_bias)
+            h = block(h, cos, sin, attn_bias, cache)
         return self.norm(h)
 
 
@@ -185,9 +202,18 @@ class TinyDLLMForMaskedLM(TinyDLLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
         **unused,
     ) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        """``logits_to_keep=n`` computes logits for the last ``n`` positions only (0: all); ``cache`` (or
+        ``use_cache=True``, which starts one) extends a ``transformers`` ``Cache`` with this call's keys."""
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
