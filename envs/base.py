@@ -97,7 +97,7 @@ class TextTaskEnv(gymnasium.Env[str, str]):
         self.split = split
         self.render_mode = render_mode
         self.reward_fn = resolve_reward(self.default_reward if reward is None else reward, timeout_s=reward_timeout_s)
-        self._default_reward_fn = resolve_reward(self.default_reward)
+        self._default_reward_fn = resolve_reward(self.default_reward, timeout_s=reward_timeout_s)
         self.observation_space = UnicodeText(self.max_prompt_chars)
         self.action_space = UnicodeText(self.max_completion_chars)
         self._record: dict | None = None

@@ -11,12 +11,12 @@ In Gymnasium the ids read ``dare_gym/rg.<task>-v0`` (a Gymnasium id cannot hold 
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 from dare_gym.envs.base import SplitInfo, TextTaskEnv
 from dare_gym.registry import register_env
 from dare_gym.rewards.base import register_reward
+from dare_gym.rewards.extract import last_tag_block
 
 try:
     import reasoning_gym
@@ -27,12 +27,10 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
 SPLIT_SIZES = {"train": 10_000, "test": 500}  # some tasks build every item up front, so sizes stay modest
 UNSUPPORTED = {"composite"}  # needs a list of datasets to mix: build it with reasoning_gym directly
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
 def extract_answer(completion: str) -> str:
-    answers = _ANSWER.findall(completion)
-    return (answers[-1] if answers else completion).strip()
+    """The last ``<answer>…</answer>`` block's content (the whole completion if none), in linear time."""
+    answer = last_tag_block(completion)
+    return (completion if answer is None else answer).strip()
 
 
 @register_reward("reasoning_gym")
