@@ -73,11 +73,11 @@ def design(fresh_checkers: bool):
     code = importlib.import_module("dare_gym.rewards.code")
     sandbox = importlib.import_module("dare_gym.rewards.sandbox")
     if not hasattr(code, "humaneval_check"):
-        return "harness in the program", code.humaneval_program, code.mbpp_program, sandbox.run_programs
+        return "previous: tests in the program", code.humaneval_program, code.mbpp_program, sandbox.run_programs
     if fresh_checkers:
         sandbox._CHECKER_SERVER.unavailable = "measuring the fallback"
-        return "checker, fresh interpreter", code.humaneval_check, code.mbpp_check, sandbox.check_programs
-    return "checker, forked by the server", code.humaneval_check, code.mbpp_check, sandbox.check_programs
+        return "this: fresh checker process", code.humaneval_check, code.mbpp_check, sandbox.check_programs
+    return "this: checker forked by the server", code.humaneval_check, code.mbpp_check, sandbox.check_programs
 
 
 def time_runs(label: str, jobs: list, workers: int, expect_pass: bool, run_many, limits) -> dict:

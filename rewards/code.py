@@ -75,8 +75,10 @@ DEFAULT_LIMITS = SandboxLimits(timeout_s=10.0)
 to ``hidden_paths`` at call time, so a completion cannot read the canonical solutions."""
 
 MAX_COMPLETION_CHARS = 1 << 20
-"""Longer completions score 0.0 without running. Extraction is linear, so this is not about time in this
-process: it keeps a pathological completion from costing a sandbox compile of megabytes and its memory."""
+"""Longer completions score 0.0 without running, with the reason. Extraction is linear, so this is not about
+time in this process: it bounds what one completion costs the sandbox (a megabyte of code takes about half a
+second to compile and judge; eight megabytes of statements took 4 s and ran out of the 1 GiB address space
+while compiling). No model this project trains writes that much."""
 
 _FENCE = "```"
 _FENCE_LABEL = re.compile(r"[ \t]*([A-Za-z0-9_+.#-]*)")  # one anchored match per fence: linear

@@ -37,7 +37,6 @@ from . import sandbox_protocol as protocol
 __all__ = ["CheckerError", "ProgramFailure", "ProgramFunction", "main", "run_check", "serve"]
 
 _REASON_CHARS = 4000
-_FILES = ("<prelude>", "<test>")
 
 
 class ProgramFailure(BaseException):

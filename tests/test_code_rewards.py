@@ -103,7 +103,8 @@ def test_a_megabyte_of_repeated_fences_is_processed_quickly(name):
               "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
     mbpp = {"task_id": 1, "test_list": ["assert f(1) == 2"], "code": "def f(x):\n    return x + 1\n"}
     passes = {"extract": lambda: extract_code(text), "extract for f": lambda: extract_code(text, entry_point="f"),
-              "HumanEval program": lambda: humaneval_check(record, text), "MBPP program": lambda: mbpp_check(mbpp, text)}
+              "HumanEval program": lambda: humaneval_check(record, text),
+              "MBPP program": lambda: mbpp_check(mbpp, text)}
     for what, run in passes.items():
         start = time.perf_counter()
         run()
@@ -177,7 +178,8 @@ def test_mbpp_check_assembly():
 
 def test_mbpp_specs_of_the_records_that_need_care():
     # a builtin's name the solution redefines, a module the asserts use, objects built by the setup
-    shadow = mbpp_spec({"task_id": 126, "code": "def sum(a, b):\n    return 6", "test_list": ["assert sum(10,15) == 6"]})
+    shadow = mbpp_spec({"task_id": 126, "code": "def sum(a, b):\n    return 6",
+                        "test_list": ["assert sum(10,15) == 6"]})
     assert shadow.functions == ("sum",)
     module = mbpp_spec({"task_id": 596, "code": "import sys\ndef size(t):\n    return sys.getsizeof(t)",
                         "test_list": ["assert size((1, 2)) == sys.getsizeof((1, 2))"]})
@@ -187,7 +189,8 @@ def test_mbpp_specs_of_the_records_that_need_care():
                       "test_list": ["assert depth(root) == 2", "assert depth(root1) == 1"]})
     assert tree.functions == ("depth",) and tree.remote_names == ("root", "root1") and tree.prelude == ""
     assert tree.program_setup.startswith("root = Node(1)")
-    builtins_only = mbpp_spec({"task_id": 9, "code": "def f(x):\n    return x", "test_list": ["assert len(f([1])) == 1"]})
+    builtins_only = mbpp_spec({"task_id": 9, "code": "def f(x):\n    return x",
+                               "test_list": ["assert len(f([1])) == 1"]})
     assert builtins_only.functions == ("f",)  # len stays the checker's own
 
 

@@ -765,7 +765,8 @@ def test_sub_interpreters_cannot_forge_a_pass():
     solution = """
         import os
         started = []
-        code = "import os\\nfor fd in range(3, 64):\\n    try:\\n        os.write(fd, b'PASS')\\n    except OSError:\\n        pass\\n"
+        code = ("import os\\nfor fd in range(3, 64):\\n    try:\\n        os.write(fd, b'PASS')\\n"
+                "    except OSError:\\n        pass\\n")
         try:
             import _xxsubinterpreters as interpreters
             interpreter = interpreters.create()
@@ -808,7 +809,8 @@ KILL_MOMENTS = {  # die() ends the process at once; the harness is pid 1 of its 
     # SIGKILL, so a program dies by exiting or crashing
     "before answering": "die()\n",
     "crashes before answering": "ctypes.string_at(0)\n",
-    "closes its channels": "for fd in range(3, 256):\n    try:\n        os.close(fd)\n    except OSError:\n        pass\n",
+    "closes its channels": "for fd in range(3, 256):\n    try:\n        os.close(fd)\n"
+                           "    except OSError:\n        pass\n",
     "in the first call": "def f(x):\n    die()\n",
     "crashes in a call": "def f(x):\n    ctypes.string_at(0)\n",
     "SystemExit in a call": "def f(x):\n    raise SystemExit(0)\n",
