@@ -86,11 +86,17 @@ def small_config(tmp_path, **overrides) -> TrainConfig:
     return load_config(TrainConfig, None, [f"{k}={json.dumps(v)}" for k, v in options.items()])
 
 
-def test_training_writes_metrics_plot_and_atomic_checkpoints(tmp_path):
-    summary = Trainer(small_config(tmp_path)).train()
+def test_training_writes_metrics_plot_and_atomic_checkpoints(tmp_path, capsys):
+    summary = Trainer(small_config(tmp_path, progress=True, log_every=2)).train()
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    # each evaluation is timed, so that its time can be told apart from training time
+    assert [r["step"] for r in records if "time_eval" in r] == [0, 2, 4] and records[0]["time_eval"] > 0
+    # the output is not a terminal here: a plain line at the first step, every log_every steps and the last
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" |")[0] for line in lines] == ["step 0", "step 1", "step 2", "step 4"]
+    assert "held-out acc" in lines[-1] and "(step 4)" in lines[-1] and lines[-1].endswith("0s left")
     step = records[1]
     for key in ("reward_mean", "reward_std", "train_accuracy", "zero_variance_fraction", "completion_length",
                 "rollout_tokens_per_s", "time_rollout", "time_reward"):
@@ -208,16 +214,6 @@ def test_a_reward_callable_is_saved_as_a_reference_that_re_creates_it(tmp_path):
     assert env.reward_fn.terms[0][1] is half and env.reward_fn.terms[0][2] == 2.0
 
 
-def test_records_time_their_evaluation_and_not_a_terminal_prints_plain_lines(tmp_path, capsys):
-    Trainer(small_config(tmp_path, max_steps=4, eval_every=2, progress=True, log_every=2)).train()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "time_eval" in r] == [0, 2, 4]
-    assert all(r["time_eval"] > 0 for r in records if "time_eval" in r)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert [line.split(" |")[0] for line in lines] == ["step 0", "step 1", "step 2", "step 4"]
-    assert "held-out acc" in lines[-1] and "(step 4)" in lines[-1] and lines[-1].endswith("0s left")
-
-
 def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(tmp_path, capsys):
     calls = itertools.count()
 
@@ -226,11 +222,11 @@ def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(
             raise ZeroDivisionError("division by zero")
         return 1.0
 
-    config = small_config(tmp_path, max_steps=3, eval_size=0, log_every=2, prompts_per_step=8, group_size=2)
+    config = small_config(tmp_path, max_steps=3, eval_size=0, log_every=2, prompts_per_step=4, group_size=2)
     config.env_kwargs = {"reward": mostly_fails}
     Trainer(config).train()
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: reward")]
-    assert len(warnings) == 2 and "at step 1 " in warnings[0] and "at step 3 " in warnings[1]
+    assert len(warnings) == 2 and "6 of 8 rollouts at step 1 " in warnings[0] and "at step 3 " in warnings[1]
     assert "'mostly_fails'" in warnings[0] and "e.g. ZeroDivisionError: division by zero" in warnings[0]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["env_kwargs"]["reward"].endswith(
