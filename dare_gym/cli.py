@@ -94,6 +94,7 @@ def train_config_data(config: Path | None, overrides: list[str], imports: list[s
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dare_gym.config import dataclass_from_dict
+    from dare_gym.envs.data import DataFormatError
     from dare_gym.trainer import TrainConfig, Trainer
 
     data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
@@ -104,7 +105,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"output in {config.output_dir}", flush=True)
     try:
         trainer = Trainer(config)
-    except FileNotFoundError as error:  # a policy folder or data file that is not there
+    except (FileNotFoundError, DataFormatError) as error:  # a policy folder or data file missing or malformed
         raise ConfigError(str(error)) from None
     if args.resume and trainer.latest_checkpoint() is None:
         raise ConfigError(f"--resume: no checkpoint under {trainer.checkpoint_root()}")
