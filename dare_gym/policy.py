@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 from dare_gym.device import resolve_device, resolve_dtype
 from dare_gym.models.families import ModelFamily, family_for_model_type, get_family
-from dare_gym.sampling import generate_masked_diffusion
+from dare_gym.samplers import get_sampler, make_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
 TINY_CHECKPOINT = Path(__file__).parent / "models" / "tiny_checkpoint"
@@ -26,6 +27,7 @@ class Completion:
     prompt_ids: torch.Tensor  # [P] the prompt's tokens, no padding
     completion_ids: torch.Tensor  # [gen_length] every generated token, EOS padding included
     unmask_step: torch.Tensor  # [gen_length] the denoising step that committed each token
+    commit_logp: torch.Tensor | None = None  # [gen_length] log-prob of each token in the forward that committed it
     step_predictions: torch.Tensor | None = None  # [steps, gen_length] x̂₀ at each step (record_predictions)
     step_confidence: torch.Tensor | None = None  # [steps, gen_length] probability of each guess
 
@@ -84,12 +86,12 @@ class DiffusionPolicy:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
-               logits_to_keep: int = 0) -> torch.Tensor:
+               logits_to_keep: int = 0, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
-        the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``: see
-        :meth:`ModelFamily.forward`."""
+        the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
+        see :meth:`ModelFamily.forward`."""
         return self.family.forward(self.model, input_ids, attention_mask, block_size=self.block_size, cache=cache,
-                                   logits_to_keep=logits_to_keep)
+                                   logits_to_keep=logits_to_keep, position_ids=position_ids)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model reads for an env's prompt: through the chat template as one user message for
@@ -134,45 +136,43 @@ class DiffusionPolicy:
         self,
         prompts: Sequence[str],
         *,
-        gen_length: int | None = None,
-        steps: int | None = None,
-        block_length: int | None = None,
-        temperature: float | None = None,
-        remasking: str | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         batch_size: int = 256,
         record_predictions: bool = False,
+        return_stats: bool = False,
+        **options,
     ) -> list[Completion]:
-        """Complete every prompt with the semi-autoregressive masked diffusion sampler.
+        """Complete every prompt with a denoising sampler (:mod:`dare_gym.samplers`).
 
-        Unset settings come from ``generation_defaults``. With ``temperature=0`` and
-        ``remasking="low_confidence"`` this is LLaDA's reference ``generate()``, token for token.
-        ``seed`` (or an explicit ``generator``) makes sampling reproducible. ``record_predictions`` keeps
-        the sampler's guess x̂₀ and its confidences at every step (MDPO scores them).
+        ``sampler``: ``llada`` (default for full-attention models), ``fast_dllm``, ``block_diffusion`` (default for
+        block-causal models). ``options`` are the sampler's (``gen_length``, ``steps``, ``block_length``,
+        ``temperature``, ``remasking``, ``threshold``, ``cache``, ...); unset ones come from
+        ``generation_defaults`` where the sampler has them. With ``sampler="llada"``, ``temperature=0`` and
+        ``remasking="low_confidence"`` this is LLaDA's reference ``generate()``, token for token. ``seed`` (or
+        an explicit ``generator``) makes sampling reproducible. ``record_predictions`` keeps the sampler's guess
+        x̂₀ and its confidences at every step (MDPO scores them). ``return_stats=True`` returns
+        ``(completions, {"model_calls", "tokens_processed"})``.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single str")
-        settings = dict(self.generation_defaults)
-        for key, value in dict(
-            gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
-            remasking=remasking,
-        ).items():
-            if value is not None:
-                settings[key] = value
+        name, settings = self.sampler_settings(sampler, options)
+        chosen = get_sampler(name)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         completions: list[Completion] = []
+        stats = {"model_calls": 0, "tokens_processed": 0}
         try:
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
                 prompt_ids, prompt_mask = self.encode_prompts(chunk)
-                out = generate_masked_diffusion(
-                    self.logits, prompt_ids, prompt_mask, mask_token_id=self.mask_token_id,
-                    generator=generator, record_predictions=record_predictions, **settings,
-                )
+                out = chosen(self, prompt_ids, prompt_mask, settings, generator=generator,
+                             record_predictions=record_predictions)
+                stats["model_calls"] += out.model_calls
+                stats["tokens_processed"] += out.tokens_processed
                 for row in range(len(chunk)):
                     ids = out.completion_ids[row].cpu()
                     completions.append(
@@ -181,13 +181,30 @@ class DiffusionPolicy:
                             prompt_ids=prompt_ids[row][prompt_mask[row].bool()].cpu(),
                             completion_ids=ids,
                             unmask_step=out.unmask_step[row].cpu(),
+                            commit_logp=out.commit_logp[row].cpu(),
                             step_predictions=None if out.step_predictions is None else out.step_predictions[row].cpu(),
                             step_confidence=None if out.step_confidence is None else out.step_confidence[row].cpu(),
                         )
                     )
         finally:
             self.model.train(was_training)
-        return completions
+        return (completions, stats) if return_stats else completions
+
+    def sampler_settings(self, sampler: str | None = None, options: dict | None = None):
+        """(sampler name, validated options): explicit options over ``generation_defaults``; defaults the chosen
+        sampler does not take are left out, explicit ones it does not take are an error naming them."""
+        defaults = dict(self.generation_defaults)
+        name = sampler or defaults.pop("sampler", None) or self.default_sampler
+        defaults.pop("sampler", None)
+        fields = {f.name for f in dataclasses.fields(get_sampler(name).options_class)}
+        values = {k: v for k, v in defaults.items() if k in fields}
+        values.update(options or {})
+        return name, make_options(name, values)
+
+    @property
+    def default_sampler(self) -> str:
+        """``block_diffusion`` for block-causal models, ``llada`` otherwise."""
+        return "llada" if self.block_size is None else "block_diffusion"
 
     # ------------------------------------------------------------------------------------ save/load
     def save_pretrained(self, path: str | os.PathLike) -> None:

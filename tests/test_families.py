@@ -160,17 +160,19 @@ def test_block_causal_cache_of_finished_blocks_is_exact(standins, name):
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "tiny_block"])
-def test_sampler_runs_on_every_family(standins, name):
+def test_the_default_sampler_runs_on_every_family(standins, name):
     policy = _policy(standins[name])
-    out = policy.generate(["sort 12\n", "hi"], gen_length=8, steps=8, block_length=4, temperature=0.7, seed=0)
-    assert len(out) == 2
+    assert policy.default_sampler == ("block_diffusion" if policy.block_size else "llada")
+    settings = dict(gen_length=8, temperature=0.7) if policy.block_size else \
+        dict(gen_length=8, steps=8, block_length=4, temperature=0.7)
+    out, stats = policy.generate(["sort 12\n", "hi"], seed=0, return_stats=True, **settings)
+    assert len(out) == 2 and stats["model_calls"] > 0
     for completion in out:
         assert completion.completion_ids.shape == (8,)
-        assert sorted(completion.unmask_step.tolist()) == list(range(8))  # one token per step, every step used
-    again = policy.generate(["sort 12\n", "hi"], gen_length=8, steps=8, block_length=4, temperature=0.7, seed=0)
+        assert ((completion.unmask_step >= 0) & (completion.unmask_step < stats["model_calls"])).all()
+    again = policy.generate(["sort 12\n", "hi"], seed=0, **settings)
     assert [c.completion_ids.tolist() for c in again] == [c.completion_ids.tolist() for c in out]
-    others = [policy.generate(["hi"], gen_length=8, steps=8, block_length=4, temperature=1.0, seed=s)[0]
-              for s in range(4)]
+    others = [policy.generate(["hi"], seed=s, **dict(settings, temperature=1.0))[0] for s in range(4)]
     assert len({tuple(c.completion_ids.tolist()) for c in others}) > 1  # temperature is honoured
 
 
@@ -185,7 +187,8 @@ def test_algorithms_complete_an_update_on_every_family(standins, tmp_path, name,
         env="digitsort-v0", policy=str(standins[name]), algorithm={"name": algorithm}, prompts_per_step=2,
         group_size=4, max_steps=1, eval_size=0, output_dir=str(tmp_path), progress=False,
         env_kwargs={"reward": _varied_reward},
-        rollout=GenerationConfig(gen_length=8, steps=8, block_length=4, temperature=1.0),
+        rollout=GenerationConfig(gen_length=8, temperature=1.0) if name == "sdar" else
+        GenerationConfig(gen_length=8, steps=8, block_length=4, temperature=1.0),
     )
     trainer = Trainer(config)
     before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
@@ -252,7 +255,8 @@ def test_real_checkpoint_files_load_with_every_weight_used(families_dir, tmp_pat
     prompt_ids, _ = policy.encode_prompts(["What is 2+2?"])
     text = policy.tokenizer.decode(prompt_ids[0])
     assert "What is 2+2?" in text and text != "What is 2+2?"
-    out = policy.generate(["What is 2+2?"], gen_length=8, steps=8, block_length=4, temperature=0.7, seed=0)
+    settings = dict(gen_length=8) if policy.block_size else dict(gen_length=8, steps=8, block_length=4)
+    out = policy.generate(["What is 2+2?"], temperature=0.7, seed=0, **settings)
     assert out[0].completion_ids.shape == (8,)
 
 

@@ -74,13 +74,16 @@ class ModelFamily:
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                block_size: int | None = None, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+                block_size: int | None = None, cache=None, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Aligned logits ``[B, Q', V]`` for ``input_ids`` [B, Q].
 
         ``attention_mask``: 0/1 [B, K] over the cached positions followed by the Q new ones (None: all real).
         ``cache``: a ``transformers`` ``Cache`` of the K − Q earlier positions; it is extended with the new
         keys/values (crop it afterwards to keep only committed positions). ``logits_to_keep=n`` returns
         only the last n positions' logits (0: all Q), which spares the vocabulary-wide head elsewhere.
+        ``position_ids`` [B, Q] override the positions counted from the mask: a cache whose keys are not in
+        sequence order (Fast-dLLM's dual cache: prefix, suffix, then the block) needs the block's true positions.
         """
         batch, query_length = input_ids.shape
         if attention_mask is None:
@@ -88,6 +91,8 @@ class ModelFamily:
             attention_mask = torch.ones(batch, past + query_length, dtype=torch.long, device=input_ids.device)
         mask, positions = self.attention_inputs(attention_mask, query_length, block_size=block_size,
                                                 dtype=_compute_dtype(model))
+        if position_ids is not None:
+            positions = position_ids
         keep = logits_to_keep
         if keep and self.shift_logits:
             keep = min(keep + 1, query_length)  # the first kept token reads the logit before it

@@ -1,0 +1,204 @@
+"""The sampler interface, the sampler registry, and the pieces every denoising sampler shares.
+
+A sampler turns left-padded prompts into completions through the policy's family forward
+(``policy.logits(ids, mask, cache=..., logits_to_keep=..., position_ids=...)``), and returns beside the tokens
+the denoising trace trajectory methods replay:
+
+    out = SAMPLERS["fast_dllm"](policy, prompt_ids, prompt_mask, options, generator=g, record_predictions=False)
+    out.completion_ids, out.unmask_step, out.commit_logp, out.model_calls, out.tokens_processed
+
+A sampler is one file: an options dataclass (validated, with the names users pass to ``policy.generate`` and
+``rollout.sampler_options``) and a class registered with :func:`register_sampler`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from dare_gym.device import uniform
+
+
+@dataclass
+class SamplerOutput:
+    """Completions and how they were denoised.
+
+    ``unmask_step`` is the (0-based) model call of the row's decoding at which each token was committed;
+    ``commit_logp`` the untempered log-probability the forward that committed a token gave it (what the rollout
+    policy believed: with an approximate cache it differs from a full forward's, which is what the
+    rollout/train mismatch measures). ``model_calls`` counts forwards, ``tokens_processed`` the query tokens
+    they ran (batch × length summed), the cost caches cut.
+    """
+
+    completion_ids: torch.Tensor  # [B, G]
+    unmask_step: torch.Tensor  # [B, G]
+    commit_logp: torch.Tensor  # [B, G] float32
+    model_calls: int
+    tokens_processed: int
+    step_predictions: torch.Tensor | None = None  # [B, steps, G] x̂₀ at every step (record_predictions)
+    step_confidence: torch.Tensor | None = None  # [B, steps, G] its probability; committed positions hold 1
+
+    @property
+    def num_forward_passes(self) -> int:
+        return self.model_calls
+
+
+@dataclass
+class SamplerOptions:
+    """Options every sampler takes."""
+
+    gen_length: int = 64
+    """tokens generated after each prompt"""
+    temperature: float = 0.0
+    """sampling temperature of each prediction (Gumbel-max in float64); 0 is greedy"""
+
+    def __post_init__(self):
+        if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
+            raise ValueError(f"gen_length must be a positive integer, got {self.gen_length!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+
+
+class Sampler:
+    """Base class: ``name``, ``options_class``, and ``__call__(policy, prompt_ids, prompt_mask, options, *,
+    generator, record_predictions) -> SamplerOutput``."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type] = SamplerOptions
+
+    def __call__(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options,
+                 *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
+        raise NotImplementedError
+
+
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(cls: type) -> type:
+    """Class decorator: ``@register_sampler`` on a :class:`Sampler` subclass with a ``name``."""
+    SAMPLERS[cls.name] = cls()
+    return cls
+
+
+def get_sampler(name: str) -> Sampler:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; registered samplers: {', '.join(sorted(SAMPLERS))}") from None
+
+
+def make_options(name: str, values: dict[str, Any]):
+    """The options dataclass of sampler ``name`` from a mapping; unknown keys and bad values name themselves."""
+    options_class = get_sampler(name).options_class
+    fields = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                         f"{', '.join(sorted(fields))}")
+    return options_class(**values)
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+
+
+def tokens_per_step(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many tokens each of ``steps`` steps commits, per row: an even split, remainder on the first steps.
+
+    ``masked_count`` is [B]; the result is [B, steps]. Example: 4 tokens over 3 steps -> [2, 1, 1].
+    """
+    base = masked_count[:, None] // steps
+    remainder = masked_count[:, None] % steps
+    step_index = torch.arange(steps, device=masked_count.device)[None, :]
+    return base + (step_index < remainder).long()
+
+
+def gumbel_max_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from softmax(logits / temperature) by the Gumbel-max trick, in float64.
+
+    Low-precision Gumbel noise measurably lowers sample quality (LLaDA's note on ``add_gumbel_noise``), so
+    the noise and the perturbed scores are float64. ``temperature == 0`` is greedy.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    u = uniform(logits.shape, generator, logits.device, torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    # argmax(exp(l) / (-log u)^T) == argmax(l - T log(-log u)); the log form cannot overflow.
+    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def propose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
+    """(x̂₀, its probability under softmax(logits) in float64, its untempered log-probability in float32)."""
+    predicted = gumbel_max_sample(logits, temperature, generator)
+    log_normaliser = torch.logsumexp(logits.double(), dim=-1)
+    logp = logits.double().gather(-1, predicted[..., None]).squeeze(-1) - log_normaliser
+    return predicted, logp.exp(), logp.float()
+
+
+def first_stop_done(completion: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the row has committed a stop token with nothing masked before it (the rest cannot matter)."""
+    is_stop = torch.isin(completion, stop_ids)
+    masked_before = (completion == mask_token_id).long().cumsum(dim=1) - (completion == mask_token_id).long()
+    return (is_stop & (masked_before == 0)).any(dim=1)
+
+
+def fill_after_stop(completion: torch.Tensor, unmask_step: torch.Tensor, mask_token_id: int, stop_id: int,
+                    step: int) -> None:
+    """Early exit: positions still masked (all after a row's stop token) become the stop token at ``step``."""
+    still = completion == mask_token_id
+    completion.masked_fill_(still, stop_id)
+    unmask_step.masked_fill_(still, step)
+
+
+def top_n(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[B, C] bool: each row's ``counts[b]`` highest confidences (candidates have finite confidence)."""
+    chosen = confidence.topk(int(counts.max().clamp(min=0)), dim=-1).indices
+    keep = torch.arange(chosen.shape[1], device=confidence.device)[None, :] < counts[:, None]
+    commit = torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
+    rows = torch.arange(confidence.shape[0], device=confidence.device)[:, None].expand_as(chosen)
+    commit[rows[keep], chosen[keep]] = True
+    return commit & torch.isfinite(confidence)
+
+
+def build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, predictions, confidences) -> SamplerOutput:
+    recorded = {}
+    if predictions:
+        recorded = dict(step_predictions=torch.stack(predictions, dim=1), step_confidence=torch.stack(confidences, dim=1))
+    return SamplerOutput(completion_ids=x[:, prompt_length:], unmask_step=unmask_step, commit_logp=commit_logp,
+                         model_calls=calls, tokens_processed=processed, **recorded)
+
+
+def update_guess(guess, guess_confidence, logits, first, prompt_length) -> None:
+    """Greedy guesses and their probabilities for every completion column this forward computed (they do not
+    touch the random stream); columns a cached forward skipped keep their last guess."""
+    offset = max(prompt_length - first, 0)
+    fresh = logits[:, offset:].double()
+    if fresh.shape[1] == 0:
+        return
+    start = first + offset - prompt_length
+    probs = torch.softmax(fresh, dim=-1)
+    best = probs.max(dim=-1)
+    guess[:, start:start + fresh.shape[1]] = best.indices
+    guess_confidence[:, start:start + fresh.shape[1]] = best.values.float()
+
+
+def record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, probability, masked,
+            prompt_length, mask_id) -> None:
+    """This step's x̂₀ over the completion: the step's own predictions at the candidate columns, greedy guesses
+    for masked positions further right, committed tokens elsewhere (with confidence 1)."""
+    completion = x[:, prompt_length:]
+    step_guess = torch.where(completion == mask_id, guess, completion)
+    step_confidence = torch.where(completion == mask_id, guess_confidence, torch.ones_like(guess_confidence))
+    in_completion = columns >= prompt_length
+    positions = columns[in_completion] - prompt_length
+    own = masked[:, in_completion]
+    step_guess[:, positions] = torch.where(own, predicted[:, in_completion], step_guess[:, positions])
+    step_confidence[:, positions] = torch.where(own, probability[:, in_completion].float(),
+                                                step_confidence[:, positions])
+    predictions.append(step_guess)
+    confidences.append(step_confidence)
+
+
+__all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
+           "make_options", "tokens_per_step", "gumbel_max_sample", "propose", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]

@@ -1,0 +1,228 @@
+"""Exact block-diffusion decoding for block-causal models (SDAR; the block-causal tiny model), as SDAR's
+``block_diffusion_generate`` and SGLang's LowConfidence decode them.
+
+Blocks sit on the model's own grid: block j of a row holds its real tokens at positions [j·b, (j+1)·b), counted
+from the row's first real token, so the prompt's last, partial block is decoded together with the first
+completion tokens (its prompt tokens stay fixed). Under block-causal attention a finished block never sees what
+comes after it, so its keys/values are cached exactly, once: every forward feeds only the columns after the
+cache, and the cache then keeps the columns whose blocks were complete when that forward ran.
+
+Inside a block, each of ``steps_per_block`` steps samples every masked token (temperature, top-k, top-p) and
+commits by ``remasking_strategy``: ``low_confidence_static`` (the scheduled n_s most confident), ``low_confidence_dynamic``
+(every token with confidence > τ when there are at least n_s of them, else the n_s most confident),
+``sequential`` (left to right). The schedule spreads the block's masked tokens evenly over its steps.
+
+Rows of a batch are laid out so that their block grids share column boundaries (:func:`block_aligned_layout`)
+and decode block-synchronously: each row works on its k-th completion block; a row that finishes early waits.
+A step feeds at most about two blocks of columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from dare_gym.samplers.base import (
+    Sampler,
+    SamplerOptions,
+    SamplerOutput,
+    first_stop_done,
+    gumbel_max_sample,
+    register_sampler,
+    tokens_per_step,
+    top_n,
+)
+from dare_gym.samplers.fast_dllm import keep_cache_positions
+
+BLOCK_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+
+
+@dataclass
+class BlockDiffusionOptions(SamplerOptions):
+    steps_per_block: int = 4
+    """denoising steps per block (SDAR's denoising_steps; its evaluations use block 4 with 4 steps)"""
+    remasking_strategy: str = "low_confidence_dynamic"
+    """low_confidence_static | low_confidence_dynamic | sequential (SDAR's name for it)"""
+    threshold: float = 0.9
+    """the dynamic rule's confidence threshold τ"""
+    top_k: int = 0
+    """sample among the k most probable tokens (0: all)"""
+    top_p: float = 1.0
+    """sample within the smallest set of tokens of probability >= top_p"""
+    early_exit: bool = True
+    """stop once every row has a stop token with nothing masked before it"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.steps_per_block, int) or self.steps_per_block < 1:
+            raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
+        if self.remasking_strategy not in BLOCK_REMASKING:
+            raise ValueError(f"remasking_strategy must be one of {BLOCK_REMASKING}, got {self.remasking_strategy!r}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits outside the top-k / top-p (nucleus) set set to −inf (the most probable token always stays)."""
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        cumulative = torch.softmax(ordered.float(), dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(ordered.float(), dim=-1) >= top_p  # mass before this token already enough
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def commit_by_rule(rule: str, confidence: torch.Tensor, scheduled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, C] the positions a step commits; candidates have finite confidence, columns run left to right."""
+    if rule == "low_confidence_static":
+        return top_n(confidence, scheduled)
+    if rule == "sequential":
+        order = torch.arange(confidence.shape[1], 0, -1, device=confidence.device, dtype=confidence.dtype)
+        return top_n(torch.where(torch.isfinite(confidence), order.expand_as(confidence), confidence), scheduled)
+    confident = (confidence > threshold) & torch.isfinite(confidence)
+    enough = confident.sum(dim=1) >= scheduled
+    return torch.where(enough[:, None], confident, top_n(confidence, scheduled))
+
+
+def block_aligned_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen_length: int, block: int,
+                         mask_id: int, pad_id: int):
+    """Rows re-laid so that every row's blocks start on columns that are multiples of ``block``: row b's real
+    tokens start at a multiple of the block (left pads), its ``gen_length`` masks follow its prompt, and fewer
+    than ``block`` pads close it. Pads are hidden keys and positions count real tokens, so the model sees each
+    row as it sees it alone; shared block boundaries let one cache serve every row exactly.
+
+    Returns (x [B, W], attention mask [B, W], first completion column per row [B])."""
+    lengths = prompt_mask.long().sum(dim=1)
+    width = int(-(-int((lengths + gen_length).max()) // block) * block)
+    starts = (width - lengths - gen_length) // block * block
+    batch = prompt_ids.shape[0]
+    x = prompt_ids.new_full((batch, width), pad_id)
+    attention_mask = prompt_mask.new_zeros((batch, width))
+    for row in range(batch):
+        start, length = int(starts[row]), int(lengths[row])
+        x[row, start:start + length] = prompt_ids[row][prompt_mask[row].bool()]
+        x[row, start + length:start + length + gen_length] = mask_id
+        attention_mask[row, start:start + length + gen_length] = 1
+    return x, attention_mask, starts + lengths
+
+
+@torch.no_grad()
+def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: BlockDiffusionOptions,
+                          *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
+    block, gen_length, mask_id = policy.block_size, options.gen_length, policy.mask_token_id
+    device = prompt_ids.device
+    pad_id = policy.tokenizer.pad_token_id if getattr(policy, "tokenizer", None) is not None else 0
+    x, attention_mask, completion_start = block_aligned_layout(prompt_ids, prompt_mask, gen_length, block, mask_id,
+                                                               pad_id)
+    batch, total = x.shape
+    column = torch.arange(total, device=device)
+    completion_columns = completion_start[:, None] + torch.arange(gen_length, device=device)[None, :]  # [B, G]
+    in_completion = (column[None, :] >= completion_start[:, None]) & attention_mask.bool()
+    position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    block_id = torch.where(attention_mask.bool(), position // block, -1)  # [B, T]; pads belong to no block
+    lengths = prompt_mask.long().sum(dim=1)
+    first_block, last_block = lengths // block, (lengths + gen_length - 1) // block
+    unmask_step = torch.full((batch, total), -1, dtype=torch.long, device=device)
+    commit_logp = torch.zeros(batch, total, dtype=torch.float32, device=device)
+    stop_ids = torch.tensor(policy.stop_token_ids, dtype=torch.long, device=device)
+    guess, guess_confidence = x.clone(), torch.zeros(batch, total, dtype=torch.float32, device=device)
+    predictions, confidences = [], []
+
+    def completion(values: torch.Tensor) -> torch.Tensor:
+        return values.gather(1, completion_columns)
+
+    def block_start(index: torch.Tensor) -> int:
+        """The first column of the earliest of the rows' blocks ``index`` (all on the shared grid)."""
+        inside = (block_id >= index[:, None]) & (index <= last_block)[:, None]
+        return int(torch.where(inside, column[None, :], total).min())
+
+    def finish() -> SamplerOutput:
+        recorded = {}
+        if predictions:
+            recorded = dict(step_predictions=torch.stack(predictions, dim=1),
+                            step_confidence=torch.stack(confidences, dim=1))
+        return SamplerOutput(completion_ids=completion(x), unmask_step=completion(unmask_step),
+                             commit_logp=completion(commit_logp), model_calls=calls, tokens_processed=processed,
+                             **recorded)
+
+    cache, cached = DynamicCache(), block_start(first_block)
+    calls = processed = 0
+    if cached > 0:  # prefill: the blocks before every row's first completion block
+        policy.logits(x[:, :cached], attention_mask[:, :cached], cache=cache, logits_to_keep=1)
+        calls, processed = calls + 1, processed + x[:, :cached].numel()
+    for k in range(int((last_block - first_block).max()) + 1):
+        current = first_block + k
+        in_block = (block_id == current[:, None]) & (current <= last_block)[:, None]  # [B, T]
+        window_end = int(torch.where(in_block, column[None, :] + 1, 0).max())
+        schedule = tokens_per_step(((x == mask_id) & in_block).sum(dim=1), options.steps_per_block)
+        for step in range(options.steps_per_block):
+            masked = (x == mask_id) & in_block
+            if not bool(masked.any()):
+                break
+            # Feed every column after the cache: the current blocks, and finished blocks not cached yet.
+            logits = policy.logits(x[:, cached:window_end], attention_mask[:, :window_end], cache=cache)
+            calls, processed = calls + 1, processed + x[:, cached:window_end].numel()
+            first_fed, cached = cached, block_start(current)  # blocks before every row's current one are exact
+            keep_cache_positions(cache, torch.arange(cached, device=device))
+            columns = masked.any(dim=0).nonzero().squeeze(1)
+            step_logits = logits[:, columns - first_fed].double()
+            # A committed mask token would leave a finished block masked under a cache that never revisits it.
+            sampling_logits = filter_logits(step_logits.index_fill(-1, torch.tensor([mask_id], device=device),
+                                                                   float("-inf")), options.top_k, options.top_p)
+            if options.temperature > 0:
+                sampling_logits = sampling_logits / options.temperature
+            predicted = gumbel_max_sample(sampling_logits, 1.0 if options.temperature > 0 else 0.0, generator)
+            probability = torch.softmax(sampling_logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
+            logp = (step_logits.gather(-1, predicted[..., None]).squeeze(-1) - torch.logsumexp(step_logits, -1)).float()
+            candidates = masked[:, columns]
+            confidence = probability.masked_fill(~candidates, float("-inf"))
+            chosen = commit_by_rule(options.remasking_strategy, confidence, schedule[:, step],
+                                    options.threshold) & candidates
+            if record_predictions:
+                fresh = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+                guess[:, first_fed:window_end] = fresh.indices
+                guess_confidence[:, first_fed:window_end] = fresh.values.float()
+                step_guess = torch.where(x == mask_id, guess, x)
+                step_guess[:, columns] = torch.where(candidates, predicted, step_guess[:, columns])
+                step_confidence = torch.where(x == mask_id, guess_confidence, torch.ones_like(guess_confidence))
+                step_confidence[:, columns] = torch.where(candidates, probability.float(), step_confidence[:, columns])
+                predictions.append(completion(step_guess))
+                confidences.append(completion(step_confidence))
+            x[:, columns] = torch.where(chosen, predicted, x[:, columns])
+            unmask_step[:, columns] = torch.where(chosen, calls - 1, unmask_step[:, columns])
+            commit_logp[:, columns] = torch.where(chosen, logp, commit_logp[:, columns])
+            if options.early_exit and bool(first_stop_done(completion(x), mask_id, stop_ids).all()):
+                still = (x == mask_id) & in_completion
+                x.masked_fill_(still, int(stop_ids[0]))
+                unmask_step.masked_fill_(still, calls - 1)
+                return finish()
+    return finish()
+
+
+@register_sampler
+class BlockDiffusionSampler(Sampler):
+    """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
+
+    name = "block_diffusion"
+    options_class = BlockDiffusionOptions
+
+    def __call__(self, policy, prompt_ids, prompt_mask, options: BlockDiffusionOptions, *, generator=None,
+                 record_predictions=False) -> SamplerOutput:
+        if policy.block_size is None:
+            raise ValueError(f"block_diffusion decodes block-causal models; this {policy.family.name} model has full "
+                             "attention: use sampler='llada' or 'fast_dllm'")
+        return decode_blocks_exactly(policy, prompt_ids, prompt_mask, options, generator=generator,
+                                     record_predictions=record_predictions)
+
+
+__all__ = ["BlockDiffusionOptions", "BlockDiffusionSampler", "BLOCK_REMASKING", "decode_blocks_exactly",
+           "filter_logits", "commit_by_rule"]

@@ -1,0 +1,181 @@
+"""Fast-dLLM (Wu et al., 2025) for full-attention dLLMs (tiny, LLaDA, Dream): KV caches plus parallel decoding.
+
+It is LLaDA's block loop (``llada.py``) with two things swapped in:
+
+* **Caches** (``cache``). ``prefix``: at the start of every block one full forward, whose keys/values left of
+  the block are kept; its logits serve the block's first step, and later steps feed only [block; suffix].
+  ``dual``: the same block-start forward also keeps the masked suffix's keys/values, and later steps feed only
+  the block. Both are approximate under bidirectional attention (the cached states do not see what the block
+  commits until the next refresh): ``SamplerOutput.commit_logp`` records what the rollout believed, for the
+  rollout/train mismatch.
+* **Parallel commit rules.** ``threshold`` τ: every masked token of the block with confidence ≥ τ, at least the
+  most confident one, so a block takes as many steps as it needs. ``factor`` f: the most confident n with
+  c₍ⱼ₎ ≥ 1 − f/(j+1) for every j ≤ n (at least one); we follow the paper's rule, not the official code's quirk of
+  committing every candidate when only the last fails (ALGORITHMS.md §O).
+
+``early_exit`` stops once every row has committed a stop token with nothing masked before it (the rest becomes
+that token). With ``cache="none"``, no threshold/factor and no early exit this is the LLaDA sampler token for
+token. Block-causal models (SDAR) have exact caches instead: the ``block_diffusion`` sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from dare_gym.samplers.base import Sampler, SamplerOutput, register_sampler, top_n
+from dare_gym.samplers.llada import FullForward, LLaDAOptions, ScheduledCommit, denoise_blocks
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class FastDLLMOptions(LLaDAOptions):
+    cache: str = "dual"
+    """none | prefix (keys/values left of the block, refreshed each block) | dual (prefix and masked suffix)"""
+    threshold: float | None = 0.9
+    """commit every masked token of the block with confidence >= threshold (at least one); null: LLaDA's schedule"""
+    factor: float | None = None
+    """Fast-dLLM's factor rule instead of a threshold (commit n while c_j >= 1 - factor/(j+1))"""
+    early_exit: bool = True
+    """stop once every row has a stop token with nothing masked before it"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("set threshold or factor, not both")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if self.factor is not None and not self.factor > 0:
+            raise ValueError(f"factor must be > 0, got {self.factor!r}")
+
+
+# -------------------------------------------------------------------------------------------- commit rules
+
+
+class ThresholdCommit:
+    """Every candidate with confidence ≥ τ, and at least each row's most confident one."""
+
+    adaptive = True
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, confidence: torch.Tensor, scheduled: torch.Tensor) -> torch.Tensor:
+        return (confidence >= self.threshold) | top_n(confidence, torch.ones_like(scheduled))
+
+
+class FactorCommit:
+    """The longest prefix of the confidences sorted high to low with c₍ⱼ₎ ≥ 1 − f/(j+1) (τ₁ = −1: at least one)."""
+
+    adaptive = True
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, confidence: torch.Tensor, scheduled: torch.Tensor) -> torch.Tensor:
+        ordered = confidence.sort(dim=-1, descending=True).values
+        rank = torch.arange(1, ordered.shape[1] + 1, device=confidence.device, dtype=ordered.dtype)
+        passes = ordered >= 1 - self.factor / (rank + 1)
+        passes[:, 0] = torch.isfinite(ordered[:, 0])
+        count = passes.long().cumprod(dim=-1).sum(dim=-1)
+        return top_n(confidence, count)
+
+
+# ------------------------------------------------------------------------------------------------- caches
+
+
+def keep_cache_positions(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Keep only the cached positions ``index`` (in that order) in every layer."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and layer.keys.numel():
+            layer.keys = layer.keys[..., index, :]
+            layer.values = layer.values[..., index, :]
+
+
+def _query_start(policy, start: int) -> int:
+    """The first column a cached step must feed: a shifted family (Dream) reads token i from position i−1."""
+    return start - 1 if policy.family.shift_logits else start
+
+
+class PrefixCache:
+    """Keys/values left of the current block, from one full forward at the block's start."""
+
+    def begin_block(self, start: int, end: int) -> None:
+        self.start, self.cache = start, None
+
+    def __call__(self, policy, x, attention_mask, first_needed: int, end: int):
+        total = x.shape[1]
+        query_start = _query_start(policy, self.start)
+        if self.cache is None:  # the block's first step: a full forward, keeping what lies left of the block
+            self.cache = DynamicCache()
+            logits = policy.logits(x, attention_mask, cache=self.cache, logits_to_keep=total - first_needed)
+            keep_cache_positions(self.cache, torch.arange(query_start, device=x.device))
+            return first_needed, logits, x.numel()
+        first = max(first_needed, self.start)
+        logits = policy.logits(x[:, query_start:], attention_mask, cache=self.cache, logits_to_keep=total - first)
+        keep_cache_positions(self.cache, torch.arange(query_start, device=x.device))
+        return first, logits, x[:, query_start:].numel()
+
+
+class DualCache:
+    """Keys/values left of the block and of the (masked) suffix right of it, from the block's first forward."""
+
+    def begin_block(self, start: int, end: int) -> None:
+        self.start, self.end, self.cache = start, end, None
+
+    def __call__(self, policy, x, attention_mask, first_needed: int, end: int):
+        total, device = x.shape[1], x.device
+        query_start = _query_start(policy, self.start)
+        if self.cache is None:
+            self.cache = DynamicCache()
+            logits = policy.logits(x, attention_mask, cache=self.cache, logits_to_keep=total - first_needed)
+            kept = torch.cat([torch.arange(query_start, device=device), torch.arange(self.end, total, device=device)])
+            keep_cache_positions(self.cache, kept)
+            self.kept_mask = attention_mask[:, kept]
+            self.cached = kept.numel()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            self.block_positions = positions[:, query_start:self.end]
+            return first_needed, logits, x.numel()
+        first = max(first_needed, self.start)
+        block = x[:, query_start:self.end]
+        logits = policy.logits(block, torch.cat([self.kept_mask, attention_mask[:, query_start:self.end]], dim=1),
+                               cache=self.cache, position_ids=self.block_positions, logits_to_keep=self.end - first)
+        keep_cache_positions(self.cache, torch.arange(self.cached, device=device))
+        return first, logits, block.numel()
+
+
+FORWARDS = {"none": FullForward, "prefix": PrefixCache, "dual": DualCache}
+
+
+@register_sampler
+class FastDLLMSampler(Sampler):
+    """LLaDA's block loop with Fast-dLLM's caches, parallel commit rules and early exit."""
+
+    name = "fast_dllm"
+    options_class = FastDLLMOptions
+
+    def __call__(self, policy, prompt_ids, prompt_mask, options: FastDLLMOptions, *, generator=None,
+                 record_predictions=False) -> SamplerOutput:
+        if policy.block_size is not None:
+            raise ValueError(f"fast_dllm's caches approximate full attention; this {policy.family.name} model is "
+                             f"block-causal (block_size={policy.block_size}): use sampler='block_diffusion'")
+        if options.threshold is not None:
+            commit = ThresholdCommit(options.threshold)
+        elif options.factor is not None:
+            commit = FactorCommit(options.factor)
+        else:
+            commit = ScheduledCommit()
+        return denoise_blocks(
+            policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
+            block_length=options.block_length, temperature=options.temperature, remasking=options.remasking,
+            generator=generator, record_predictions=record_predictions, forward=FORWARDS[options.cache](),
+            commit=commit, early_exit=options.early_exit)
+
+
+__all__ = ["FastDLLMOptions", "FastDLLMSampler", "ThresholdCommit", "FactorCommit", "PrefixCache", "DualCache",
+           "keep_cache_positions", "CACHE_MODES"]

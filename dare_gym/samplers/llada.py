@@ -1,0 +1,189 @@
+"""LLaDA's semi-autoregressive sampler with low-confidence remasking (Nie et al., 2025; ``generate.py``).
+
+The completion is split into blocks decoded left to right; inside a block each step predicts every masked
+token at once and commits the most confident few, spreading the block's tokens evenly over its steps with the
+remainder on the first steps. With ``temperature=0`` and ``remasking="low_confidence"`` this is the
+reference ``generate()`` token for token, batched: rows are left-padded prompts followed by ``gen_length``
+mask tokens, and the family forward hides pad keys and counts positions over real tokens, so a batched row
+computes what it computes alone.
+
+The loop, :func:`denoise_blocks`, is shared with Fast-dLLM (``fast_dllm.py``), which swaps in its cached
+forwards and its parallel commit rules; with the defaults here it is LLaDA's algorithm exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from dare_gym.device import uniform
+from dare_gym.samplers.base import (
+    Sampler,
+    SamplerOptions,
+    SamplerOutput,
+    fill_after_stop,
+    first_stop_done,
+    propose,
+    record_step,
+    register_sampler,
+    build_output,
+    tokens_per_step,
+    top_n,
+    update_guess,
+)
+
+REMASKING_RULES = ("low_confidence", "random")
+
+
+def check_schedule(gen_length: int, steps: int, block_length: int) -> int:
+    """Validate the block schedule; returns the number of steps per block."""
+    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps={steps} must be a multiple of the number of blocks "
+            f"(gen_length/block_length = {gen_length}/{block_length} = {num_blocks})"
+        )
+    return steps // num_blocks
+
+
+@dataclass
+class LLaDAOptions(SamplerOptions):
+    steps: int = 64
+    """denoising steps in all (a multiple of the number of blocks)"""
+    block_length: int = 32
+    """tokens per semi-autoregressive block (divides gen_length)"""
+    remasking: str = "low_confidence"
+    """which masked positions a step commits first: low_confidence (most probable guesses) or random"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.remasking not in REMASKING_RULES:
+            raise ValueError(f"remasking must be one of {REMASKING_RULES}, got {self.remasking!r}")
+        check_schedule(self.gen_length, self.steps, self.block_length)
+
+
+# ------------------------------------------------------------------------------------------------ forwards
+
+
+class FullForward:
+    """Every step recomputes the whole sequence (LLaDA); logits are kept from the first column still to decode."""
+
+    def begin_block(self, start: int, end: int) -> None:
+        pass
+
+    def __call__(self, policy, x, attention_mask, first_needed: int, end: int) -> tuple[int, torch.Tensor, int]:
+        """(first column of the logits, logits for columns [first, T), query tokens processed)."""
+        logits = policy.logits(x, attention_mask, logits_to_keep=x.shape[1] - first_needed)
+        return first_needed, logits, x.numel()
+
+
+# -------------------------------------------------------------------------------------------- commit rules
+
+
+class ScheduledCommit:
+    """LLaDA's rule: step s of a block commits its scheduled count n_s, the most confident first."""
+
+    adaptive = False
+
+    def __call__(self, confidence: torch.Tensor, scheduled: torch.Tensor) -> torch.Tensor:
+        return top_n(confidence, scheduled)
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gen_length: int, steps: int,
+                   block_length: int, temperature: float, remasking: str, generator: torch.Generator | None,
+                   record_predictions: bool, forward=None, commit=None, early_exit: bool = False) -> SamplerOutput:
+    """Decode ``gen_length`` tokens after each left-padded prompt row, block by block.
+
+    ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
+    positions a step commits from their confidences (:class:`ScheduledCommit`, or a threshold rule, which
+    decodes a block in as many steps as it needs); ``early_exit`` stops once every row has committed a stop
+    token with nothing masked before it.
+    """
+    forward = forward or FullForward()
+    commit = commit or ScheduledCommit()
+    steps_per_block = check_schedule(gen_length, steps, block_length)
+    batch, prompt_length = prompt_ids.shape
+    device, mask_id = prompt_ids.device, policy.mask_token_id
+    x = torch.cat([prompt_ids, prompt_ids.new_full((batch, gen_length), mask_id)], dim=1)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, gen_length))], dim=1)
+    unmask_step = torch.full((batch, gen_length), -1, dtype=torch.long, device=device)
+    commit_logp = torch.zeros(batch, gen_length, dtype=torch.float32, device=device)
+    stop_ids = torch.tensor(policy.stop_token_ids, dtype=torch.long, device=device)
+    guess = torch.full((batch, gen_length), mask_id, dtype=torch.long, device=device)  # for record_predictions
+    guess_confidence = torch.zeros(batch, gen_length, dtype=torch.float32, device=device)
+    predictions, confidences = [], []
+    calls = processed = 0
+
+    for block in range(gen_length // block_length):
+        start, end = prompt_length + block * block_length, prompt_length + (block + 1) * block_length
+        forward.begin_block(start, end)
+        schedule = tokens_per_step((x[:, start:end] == mask_id).sum(dim=1), steps_per_block)
+        for step in itertools.count():
+            if (step >= steps_per_block) if not commit.adaptive else \
+                    (step >= block_length or not bool((x[:, start:end] == mask_id).any())):
+                break
+            # Candidates are all masked positions left of the block's end. Normally that is the current block,
+            # but a model can predict the mask token itself, leaving it masked; the reference sampler then
+            # revisits it later, and so do we. Only columns some row still has to decode are scored.
+            masked = x[:, :end] == mask_id
+            needed = masked.any(dim=0).nonzero().squeeze(1)
+            if needed.numel() == 0:
+                break
+            first_needed = min(int(needed[0]), prompt_length) if record_predictions else int(needed[0])
+            first, logits, tokens = forward(policy, x, attention_mask, first_needed, end)
+            calls, processed = calls + 1, processed + tokens
+            columns = needed[needed >= first]
+            masked = masked[:, columns]
+            predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
+            if remasking == "low_confidence":
+                confidence = probability
+            else:
+                confidence = uniform(predicted.shape, generator, device, torch.float64)
+            confidence = confidence.masked_fill(~masked, float("-inf"))
+            chosen = commit(confidence, schedule[:, min(step, steps_per_block - 1)]) & masked
+            if record_predictions:
+                update_guess(guess, guess_confidence, logits, first, prompt_length)
+                record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, probability,
+                        masked, prompt_length, mask_id)
+            x[:, columns] = torch.where(chosen, predicted, x[:, columns])
+            in_completion = columns >= prompt_length
+            completion_columns = columns[in_completion] - prompt_length
+            chosen_completion = chosen[:, in_completion]
+            unmask_step[:, completion_columns] = torch.where(
+                chosen_completion, calls - 1, unmask_step[:, completion_columns])
+            commit_logp[:, completion_columns] = torch.where(
+                chosen_completion, logp[:, in_completion], commit_logp[:, completion_columns])
+            if early_exit and bool(first_stop_done(x[:, prompt_length:], mask_id, stop_ids).all()):
+                fill_after_stop(x[:, prompt_length:], unmask_step, mask_id, int(stop_ids[0]), calls - 1)
+                return build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, predictions,
+                               confidences)
+    return build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, predictions, confidences)
+
+
+@register_sampler
+class LLaDASampler(Sampler):
+    """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
+
+    name = "llada"
+    options_class = LLaDAOptions
+
+    def __call__(self, policy, prompt_ids, prompt_mask, options: LLaDAOptions, *, generator=None,
+                 record_predictions=False) -> SamplerOutput:
+        return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
+                              block_length=options.block_length, temperature=options.temperature,
+                              remasking=options.remasking, generator=generator, record_predictions=record_predictions)
+
+
+__all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "denoise_blocks", "FullForward",
+           "ScheduledCommit"]
