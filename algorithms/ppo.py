@@ -9,8 +9,10 @@ token value, and
     R*_s = r*_s + γR*_{s+1},  δ*_s = r*_s − V*_s + γV*_{s+1},  A*_s = δ*_s + γλA*_{s+1};
     token level: A_k = r_k − V_k + γV*_{next} + γλA*_{next},  R_k = r_k + γR*_{next}.
 
-The policy minimises TraceRL's row loss with A_k; the value model its clipped loss ½ max((V − R)²,
-(V_old + clip(V − V_old, ±ε) − R)²), summed over targets / L₁, with its own optimizer (lr 5e-6).
+The policy minimises TraceRL's row loss with A_k, normalised by L₁ as in the official value path (which
+exists for block-causal models only: ``train_sdar_policy.py`` / ``train_sdar_value.py``); the value model its
+clipped loss ½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), summed over targets / L₁, with its own
+optimizer (lr 5e-6).
 Defaults: γ = λ = 1, ε = 0.2, value trained every step; no KL here (TraceRL's is against π_old).
 """
 
@@ -70,7 +72,7 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.family.forward(self.backbone, input_ids, attention_mask, block_size=self.block_size)
         hidden = self.family.align(self._hidden, attention_mask)  # position i: the state that predicts token i
-        return self.head(hidden).squeeze(-1)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # values in float32 under bf16 weights
 
 
 @register_algorithm("ppo", PPOConfig)
@@ -121,7 +123,7 @@ class PPO(PolicyGradient):
         step_values = torch.stack([(values * (groups == s)).sum(dim=1) for s in range(steps)], dim=1) / counts
         last = present.long().cumsum(dim=1).argmax(dim=1)  # each rollout's final step carries the reward
         step_rewards = torch.zeros_like(step_values)
-        step_rewards[torch.arange(len(buffer)), last] = buffer.reward.to(policy.device)
+        step_rewards[torch.arange(len(buffer)), last] = buffer.reward.to(step_rewards)
         step_adv, step_ret = step_gae(step_rewards, step_values, present, self.config.gamma, self.config.lam)
         # Token level: A_k = r_k − V_k + γV*_next + γλA*_next, R_k = r_k + γR*_next (next: the following step).
         next_value = torch.cat([step_values[:, 1:] * present[:, 1:], torch.zeros_like(step_values[:, :1])], dim=1)
@@ -147,7 +149,8 @@ class PPO(PolicyGradient):
         device = scores.logp.device
         valid = inputs.completion_mask.bool() & scores.scored
         advantage = batch.columns["token_advantage"].to(device)
-        surrogate, clip_active = clipped_surrogate(scores.logp, old_logp, advantage, epsilon_low=config.epsilon)
+        surrogate, clip_active = clipped_surrogate(scores.logp, old_logp, advantage, epsilon_low=config.epsilon,
+                                                   log_ratio_clamp=config.log_ratio_clamp)
         groups = batch.columns["noise.step_group"][:, iteration].to(device)
         values = self._token_values(inputs, groups)
         value_loss = clipped_value_loss(values, batch.columns["old_value"].to(device),

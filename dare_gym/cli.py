@@ -122,10 +122,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _parse_key_values(items: list[str], what: str) -> dict:
-    from dare_gym.config import parse_overrides
+    """``key=value`` items (values parsed as YAML; dotted keys nest: ``options.threshold=0.9``)."""
+    from dare_gym.config import parse_overrides, set_dotted
 
     try:
-        return dict(parse_overrides(items))
+        values: dict = {}
+        for key, value in parse_overrides(items):
+            set_dotted(values, key, value)
+        return values
     except ConfigError as error:
         raise ConfigError(f"{what}: {error}") from None
 
@@ -182,6 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import dare_gym
     from dare_gym.config import dataclass_from_dict
     from dare_gym.console import quiet_library_warnings
+    from dare_gym.device import resolve_device, resolve_dtype
     from dare_gym.evaluation import evaluate
     from dare_gym.trainer import GenerationConfig
 
@@ -194,8 +199,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     env = make_env(args.env, args.split, _parse_key_values(args.env_kwarg, "--env-kwarg"))
     check_policy_name(args.policy, "--policy")
     try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as error:
+        raise ConfigError(f"--device/--dtype: {error}") from None
+    try:
         with quiet_library_warnings():
-            policy = dare_gym.load_policy(args.policy)
+            policy = dare_gym.load_policy(args.policy, device=device, dtype=dtype, family=args.family)
     except (OSError, ValueError) as error:  # FileNotFoundError included
         raise ConfigError(f"--policy: {error} (give 'tiny', a checkpoint folder or a hub id)") from None
     limit = args.limit if args.limit is not None else (None if env.num_records is not None else 500)
@@ -339,13 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a policy on an env split", description="Score a policy on an env split "
                         "with (by default greedy) completions; prints accuracy and mean reward as JSON.")
     ev.add_argument("--policy", default="tiny", help="policy name, checkpoint folder or hub id (default: tiny)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    ev.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto (default: float32)")
+    ev.add_argument("--family", help="force a model family (tiny, llada, dream, sdar) over config.json's model_type")
     ev.add_argument("--env", default="digitsort-v0", help="env id (default: digitsort-v0; `dare-gym envs` lists them)")
     ev.add_argument("--split", default="test", help="split (default: test)")
     ev.add_argument("--limit", type=int, help="score only the first N records")
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (default: 256)")
     ev.add_argument("--gen", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="sampler settings: gen_length, steps, block_length, temperature, remasking; "
-                    "e.g. --gen steps=4 temperature=0.5")
+                    help="sampler settings: gen_length, steps, block_length, temperature, remasking, sampler "
+                    "(llada, fast_dllm, block_diffusion) and its options.*; e.g. --gen steps=4 temperature=0.5, "
+                    "--gen sampler=fast_dllm options.cache=dual options.threshold=0.9")
     ev.add_argument("--env-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra env arguments, e.g. --env-kwarg reward=my_rewards:exact")
     ev.add_argument("--output", help="also write the completions and per-record correctness to this JSON file")

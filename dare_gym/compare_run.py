@@ -66,6 +66,7 @@ def _train_sft(spec: dict, result: dict) -> None:
 
     import dare_gym
     from dare_gym.console import quiet_library_warnings
+    from dare_gym.device import make_generator, resolve_device, resolve_dtype
     from dare_gym.evaluation import evaluate
     from dare_gym.sft import train_on_demonstrations
     from dare_gym.trainer import GenerationConfig, seed_everything
@@ -75,8 +76,10 @@ def _train_sft(spec: dict, result: dict) -> None:
     if config.get("torch_threads"):  # as the trainer does, so that SFT gets the same cores as the RL runs
         torch.set_num_threads(config["torch_threads"])
     seed_everything(config["seed"])
+    device = resolve_device(config.get("device", "auto"))
     with quiet_library_warnings():
-        policy = dare_gym.load_policy(config["policy"])
+        policy = dare_gym.load_policy(config["policy"], device=device, dtype=resolve_dtype(config.get("dtype"), device),
+                                      family=config.get("policy_family"))
     train_env = dare_gym.make(config["env"], **resolve_env_kwargs(config.get("env_kwargs", {})))
     eval_env = dare_gym.make(config["env"], **resolve_env_kwargs(config.get("eval_env_kwargs", {})))
     generation = GenerationConfig(**config.get("evaluation", {})).as_kwargs()
@@ -84,7 +87,7 @@ def _train_sft(spec: dict, result: dict) -> None:
     seconds, interval = spec["seconds"], spec["eval_interval_s"]
 
     def score(step: int, elapsed: float) -> None:
-        scores = evaluate(policy, eval_env, limit=config["eval_size"], batch_size=config.get("micro_batch_size", 256),
+        scores = evaluate(policy, eval_env, limit=config["eval_size"], batch_size=config.get("rollout_batch_size", 256),
                           **generation)
         curve.append({"step": step, "train_seconds": round(elapsed, 3), "heldout_accuracy": scores.accuracy,
                       "heldout_reward": scores.mean_reward})
@@ -101,7 +104,7 @@ def _train_sft(spec: dict, result: dict) -> None:
 
     steps = train_on_demonstrations(
         policy, train_env, answer_length=answer_length, learning_rate=config["learning_rate"],
-        batch_size=spec["batch_size"], seconds=seconds, generator=torch.Generator().manual_seed(config["seed"]),
+        batch_size=spec["batch_size"], seconds=seconds, generator=make_generator(device, config["seed"]),
         callback=on_step, progress=False,
     )
     if curve[-1]["step"] != steps:

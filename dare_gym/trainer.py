@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,11 @@ from dare_gym.lora import (
     load_lora_weights,
     save_lora_policy,
 )
-from dare_gym.sampling import REMASKING_RULES
+from dare_gym.device import make_generator, resolve_device, resolve_dtype
+from dare_gym.models.families import get_family
+from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.samplers import get_sampler
+from dare_gym.samplers.llada import REMASKING_RULES
 from dare_gym.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -66,6 +71,10 @@ class GenerationConfig:
     """sampling temperature; 0 is greedy"""
     remasking: str | None = None
     """which masked tokens are committed first: low_confidence or random"""
+    sampler: str | None = None
+    """llada | fast_dllm | block_diffusion (null: block_diffusion for block-causal models, else llada)"""
+    options: dict = field(default_factory=dict)
+    """the sampler's own options, e.g. {cache: dual, threshold: 0.9} for fast_dllm"""
 
     def __post_init__(self):
         for name in ("gen_length", "steps", "block_length"):
@@ -76,9 +85,13 @@ class GenerationConfig:
             raise ValueError(f"temperature must be >= 0 or null, got {self.temperature!r}")
         if self.remasking is not None and self.remasking not in REMASKING_RULES:
             raise ValueError(f"remasking must be one of {', '.join(REMASKING_RULES)} or null, got {self.remasking!r}")
+        if self.sampler is not None:
+            get_sampler(self.sampler)  # an unknown name is an error now, listing the registered ones
 
     def as_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """``policy.generate`` keyword arguments: the set fields, then the sampler's own options."""
+        settings = {k: v for k, v in asdict(self).items() if v is not None and k != "options"}
+        return {**settings, **self.options}
 
 
 @dataclass
@@ -97,7 +110,15 @@ class TrainConfig:
     allow_eval_overlap: bool = False
     """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    """policy name or checkpoint folder"""
+    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; `tiny` is the built-in CPU model)"""
+    policy_family: str | None = None
+    """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (auto: the GPU when one is visible)"""
+    dtype: str = "float32"
+    """float32 | bfloat16 | auto for the weights and forward; log-probs, losses and optimizer state stay float32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: much less memory for real models, about a third slower"""
     algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
     """algorithm name and options (`dare-gym algorithms` lists each one's fields)"""
     imports: list[str] = field(default_factory=list)
@@ -119,7 +140,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """gradients are clipped to this global norm"""
     micro_batch_size: int = 256
-    """rows per forward pass (lower it to save memory; the update is the same)"""
+    """rows per forward/backward in the update; gradients accumulate over the whole batch (one optimizer step
+    per iteration), so lowering it saves memory and leaves the update the same"""
+    rollout_batch_size: int = 256
+    """prompts per sampler call for rollouts and evaluation"""
     rollout: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.7))
     """sampler settings for training rollouts"""
     evaluation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
@@ -152,8 +176,8 @@ class TrainConfig:
         self.imports = [normalize_module_spec(spec) for spec in self.imports]
         for i, spec in enumerate(self.imports):
             import_module(spec, where=f"imports[{i}]")
-        positive = ("prompts_per_step", "group_size", "max_steps", "micro_batch_size", "eval_every", "save_every",
-                    "keep_checkpoints", "log_every")
+        positive = ("prompts_per_step", "group_size", "max_steps", "micro_batch_size", "rollout_batch_size",
+                    "eval_every", "save_every", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -163,6 +187,17 @@ class TrainConfig:
             raise ConfigError(f"eval_size must be >= 0, got {self.eval_size!r}")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
+        try:
+            resolve_dtype(self.dtype)
+            if self.device.strip().lower() not in ("auto", "cpu"):
+                resolve_device(self.device)  # a GPU that is not there is an error now, not at the first step
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if self.policy_family is not None:
+            try:
+                get_family(self.policy_family)
+            except ValueError as error:
+                raise ConfigError(f"policy_family: {error}") from None
         if self.env not in dare_gym.list_envs():
             raise ConfigError(f"env: unknown env {self.env!r}; registered: {', '.join(dare_gym.list_envs())}")
         for name in ("env_kwargs", "eval_env_kwargs"):  # a reward reference that does not import fails now
@@ -216,6 +251,12 @@ class MetricsLogger:
             self.writer.close()
 
 
+def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
+    """``policy.sampler_settings`` arguments from ``GenerationConfig.as_kwargs()``."""
+    settings = dict(settings)
+    return {"sampler": settings.pop("sampler", None), "options": settings}
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -236,10 +277,19 @@ class Trainer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         seed_everything(config.seed)
+        device = resolve_device(config.device)
         with quiet_library_warnings():
-            self.policy = policy if policy is not None else dare_gym.load_policy(config.policy)
+            self.policy = policy if policy is not None else dare_gym.load_policy(
+                config.policy, device=device, dtype=resolve_dtype(config.dtype, device), family=config.policy_family)
+            if config.gradient_checkpointing:
+                enable_activation_checkpointing(self.policy.model)
             if config.lora is not None:
                 apply_lora(self.policy, config.lora, verbose=config.progress)
+        try:  # sampler names and options are checked against the policy now, not at the first rollout
+            self.policy.sampler_settings(**_sampler_arguments(config.rollout.as_kwargs()))
+            self.policy.sampler_settings(**_sampler_arguments(config.evaluation.as_kwargs()))
+        except ValueError as error:
+            raise ConfigError(f"rollout/evaluation: {error}") from None
         self.algorithm = make_algorithm(
             config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id
         )
@@ -260,12 +310,11 @@ class Trainer:
                            allow_overlap=config.allow_eval_overlap)
         except SplitOverlapError as error:
             raise ConfigError(str(error)) from None
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.model.parameters() if p.requires_grad], lr=config.learning_rate,
-            betas=config.adam_betas,
-            weight_decay=config.weight_decay,
-        )
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = MasterWeightAdamW(self.policy.model.parameters(), lr=config.learning_rate,
+                                           betas=config.adam_betas, weight_decay=config.weight_decay)
+        # every draw (sampler noise, estimator masks, minibatch order) comes from this one seeded stream, on the
+        # model's device: reproducible for a seed on a device
+        self.generator = make_generator(self.policy.device, config.seed)
         self.output_dir = Path(config.output_dir)
         self.step = 0
         self.elapsed_before_resume = 0.0
@@ -280,7 +329,7 @@ class Trainer:
         needs = set(getattr(self.algorithm, "rollout_needs", ()))
         prompts, infos = self.train_env.reset()
         completions = self.policy.generate(
-            list(prompts), generator=self.generator, batch_size=self.config.micro_batch_size,
+            list(prompts), generator=self.generator, batch_size=self.config.rollout_batch_size,
             record_predictions="step_predictions" in needs, **self.rollout_kwargs(),
         )
         timings["time_rollout"] = time.perf_counter() - start
@@ -361,15 +410,13 @@ class Trainer:
         self.algorithm.prepare(self.policy, self.reference, buffer, self.generator, config.micro_batch_size)
         totals: dict[str, list[float]] = {}
         for iteration in range(self.algorithm.config.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             unit = getattr(self.algorithm, "minibatch_unit", None)  # e.g. DPO keeps each pair together
             for minibatch in buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit):
                 loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, len(minibatch) / len(buffer))
                 for key, value in dict(metrics, loss=loss).items():
                     totals.setdefault(key, []).append(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), config.max_grad_norm)
-            totals.setdefault("grad_norm", []).append(float(grad_norm))
-            self.optimizer.step()
+            totals.setdefault("grad_norm", []).append(self.optimizer.clip_and_step(config.max_grad_norm))
             if hasattr(self.algorithm, "after_optimizer_step"):  # e.g. PPO steps its value model
                 self.algorithm.after_optimizer_step()
         self.policy.model.eval()
@@ -385,7 +432,7 @@ class Trainer:
             return {}
         start = time.perf_counter()
         result = evaluate(
-            self.policy, self.eval_env, limit=self.config.eval_size, batch_size=self.config.micro_batch_size,
+            self.policy, self.eval_env, limit=self.config.eval_size, batch_size=self.config.rollout_batch_size,
             **self.config.evaluation.as_kwargs(),
         )
         return {"heldout_accuracy": result.accuracy, "heldout_reward": result.mean_reward,
@@ -408,6 +455,7 @@ class Trainer:
             {
                 "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(),
+                "generator_device": str(self.generator.device),
                 "torch_rng": torch.get_rng_state(),
                 "env_rng": self.train_env.np_random.bit_generator.state,
                 "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None,
@@ -445,12 +493,18 @@ class Trainer:
             self.policy.model.load_state_dict(load_file(str(path / "policy" / "model.safetensors")))
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        info = json.loads((path / "trainer_state.json").read_text())
+        saved_device = state.get("generator_device", "cpu")
+        if torch.device(saved_device).type == self.generator.device.type:
+            self.generator.set_state(state["generator"])
+        else:  # CPU and CUDA streams cannot stand in for each other: go on reproducibly, on a stream of its own
+            warnings.warn(f"resuming on {self.generator.device} a run saved on {saved_device}: its random stream "
+                          f"is reseeded from seed {self.config.seed} and step {info['step']}", stacklevel=2)
+            self.generator.manual_seed(self.config.seed + 1_000_003 * (1 + info["step"]))
         torch.set_rng_state(state["torch_rng"])
         self.train_env.np_random.bit_generator.state = state["env_rng"]
         if state.get("algorithm") is not None:
             self.algorithm.load_state_dict(state["algorithm"])
-        info = json.loads((path / "trainer_state.json").read_text())
         self.step = info["step"]
         self.elapsed_before_resume = info["elapsed_s"]
 
