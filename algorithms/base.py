@@ -28,6 +28,7 @@ from dare_gym.estimators import TokenScores, make_estimator
 from dare_gym.losses import KL_ESTIMATORS, LOSS_TYPES, aggregate, clipped_surrogate, kl_penalty, sequence_log_ratio
 
 NOISE_PREFIX = "noise."
+BATCH_TOKENS = "batch_tokens_per_row"  # the batch's active tokens / rows, on every row (loss_type: dapo)
 
 
 @dataclass
@@ -108,6 +109,14 @@ def config_as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def check_clamps(config, names=("log_ratio_clamp", "kl_clamp")) -> None:
+    """The config's clamp fields ``names`` are positive numbers or null."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{name} must be a number > 0 or null, got {value!r}")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     count = mask.sum()
     return float((values * mask).sum() / count) if count > 0 else 0.0
@@ -131,7 +140,8 @@ class PolicyGradientConfig(AlgorithmConfig):
     kl_estimator: str = "k3"
     """KL estimator towards the reference: k1, k2 or k3"""
     loss_type: str = "bnpo"
-    """token-loss reduction: grpo (mean of sequence means), bnpo (token mean), dr_grpo (sum / B·L), dapo"""
+    """token-loss reduction: grpo (mean of sequence means), bnpo (token mean of each minibatch), dr_grpo
+    (sum / B·L), dapo (sum / the active tokens of the whole batch, across minibatches)"""
     scale_rewards: str = "group"
     """advantage scaling: divide by the group's std (group), the batch's (batch), or none"""
     baseline: str = "mean"
@@ -144,10 +154,15 @@ class PolicyGradientConfig(AlgorithmConfig):
     """likelihood estimator: d1, random_ratio, coupled, elbo, elbo_pair, block, trajectory, exact_ar"""
     estimator_kwargs: dict = field(default_factory=dict)
     """the estimator's options, e.g. {p_mask_prompt: 0.15}, {mc_num: 8}, {shrink: 1}"""
+    log_ratio_clamp: float | None = None
+    """clamp log(π_θ/π_old) to [-c, c] before exponentiating it (verl uses 20); null: no clamp"""
+    kl_clamp: float | None = None
+    """clamp each token's KL estimate to [-c, c] (verl clamps k3 to 10); null: no clamp"""
 
     def __post_init__(self):
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations!r}")
+        check_clamps(self)
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta!r}")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
@@ -201,8 +216,18 @@ class PolicyGradient:
             buffer.columns[NOISE_PREFIX + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
         return noises
 
+    @staticmethod
+    def record_batch_tokens(buffer: RolloutBuffer) -> None:
+        """Give every row the batch's mean count of active tokens (the completion tokens a loss counts, up to
+        and including the first EOS), so that any minibatch's rows sum to its share of the batch's total:
+        ``loss_type: dapo`` divides by it, and the weighted minibatch losses add up to Σ_batch ℓ / N_batch
+        (TRL's normaliser over the whole accumulated batch) however the batch is split."""
+        mean = buffer.completion_mask.sum().float() / max(len(buffer), 1)
+        buffer.columns[BATCH_TOKENS] = mean.expand(len(buffer)).clone()
+
     @torch.no_grad()
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
+        self.record_batch_tokens(buffer)
         noises = self.store_noise(policy, buffer, generator)
         scorers = []
         if len(noises) > 1:  # with μ = 1 the update is on-policy and π_old is π_θ detached
@@ -251,11 +276,11 @@ class PolicyGradient:
             logp = old_logp + sequence_log_ratio(logp, old_logp, mask)
         per_token, clip_active = clipped_surrogate(
             logp, old_logp, advantages[:, None], epsilon_low=config.epsilon, epsilon_high=config.epsilon_high,
-            dual_clip=config.dual_clip,
+            dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
         )
         metrics: dict[str, float] = {}
         if config.beta > 0 and ref_logp is not None:
-            kl = kl_penalty(scores.logp, ref_logp, config.kl_estimator)
+            kl = kl_penalty(scores.logp, ref_logp, config.kl_estimator, clamp=config.kl_clamp)
             per_token = per_token + config.beta * kl
             metrics["kl_ref"] = masked_mean(kl.detach(), mask)
         log_ratio = (scores.logp - old_logp).detach()
@@ -270,8 +295,19 @@ class PolicyGradient:
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
         mask = inputs.completion_mask.bool() & scores.scored
         per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
-        loss = aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1])
-        return loss, metrics
+        return self.aggregate(per_token, mask, batch), metrics
+
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, batch: RolloutBuffer) -> torch.Tensor:
+        """``loss_type``'s reduction of this minibatch's per-token loss; dapo's normaliser is the minibatch's
+        share of the whole batch's active tokens (recorded by ``prepare``)."""
+        share = None
+        if self.config.loss_type == "dapo":
+            if BATCH_TOKENS not in batch.columns:
+                raise ValueError("loss_type 'dapo' needs the batch's token count: call prepare(...) on the whole "
+                                 "batch before the loss of its minibatches")
+            share = float(batch.columns[BATCH_TOKENS].sum())
+        return aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1],
+                         num_active_tokens=share)
 
     def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]:
         loss, metrics = self.loss(policy, batch, iteration)

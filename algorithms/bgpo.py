@@ -5,6 +5,9 @@ With 𝓑_j the j-th stratified ELBO sample (the ``elbo`` estimator, normalised 
 d_j = 𝓑_j − 𝓑_old,j on identical masks, the exact objective A·exp(𝓑̄ − 𝓑̄_old) needs all n graphs at once.
 BGPO optimises a lower bound that is a sum over samples — A(1 + d_j) for A > 0 (eˣ ≥ 1 + x), A·e^{d_j} for
 A < 0 (Jensen) — through PPO clipping (ε) and dual-clip c for A < 0, so ``backward`` runs after each sample.
+Each sequence's loss is aggregated as DARE does (``compute_policy_loss_bgpo``, ``loss_agg_mode: token-mean``):
+spread over its |o_i| tokens (up to and including the first EOS) and averaged over the batch's tokens, i.e. a
+length-weighted mean Σ_i |o_i| loss_i / Σ_i |o_i|; then / n per sample.
 Value and gradient match the original on-policy. z-score advantages; no KL.
 DARE's recipe: mc_num 16, lr 5e-7, G = 8, ε = 0.2, dual-clip 3, rollout temperature 0.6.
 """
@@ -27,7 +30,8 @@ class BGPOConfig(PolicyGradientConfig):
     dual_clip: float | None = 3.0
     estimator: str = "elbo"
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
-    per_sample_backward: bool = True  # False: one backward over all samples (an ablation: memory grows with n)
+    per_sample_backward: bool = True
+    """one backward per Monte-Carlo sample (constant memory); false: one over all samples (memory grows with n)"""
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,7 +61,8 @@ class BGPO(PolicyGradient):
             for k, noise in enumerate(noises):
                 chunk_noise = {name: value[rows] for name, value in noise.items()}
                 for j in range(samples):
-                    old[rows, k, j] = sample_elbo(self.estimator.draw(policy.logits, sub, chunk_noise, j), length).cpu()
+                    draw = self.estimator.draw(policy.logits, sub, chunk_noise, j)
+                    old[rows, k, j] = sample_elbo(draw, length).to(old)
         buffer.columns["old_elbo"] = old
 
     def backward(self, policy, batch, iteration, weight):
@@ -65,13 +70,15 @@ class BGPO(PolicyGradient):
         inputs = batch.model_inputs(policy.device)
         noise = self.noise(batch, iteration, policy.device)
         advantages = batch.advantage.to(policy.device)
+        tokens = inputs.completion_mask.sum(dim=1)  # |o_i|: each sequence's weight in DARE's token mean
         length = float(inputs.completion_ids.shape[1])
         samples = self.estimator.mc_num
         total, drift, pending = 0.0, 0.0, []
         for j in range(samples):
             elbo = sample_elbo(self.estimator.draw(policy.logits, inputs, noise, j), length)
             old = batch.columns["old_elbo"][:, iteration, j].to(elbo.device)
-            loss = bgpo_sample_loss(elbo, old, advantages, epsilon=self.config.epsilon, dual_clip=self.config.dual_clip)
+            loss = bgpo_sample_loss(elbo, old, advantages, tokens, epsilon=self.config.epsilon,
+                                    dual_clip=self.config.dual_clip, log_ratio_clamp=self.config.log_ratio_clamp)
             if self.config.per_sample_backward:
                 (loss * weight / samples).backward()  # this sample's graph is freed here
             else:

@@ -39,7 +39,8 @@ class ESPO(PolicyGradient):
         ref_elbo = None if ref_logp is None else (ref_logp * present).sum(dim=1)
         length = present.sum(dim=1).clamp(min=1)  # the padded completion length
         loss = espo_loss(elbo, old_elbo, ref_elbo, batch.advantage.to(elbo.device), length,
-                         epsilon=self.config.epsilon, beta=self.config.beta)
+                         epsilon=self.config.epsilon, beta=self.config.beta,
+                         log_ratio_clamp=self.config.log_ratio_clamp, kl_clamp=self.config.kl_clamp)
         ratio = ((elbo - old_elbo) / length).detach().exp()
         clipped = ((ratio - 1).abs() > self.config.epsilon).float().mean()
         return loss, {"sequence_ratio": float(ratio.mean()), "clip_fraction": float(clipped)}

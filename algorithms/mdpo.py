@@ -2,10 +2,14 @@
 
 During the rollout the sampler records, at every step t, its full guess x̂₀ (masked positions filled with
 that step's predictions) and its confidences; the env's reward of each guess gives R_t. The step advantage
-("adv-v4") rewards progress and future quality, â_t = (R_t − R_{t−1}) + 1 + mean(R_{t+1..T−1}), z-scored
-per step across the group. Training uses the K steps with the largest Σ_batch |A_t|: at step t the input is
-the state x_t, the targets are x̂₀, and each masked token's clipped surrogate is weighted by λ_t·conf with
-λ_t = L/(#masked + 1e-4); summed and divided by the batch's masked count, then averaged over the K steps.
+("adv-v4") rewards progress and future quality, â_t = (R_t − R_{t−1}) + 1 + mean(R_{t+1..T−1}) with
+R_{−1} = 0 (the official code's first term is R_0 + 1), z-scored per step across the group. Training uses the
+K steps with the largest Σ_batch |A_t|: at step t the input is the state x_t, the targets are x̂₀, and each
+masked token's clipped surrogate is weighted by λ_t·conf with λ_t = L/(#masked + 1e-4); summed and divided by
+the batch's masked count, then averaged over the K steps. ``conf`` is the guess's probability under the
+rollout's tempered distribution softmax(logits / T), as the official sampler records it (it samples x̂₀ from
+that distribution); the rollout asks the sampler for it (``tempered_confidence``), while the sampler's own
+remasking rule keeps LLaDA's untempered confidence.
 Defaults (LLaDA recipe): ε = 0.2, β = 0, μ = 1, K = 16, lr 1e-5, G = 4, rollout temperature 0.1.
 """
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dare_gym.advantages import mdpo_step_advantages
-from dare_gym.algorithms.base import AlgorithmConfig, register_algorithm
+from dare_gym.algorithms.base import AlgorithmConfig, check_clamps, register_algorithm
 from dare_gym.logprobs import token_log_probs
 from dare_gym.losses import mdpo_step_loss
 
@@ -29,18 +33,22 @@ class MDPOConfig(AlgorithmConfig):
     """ratio clip range of each step's surrogate"""
     train_steps: int = 16
     """K: denoising steps trained per batch (those with the largest total |advantage|)"""
+    log_ratio_clamp: float | None = None
+    """clamp log(π_θ/π_old) to [-c, c] before exponentiating it (verl uses 20); null: no clamp"""
 
     def __post_init__(self):
         if self.beta != 0:
             raise ValueError(f"this MDPO has no KL term (the recipe's β = 0): beta must be 0, got {self.beta!r}")
         if self.train_steps < 1 or self.num_iterations < 1:
             raise ValueError(f"train_steps and num_iterations must be >= 1, got {self.train_steps!r}, {self.num_iterations!r}")
+        check_clamps(self, ("log_ratio_clamp",))
 
 
 @register_algorithm("mdpo", MDPOConfig)
 class MDPO:
     needs_reference = False
     rollout_needs = ("step_predictions",)
+    rollout_settings = {"tempered_confidence": True}  # conf = p(x̂₀) under softmax(logits / T), the official weight
     minibatch_unit = "group_id"  # step advantages are z-scores within a group
 
     def __init__(self, config: MDPOConfig, *, mask_token_id: int):
@@ -84,6 +92,7 @@ class MDPO:
                 logps[:, k], batch.columns["old_step_logp"][:, k].to(logps.device),
                 batch.columns["step_advantage"][:, t].to(logps.device), masked,
                 batch.columns["step_confidence"][:, t].to(logps.device), self.config.epsilon,
+                log_ratio_clamp=self.config.log_ratio_clamp,
             ))
         return torch.stack(losses).mean(), {"train_steps": float(len(steps))}
 

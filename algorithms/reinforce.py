@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
-from dare_gym.losses import aggregate
 
 
 @dataclass
@@ -27,5 +26,5 @@ class Reinforce(PolicyGradient):
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
         mask = inputs.completion_mask.bool() & scores.scored
         advantages = batch.advantage.to(scores.logp.device)[:, None]
-        loss = aggregate(-advantages * scores.logp, mask, self.config.loss_type)
+        loss = self.aggregate(-advantages * scores.logp, mask, batch)
         return loss, {"entropy": masked_mean(scores.entropy, mask), "scored_tokens": float(mask.sum())}

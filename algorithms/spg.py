@@ -11,6 +11,11 @@ that sits above it. The loss weighs sequences by length:
 
 A = r − mean(r); β must be 0; the μ inner iterations reuse the batch without importance correction.
 Defaults: μ = 4, mix with ω = 0.5, β_e = 1.5 (GSM8K/MATH; 1.0 sudoku, 2.0 countdown), block 32.
+
+Masks follow the paper and the official trainer (``forward_process``, ``block_random``), which DARE matches:
+with ``use_mask_prompt`` (the estimator's ``p_mask_clean``, 0.15) only the tokens before block m — the
+prompt and the clean earlier blocks — are masked at random; block m keeps its unselected tokens visible.
+(An earlier version here also masked those, which neither the official code nor DARE does.)
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class SPGConfig(PolicyGradientConfig):
     beta: float = 0.0
     scale_rewards: str = "none"
     estimator: str = "block"
-    negative_bound: str = "mix"  # for A ≤ 0: "eubo", "elbo" or "mix"
+    negative_bound: str = "mix"
+    """the score of sequences with A ≤ 0: eubo (upper bound), elbo, or mix (ω·EUBO + (1 − ω)·ELBO)"""
     eubo_beta: float = 1.5
     """β_e of the EUBO upper bound"""
     mix_weight: float = 0.5

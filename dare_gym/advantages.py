@@ -60,10 +60,11 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
 
 def mdpo_step_advantages(step_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """MDPO's step advantages ("adv-v4"): per step t of each rollout, â_t = (R_t − R_{t−1}) + 1 +
-    mean(R_{t+1..T−1}) with R_{−1} := R_0 and the last step's tail term R_{T−1}; then a z-score per step across
-    each group (the +1 cancels). ``step_rewards`` is [N, T]; returns [N, T]."""
+    mean(R_{t+1..T−1}) with R_{−1} := 0 (the official code's first difference is R_0 itself) and the last
+    step's tail term R_{T−1}; then a z-score per step across each group (the +1 cancels). ``step_rewards`` is
+    [N, T]; returns [N, T]."""
     rewards = step_rewards.double()
-    previous = torch.cat([rewards[:, :1], rewards[:, :-1]], dim=1)
+    previous = torch.cat([torch.zeros_like(rewards[:, :1]), rewards[:, :-1]], dim=1)
     steps = rewards.shape[1]
     tails = torch.stack(
         [rewards[:, t + 1 :].mean(dim=1) if t + 1 < steps else rewards[:, -1] for t in range(steps)], dim=1

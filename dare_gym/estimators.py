@@ -311,9 +311,11 @@ class PairedELBO:
 class BlockwiseMask:
     """SPG's block-wise masking ("block_random"): pick a block m of the completion; blocks before it stay
     clean, blocks after it are fully masked, and inside it a uniform count in [max(1, ⌊n_m·t_min⌋),
-    ⌊n_m·t_max⌋] is masked; positions past the EOS are masked too. With ``p_mask_clean`` > 0 every unmasked
-    token (the prompt and the clean earlier blocks) is then masked with that probability (SPG's
-    ``use_mask_prompt``). ``num_t`` draws, one forward each; each draw scores its masked valid tokens."""
+    ⌊n_m·t_max⌋] is masked; positions past the EOS are masked too. With ``p_mask_clean`` > 0 the tokens
+    *before* block m (the prompt's and the clean earlier blocks') are then masked with that probability (SPG's
+    ``use_mask_prompt``): the official trainer and DARE draw these extra masks outside the region from block m
+    on, so block m's unselected tokens stay visible. ``num_t`` draws, one forward each; each draw scores its
+    masked valid tokens (the extra masks in the earlier blocks included, as SPG scores every masked token)."""
 
     mask_token_id: int
     block_length: int = 32
@@ -344,8 +346,8 @@ class BlockwiseMask:
             count = low + (_uniform(rows, generator, device) * (high - low + 1)).long().clamp(max=(high - low))
             in_block = (position >= start[:, None]) & (position < (start + size)[:, None])
             masked = _mask_exactly(count, in_block, generator) | (position >= (start + size)[:, None])
-            clean = ~masked & _present(batch)
-            masked |= clean & (_uniform((rows, length), generator, device) < self.p_mask_clean)
+            before_block = (position < start[:, None]) & _present(batch)
+            masked |= before_block & (_uniform((rows, length), generator, device) < self.p_mask_clean)
             completion_masks.append(masked & _present(batch))
             prompt_masks.append((_uniform(batch.prompt_ids.shape, generator, device) < self.p_mask_clean)
                                 & batch.prompt_attention.bool())

@@ -14,6 +14,21 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
+# verl bounds the log-ratio inside its k3 ("low_var_kl") before exponentiating, so that exp cannot overflow.
+KL_LOG_RATIO_BOUND = 20.0
+
+
+def importance_ratio(log_ratio: torch.Tensor, clamp: float | None = None) -> torch.Tensor:
+    """ρ = exp(log π_θ − log π_old). With ``clamp = c`` the log-ratio is first clamped to [−c, c] (verl clamps
+    it to ±20, dLLM-RL's block-diffusion script to ±10): a token far off-policy cannot overflow, and outside
+    the bound its gradient is zero, as there."""
+    if clamp is not None:
+        if clamp <= 0:
+            raise ValueError(f"the log-ratio clamp must be > 0 or null, got {clamp!r}")
+        log_ratio = log_ratio.clamp(-clamp, clamp)
+    return torch.exp(log_ratio)
+
+
 def clipped_surrogate(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -22,15 +37,17 @@ def clipped_surrogate(
     epsilon_low: float,
     epsilon_high: float | None = None,
     dual_clip: float | None = None,
+    log_ratio_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate as a loss, per token: ``-min(ρA, clip(ρ, 1-ε_lo, 1+ε_hi)A)``.
 
     ``advantages`` broadcasts against ``logp`` (``[B, 1]`` for sequence advantages). With ``dual_clip = c``
-    the loss of a negative-advantage token is capped at ``-c·A`` (Ye et al., 2020). Returns the loss and
-    a float mask of the tokens where clipping was active.
+    the loss of a negative-advantage token is capped at ``-c·A`` (Ye et al., 2020); with ``log_ratio_clamp``
+    the log-ratio is clamped before it is exponentiated (:func:`importance_ratio`). Returns the loss and a
+    float mask of the tokens where clipping was active.
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logp - old_logp)
+    ratio = importance_ratio(logp - old_logp, log_ratio_clamp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
     surrogate = torch.minimum(unclipped, clipped)
@@ -52,16 +69,26 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return mean.detach()[:, None] + logp - logp.detach()
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ (Schulman's k1 / k2 / k3), u = ref − θ."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", *,
+               clamp: float | None = None) -> torch.Tensor:
+    """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ (Schulman's k1 / k2 / k3), u = ref − θ.
+
+    With ``clamp = c`` the estimate is clamped to [−c, c] (verl clamps k3 to ±10), and u to ±20 first, as verl
+    does, so that e^u stays finite and the clamped tokens get a zero gradient rather than NaN."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if clamp is not None and clamp <= 0:
+        raise ValueError(f"the KL clamp must be > 0 or null, got {clamp!r}")
     u = ref_logp - logp
+    if clamp is not None:
+        u = u.clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
     if estimator == "k1":
-        return -u
-    if estimator == "k2":
-        return 0.5 * u.square()
-    if estimator == "k3":
-        return torch.exp(u) - u - 1
-    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        kl = -u
+    elif estimator == "k2":
+        kl = 0.5 * u.square()
+    else:
+        kl = torch.exp(u) - u - 1
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
 def aggregate(
@@ -76,7 +103,8 @@ def aggregate(
 
     grpo: mean over sequences of each sequence's token mean. bnpo: token mean over the batch.
     dr_grpo: token sum / (B · max_completion_length). dapo: token sum / active tokens in the whole
-    (accumulated, global) batch, given as ``num_active_tokens``; defaults to this batch's count.
+    (accumulated, global) batch, given as ``num_active_tokens`` (a minibatch's share of it: see
+    ``PolicyGradient.prepare``); without it, this batch's own count (then dapo equals bnpo).
     """
     mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum()
@@ -121,10 +149,35 @@ def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> t
     return torch.stack(losses).mean()
 
 
+def trace_rows(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TraceRL's training rows: one per (rollout, replayed step group) that has targets. Returns each row's
+    Σ_targets of ``per_token`` and its number of targets ([R] each)."""
+    sums = [(per_token * mask).sum(dim=1)[mask.any(dim=1)] for mask in step_masks]
+    counts = [mask.sum(dim=1)[mask.any(dim=1)] for mask in step_masks]
+    return torch.cat(sums), torch.cat(counts).to(per_token.dtype)
+
+
 def trace_row_losses(per_token: torch.Tensor, step_masks: list[torch.Tensor], padded_length: float) -> torch.Tensor:
-    """TraceRL's rows: one per (rollout, replayed step) that has targets, each Σ_targets loss / L₁."""
-    rows = [((per_token * mask).sum(dim=1) / padded_length)[mask.any(dim=1)] for mask in step_masks]
-    return torch.cat(rows)
+    """TraceRL's rows for block-causal models: one per (rollout, replayed step) that has targets, each
+    Σ_targets loss / L₁ (L₁: the padded response length)."""
+    sums, _ = trace_rows(per_token, step_masks)
+    return sums / padded_length
+
+
+def tracerl_loss(surrogate: torch.Tensor, kl: torch.Tensor | None, step_masks: list[torch.Tensor], *, beta: float,
+                 padded_length: float | None) -> torch.Tensor:
+    """TraceRL's loss over its rows (``surrogate``: the per-token −clipped surrogate; ``kl``: per-token k3).
+
+    Block-causal models (dLLM-RL ``rl_sdar.py``, ``padded_length`` = L₁): mean_rows [(Σ −s + β Σ k3) / L₁].
+    Full attention (``rl_llada.py``, ``padded_length=None``): each row normalised by its own number of targets
+    and the KL summed per row, mean_rows [Σ −s / n_row + β Σ k3] (ALGORITHMS.md J)."""
+    sums, counts = trace_rows(surrogate, step_masks)
+    policy = sums / (counts.clamp(min=1) if padded_length is None else padded_length)
+    if kl is None or beta == 0:
+        return policy.mean()
+    kl_sums, _ = trace_rows(kl, step_masks)
+    kl_rows = kl_sums if padded_length is None else kl_sums / padded_length
+    return (policy + beta * kl_rows).mean()
 
 
 def reinforce_loss(sequence_scores: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -155,17 +208,19 @@ def spg_eubo(draw_logp: list[torch.Tensor], draw_masks: list[torch.Tensor], vali
     return per_token.sum(dim=1) / seen.sum(dim=1).clamp(min=1) / beta
 
 
-def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, *, epsilon: float,
-                     dual_clip: float | None) -> torch.Tensor:
+def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor, *,
+                     epsilon: float, dual_clip: float | None, log_ratio_clamp: float | None = None) -> torch.Tensor:
     """BGPO's loss for one Monte-Carlo sample: the ELBO-ratio objective replaced by a bound linear in the
     sample (A > 0: A(1 + d) from eˣ ≥ 1 + x; A < 0: A·e^d by Jensen), d = 𝓑_j − 𝓑_old,j on identical masks,
-    through PPO clipping (and dual-clip for A < 0), averaged over sequences."""
+    through PPO clipping (and dual-clip for A < 0). DARE spreads each sequence's loss over its tokens and takes
+    the token mean, so sequences weigh by their length: Σ_i |o_i| loss_i / Σ_i |o_i| (``lengths`` = |o_i|)."""
     d = elbo - old_elbo
-    ratio = torch.where(advantages > 0, 1 + d, torch.exp(d))
+    ratio = torch.where(advantages > 0, 1 + d, importance_ratio(d, log_ratio_clamp))
     surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
     if dual_clip is not None:
         surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
-    return -surrogate.mean()
+    lengths = lengths.to(surrogate.dtype)
+    return -(surrogate * lengths).sum() / lengths.sum().clamp(min=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -176,15 +231,18 @@ def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy
 
 
 def espo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, ref_elbo: torch.Tensor | None, advantages: torch.Tensor,
-              length: torch.Tensor, *, epsilon: float, beta: float) -> torch.Tensor:
+              length: torch.Tensor, *, epsilon: float, beta: float, log_ratio_clamp: float | None = None,
+              kl_clamp: float | None = None) -> torch.Tensor:
     """ESPO: a sequence ratio ρ = exp((𝓑 − 𝓑_old)/L) through PPO clipping, mean over sequences, plus
-    β · Σ ½(𝓑 − 𝓑_ref)² / (B·L) (k2 on the raw ELBO, then divided by L)."""
+    β · Σ ½(𝓑 − 𝓑_ref)² / (B·L) (k2 on the raw ELBO, then divided by L; with ``kl_clamp`` each sequence's term
+    is clamped to it)."""
     length = length.to(elbo.dtype)
-    ratio = torch.exp((elbo - old_elbo) / length)
+    ratio = importance_ratio((elbo - old_elbo) / length, log_ratio_clamp)
     policy = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages).mean()
     if ref_elbo is None or beta == 0:
         return policy
-    return policy + beta * (0.5 * (elbo - ref_elbo).square() / length).mean()
+    kl = 0.5 * (elbo - ref_elbo).square() / length
+    return policy + beta * (kl if kl_clamp is None else kl.clamp(max=kl_clamp)).mean()
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -195,10 +253,13 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 
 def mdpo_step_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, masked: torch.Tensor,
-                   confidence: torch.Tensor, epsilon: float) -> torch.Tensor:
+                   confidence: torch.Tensor, epsilon: float, *, log_ratio_clamp: float | None = None) -> torch.Tensor:
     """MDPO's loss at one denoising step: per token −s·λ_t·conf with λ_t = L/(#masked + 1e-4), on the positions
-    masked in that step's state, summed and divided by the batch's masked count."""
+    masked in that step's state, summed and divided by the batch's masked count. ``conf`` is the rollout's
+    probability of each guess under its tempered distribution softmax(logits / T), as the official sampler
+    records it."""
     weights = masked.to(logp.dtype)
     lam = masked.shape[1] / (weights.sum(dim=1) + 1e-4)
-    per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], epsilon_low=epsilon)
+    per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], epsilon_low=epsilon,
+                                     log_ratio_clamp=log_ratio_clamp)
     return (per_token * lam[:, None] * confidence * weights).sum() / weights.sum().clamp(min=1)

@@ -401,16 +401,20 @@ def test_block_masks_clean_prefix_partial_block_and_masked_suffix():
     assert seen_counts[1] == {(4, 1), (4, 2), (4, 3), (2, 1)}
 
 
-def test_block_masks_the_prompt_and_clean_tokens_only_with_p_mask_clean():
-    """With p_mask_clean the prompt's real tokens and the clean completion tokens (prefix blocks and block m's
-    unmasked ones) are masked with that probability (SPG's use_mask_prompt); nothing else changes. The same
-    seed with p_mask_clean = 0 gives the block structure alone (the draws consume the same random numbers)."""
+def test_block_masks_only_the_prompt_and_the_blocks_before_m_with_p_mask_clean():
+    """With p_mask_clean the prompt's real tokens and the tokens of the clean blocks *before* block m are masked
+    with that probability (SPG's use_mask_prompt: the official trainer and DARE draw these masks outside the
+    region from block m on); block m's unselected tokens stay visible. The same seed with p_mask_clean = 0
+    gives the block structure alone (the draws consume the same random numbers)."""
     b = block_batch()
     present = b.attention_mask[:, 3:].bool()
     real_prompt = b.prompt_attention.bool()
-    settings = dict(mask_token_id=MASK, block_length=4, num_t=2, t_min=0.0, t_max=1.0)
+    block = 4
+    settings = dict(mask_token_id=MASK, block_length=block, num_t=2, t_min=0.0, t_max=1.0)
     plain, noisy = BlockwiseMask(p_mask_clean=0.0, **settings), BlockwiseMask(p_mask_clean=0.25, **settings)
-    prompt_hits = prompt_total = clean_hits = clean_total = 0
+    position = torch.arange(12)
+    prompt_hits = prompt_total = before_hits = before_total = 0
+    unselected_in_block = 0
     for seed in range(200):
         base, extra = plain.sample_noise(b, generator(seed)), noisy.sample_noise(b, generator(seed))
         assert not base["prompt_masked"].any()
@@ -418,11 +422,16 @@ def test_block_masks_the_prompt_and_clean_tokens_only_with_p_mask_clean():
         prompt_hits += int(extra["prompt_masked"].sum())
         prompt_total += int(real_prompt.sum()) * 2
         assert torch.equal(base["masked"] & extra["masked"], base["masked"])  # the block structure is kept
-        clean = ~base["masked"] & present[:, None]
-        assert not (extra["masked"] & ~base["masked"] & ~clean).any()  # extras only among clean tokens
-        clean_hits += int((extra["masked"] & clean).sum())
-        clean_total += int(clean.sum())
-    for hits, total in ((prompt_hits, prompt_total), (clean_hits, clean_total)):
+        first = base["masked"].float().argmax(dim=2)  # block m always masks at least one token
+        start = first // block * block  # [rows, draws]: the first position of block m
+        before = (position[None, None, :] < start[..., None]) & present[:, None]
+        added = extra["masked"] & ~base["masked"]
+        assert not (added & ~before).any()  # extras only before block m: never in block m or after it
+        unselected_in_block += int((~base["masked"] & present[:, None] & ~before).sum())
+        before_hits += int(added.sum())
+        before_total += int(before.sum())
+    assert unselected_in_block > 0  # block m did leave tokens unmasked, and they stayed so
+    for hits, total in ((prompt_hits, prompt_total), (before_hits, before_total)):
         assert abs(hits / total - 0.25) < 4 * math.sqrt(0.25 * 0.75 / total)
 
 

@@ -99,6 +99,34 @@ def test_aggregation_worked_example():
         aggregate(per_token, mask, "mean")
 
 
+def test_log_ratio_clamp_bounds_the_ratio_and_cuts_the_gradient():
+    logp = torch.tensor([[30.0, 0.5, -30.0]], requires_grad=True)
+    old = torch.zeros(1, 3)
+    assert torch.equal(importance_ratio(logp - old), torch.exp(logp - old))  # no clamp: today's ratio
+    ratio = importance_ratio(logp - old, 20.0)
+    assert ratio[0].tolist() == pytest.approx([math.exp(20.0), math.exp(0.5), math.exp(-20.0)], rel=1e-6)
+    per_token, _ = clipped_surrogate(logp, old, torch.tensor([[-1.0]]), epsilon_low=0.2, log_ratio_clamp=20.0)
+    per_token.sum().backward()
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[0, 1].item() == pytest.approx(math.exp(0.5))
+    with pytest.raises(ValueError, match="log-ratio clamp must be > 0"):
+        importance_ratio(logp, 0.0)
+
+
+def test_kl_clamp_bounds_k3_with_a_finite_gradient():
+    """verl clamps k3 to ±10 (and its log-ratio to ±20, so e^u cannot overflow)."""
+    logp = torch.tensor([-200.0, -1.0], requires_grad=True)
+    ref = torch.tensor([0.0, -1.5])  # u = 200 (e^u overflows float32) and u = −0.5
+    unclamped = kl_penalty(logp, ref, "k3")
+    assert math.isinf(unclamped[0].item())
+    kl = kl_penalty(logp, ref, "k3", clamp=10.0)
+    assert kl.tolist() == pytest.approx([10.0, math.exp(-0.5) + 0.5 - 1], rel=1e-6)
+    kl.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0].item() == 0.0
+    assert kl_penalty(logp, ref, "k2", clamp=10.0)[0].item() == 10.0
+    with pytest.raises(ValueError, match="KL clamp must be > 0"):
+        kl_penalty(logp, ref, "k3", clamp=-1.0)
+
+
 def _logits_with_cross_entropy(values: list[float]) -> torch.Tensor:
     """Two-class logits [0, d] whose cross-entropy against class 0 is each given value."""
     return torch.tensor([[0.0, math.log(math.exp(v) - 1)] for v in values])
@@ -118,6 +146,8 @@ def test_sft_loss_worked_example():
 from dare_gym.advantages import mdpo_step_advantages, step_gae  # noqa: E402
 from dare_gym.losses import (  # noqa: E402
     bgpo_sample_loss,
+    importance_ratio,
+    tracerl_loss,
     clipped_value_loss,
     dpo_loss,
     espo_loss,
@@ -164,7 +194,9 @@ def test_bgpo_bound_worked_example_and_lower_bound_property():
     elbo = torch.tensor([[-0.50, -0.70], [-1.0, -1.2]])
     old = torch.tensor([[-0.55, -0.65], [-1.1, -1.1]])
     advantages = torch.tensor([0.707007, -0.707007])
-    samples = [bgpo_sample_loss(elbo[:, j], old[:, j], advantages, epsilon=0.2, dual_clip=3.0) for j in range(2)]
+    lengths = torch.tensor([3, 3])  # equal lengths: the token mean is the sequence mean of ALGORITHMS.md G
+    samples = [bgpo_sample_loss(elbo[:, j], old[:, j], advantages, lengths, epsilon=0.2, dual_clip=3.0)
+               for j in range(2)]
     assert [s.item() for s in samples] == pytest.approx([0.019503, -0.015965], abs=1e-6)
     bound = sum(samples) / 2
     assert bound.item() == pytest.approx(0.001769, abs=1e-6)
@@ -172,6 +204,21 @@ def test_bgpo_bound_worked_example_and_lower_bound_property():
     exact_ratio = torch.exp(elbo.mean(1) - old.mean(1))
     exact = -(exact_ratio * advantages).mean()
     assert bound.item() >= exact.item()
+
+
+def test_bgpo_token_mean_weighs_sequences_by_length():
+    """DARE's token-mean aggregation (section G): each sequence's loss counts once per token. Lengths (3, 1):
+    per-sequence losses of sample 1 (−0.742357, 0.781364) give (3·−0.742357 + 0.781364)/4 = −0.361427 (the
+    sequence mean was 0.019503); sample 2 (−0.671657, 0.639726) gives −0.343811 (was −0.015965); BGPO's
+    loss −0.352619 (was 0.001769)."""
+    elbo = torch.tensor([[-0.50, -0.70], [-1.0, -1.2]], dtype=torch.float64)
+    old = torch.tensor([[-0.55, -0.65], [-1.1, -1.1]], dtype=torch.float64)
+    advantages = torch.tensor([0.707007, -0.707007], dtype=torch.float64)
+    lengths = torch.tensor([3, 1])
+    samples = [bgpo_sample_loss(elbo[:, j], old[:, j], advantages, lengths, epsilon=0.2, dual_clip=3.0).item()
+               for j in range(2)]
+    assert samples == pytest.approx([-0.361427, -0.343811], abs=1e-6)
+    assert sum(samples) / 2 == pytest.approx(-0.352619, abs=1e-6)
 
 
 def test_espo_worked_example():
@@ -183,6 +230,26 @@ def test_espo_worked_example():
 def test_dpo_worked_example():
     loss = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-15.0]), torch.tensor([-14.0]), 0.2)
     assert loss.item() == pytest.approx(0.437488, abs=1e-6)
+
+
+def test_tracerl_loss_block_and_full_attention_paths():
+    """ALGORITHMS.md J: one row, two targets, ℓ − ℓ_old = (0.1, −0.05), A = 0.7071, β = 0.01.
+    Block-causal (L₁ = 4): (−1.45408 + β·0.006108)/4 = −0.363505. Full attention: −1.45408/2 + β·0.006108 =
+    −0.726979 (each row over its own targets, the KL summed per row)."""
+    logp = torch.tensor([[0.1, -0.05, 0.0, 0.0]], dtype=torch.float64)
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    targets = [torch.tensor([[True, True, False, False]])]
+    surrogate, _ = clipped_surrogate(logp, old, torch.tensor([[0.7071]], dtype=torch.float64), epsilon_low=0.2)
+    kl = kl_penalty(logp, old)
+    assert tracerl_loss(surrogate, kl, targets, beta=0.01, padded_length=4).item() == pytest.approx(-0.363505, abs=1e-6)
+    assert tracerl_loss(surrogate, kl, targets, beta=0.01, padded_length=None).item() == pytest.approx(-0.726979,
+                                                                                                        abs=1e-6)
+    # rows of different sizes: full attention weighs each row alike, the block path by its target count
+    two_rows = [torch.tensor([[True, False, False, False], [False, False, False, False]]),
+                torch.tensor([[False, True, True, True], [False, False, False, False]])]
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64).expand(2, 4)
+    assert tracerl_loss(per_token, None, two_rows, beta=0.0, padded_length=None).item() == pytest.approx((1 + 3) / 2)
+    assert tracerl_loss(per_token, None, two_rows, beta=0.0, padded_length=4).item() == pytest.approx((1 + 9) / 4 / 2)
 
 
 def test_tracerl_row_loss_worked_example():
@@ -203,6 +270,18 @@ def test_justgrpo_gradient_worked_example():
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-9)
     assert logp.grad[0].tolist() == pytest.approx([-0.117834] * 3, abs=1e-6)
+
+
+def test_mdpo_step_advantages_start_from_zero_reward():
+    """ALGORITHMS.md H, second case (G = 3, T = 3): R_{−1} = 0, so step 0's difference is R_0 itself (the
+    official ``cat([R[:, 0:1], R[:, 1:] − R[:, :-1]]) + 1``). â = (3,2,2), (1.5,2,0), (2,1.5,3)."""
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.0, 1.0]], dtype=torch.float64)
+    advantages = mdpo_step_advantages(rewards, 3)
+    assert advantages[:, 0].tolist() == pytest.approx([1.090947, -0.872757, -0.218189], abs=1e-6)
+    assert advantages[:, 1].tolist() == pytest.approx([0.577150, 0.577150, -1.154301], abs=1e-6)
+    assert advantages[:, 2].tolist() == pytest.approx([0.218204, -1.091018, 0.872814], abs=1e-6)
+    # R_{−1} := R_0 (the former reading) would give (1.154301, −0.577150, −0.577150) at step 0
+    assert advantages[0, 0].item() != pytest.approx(1.154301, abs=1e-3)
 
 
 def test_mdpo_step_advantages_and_loss():

@@ -40,6 +40,7 @@ class SamplerOutput:
     tokens_processed: int
     step_predictions: torch.Tensor | None = None  # [B, steps, G] x̂₀ at every step (record_predictions)
     step_confidence: torch.Tensor | None = None  # [B, steps, G] its probability; committed positions hold 1
+    # (the sampler's own confidence, or with ``tempered_confidence`` the probability under softmax(logits / T))
 
     @property
     def num_forward_passes(self) -> int:
@@ -54,12 +55,17 @@ class SamplerOptions:
     """tokens generated after each prompt"""
     temperature: float = 0.0
     """sampling temperature of each prediction (Gumbel-max in float64); 0 is greedy"""
+    tempered_confidence: bool = False
+    """with record_predictions, record each guess's probability under softmax(logits / temperature), the
+    distribution it is drawn from (MDPO's weight), instead of the sampler's own confidence; remasking is unchanged"""
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
             raise ValueError(f"gen_length must be a positive integer, got {self.gen_length!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.tempered_confidence, bool):
+            raise ValueError(f"tempered_confidence must be true or false, got {self.tempered_confidence!r}")
 
 
 class Sampler:
@@ -136,6 +142,13 @@ def propose(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return predicted, logp.exp(), logp.float()
 
 
+def tempered_probability(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The probability of ``tokens`` under softmax(logits / temperature), in float64; temperature 0 means
+    softmax(logits), as in the official MDPO sampler, which divides only when it samples."""
+    scaled = logits.double() / temperature if temperature > 0 else logits.double()
+    return (scaled.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)).exp()
+
+
 def first_stop_done(completion: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
     """[B] bool: the row has committed a stop token with nothing masked before it (the rest cannot matter)."""
     is_stop = torch.isin(completion, stop_ids)
@@ -169,15 +182,16 @@ def build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, p
                          model_calls=calls, tokens_processed=processed, **recorded)
 
 
-def update_guess(guess, guess_confidence, logits, first, prompt_length) -> None:
-    """Greedy guesses and their probabilities for every completion column this forward computed (they do not
-    touch the random stream); columns a cached forward skipped keep their last guess."""
+def update_guess(guess, guess_confidence, logits, first, prompt_length, temperature: float = 0.0) -> None:
+    """Greedy guesses and their probabilities (under softmax(logits / temperature) where ``temperature`` > 0) for
+    every completion column this forward computed (they do not touch the random stream); columns a cached
+    forward skipped keep their last guess."""
     offset = max(prompt_length - first, 0)
     fresh = logits[:, offset:].double()
     if fresh.shape[1] == 0:
         return
     start = first + offset - prompt_length
-    probs = torch.softmax(fresh, dim=-1)
+    probs = torch.softmax(fresh / temperature if temperature > 0 else fresh, dim=-1)
     best = probs.max(dim=-1)
     guess[:, start:start + fresh.shape[1]] = best.indices
     guess_confidence[:, start:start + fresh.shape[1]] = best.values.float()
@@ -201,4 +215,4 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "tokens_per_step", "gumbel_max_sample", "propose", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]

@@ -188,7 +188,9 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
             chosen = commit_by_rule(options.remasking_strategy, confidence, schedule[:, step],
                                     options.threshold) & candidates
             if record_predictions:
-                fresh = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+                # candidates' probabilities are already tempered; guesses follow the option
+                scale = options.temperature if options.tempered_confidence and options.temperature > 0 else 1.0
+                fresh = torch.softmax(logits.double() / scale, dim=-1).max(dim=-1)
                 guess[:, first_fed:window_end] = fresh.indices
                 guess_confidence[:, first_fed:window_end] = fresh.values.float()
                 step_guess = torch.where(x == mask_id, guess, x)

@@ -174,7 +174,7 @@ class FastDLLMSampler(Sampler):
             policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
             block_length=options.block_length, temperature=options.temperature, remasking=options.remasking,
             generator=generator, record_predictions=record_predictions, forward=FORWARDS[options.cache](),
-            commit=commit, early_exit=options.early_exit)
+            commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence)
 
 
 __all__ = ["FastDLLMOptions", "FastDLLMSampler", "ThresholdCommit", "FactorCommit", "PrefixCache", "DualCache",

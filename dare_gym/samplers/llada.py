@@ -29,6 +29,7 @@ from dare_gym.samplers.base import (
     record_step,
     register_sampler,
     build_output,
+    tempered_probability,
     tokens_per_step,
     top_n,
     update_guess,
@@ -102,13 +103,15 @@ class ScheduledCommit:
 @torch.no_grad()
 def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gen_length: int, steps: int,
                    block_length: int, temperature: float, remasking: str, generator: torch.Generator | None,
-                   record_predictions: bool, forward=None, commit=None, early_exit: bool = False) -> SamplerOutput:
+                   record_predictions: bool, forward=None, commit=None, early_exit: bool = False,
+                   tempered_confidence: bool = False) -> SamplerOutput:
     """Decode ``gen_length`` tokens after each left-padded prompt row, block by block.
 
     ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
     positions a step commits from their confidences (:class:`ScheduledCommit`, or a threshold rule, which
     decodes a block in as many steps as it needs); ``early_exit`` stops once every row has committed a stop
-    token with nothing masked before it.
+    token with nothing masked before it. ``tempered_confidence`` records (with ``record_predictions``) each
+    guess's probability under softmax(logits / temperature) instead of LLaDA's softmax(logits) confidence.
     """
     forward = forward or FullForward()
     commit = commit or ScheduledCommit()
@@ -153,8 +156,11 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
             confidence = confidence.masked_fill(~masked, float("-inf"))
             chosen = commit(confidence, schedule[:, min(step, steps_per_block - 1)]) & masked
             if record_predictions:
-                update_guess(guess, guess_confidence, logits, first, prompt_length)
-                record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, probability,
+                recorded_temperature = temperature if tempered_confidence else 0.0
+                update_guess(guess, guess_confidence, logits, first, prompt_length, recorded_temperature)
+                recorded = probability if recorded_temperature == 0 else \
+                    tempered_probability(logits[:, columns - first], predicted, recorded_temperature)
+                record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, recorded,
                         masked, prompt_length, mask_id)
             x[:, columns] = torch.where(chosen, predicted, x[:, columns])
             in_completion = columns >= prompt_length
@@ -182,7 +188,8 @@ class LLaDASampler(Sampler):
                  record_predictions=False) -> SamplerOutput:
         return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
                               block_length=options.block_length, temperature=options.temperature,
-                              remasking=options.remasking, generator=generator, record_predictions=record_predictions)
+                              remasking=options.remasking, generator=generator, record_predictions=record_predictions,
+                              tempered_confidence=options.tempered_confidence)
 
 
 __all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "denoise_blocks", "FullForward",
