@@ -46,7 +46,8 @@ def learning_curve(records: Sequence[dict], rollouts_per_step: int) -> tuple[lis
 
 def _train_rl(spec: dict, result: dict) -> None:
     from dare_gym.config import dataclass_from_dict
-    from dare_gym.trainer import METRICS_FILE, Trainer, TrainConfig
+    from dare_gym.metrics import METRICS_FILE
+    from dare_gym.trainer import Trainer, TrainConfig
 
     config = dataclass_from_dict(TrainConfig, spec["config"])
     metrics = Path(config.output_dir) / METRICS_FILE

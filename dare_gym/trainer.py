@@ -11,9 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -27,8 +25,10 @@ import dare_gym
 from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
+from dare_gym.checkpoints import CHECKPOINT_DIR, atomic_write_text, latest_checkpoint, read_checkpoint, write_checkpoint
 from dare_gym.config import ConfigError
 from dare_gym.console import RewardFailureMonitor, TrainingProgress, quiet_library_warnings, rollout_reward_errors
+from dare_gym.device import make_generator, resolve_device, resolve_dtype
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
 from dare_gym.lora import (
@@ -38,16 +38,13 @@ from dare_gym.lora import (
     load_lora_weights,
     save_lora_policy,
 )
-from dare_gym.device import make_generator, resolve_device, resolve_dtype
+from dare_gym.metrics import METRICS_FILE, MetricsLogger, plot_metrics
 from dare_gym.models.families import get_family
 from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
 from dare_gym.samplers.llada import REMASKING_RULES
 from dare_gym.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest"
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_ALGORITHM = "d1"
 # The recipe of the embedded default (BENCHMARKS.md): UniGRPO's random-ratio estimator, std-normalised group
 # advantages, clip 0.2, 2 inner updates, k3 KL 0.04. d1's paper recipe (12 updates, clip 0.5) is
@@ -215,52 +212,10 @@ class TrainConfig:
         return build_config(self.algorithm["name"], options, where="algorithm")
 
 
-class MetricsLogger:
-    """Appends one JSON object per line; optionally mirrors scalars to TensorBoard."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        self.path = path
-        self.writer = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def log(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (they belong to a run that did not reach a checkpoint)."""
-        kept = [r for r in self.read() if r["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
     """``policy.sampler_settings`` arguments from ``GenerationConfig.as_kwargs()``."""
     settings = dict(settings)
     return {"sampler": settings.pop("sampler", None), "options": settings}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def seed_everything(seed: int) -> None:
@@ -443,33 +398,18 @@ class Trainer:
         return self.output_dir / CHECKPOINT_DIR
 
     def save_checkpoint(self) -> Path:
-        """Write the policy, optimizer and RNG states to ``checkpoints/step-N`` atomically: everything goes
-        to a temporary folder that is renamed into place, then the ``latest`` pointer is replaced."""
-        root = self.checkpoint_root()
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:06d}"
-        tmp = root / f".tmp-step-{self.step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.save_policy(tmp / "policy", merged=False)
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "generator_device": str(self.generator.device),
-                "torch_rng": torch.get_rng_state(),
-                "env_rng": self.train_env.np_random.bit_generator.state,
-                "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None,
-            },
-            tmp / "trainer_state.pt",
-        )
-        state = {"step": self.step, "elapsed_s": self.elapsed(), "config": jsonable(asdict(self.config))}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST_FILE, final.name + "\n")
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        """Write the policy, optimizer and random states to ``checkpoints/step-N``, atomically."""
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "generator_device": str(self.generator.device),
+            "torch_rng": torch.get_rng_state(),
+            "env_rng": self.train_env.np_random.bit_generator.state,
+            "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None,
+        }
+        info = {"step": self.step, "elapsed_s": self.elapsed(), "config": jsonable(asdict(self.config))}
+        return write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
+            folder, merged=False), state=state, info=info, keep=self.config.keep_checkpoints)
 
     def save_policy(self, path: Path, *, merged: bool) -> None:
         if self.config.lora is None:
@@ -478,11 +418,7 @@ class Trainer:
             save_lora_policy(self.policy, path, merged=merged)
 
     def latest_checkpoint(self) -> Path | None:
-        pointer = self.checkpoint_root() / LATEST_FILE
-        if not pointer.is_file():
-            return None
-        path = self.checkpoint_root() / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        return latest_checkpoint(self.checkpoint_root())
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -491,9 +427,8 @@ class Trainer:
             load_lora_weights(self.policy, path / "policy")
         else:
             self.policy.model.load_state_dict(load_file(str(path / "policy" / "model.safetensors")))
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        state, info = read_checkpoint(path)
         self.optimizer.load_state_dict(state["optimizer"])
-        info = json.loads((path / "trainer_state.json").read_text())
         saved_device = state.get("generator_device", "cpu")
         if torch.device(saved_device).type == self.generator.device.type:
             self.generator.set_state(state["generator"])
@@ -577,45 +512,3 @@ class Trainer:
         }
         atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
-
-
-def plot_metrics(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Reward and held-out accuracy against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    train = [r for r in history if "reward_mean" in r]
-    axes[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="rollout reward")
-    axes[0].plot([r["step"] for r in train], [r["train_accuracy"] for r in train], label="rollout accuracy", alpha=0.7)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("training rollouts")
-    axes[0].legend()
-    held = [r for r in history if "heldout_accuracy" in r]
-    axes[1].plot([r["step"] for r in held], [r["heldout_accuracy"] for r in held], marker="o", label="accuracy")
-    axes[1].plot([r["step"] for r in held], [r["heldout_reward"] for r in held], marker=".", label="reward")
-    axes[1].set_xlabel("step")
-    axes[1].set_title("held-out, greedy")
-    axes[1].legend()
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def save_figure(figure, path: Path) -> Path:
-    """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
-
-
