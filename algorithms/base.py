@@ -25,7 +25,15 @@ import torch
 from dare_gym.advantages import BASELINE_CHOICES, SCALE_CHOICES, group_advantages, zero_variance_groups
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.estimators import TokenScores, make_estimator
-from dare_gym.losses import KL_ESTIMATORS, LOSS_TYPES, aggregate, clipped_surrogate, kl_penalty, sequence_log_ratio
+from dare_gym.losses import (
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    aggregate,
+    clipped_surrogate,
+    kl_penalty,
+    sequence_log_ratio,
+    truncated_importance_weight,
+)
 
 NOISE_PREFIX = "noise."
 BATCH_TOKENS = "batch_tokens_per_row"  # the batch's active tokens / rows, on every row (loss_type: dapo)
@@ -158,8 +166,17 @@ class PolicyGradientConfig(AlgorithmConfig):
     """clamp log(π_θ/π_old) to [-c, c] before exponentiating it (verl uses 20); null: no clamp"""
     kl_clamp: float | None = None
     """clamp each token's KL estimate to [-c, c] (verl clamps k3 to 10); null: no clamp"""
+    rollout_is_cap: float | None = None
+    """weight each token's loss by min(π_old/π_rollout, cap), the truncated importance weight that corrects
+    rollouts from approximate caches (fast_dllm); needs the trajectory estimator; null: off"""
 
     def __post_init__(self):
+        if self.rollout_is_cap is not None:
+            if not self.rollout_is_cap > 0:
+                raise ValueError(f"rollout_is_cap must be > 0 or null, got {self.rollout_is_cap!r}")
+            if self.estimator != "trajectory":
+                raise ValueError("rollout_is_cap compares each token's log-prob in the state that committed it: it "
+                                 f"needs estimator 'trajectory', got {self.estimator!r}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations!r}")
         check_clamps(self)
@@ -295,7 +312,24 @@ class PolicyGradient:
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
         mask = inputs.completion_mask.bool() & scores.scored
         per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
+        per_token = self.correct_for_rollout(per_token, old_logp, batch, mask, metrics)
         return self.aggregate(per_token, mask, batch), metrics
+
+    def correct_for_rollout(self, per_token: torch.Tensor, old_logp: torch.Tensor, batch: RolloutBuffer,
+                            mask: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
+        """Where this estimator scores each token in the state the sampler committed it in (trajectory replay),
+        compare π_old with the sampler's own log-prob of it: log ``rollout_logp_gap`` (mean |log π_old −
+        log π_rollout|, > 0 when an approximate cache drew the rollout) and, with ``rollout_is_cap``, weight the
+        per-token loss by the truncated importance weight min(π_old/π_rollout, cap)."""
+        if not getattr(self.estimator, "scores_commit_states", False) or "commit_logp" not in batch.columns:
+            return per_token
+        gap = (old_logp - batch.columns["commit_logp"].to(old_logp.device)).detach()
+        metrics["rollout_logp_gap"] = masked_mean(gap.abs(), mask)
+        if self.config.rollout_is_cap is None:
+            return per_token
+        weight = truncated_importance_weight(gap, self.config.rollout_is_cap)
+        metrics["rollout_is_weight"] = masked_mean(weight, mask)
+        return per_token * weight
 
     def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, batch: RolloutBuffer) -> torch.Tensor:
         """``loss_type``'s reduction of this minibatch's per-token loss; dapo's normaliser is the minibatch's

@@ -34,6 +34,7 @@ class CJGRPO(PolicyGradient):
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
         mask = inputs.completion_mask.bool() & scores.scored
         per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
+        per_token = self.correct_for_rollout(per_token, old_logp, batch, mask, metrics)
         step_masks = [draw.masked & mask for draw in scores.draws]  # U_s: the tokens step s committed
         metrics["steps"] = float(len(step_masks))
         return step_mean_loss(per_token, step_masks), metrics

@@ -54,10 +54,11 @@ class TraceRL(PolicyGradient):
                                                    log_ratio_clamp=config.log_ratio_clamp)
         kl = kl_penalty(scores.logp, old_logp, config.kl_estimator, clamp=config.kl_clamp)
         targets = [draw.masked & valid for draw in scores.draws]
-        loss = tracerl_loss(surrogate, kl, targets, beta=config.beta,
-                            padded_length=row_normaliser(policy, surrogate.shape[1]))
         mask = valid & scores.scored
         metrics = {"clip_fraction": masked_mean(clip_active, mask), "kl_old": masked_mean(kl.detach(), mask),
                    "rows": float(sum(int(t.any(dim=1).sum()) for t in targets)),
                    "entropy": masked_mean(scores.entropy, mask)}
+        surrogate = self.correct_for_rollout(surrogate, old_logp, batch, mask, metrics)
+        loss = tracerl_loss(surrogate, kl, targets, beta=config.beta,
+                            padded_length=row_normaliser(policy, surrogate.shape[1]))
         return loss, metrics

@@ -37,9 +37,9 @@ class SequenceBatch:
         return self.attention_mask[:, : self.prompt_length]
 
 
-def _right_pad(rows: Sequence[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    padded = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    padded = torch.full((len(rows), width), pad_value, dtype=dtype)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         padded[i, : len(row)] = row
@@ -82,6 +82,10 @@ class RolloutBuffer:
         completion_ids, present = _right_pad([c.completion_ids for c in completions], pad_token_id)
         unmask_step, _ = _right_pad([c.unmask_step for c in completions], -1)
         unmask_step[present == 0] = -1
+        columns = {}
+        if all(getattr(c, "commit_logp", None) is not None for c in completions):
+            # what the rollout's own forward gave each token when it committed it (rollout/train mismatch)
+            columns["commit_logp"] = _right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
         return cls(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -92,6 +96,7 @@ class RolloutBuffer:
             group_id=torch.tensor(list(group_ids), dtype=torch.long),
             prompts=list(prompts),
             completions=[c.text for c in completions],
+            columns=columns,
             pad_token_id=pad_token_id,
         )
 

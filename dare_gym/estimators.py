@@ -404,6 +404,12 @@ class TrajectoryReplay:
     forwards_per_sample = None  # one per step group: the sampler's steps / shrink, or L left to right
     deterministic = True  # no random noise: every inner iteration replays the same states
 
+    @property
+    def scores_commit_states(self) -> bool:
+        """Each token is scored in the state the sampler committed it in (not left to right, no shrinkage), so its
+        log-prob compares with the sampler's own."""
+        return self.order == "sampler" and self.shrink == 1
+
     def sample_noise(self, batch, generator=None) -> dict[str, torch.Tensor]:
         present = _present(batch)
         if self.order == "left_to_right":

@@ -142,6 +142,27 @@ def masked_diffusion_sft_loss(
     return per_row.mean()
 
 
+def block_diffusion_sft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    answer_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Block-diffusion SFT (SDAR, ALGORITHMS.md §B): ``Σ_b Σ_{k masked} CE_k / p_b``, divided by the number of
+    answer tokens in the whole (micro-)batch ``Σ_b L_b^ans`` rather than row by row as in §A.
+
+    Args:
+        logits: [B, L, V] the noisy copy's logits at the answer positions (the doubled [x_t ; x_0] forward of
+            :meth:`~dare_gym.models.families.ModelFamily.noisy_clean_forward`); targets: [B, L] the clean answer.
+        masked: [B, L] bool, the answer positions masked in x_t.
+        p_mask: [B] each row's masking probability; answer_lengths: [B] answer length with EOS padding.
+    """
+    ce = -token_log_probs(logits, targets)
+    weighted = (ce * masked.float()).sum(dim=1) / p_mask
+    return weighted.sum() / answer_lengths.sum().clamp(min=1).float()
+
+
 def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> torch.Tensor:
     """CJ-GRPO's aggregation: a token mean over the batch within each denoising step, then the mean over
     steps, so every step weighs the same whatever it unmasks: (1/S) Σ_s Σ U_s ℓ / Σ U_s."""
@@ -263,3 +284,10 @@ def mdpo_step_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     per_token, _ = clipped_surrogate(logp, old_logp, advantages[:, None], epsilon_low=epsilon,
                                      log_ratio_clamp=log_ratio_clamp)
     return (per_token * lam[:, None] * confidence * weights).sum() / weights.sum().clamp(min=1)
+
+
+def truncated_importance_weight(log_ratio: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(exp(log π_old − log π_rollout), cap), detached: the truncated importance weight (TIS) that corrects
+    a loss for rollouts drawn from a slightly different policy (an approximate KV cache). Example: log-ratios
+    (0, log 3, −log 2) with cap 2 give (1, 2, 0.5)."""
+    return log_ratio.detach().exp().clamp(max=cap)
