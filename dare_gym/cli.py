@@ -1,4 +1,5 @@
-"""The ``dare-gym`` command line: ``train``, ``eval``, ``envs``, ``algorithms``, ``compare``.
+"""The ``dare-gym`` command line: ``train``, ``eval`` (``--suite``), ``serve``, ``opencompass``, ``envs``,
+``algorithms``, ``compare``.
 
 Bad input (an unknown field, env, policy folder or sampler setting) is reported in one line that names the
 bad value and the valid choices, with exit code 2.
@@ -161,15 +162,16 @@ def env_arguments(env_id: str) -> list[str] | None:
     return None
 
 
-def make_env(env_id: str, split: str, kwargs: dict):
-    """``dare_gym.make`` for the command line: a bad env id, split or argument is a :class:`ConfigError`."""
+def make_env(env_id: str, split: str, kwargs: dict, where: str = "--env"):
+    """``dare_gym.make`` for the command line: a bad env id, split or argument is a :class:`ConfigError`
+    (``where`` names the option that gave the env id)."""
     import gymnasium
 
     import dare_gym
     from dare_gym.user_code import resolve_env_kwargs
 
     if env_id not in dare_gym.list_envs():
-        raise ConfigError(f"--env: unknown env {env_id!r}; registered: {', '.join(dare_gym.list_envs())}")
+        raise ConfigError(f"{where}: unknown env {env_id!r}; registered: {', '.join(dare_gym.list_envs())}")
     kwargs = resolve_env_kwargs(kwargs, where="--env-kwarg")
     accepted = env_arguments(env_id)
     unknown = sorted(set(kwargs) - set(accepted)) if accepted is not None else []
@@ -179,45 +181,126 @@ def make_env(env_id: str, split: str, kwargs: dict):
     try:
         return dare_gym.make(env_id, split=split, **kwargs)
     except (ValueError, TypeError, FileNotFoundError, gymnasium.error.Error) as error:
-        raise ConfigError(f"--env {env_id} --split {split}: {error}") from None
+        raise ConfigError(f"{where} {env_id} --split {split}: {error}" if where == "--env"
+                          else f"{where} {env_id}:{split}: {error}") from None
+
+
+def load_cli_policy(name: str, device: str, dtype: str, family: str | None, where: str = "--policy"):
+    """``dare_gym.load_policy`` for the command line: a bad name, folder, device or dtype is a
+    :class:`ConfigError` naming it."""
+    import dare_gym
+    from dare_gym.console import quiet_library_warnings
+    from dare_gym.device import resolve_device, resolve_dtype
+
+    check_policy_name(name, where)
+    try:
+        resolved = resolve_device(device)
+        resolved_dtype = resolve_dtype(dtype, resolved)
+    except ValueError as error:
+        raise ConfigError(f"--device/--dtype: {error}") from None
+    try:
+        with quiet_library_warnings():
+            return dare_gym.load_policy(name, device=resolved, dtype=resolved_dtype, family=family)
+    except (OSError, ValueError) as error:  # FileNotFoundError included
+        raise ConfigError(f"{where}: {error} (give 'tiny', a checkpoint folder or a hub id)") from None
+
+
+def generation_settings(items: list[str]) -> dict:
+    """``--gen key=value`` items as ``policy.generate`` keyword arguments (validated, bad values named)."""
+    from dare_gym.config import dataclass_from_dict
+    from dare_gym.trainer import GenerationConfig
+
+    return dataclass_from_dict(GenerationConfig, _parse_key_values(items, "--gen"), where="--gen").as_kwargs()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import dare_gym
-    from dare_gym.config import dataclass_from_dict
-    from dare_gym.console import quiet_library_warnings
-    from dare_gym.device import resolve_device, resolve_dtype
     from dare_gym.evaluation import evaluate
-    from dare_gym.trainer import GenerationConfig
 
     _import_modules(args.imports)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    generation = dataclass_from_dict(GenerationConfig, _parse_key_values(args.gen, "--gen"), where="--gen").as_kwargs()
-    env = make_env(args.env, args.split, _parse_key_values(args.env_kwarg, "--env-kwarg"))
-    check_policy_name(args.policy, "--policy")
-    try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-    except ValueError as error:
-        raise ConfigError(f"--device/--dtype: {error}") from None
-    try:
-        with quiet_library_warnings():
-            policy = dare_gym.load_policy(args.policy, device=device, dtype=dtype, family=args.family)
-    except (OSError, ValueError) as error:  # FileNotFoundError included
-        raise ConfigError(f"--policy: {error} (give 'tiny', a checkpoint folder or a hub id)") from None
+    generation = generation_settings(args.gen)
+    if args.suite is not None:
+        return _eval_suite(args, generation)
+    if len(args.policy) > 1:
+        raise ConfigError(f"--policy: {len(args.policy)} policies given ({' '.join(args.policy)}); scoring several "
+                          "needs --suite")
+    for name in ("samples", "k", "sample_temperature"):
+        if getattr(args, name) is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --suite only")
+    env_id = args.env or "digitsort-v0"
+    env = make_env(env_id, args.split, _parse_key_values(args.env_kwarg, "--env-kwarg"))
+    policy = load_cli_policy(args.policy[0], args.device, args.dtype, args.family)
     limit = args.limit if args.limit is not None else (None if env.num_records is not None else 500)
     result = evaluate(policy, env, limit=limit, batch_size=args.batch_size, progress=True, **generation)
     report = {
-        "env": args.env, "split": args.split, "policy": args.policy, "records": result.num_records,
+        "env": env_id, "split": args.split, "policy": args.policy[0], "records": result.num_records,
         "accuracy": result.accuracy, "mean_reward": result.mean_reward, "generation": generation,
     }
     print(json.dumps(report, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(dict(report, completions=result.completions, correct=result.correct),
                                                 indent=2))
+    return 0
+
+
+def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
+    """``dare-gym eval --suite``: every policy on every env, greedy accuracy and pass@k (:mod:`dare_gym.suite`)."""
+    from dare_gym.suite import DEFAULT_SUITE, BenchmarkSpec, SuiteConfig, markdown_tables, run_suite, write_report
+
+    if args.env is not None:
+        raise ConfigError("--env: give the envs to --suite (e.g. --suite gsm8k-v0 math500-v0:test)")
+    samples = 8 if args.samples is None else args.samples
+    ks = args.k if args.k is not None else sorted({1, samples}) if samples else []
+    temperature = 0.8 if args.sample_temperature is None else args.sample_temperature
+    benchmarks = [BenchmarkSpec.parse(text, args.split) for text in (args.suite or DEFAULT_SUITE)]
+    env_kwargs = _parse_key_values(args.env_kwarg, "--env-kwarg")
+    for name in args.policy:
+        check_policy_name(name, "--policy")
+    try:
+        config = SuiteConfig(benchmarks=benchmarks, policies=list(args.policy), num_samples=samples, ks=ks,
+                             sample_temperature=temperature, greedy=not args.no_greedy, limit=args.limit,
+                             seed=args.seed, batch_size=args.batch_size, generation=generation)
+    except ValueError as error:
+        raise ConfigError(f"--suite: {error}") from None
+    report = run_suite(
+        config, load_policy=lambda name: load_cli_policy(name, args.device, args.dtype, args.family),
+        make_env=lambda spec: make_env(spec.env, spec.split, env_kwargs, where="--suite"), progress=True,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = write_report(report, args.output or "runs/eval-suite")
+    print(markdown_tables(report))
+    print(f"json:     {paths['json']}\nmarkdown: {paths['markdown']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dare_gym.serve import is_loopback, serve
+
+    _import_modules(args.imports)
+    for name in ("max_batch_size", "max_n"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_wait_ms < 0:
+        raise ConfigError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    generation = generation_settings(args.gen)
+    policy = load_cli_policy(args.policy, args.device, args.dtype, args.family, where="policy")
+    policy.generation_defaults.update(generation)
+    if not is_loopback(args.host):
+        print(f"dare-gym serve: warning: listening on {args.host}, reachable beyond this machine"
+              + ("" if args.api_key else "; no --api-key is set"), file=sys.stderr)
+    try:
+        serve(policy, model_name=args.served_model_name or args.policy, host=args.host, port=args.port,
+              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_model_len=args.max_model_len,
+              max_n=args.max_n, api_key=args.api_key, seed=args.seed, announce=lambda line: print(line, flush=True))
+    except OSError as error:  # the address is taken or cannot be bound
+        raise ConfigError(f"--host {args.host} --port {args.port}: {error.strerror or error}") from None
     return 0
 
 
@@ -346,15 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learning_rate=5e-5 output_dir=runs/x")
     train.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="score a policy on an env split", description="Score a policy on an env split "
-                        "with (by default greedy) completions; prints accuracy and mean reward as JSON.")
-    ev.add_argument("--policy", default="tiny", help="policy name, checkpoint folder or hub id (default: tiny)")
+    ev = sub.add_parser(
+        "eval", help="score a policy on an env split, or policies on a suite of envs (pass@k)",
+        description=_fill("Score a policy on an env split with (by default greedy) completions; prints accuracy "
+                          "and mean reward as JSON. With --suite, score every --policy on every env of the suite: "
+                          "greedy accuracy and pass@k from --samples completions per problem (the unbiased "
+                          "estimator), printed and written as Markdown tables (rows benchmarks, columns policies) "
+                          "and JSON to --output (default runs/eval-suite):")
+        + "\n\n  dare-gym eval --suite digitsort-v0 countdown-v0 --policy tiny runs/x/final_policy --limit 100 "
+        "--samples 8 --k 1 8")
+    ev.add_argument("--policy", nargs="+", default=["tiny"], metavar="POLICY",
+                    help="policy name, checkpoint folder or hub id (default: tiny); several with --suite")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ev.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto (default: float32)")
     ev.add_argument("--family", help="force a model family (tiny, llada, dream, sdar) over config.json's model_type")
-    ev.add_argument("--env", default="digitsort-v0", help="env id (default: digitsort-v0; `dare-gym envs` lists them)")
-    ev.add_argument("--split", default="test", help="split (default: test)")
-    ev.add_argument("--limit", type=int, help="score only the first N records")
+    ev.add_argument("--env", help="env id (default: digitsort-v0; `dare-gym envs` lists them)")
+    ev.add_argument("--split", default="test", help="split (default: test; with --suite, of every env without :SPLIT)")
+    ev.add_argument("--limit", type=int, help="score only the first N records (of every env, with --suite)")
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (default: 256)")
     ev.add_argument("--gen", nargs="*", default=[], metavar="KEY=VALUE",
                     help="sampler settings: gen_length, steps, block_length, temperature, remasking, sampler "
@@ -362,9 +453,52 @@ def build_parser() -> argparse.ArgumentParser:
                     "--gen sampler=fast_dllm options.cache=dual options.threshold=0.9")
     ev.add_argument("--env-kwarg", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra env arguments, e.g. --env-kwarg reward=my_rewards:exact")
-    ev.add_argument("--output", help="also write the completions and per-record correctness to this JSON file")
+    ev.add_argument("--output", help="also write the completions and per-record correctness to this JSON file "
+                    "(with --suite: the folder for suite.json and suite.md, default runs/eval-suite)")
+    suite = ev.add_argument_group("suite (pass@k over several envs and policies)")
+    suite.add_argument("--suite", nargs="*", metavar="ENV[:SPLIT]",
+                       help="score on these envs (no ids: " + " ".join(
+                           ("gsm8k-v0", "math500-v0", "humaneval-v0", "mbpp-v0", "countdown-v0", "sudoku4-v0"))
+                       + ")")
+    suite.add_argument("--samples", type=int, metavar="N", help="sampled completions per problem (default: 8; 0: "
+                       "greedy only)")
+    suite.add_argument("--k", type=int, nargs="+", metavar="K", help="report pass@k for these k <= N (default: 1 N)")
+    suite.add_argument("--sample-temperature", type=float, metavar="T",
+                       help="temperature of the sampled completions (default: 0.8; greedy ones use 0)")
+    suite.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    suite.add_argument("--seed", type=int, default=0, help="seed of the sampled completions (default: 0)")
     _add_import(ev, "to register rewards or envs")
     ev.set_defaults(func=_cmd_eval)
+
+    srv = sub.add_parser(
+        "serve", help="serve a policy behind an OpenAI-compatible HTTP API",
+        description=_fill("Serve a policy (a name, checkpoint folder or hub id) as an OpenAI-compatible server: "
+                          "/v1/models, /v1/completions, /v1/chat/completions (the chat template of instruct "
+                          "checkpoints). Concurrent requests are batched into one sampler call; sampler settings "
+                          "ride as extra request fields (sampler, steps, block_length, threshold, ...), with --gen "
+                          "and the policy's defaults otherwise. Listens on 127.0.0.1 unless --host says otherwise:")
+        + "\n\n  dare-gym serve runs/x/final_policy --port 8000 --gen steps=32\n"
+        "  python -c \"import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); "
+        "print(c.completions.create(model='runs/x/final_policy', prompt='sort 583920\\\\n').choices[0].text)\"")
+    srv.add_argument("policy", nargs="?", default="tiny", help="policy name, checkpoint folder or hub id (default: tiny)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one, printed)")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: the policy argument)")
+    srv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    srv.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto (default: float32)")
+    srv.add_argument("--family", help="force a model family (tiny, llada, dream, sdar) over config.json's model_type")
+    srv.add_argument("--gen", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="default sampler settings, as for eval (requests override them)")
+    srv.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) per sampler call (default: 32)")
+    srv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                     help="how long to collect requests for a batch after the first arrives (default: 5)")
+    srv.add_argument("--max-model-len", type=int,
+                     help="prompt + generated tokens at most (default: the config's max_position_embeddings)")
+    srv.add_argument("--max-n", type=int, default=64, help="the largest n a request may ask (default: 64)")
+    srv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on /v1/ routes")
+    srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests (default: 0)")
+    _add_import(srv, "to register model families or samplers")
+    srv.set_defaults(func=_cmd_serve)
 
     envs = sub.add_parser("envs", help="list the registered envs", description="List the registered env ids.")
     envs.add_argument("--optional", action="store_true",
