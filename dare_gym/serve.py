@@ -433,6 +433,7 @@ def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BAT
     app = FastAPI(title="dare-gym serve", lifespan=lifespan)
     app.state.batcher = batcher
     app.state.model_name = model_name
+    app.state.max_model_len = max_model_len
     created = int(time.time())
 
     def error_response(status: int, message: str, *, param: str | None = None,
@@ -547,23 +548,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ServerThread:
-    """Serve ``policy`` with uvicorn in a background thread (tests, benchmarks, ``dare-gym opencompass``)::
+class AppThread:
+    """Serve an ASGI ``app`` with uvicorn in a background thread on ``host`` at a free port (unless ``port`` is
+    given) until :meth:`stop`, or as a context manager; ``base_url`` is ``http://host:port/v1``."""
 
-        with ServerThread(policy, model_name="tiny") as server:
-            client = openai.OpenAI(base_url=server.base_url, api_key="none")
-
-    It listens on ``host`` at a free port unless ``port`` is given; leaving the block shuts it down (the batcher
-    too). ``app_options`` go to :func:`create_app`.
-    """
-
-    def __init__(self, policy, *, model_name: str, host: str = DEFAULT_HOST, port: int = 0, **app_options):
+    def __init__(self, app, *, host: str = DEFAULT_HOST, port: int = 0):
         import uvicorn
 
-        self.app = create_app(policy, model_name=model_name, **app_options)
+        self.app = app
         self._socket = bind_socket(host, port)
         self.host, self.port = host, self._socket.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="dare-gym-serve", daemon=True)
@@ -573,11 +568,7 @@ class ServerThread:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
-    @property
-    def batcher(self) -> Batcher:
-        return self.app.state.batcher
-
-    def start(self, timeout_s: float = 60.0) -> "ServerThread":
+    def start(self, timeout_s: float = 60.0):
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
@@ -595,11 +586,29 @@ class ServerThread:
             self._thread.join(timeout=30)
         self._socket.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerThread(AppThread):
+    """Serve ``policy`` with uvicorn in a background thread (tests, benchmarks, ``dare-gym opencompass``)::
+
+        with ServerThread(policy, model_name="tiny") as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="none")
+
+    It listens on ``host`` at a free port unless ``port`` is given; leaving the block shuts it down (the batcher
+    too). ``app_options`` go to :func:`create_app`.
+    """
+
+    def __init__(self, policy, *, model_name: str, host: str = DEFAULT_HOST, port: int = 0, **app_options):
+        super().__init__(create_app(policy, model_name=model_name, **app_options), host=host, port=port)
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.app.state.batcher
 
 
 def serve(policy, *, model_name: str, host: str = DEFAULT_HOST, port: int = 8000, announce=print,
@@ -621,5 +630,5 @@ def serve(policy, *, model_name: str, host: str = DEFAULT_HOST, port: int = 8000
         sock.close()
 
 
-__all__ = ["Batcher", "BatchStats", "Choice", "Plan", "RequestError", "ServerThread", "create_app", "fit_schedule",
+__all__ = ["AppThread", "Batcher", "BatchStats", "Choice", "Plan", "RequestError", "ServerThread", "create_app", "fit_schedule",
            "plan_generation", "render_chat", "render_plain", "serve"]
