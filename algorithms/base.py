@@ -22,8 +22,14 @@ from typing import Any, Protocol
 
 import torch
 
-from dare_gym.advantages import BASELINE_CHOICES, SCALE_CHOICES, group_advantages, zero_variance_groups
+from dare_gym.advantages import (
+    BASELINE_CHOICES,
+    SCALE_CHOICES,
+    group_advantages,
+    zero_variance_groups,
+)
 from dare_gym.buffer import RolloutBuffer
+from dare_gym.distributed import active_rows, discard_rows, global_sum
 from dare_gym.estimators import TokenScores, make_estimator
 from dare_gym.losses import (
     KL_ESTIMATORS,
@@ -221,7 +227,7 @@ class PolicyGradient:
         )
         if self.config.drop_zero_variance_groups:
             flat = zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size)
-            buffer = buffer.select(~flat)
+            buffer = discard_rows(buffer, flat)
         return buffer
 
     # score π_old and π_ref on each iteration's noise --------------------------------------------------------
@@ -239,8 +245,9 @@ class PolicyGradient:
         and including the first EOS), so that any minibatch's rows sum to its share of the batch's total:
         ``loss_type: dapo`` divides by it, and the weighted minibatch losses add up to Σ_batch ℓ / N_batch
         (TRL's normaliser over the whole accumulated batch) however the batch is split."""
-        mean = buffer.completion_mask.sum().float() / max(len(buffer), 1)
-        buffer.columns[BATCH_TOKENS] = mean.expand(len(buffer)).clone()
+        rows = active_rows(buffer)
+        mean = global_sum(buffer.completion_mask.sum().float()) / global_sum(rows.sum().float()).clamp(min=1)
+        buffer.columns[BATCH_TOKENS] = torch.where(rows, mean, torch.zeros_like(mean))
 
     @torch.no_grad()
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
@@ -341,7 +348,7 @@ class PolicyGradient:
                                  "batch before the loss of its minibatches")
             share = float(batch.columns[BATCH_TOKENS].sum())
         return aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1],
-                         num_active_tokens=share)
+                         num_active_tokens=share, rows=active_rows(batch))
 
     def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]:
         loss, metrics = self.loss(policy, batch, iteration)

@@ -17,8 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from dare_gym.algorithms.base import (
+    PolicyGradient,
+    PolicyGradientConfig,
+    register_algorithm,
+)
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
+from dare_gym.distributed import gradient_sync
 from dare_gym.losses import bgpo_sample_loss
 
 
@@ -75,14 +80,16 @@ class BGPO(PolicyGradient):
         samples = self.estimator.mc_num
         total, drift, pending = 0.0, 0.0, []
         for j in range(samples):
-            elbo = sample_elbo(self.estimator.draw(policy.logits, inputs, noise, j), length)
-            old = batch.columns["old_elbo"][:, iteration, j].to(elbo.device)
-            loss = bgpo_sample_loss(elbo, old, advantages, tokens, epsilon=self.config.epsilon,
-                                    dual_clip=self.config.dual_clip, log_ratio_clamp=self.config.log_ratio_clamp)
-            if self.config.per_sample_backward:
-                (loss * weight / samples).backward()  # this sample's graph is freed here
-            else:
-                pending.append(loss)
+            # distributed runs synchronise gradients once: on the last sample's backward
+            with gradient_sync(policy, j == samples - 1 or not self.config.per_sample_backward):
+                elbo = sample_elbo(self.estimator.draw(policy.logits, inputs, noise, j), length)
+                old = batch.columns["old_elbo"][:, iteration, j].to(elbo.device)
+                loss = bgpo_sample_loss(elbo, old, advantages, tokens, epsilon=self.config.epsilon,
+                                        dual_clip=self.config.dual_clip, log_ratio_clamp=self.config.log_ratio_clamp)
+                if self.config.per_sample_backward:
+                    (loss * weight / samples).backward()  # this sample's graph is freed here
+                else:
+                    pending.append(loss)
             total += loss.item() / samples
             drift += float((elbo.detach() - old).abs().mean()) / samples
         if pending:

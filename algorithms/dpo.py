@@ -14,9 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from dare_gym.algorithms.base import (
+    PolicyGradient,
+    PolicyGradientConfig,
+    register_algorithm,
+)
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
-from dare_gym.losses import dpo_loss
+from dare_gym.distributed import active_rows, discard_rows, global_mean
+from dare_gym.losses import dpo_pair_losses
 
 
 @dataclass
@@ -33,16 +38,17 @@ class DPOConfig(PolicyGradientConfig):
             raise ValueError(f"DPO's beta must be > 0, got {self.beta!r}")
 
 
-def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Row indices of (chosen, rejected): each group's highest- and lowest-reward rows, where they differ."""
-    chosen, rejected = [], []
+def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
+    """Row indices of (chosen, rejected), each group's highest- and lowest-reward rows, and whether they differ
+    (a group whose rewards are all equal gives no preference)."""
+    chosen, rejected, informative = [], [], []
     for group in torch.unique(group_id):
         rows = (group_id == group).nonzero().flatten()
         rewards = reward[rows]
-        if rewards.max() > rewards.min():
-            chosen.append(int(rows[rewards.argmax()]))
-            rejected.append(int(rows[rewards.argmin()]))
-    return chosen, rejected
+        chosen.append(int(rows[rewards.argmax()]))
+        rejected.append(int(rows[rewards.argmin()]))
+        informative.append(bool(rewards.max() > rewards.min()))
+    return chosen, rejected, informative
 
 
 @register_algorithm("dpo", DPOConfig)
@@ -55,13 +61,13 @@ class DPO(PolicyGradient):
 
     def advantages(self, buffer, group_size):
         """Turn the groups into (chosen, rejected) pairs; rows alternate chosen, rejected."""
-        chosen, rejected = best_and_worst_pairs(buffer.reward, buffer.group_id)
+        chosen, rejected, informative = best_and_worst_pairs(buffer.reward, buffer.group_id)
         order = [row for pair in zip(chosen, rejected) for row in pair]
         buffer = buffer.select(torch.tensor(order, dtype=torch.long))
         buffer.columns["pair_id"] = torch.arange(len(order)) // 2
         buffer.columns["chosen"] = (torch.arange(len(order)) % 2 == 0)
         buffer.advantage = torch.zeros(len(order))
-        return buffer
+        return discard_rows(buffer, ~torch.tensor(informative, dtype=torch.bool).repeat_interleave(2))
 
     def loss(self, policy, batch, iteration):
         inputs, scores, _, ref_logp = self.score(policy, batch, iteration)
@@ -73,7 +79,10 @@ class DPO(PolicyGradient):
         chosen = batch.columns["chosen"].to(elbo.device)
         order = torch.argsort(batch.columns["pair_id"].to(elbo.device) * 2 + (~chosen).long())
         elbo, ref_elbo, chosen = elbo[order], ref_elbo[order], chosen[order]
-        loss = dpo_loss(elbo[chosen], ref_elbo[chosen], elbo[~chosen], ref_elbo[~chosen], self.config.beta)
+        pair_losses = dpo_pair_losses(elbo[chosen], ref_elbo[chosen], elbo[~chosen], ref_elbo[~chosen],
+                                      self.config.beta)
+        active = active_rows(batch).to(elbo.device)[order][chosen]  # pairs kept for distributed runs score nothing
+        loss = global_mean((pair_losses * active).sum(), active.sum())
         margin = (elbo[chosen] - ref_elbo[chosen]) - (elbo[~chosen] - ref_elbo[~chosen])
         return loss, {"reward_margin": float(self.config.beta * margin.detach().mean()),
                       "pair_accuracy": float((margin > 0).float().mean())}

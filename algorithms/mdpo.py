@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from dare_gym.algorithms.base import AlgorithmConfig, check_clamps, register_algorithm
 
 from dare_gym.advantages import mdpo_step_advantages
-from dare_gym.algorithms.base import AlgorithmConfig, check_clamps, register_algorithm
+from dare_gym.distributed import active_rows, discard_rows
 from dare_gym.logprobs import token_log_probs
 from dare_gym.losses import mdpo_step_loss
 
@@ -59,7 +60,7 @@ class MDPO:
         step_rewards = buffer.columns["step_reward"]
         buffer.columns["step_advantage"] = mdpo_step_advantages(step_rewards, group_size)
         informative = (step_rewards.view(-1, group_size, step_rewards.shape[1]).std(dim=1) > 0).any(dim=1)
-        return buffer.select(informative.repeat_interleave(group_size))
+        return discard_rows(buffer, ~informative.repeat_interleave(group_size))
 
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
         """Pick the K steps with the largest total |A_t|; π_old is π_θ (on-policy, μ = 1 by default)."""
@@ -87,7 +88,8 @@ class MDPO:
         steps = batch.columns["train_steps"][0].tolist()
         losses = []
         for k, t in enumerate(steps):
-            masked = (inputs.unmask_step >= t) & inputs.attention_mask[:, inputs.prompt_length:].bool()
+            masked = (inputs.unmask_step >= t) & inputs.attention_mask[:, inputs.prompt_length:].bool() & \
+                active_rows(inputs)[:, None]  # discarded rows (distributed runs) train nothing
             losses.append(mdpo_step_loss(
                 logps[:, k], batch.columns["old_step_logp"][:, k].to(logps.device),
                 batch.columns["step_advantage"][:, t].to(logps.device), masked,

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from dare_gym.algorithms.base import AlgorithmConfig, register_algorithm
+
+from dare_gym.distributed import active_rows, discard_rows
 from dare_gym.sft import masked_answer_loss, sample_answer_masks
 
 
@@ -44,7 +45,7 @@ class SFT:
         if self.config.source == "demonstrations":
             return buffer
         best = buffer.reward.view(-1, group_size).max(dim=1, keepdim=True).values.expand(-1, group_size).flatten()
-        return buffer.select((buffer.reward >= best) & (buffer.reward >= self.config.min_reward))
+        return discard_rows(buffer, ~((buffer.reward >= best) & (buffer.reward >= self.config.min_reward)))
 
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
         draws = [sample_answer_masks(*buffer.completion_ids.shape, generator) for _ in range(self.config.num_iterations)]
@@ -55,7 +56,7 @@ class SFT:
         inputs = batch.model_inputs(policy.device)
         answers = batch.columns["demonstration_ids"].to(policy.device) if "demonstration_ids" in batch.columns else inputs.completion_ids
         present = inputs.attention_mask[:, inputs.prompt_length:].bool()  # EOS padding is a target too
-        masked = batch.columns["sft_masked"][:, iteration].to(policy.device) & present
+        masked = batch.columns["sft_masked"][:, iteration].to(policy.device) & present & active_rows(inputs)[:, None]
         p_mask = batch.columns["sft_p_mask"][:, iteration].to(policy.device)
         loss = masked_answer_loss(policy, inputs, answers, masked, p_mask, present.sum(dim=1))
         return loss, {"cloned_rows": float(len(batch))}

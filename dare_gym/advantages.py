@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dare_gym.distributed import global_sum
+
 STD_EPS = 1e-4
 SCALE_CHOICES = ("group", "batch", "none")
 BASELINE_CHOICES = ("mean", "rloo")
@@ -47,8 +49,12 @@ def group_advantages(
     unbiased = not population_std
     if scale_rewards == "group":
         centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + STD_EPS)
-    elif scale_rewards == "batch":
-        centred = centred / (rewards.double().std(unbiased=unbiased) + STD_EPS)
+    elif scale_rewards == "batch":  # the global batch's std: its sums over the ranks of a distributed run
+        values = rewards.double()
+        count, total, squares = (global_sum(v) for v in (values.new_tensor(values.numel()), values.sum(),
+                                                        values.pow(2).sum()))
+        variance = (squares - total**2 / count) / (count - 1 if unbiased else count).clamp(min=1)
+        centred = centred / (variance.clamp(min=0).sqrt() + STD_EPS)
     return centred.flatten().to(rewards.dtype)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -98,25 +99,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dare_gym.envs.data import DataFormatError
     from dare_gym.trainer import TrainConfig, Trainer
 
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args)
+    from dare_gym import distributed
+
     data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
     config = dataclass_from_dict(TrainConfig, data)
     check_policy_name(config.policy, "policy")
-    print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
-    print(f"training {config.algorithm['name']} on {config.env} with policy {config.policy!r}; "
-          f"output in {config.output_dir}", flush=True)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        print(f"training {config.algorithm['name']} on {config.env} with policy {config.policy!r}"
+              f"{f' on {processes} processes ({config.strategy})' if processes > 1 else ''}; "
+              f"output in {config.output_dir}", flush=True)
     try:
         trainer = Trainer(config)
     except (FileNotFoundError, DataFormatError) as error:  # a policy folder or data file missing or malformed
         raise ConfigError(str(error)) from None
     if args.resume and trainer.latest_checkpoint() is None:
         raise ConfigError(f"--resume: no checkpoint under {trainer.checkpoint_root()}")
-    summary = trainer.train(resume=args.resume)
+    try:
+        summary = trainer.train(resume=args.resume)
+    finally:
+        distributed.teardown()
+    if not main:
+        return 0
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     if before is not None and after is not None:
         print(f"held-out greedy accuracy: before {before:.3f}  after {after:.3f}  "
               f"({100 * (after - before):+.1f} points in {summary['steps']} steps, {summary['elapsed_s']:.0f} s)")
     print(f"metrics: {summary['metrics']}\ncurves:  {summary['plot']}")
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``dare-gym train --nproc N ...``: the same command under ``torchrun --nproc-per-node N`` (one machine)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "dare_gym.cli"]
+    command += [flag for spec in args.imports for flag in ("--import", spec)] + ["train"]
+    if args.config is not None:
+        command += ["--config", str(args.config)]
+    if args.resume:
+        command.append("--resume")
+    command += list(args.overrides)
+    print("launching: " + " ".join(command[2:]), flush=True)
+    return subprocess.call(command)
 
 
 # -------------------------------------------------------------------------------------------- eval
@@ -422,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog_fn=_train_fields_help,
     )
     train.add_argument("--config", type=Path, help="YAML config file (default: the packaged default.yaml)")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train with N processes on this machine (starts torchrun; strategy=ddp or fsdp)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in output_dir; without --config, with the config the "
                        "run saved there (overrides still apply, e.g. a larger max_steps)")

@@ -8,7 +8,7 @@ Completions are scored in one reward batch per call (:func:`score_completions`),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -22,6 +22,7 @@ class EvalResult:
     num_records: int
     completions: list[str]
     correct: list[bool]
+    rewards: list[float] = field(default_factory=list)  # each record's reward, in the order of ``completions``
 
 
 @dataclass
@@ -99,6 +100,7 @@ def evaluate(
         num_records=len(indices),
         completions=completions,
         correct=correct,
+        rewards=rewards,
     )
 
 

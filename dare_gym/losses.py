@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dare_gym.distributed import global_mean
 from dare_gym.logprobs import token_log_probs
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -98,6 +99,7 @@ def aggregate(
     *,
     max_completion_length: int | None = None,
     num_active_tokens: float | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss to a scalar with TRL's ``loss_type`` names.
 
@@ -105,20 +107,24 @@ def aggregate(
     dr_grpo: token sum / (B · max_completion_length). dapo: token sum / active tokens in the whole
     (accumulated, global) batch, given as ``num_active_tokens`` (a minibatch's share of it: see
     ``PolicyGradient.prepare``); without it, this batch's own count (then dapo equals bnpo).
+    ``rows`` ([B] bool) are the sequences that count (default: all). Every normaliser is summed over the
+    ranks of a distributed run (:func:`dare_gym.distributed.global_mean`), so the ranks' losses add up to the
+    loss of their union.
     """
     mask = mask.to(per_token.dtype)
     total = (per_token * mask).sum()
+    sequences = per_token.new_tensor(per_token.shape[0]) if rows is None else rows.sum().to(per_token.dtype)
     if loss_type == "grpo":
         per_sequence = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return per_sequence.mean()
+        return global_mean(per_sequence.sum(), sequences)
     if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1)
+        return global_mean(total, mask.sum())
     if loss_type == "dr_grpo":
         length = max_completion_length or per_token.shape[1]
-        return total / (per_token.shape[0] * length)
+        return global_mean(total, sequences * length)
     if loss_type == "dapo":
-        count = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens)
-        return total / count.clamp(min=1)
+        count = mask.sum() if num_active_tokens is None else torch.as_tensor(num_active_tokens, dtype=total.dtype)
+        return global_mean(total, count)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -241,14 +247,20 @@ def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: tor
     if dual_clip is not None:
         surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
     lengths = lengths.to(surrogate.dtype)
-    return -(surrogate * lengths).sum() / lengths.sum().clamp(min=1)
+    return global_mean(-(surrogate * lengths).sum(), lengths.sum())
+
+
+def dpo_pair_losses(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """[pairs] −log σ(β[(𝓑θ(y_w) − 𝓑ref(y_w)) − (𝓑θ(y_l) − 𝓑ref(y_l))]), DPO with (ELBO) log-likelihoods."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -F.logsigmoid(beta * margin)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO with (ELBO) log-likelihood estimates: −log σ(β[(𝓑θ(y_w) − 𝓑ref(y_w)) − (𝓑θ(y_l) − 𝓑ref(y_l))])."""
-    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
-    return -F.logsigmoid(beta * margin).mean()
+    """DPO's loss, the mean of :func:`dpo_pair_losses` over the pairs."""
+    return dpo_pair_losses(policy_chosen, reference_chosen, policy_rejected, reference_rejected, beta).mean()
 
 
 def espo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, ref_elbo: torch.Tensor | None, advantages: torch.Tensor,

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from dare_gym.device import resolve_device, resolve_dtype
+from dare_gym.distributed import GradientSync
 from dare_gym.models.families import ModelFamily, family_for_model_type, get_family
 from dare_gym.samplers import get_sampler, make_options
 
@@ -59,6 +60,8 @@ class DiffusionPolicy:
         chat_template: bool = False,
     ):
         self.model = model
+        self.forward_module = None  # what forwards call instead of the model (a DDP wrapper in distributed runs)
+        self.gradient_sync = GradientSync()  # a no-op switch with one process (see dare_gym.distributed)
         self.tokenizer = tokenizer
         self.family = get_family(family) if isinstance(family, str) else family
         self.block_size = self.family.block_size(model.config) if hasattr(model, "config") else None
@@ -90,8 +93,9 @@ class DiffusionPolicy:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
         the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
         see :meth:`ModelFamily.forward`."""
-        return self.family.forward(self.model, input_ids, attention_mask, block_size=self.block_size, cache=cache,
-                                   logits_to_keep=logits_to_keep, position_ids=position_ids)
+        return self.family.forward(self.forward_module or self.model, input_ids, attention_mask,
+                                   block_size=self.block_size, cache=cache, logits_to_keep=logits_to_keep,
+                                   position_ids=position_ids)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model reads for an env's prompt: through the chat template as one user message for
@@ -207,14 +211,16 @@ class DiffusionPolicy:
         return "llada" if self.block_size is None else "block_diffusion"
 
     # ------------------------------------------------------------------------------------ save/load
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Save model, tokenizer and this policy's settings; ``state_dict`` overrides the model's own (the whole
+        state of a sharded model, gathered)."""
         from transformers.utils import logging as hf_logging
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         hf_logging.disable_progress_bar()  # one bar per checkpoint would drown the training bar
         try:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, state_dict=state_dict)
         finally:
             hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(path)

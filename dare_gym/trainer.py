@@ -22,13 +22,26 @@ import numpy as np
 import torch
 
 import dare_gym
+from dare_gym import distributed
 from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
-from dare_gym.checkpoints import CHECKPOINT_DIR, atomic_write_text, latest_checkpoint, read_checkpoint, write_checkpoint
+from dare_gym.checkpoints import (
+    CHECKPOINT_DIR,
+    atomic_write_text,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from dare_gym.config import ConfigError
-from dare_gym.console import RewardFailureMonitor, TrainingProgress, quiet_library_warnings, rollout_reward_errors
+from dare_gym.console import (
+    RewardFailureMonitor,
+    TrainingProgress,
+    quiet_library_warnings,
+    rollout_reward_errors,
+)
 from dare_gym.device import make_generator, resolve_device, resolve_dtype
+from dare_gym.distributed import STRATEGIES
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
 from dare_gym.lora import (
@@ -43,9 +56,15 @@ from dare_gym.models.families import get_family
 from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
 from dare_gym.samplers.llada import REMASKING_RULES
-from dare_gym.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
+from dare_gym.user_code import (
+    import_module,
+    jsonable,
+    normalize_module_spec,
+    resolve_env_kwargs,
+)
 
 DEFAULT_ALGORITHM = "d1"
+RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run seeds its streams with seed + r * stride
 # The recipe of the embedded default (BENCHMARKS.md): UniGRPO's random-ratio estimator, std-normalised group
 # advantages, clip 0.2, 2 inner updates, k3 KL 0.04. d1's paper recipe (12 updates, clip 0.5) is
 # {"name": "d1"}; it learns slowly at the tiny model's scale.
@@ -114,6 +133,9 @@ class TrainConfig:
     """auto | cpu | cuda | cuda:N (auto: the GPU when one is visible)"""
     dtype: str = "float32"
     """float32 | bfloat16 | auto for the weights and forward; log-probs, losses and optimizer state stay float32"""
+    strategy: str = "ddp"
+    """with several processes (torchrun, --nproc): ddp (a whole model per rank) or fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded per transformer block)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: much less memory for real models, about a third slower"""
     algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
@@ -190,6 +212,8 @@ class TrainConfig:
                 resolve_device(self.device)  # a GPU that is not there is an error now, not at the first step
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.policy_family is not None:
             try:
                 get_family(self.policy_family)
@@ -232,10 +256,18 @@ class Trainer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         seed_everything(config.seed)
-        device = resolve_device(config.device)
+        self.group = distributed.setup(config.device)  # one process unless launched by torchrun
+        if config.prompts_per_step % self.group.world_size:
+            raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be divisible by the number of "
+                              f"processes ({self.group.world_size}): each rank rolls out whole groups")
+        device = resolve_device(distributed.rank_device(config.device, self.group))
+        compute_dtype = resolve_dtype(config.dtype, device)
+        fsdp = self.group.world_size > 1 and config.strategy == "fsdp"
         with quiet_library_warnings():
+            # FSDP keeps float32 shards (the master weights) and runs forwards in compute_dtype
             self.policy = policy if policy is not None else dare_gym.load_policy(
-                config.policy, device=device, dtype=resolve_dtype(config.dtype, device), family=config.policy_family)
+                config.policy, device=device, dtype=torch.float32 if fsdp else compute_dtype,
+                family=config.policy_family)
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(self.policy.model)
             if config.lora is not None:
@@ -255,9 +287,11 @@ class Trainer:
             else:
                 self.reference = copy.copy(self.policy)
                 self.reference.model = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        if self.group.world_size > 1:
+            self._distribute(config, device, compute_dtype)
         self.train_env = dare_gym.make_vec(
-            config.env, config.prompts_per_step * config.group_size, group_size=config.group_size,
-            **resolve_env_kwargs(config.env_kwargs),
+            config.env, config.prompts_per_step // self.group.world_size * config.group_size,
+            group_size=config.group_size, **resolve_env_kwargs(config.env_kwargs),
         )
         self.eval_env = dare_gym.make(config.env, **resolve_env_kwargs(config.eval_env_kwargs, where="eval_env_kwargs"))
         try:  # no held-out record is ever trained on: procedural streams skip them, file splits must not share any
@@ -269,12 +303,35 @@ class Trainer:
                                            betas=config.adam_betas, weight_decay=config.weight_decay)
         # every draw (sampler noise, estimator masks, minibatch order) comes from this one seeded stream, on the
         # model's device: reproducible for a seed on a device
-        self.generator = make_generator(self.policy.device, config.seed)
+        # model's device: reproducible for a seed on a device; each rank of a distributed run has its own stream
+        self.generator = make_generator(self.policy.device, config.seed + RANK_SEED_STRIDE * self.group.rank)
         self.output_dir = Path(config.output_dir)
         self.step = 0
         self.elapsed_before_resume = 0.0
         self.last_reward_errors: list[dict[str, str]] = []  # per rollout of the last collected step
-        self.train_env.reset(seed=config.seed)
+        self.train_env.reset(seed=config.seed + RANK_SEED_STRIDE * self.group.rank)
+
+    def _distribute(self, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> None:
+        """DDP or FSDP2 around the policy (and a full reference copy, sharded the same way under FSDP)."""
+        if self.algorithm.name == "ppo":
+            raise ConfigError("ppo's value model has an optimizer of its own and is not distributed yet: train it "
+                              "with one process")
+        if config.strategy == "ddp":
+            distributed.wrap_ddp(self.policy, device)
+            return
+        if config.lora is not None:
+            raise ConfigError("lora with strategy fsdp is not supported: LoRA's frozen base fits each GPU in bf16 "
+                              "(16 GB for 8B), so train LoRA with strategy ddp")
+        for section, settings in (("rollout", config.rollout), ("evaluation", config.evaluation)):
+            name, options = self.policy.sampler_settings(**_sampler_arguments(settings.as_kwargs()))
+            adaptive = any(getattr(options, key, None) for key in ("threshold", "factor", "early_exit"))
+            if adaptive:  # every forward is a collective under FSDP: ranks must make the same number of them
+                raise ConfigError(f"{section}: strategy fsdp needs a fixed number of sampler forwards on every rank; "
+                                  f"{name} with threshold/factor/early_exit decides it from the data: set "
+                                  "options {threshold: null, factor: null, early_exit: false} or use strategy ddp")
+        distributed.wrap_fsdp(self.policy, compute_dtype)
+        if self.reference is not None and self.reference.model is not self.policy.model:
+            distributed.shard_fsdp(self.reference.model, compute_dtype)
 
     # ---------------------------------------------------------------------------------- one GRPO step
     def collect(self) -> tuple[RolloutBuffer, dict[str, float]]:
@@ -351,27 +408,43 @@ class Trainer:
         buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
-        """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts."""
+        """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts.
+
+        A micro-batch's gradient is weighted by its share of the (global) batch's rows, and synchronised across
+        the ranks of a distributed run on the last one only; a loss or gradient that is not finite on any rank
+        stops every rank."""
         config = self.config
         rows_collected = len(buffer)
         uniform = zero_variance_groups(buffer.reward, config.group_size)
         buffer = self.algorithm.advantages(buffer, config.group_size)
+        active = float(distributed.global_sum(distributed.active_rows(buffer).sum()))
         stats: dict[str, float] = {"zero_variance_fraction": float(uniform.float().mean()),
-                                   "rows_trained": float(len(buffer)), "rows_collected": float(rows_collected)}
-        if len(buffer) == 0:
+                                   "rows_trained": active / self.group.world_size,
+                                   "rows_collected": float(rows_collected)}
+        if active == 0:
             return stats  # every group scored uniformly: no signal in this batch
         start = time.perf_counter()
         self.policy.model.train()
         self.algorithm.prepare(self.policy, self.reference, buffer, self.generator, config.micro_batch_size)
         totals: dict[str, list[float]] = {}
+        unit = getattr(self.algorithm, "minibatch_unit", None)  # e.g. DPO keeps each pair together
         for iteration in range(self.algorithm.config.num_iterations):
             self.optimizer.zero_grad()
-            unit = getattr(self.algorithm, "minibatch_unit", None)  # e.g. DPO keeps each pair together
-            for minibatch in buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit):
-                loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, len(minibatch) / len(buffer))
+            minibatches = list(buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit))
+            for number, minibatch in enumerate(minibatches):
+                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / active
+                weight = share * self.group.world_size  # DDP and FSDP average the ranks' gradients
+                with self.policy.gradient_sync(number == len(minibatches) - 1):
+                    loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, weight)
                 for key, value in dict(metrics, loss=loss).items():
                     totals.setdefault(key, []).append(value)
-            totals.setdefault("grad_norm", []).append(self.optimizer.clip_and_step(config.max_grad_norm))
+            grad_norm = self.optimizer.clip_and_step(config.max_grad_norm)
+            totals.setdefault("grad_norm", []).append(grad_norm)
+            if not all(math.isfinite(v) for v in (grad_norm, *totals["loss"][-len(minibatches):])):
+                problem = f"loss {totals['loss'][-1]} / gradient norm {grad_norm} at step {self.step + 1}"
+            else:
+                problem = None
+            distributed.raise_if_any(problem)
             if hasattr(self.algorithm, "after_optimizer_step"):  # e.g. PPO steps its value model
                 self.algorithm.after_optimizer_step()
         self.policy.model.eval()
@@ -382,38 +455,60 @@ class Trainer:
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy and reward of the policy's completions, and ``time_eval``, the seconds it took
-        (the time a run spent learning is its ``elapsed_s`` less the ``time_eval`` of the records before)."""
+        (the time a run spent learning is its ``elapsed_s`` less the ``time_eval`` of the records before).
+        In a distributed run every rank scores an equal share of the records (the last padded with repeats)."""
         if self.config.eval_size == 0:
             return {}
         start = time.perf_counter()
+        count = self.eval_env.num_records
+        records = list(range(self.config.eval_size if count is None else min(count, self.config.eval_size)))
+        size, rank = self.group.world_size, self.group.rank
+        share = records[rank::size]
+        share_size = -(-len(records) // size)
         result = evaluate(
-            self.policy, self.eval_env, limit=self.config.eval_size, batch_size=self.config.rollout_batch_size,
-            **self.config.evaluation.as_kwargs(),
+            self.policy, self.eval_env, indices=share + [records[-1]] * (share_size - len(share)),
+            batch_size=self.config.rollout_batch_size, **self.config.evaluation.as_kwargs(),
         )
-        return {"heldout_accuracy": result.accuracy, "heldout_reward": result.mean_reward,
+        scored = list(zip(share, result.correct, result.rewards))
+        scored = [row for rows in distributed.gather_objects(scored) for row in rows]
+        return {"heldout_accuracy": sum(c for _, c, _ in scored) / len(scored),
+                "heldout_reward": sum(r for _, _, r in scored) / len(scored),
                 "time_eval": time.perf_counter() - start}
 
     # ----------------------------------------------------------------------------------- checkpoints
     def checkpoint_root(self) -> Path:
         return self.output_dir / CHECKPOINT_DIR
 
-    def save_checkpoint(self) -> Path:
-        """Write the policy, optimizer and random states to ``checkpoints/step-N``, atomically."""
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "generator_device": str(self.generator.device),
-            "torch_rng": torch.get_rng_state(),
-            "env_rng": self.train_env.np_random.bit_generator.state,
-            "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None,
-        }
-        info = {"step": self.step, "elapsed_s": self.elapsed(), "config": jsonable(asdict(self.config))}
-        return write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
-            folder, merged=False), state=state, info=info, keep=self.config.keep_checkpoints)
+    @property
+    def sharded(self) -> bool:
+        return self.group.world_size > 1 and self.config.strategy == "fsdp"
 
-    def save_policy(self, path: Path, *, merged: bool) -> None:
+    def random_streams(self) -> dict[str, Any]:
+        """This rank's random streams (sampler and estimator noise, minibatch order, problem draws)."""
+        return {"generator": self.generator.get_state(), "generator_device": str(self.generator.device),
+                "torch_rng": torch.get_rng_state(), "env_rng": self.train_env.np_random.bit_generator.state}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the policy, optimizer and every rank's random streams to ``checkpoints/step-N``, atomically (rank 0
+        writes; every rank takes part, since sharded states are gathered first)."""
+        model_state = distributed.full_state_dict(self.policy.model) if self.sharded else None
+        optimizer_state = distributed.full_optimizer_state(self.policy.model, self.optimizer.optimizer) \
+            if self.sharded else self.optimizer.state_dict()
+        streams = distributed.gather_objects(self.random_streams())
+        final = None
+        if self.group.is_main:
+            state = {"optimizer": optimizer_state, "streams": streams, "world_size": self.group.world_size,
+                     "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None}
+            info = {"step": self.step, "elapsed_s": self.elapsed(), "world_size": self.group.world_size,
+                    "config": jsonable(asdict(self.config))}
+            final = write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
+                folder, merged=False, state_dict=model_state), state=state, info=info, keep=self.config.keep_checkpoints)
+        distributed.barrier()
+        return final
+
+    def save_policy(self, path: Path, *, merged: bool, state_dict: dict | None = None) -> None:
         if self.config.lora is None:
-            self.policy.save_pretrained(path)
+            self.policy.save_pretrained(path, state_dict=state_dict)
         else:
             save_lora_policy(self.policy, path, merged=merged)
 
@@ -421,23 +516,35 @@ class Trainer:
         return latest_checkpoint(self.checkpoint_root())
 
     def load_checkpoint(self, path: Path) -> None:
+        """Resume from ``path``, with the same or another number of processes (a sharded model loads the whole
+        state; with another number of processes each rank's random streams are reseeded from seed and step)."""
         from safetensors.torch import load_file
 
+        state, info = read_checkpoint(path)
         if self.config.lora is not None:
             load_lora_weights(self.policy, path / "policy")
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.sharded:
+            distributed.load_full_state(self.policy.model, load_file(str(path / "policy" / "model.safetensors")),
+                                        self.optimizer.optimizer, state["optimizer"])
         else:
             self.policy.model.load_state_dict(load_file(str(path / "policy" / "model.safetensors")))
-        state, info = read_checkpoint(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        saved_device = state.get("generator_device", "cpu")
-        if torch.device(saved_device).type == self.generator.device.type:
-            self.generator.set_state(state["generator"])
-        else:  # CPU and CUDA streams cannot stand in for each other: go on reproducibly, on a stream of its own
-            warnings.warn(f"resuming on {self.generator.device} a run saved on {saved_device}: its random stream "
-                          f"is reseeded from seed {self.config.seed} and step {info['step']}", stacklevel=2)
-            self.generator.manual_seed(self.config.seed + 1_000_003 * (1 + info["step"]))
-        torch.set_rng_state(state["torch_rng"])
-        self.train_env.np_random.bit_generator.state = state["env_rng"]
+            self.optimizer.load_state_dict(state["optimizer"])
+        streams = state.get("streams") or [state]  # checkpoints from before distributed runs kept one stream
+        mine = streams[self.group.rank] if len(streams) == self.group.world_size else None
+        if mine is not None and torch.device(mine.get("generator_device", "cpu")).type == self.generator.device.type:
+            self.generator.set_state(mine["generator"])
+            torch.set_rng_state(mine["torch_rng"])
+            self.train_env.np_random.bit_generator.state = mine["env_rng"]
+        else:  # another number of processes or another device: go on reproducibly, on streams of their own
+            if self.group.is_main:
+                warnings.warn(f"resuming with {self.group.world_size} process(es) on {self.generator.device} a run "
+                              f"saved with {len(streams)} on {streams[0].get('generator_device', 'cpu')}: the random "
+                              f"streams are reseeded from seed {self.config.seed} and step {info['step']}",
+                              stacklevel=2)
+            reseed = self.config.seed + RANK_SEED_STRIDE * self.group.rank + 7919 * (1 + info["step"])
+            self.generator.manual_seed(reseed)
+            self.train_env.reset(seed=reseed)
         if state.get("algorithm") is not None:
             self.algorithm.load_state_dict(state["algorithm"])
         self.step = info["step"]
@@ -449,55 +556,72 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``max_steps`` or ``time_limit_minutes``; returns a summary with the held-out accuracy
-        before and after."""
+        before and after. In a distributed run every rank calls this; rank 0 logs, plots and writes."""
         config = self.config
+        main = self.group.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        logger = MetricsLogger(
-            self.output_dir / METRICS_FILE, self.output_dir / "tensorboard" if config.tensorboard else None
-        )
+        logger = MetricsLogger(self.output_dir / METRICS_FILE,
+                               self.output_dir / "tensorboard" if config.tensorboard else None) if main else None
         self._started = time.perf_counter()
         if resume:
             checkpoint = self.latest_checkpoint()
             if checkpoint is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_root()}")
             self.load_checkpoint(checkpoint)
-            logger.truncate_after(self.step)
+            if main:
+                logger.truncate_after(self.step)
             self._started = time.perf_counter()
         else:
-            if (self.output_dir / METRICS_FILE).exists():
+            if main and (self.output_dir / METRICS_FILE).exists():
                 (self.output_dir / METRICS_FILE).unlink()
-            atomic_write_text(self.output_dir / "config.json", json.dumps(jsonable(asdict(config)), indent=2) + "\n")
-            logger.log({"step": 0, "elapsed_s": 0.0, **self.evaluate()})
-        history = logger.read()
+            if main:
+                atomic_write_text(self.output_dir / "config.json", json.dumps(jsonable(asdict(config)), indent=2) + "\n")
+            first = {"step": 0, "elapsed_s": 0.0, **self.evaluate()}
+            if main:
+                logger.log(first)
+        history = logger.read() if main else []
         initial = next((r for r in history if "heldout_accuracy" in r), {})
         time_limit = None if config.time_limit_minutes is None else 60 * config.time_limit_minutes
         progress = TrainingProgress(max_steps=config.max_steps, time_limit_s=time_limit, start_step=self.step,
-                                    start_elapsed=self.elapsed(), every=config.log_every, enabled=config.progress)
+                                    start_elapsed=self.elapsed(), every=config.log_every,
+                                    enabled=config.progress and main)
         failures = RewardFailureMonitor(every=config.log_every)
         last_eval = {k: initial[k] for k in ("heldout_accuracy", "heldout_reward") if k in initial}
         eval_step = initial.get("step")
         if not resume and last_eval:
             progress.update(self.step, self.elapsed(), {}, last_eval, eval_step)
+
+        def out_of_time() -> bool:  # one decision for every rank, so that none waits in a collective alone
+            return bool(distributed.global_max(int(time_limit is not None and self.elapsed() >= time_limit)))
+
         try:
-            while self.step < config.max_steps and (time_limit is None or self.elapsed() < time_limit):
+            while self.step < config.max_steps and not out_of_time():
                 buffer, stats = self.collect()
                 for message in failures.check(self.step + 1, self.last_reward_errors):
                     progress.message(message)
                 stats.update(self.update(buffer))
+                stats = distributed.mean_metrics(stats)
                 self.step += 1
-                is_last = self.step >= config.max_steps or (time_limit is not None and self.elapsed() >= time_limit)
+                is_last = self.step >= config.max_steps or out_of_time()
                 record = {"step": self.step, "elapsed_s": round(self.elapsed(), 2), **stats}
                 if self.step % config.eval_every == 0 or is_last:
                     last_eval, eval_step = self.evaluate(), self.step
                     record.update(last_eval)
-                logger.log(record)
+                if main:
+                    logger.log(record)
                 if self.step % config.save_every == 0:
                     self.save_checkpoint()
                 progress.update(self.step, self.elapsed(), stats, last_eval, eval_step, last=is_last)
         finally:
             progress.close()
         self.save_checkpoint()
-        self.save_policy(self.output_dir / "final_policy", merged=bool(config.lora and config.lora.merge_on_save))
+        model_state = distributed.full_state_dict(self.policy.model) if self.sharded else None
+        if main:
+            self.save_policy(self.output_dir / "final_policy", merged=bool(config.lora and config.lora.merge_on_save),
+                             state_dict=model_state)
+        distributed.barrier()
+        if not main:
+            return {"steps": self.step, "rank": self.group.rank}
         logger.close()
         history = logger.read()
         final = [r for r in history if "heldout_accuracy" in r][-1] if config.eval_size else {}
@@ -505,6 +629,7 @@ class Trainer:
         summary = {
             "steps": self.step,
             "elapsed_s": round(self.elapsed(), 1),
+            "processes": self.group.world_size,
             "heldout_accuracy_before": initial.get("heldout_accuracy"),
             "heldout_accuracy_after": final.get("heldout_accuracy"),
             "plot": str(plot_path),

@@ -81,15 +81,19 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class SavedTensorMeter:
-    """Bytes autograd keeps for the backward (distinct storages), counted as the forward saves them: the
-    activation memory that gradient checkpointing and chunked log-probs cut, exactly and on any device."""
+    """Bytes autograd keeps for the backward (distinct storages other than the model's weights), counted as the
+    forward saves them: the activation memory that gradient checkpointing and chunked log-probs cut, exactly
+    and on any device."""
 
-    def __init__(self):
+    def __init__(self, model: torch.nn.Module):
+        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # kept anyway: not counted
         self.current: dict[int, int] = {}
         self.peak = 0
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
+        if storage.data_ptr() in self.weights:
+            return tensor
         self.current[storage.data_ptr()] = storage.nbytes()
         self.peak = max(self.peak, sum(self.current.values()))
         return tensor
@@ -130,7 +134,7 @@ def one_update(policy, *, algorithm: str = "d1", rows: int = 8, prompt_length: i
     policy.model.train()
     algo.prepare(policy, reference, buffer, generator, micro_batch_size)
     optimizer.zero_grad()
-    losses, meter = [], SavedTensorMeter()
+    losses, meter = [], SavedTensorMeter(policy.model)
     for minibatch in buffer.minibatches(micro_batch_size, generator=generator):
         meter.reset()
         with meter.hooks():

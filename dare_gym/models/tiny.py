@@ -119,6 +119,7 @@ class TinyDLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _no_split_modules = ["Block"]  # FSDP shards block by block
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -1,0 +1,95 @@
+"""Run by ``torchrun`` from tests/test_distributed.py (not a test module itself).
+
+``update``: every rank takes its half of one deterministic batch of rollouts (the union batch, the same on every
+process), runs one update of each algorithm and rank 0 writes the parameters; the test compares them with one
+process's update on the union batch. Estimator noise is a function of each row (the same rows get the same masks
+at any process count), so only the distributed update itself can make them differ.
+``fail``: rank 1 reports a problem (or raises); every rank must stop with its message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from dare_gym import distributed
+from dare_gym.buffer import RolloutBuffer
+from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+
+ALGORITHMS = {  # the default recipe, BGPO and DPO, each at μ = 1 so that one update is one optimizer step
+    "d1": {},
+    "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 2}},
+    "dpo": {"name": "dpo"},
+}
+PROMPTS, GROUP = 4, 4
+
+
+def config(algorithm: str, strategy: str, output: str) -> TrainConfig:
+    recipe = ALGORITHMS[algorithm]
+    fields = dict(prompts_per_step=PROMPTS, group_size=GROUP, max_steps=1, eval_size=0, progress=False,
+                  time_limit_minutes=None, output_dir=output, strategy=strategy, learning_rate=1e-3,
+                  rollout=GenerationConfig(gen_length=8, steps=8, block_length=8, temperature=1.0))
+    if recipe:
+        fields["algorithm"] = recipe
+    return TrainConfig(**fields)
+
+
+def union_batch(trainer: Trainer) -> RolloutBuffer:
+    """The same rollouts on every process: a fixed seed, the same prompts, varied rewards within groups."""
+    policy = trainer.policy
+    prompts = [f"sort {1000 + 37 * g}\n" for g in range(PROMPTS) for _ in range(GROUP)]
+    completions = policy.generate(prompts, gen_length=8, steps=8, block_length=8, temperature=1.0, seed=123)
+    rewards = [float(sum(c.completion_ids.tolist()) % 3) for c in completions]
+    rewards[:GROUP] = [0.5] * GROUP  # one group without signal: discarded (one process) or kept inert (several)
+    return RolloutBuffer.from_rollouts(prompts, completions, rewards, [i // GROUP for i in range(len(prompts))],
+                                       completion_mask_fn=policy.completion_mask,
+                                       pad_token_id=policy.tokenizer.pad_token_id)
+
+
+def row_keyed_noise(sample_noise):
+    """An estimator's noise drawn row by row from a generator seeded by the row's tokens."""
+    def draw(batch, generator=None):
+        parts = []
+        for i in range(batch.input_ids.shape[0]):
+            row = dataclasses.replace(batch, input_ids=batch.input_ids[i:i + 1], attention_mask=batch.attention_mask[i:i + 1],
+                                      completion_mask=batch.completion_mask[i:i + 1],
+                                      unmask_step=None if batch.unmask_step is None else batch.unmask_step[i:i + 1])
+            key = int(sum((j + 1) * t for j, t in enumerate(batch.completion_ids[i].tolist()))) % (2**31)
+            parts.append(sample_noise(row, torch.Generator().manual_seed(key)))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return draw
+
+
+def update(algorithm: str, strategy: str, output: str) -> dict[str, torch.Tensor]:
+    trainer = Trainer(config(algorithm, strategy, output))
+    estimator = trainer.algorithm.estimator
+    estimator.sample_noise = row_keyed_noise(estimator.sample_noise)
+    batch = union_batch(trainer)
+    rows = len(batch) // distributed.world_size()
+    local = batch.select(torch.arange(distributed.rank() * rows, (distributed.rank() + 1) * rows))
+    trainer.update(local)
+    state = distributed.full_state_dict(trainer.policy.model) if trainer.sharded else trainer.policy.model.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def main() -> None:
+    mode, output = sys.argv[1], Path(sys.argv[2])
+    if mode == "update":
+        for case in sys.argv[3:]:
+            algorithm, strategy = case.split(":")
+            state = update(algorithm, strategy, str(output / case.replace(":", "-")))
+            if distributed.rank() == 0:
+                torch.save(state, output / f"{algorithm}-{strategy}.pt")
+    elif mode == "fail":
+        distributed.setup("cpu")
+        if sys.argv[3] == "raise" and distributed.rank() == 1:
+            raise ValueError("rank 1 broke on purpose")
+        distributed.raise_if_any("loss nan at step 3" if distributed.rank() == 1 else None)
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()

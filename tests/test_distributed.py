@@ -1,0 +1,80 @@
+"""Training on several processes (torchrun, gloo on this CPU): the update of 2 ranks equals one process's update
+on the union batch, for DDP and FSDP2; a 2-process run resumes with 1 process; a failing rank stops every rank.
+(NCCL on GPUs is the same code; the lent GPU machines have one GPU, see BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_worker import update  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+CASES = ["d1:ddp", "bgpo:ddp", "dpo:ddp", "d1:fsdp"]
+
+
+def torchrun(*arguments, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *map(str, arguments)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_process_updates(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    done = torchrun(WORKER, "update", folder, *CASES)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_update_like_one_process_on_the_union_batch(two_process_updates, tmp_path, case):
+    algorithm, strategy = case.split(":")
+    two = torch.load(two_process_updates / f"{algorithm}-{strategy}.pt")
+    one = update(algorithm, "ddp", str(tmp_path / "one"))  # one process: the whole union batch
+    import dare_gym
+
+    base = dare_gym.load_policy("tiny").model.state_dict()
+    moved = max(float((one[k] - base[k]).abs().max()) for k in one)
+    assert moved > 1e-4  # the update did something
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+def test_a_two_process_fsdp_run_resumes_with_one_process(tmp_path):
+    run = tmp_path / "run"
+    settings = ["prompts_per_step=4", "group_size=4", "eval_size=8", "eval_every=1", "save_every=1",
+                "time_limit_minutes=null", "progress=false", f"output_dir={run}",
+                "rollout={gen_length: 8, steps: 8, block_length: 8, temperature: 1.0}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run([sys.executable, "-m", "dare_gym.cli", "train", "--nproc", "2", "strategy=fsdp",
+                            "max_steps=2", *settings], capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "on 2 processes (fsdp)" in first.stdout
+    assert json.loads((run / "summary.json").read_text())["processes"] == 2
+    second = subprocess.run([sys.executable, "-m", "dare_gym.cli", "train", "--resume", f"output_dir={run}",
+                             "max_steps=4"], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming with 1 process(es)" in second.stderr  # the random streams are reseeded, and it says so
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert all("heldout_accuracy" in r for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["processes"] == 1
+
+
+@pytest.mark.parametrize("how, message", [("report", "rank 1: loss nan at step 3"),
+                                          ("raise", "rank 1 broke on purpose")])
+def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path, how, message):
+    done = torchrun(WORKER, "fail", tmp_path, how, timeout=300)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert message in output
+    if how == "report":  # both ranks raise the same message: neither waits for the other
+        assert output.count(message) >= 2
