@@ -14,6 +14,7 @@ Configurations:
 
     python experiments/bench_memory.py            # ~10 min on 2 CPU cores; writes experiments/results/memory.json
     python experiments/bench_memory.py --shape test --rows 2   # seconds, for a smoke test
+    python experiments/bench_memory.py --shape test --dtype bfloat16 --output experiments/results/memory_bf16.json
 """
 
 from __future__ import annotations
@@ -50,18 +51,18 @@ def _previous_forward(logits_fn, batch, completion, prompt=None):
     return logp, entropy
 
 
-def measure(name: str, shape: str, rows: int, prompt_length: int, gen_length: int) -> dict:
+def measure(name: str, shape: str, rows: int, prompt_length: int, gen_length: int, dtype: str) -> dict:
     setting = CONFIGURATIONS[name]
     if setting["previous"]:
         import dare_gym.estimators
 
         dare_gym.estimators._forward = _previous_forward
-    policy = random_llada(shape, device="cpu", dtype=torch.float32)
+    policy = random_llada(shape, device="cpu", dtype=getattr(torch, dtype))
     weights_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = one_update(policy, rows=rows, prompt_length=prompt_length, gen_length=gen_length, group_size=rows,
                         micro_batch_size=rows, lora=LoraSettings(r=8, alpha=16),
                         gradient_checkpointing=setting["checkpointing"])
-    return dict(configuration=name, shape=shape, parameters=parameter_count(policy), rows=rows,
+    return dict(configuration=name, shape=shape, dtype=dtype, parameters=parameter_count(policy), rows=rows,
                 prompt_length=prompt_length, gen_length=gen_length, weights_rss_mb=weights_rss / 2**20,
                 peak_rss_mb=result["peak_bytes"] / 2**20,
                 update_mb=(result["peak_bytes"] - weights_rss) / 2**20, seconds=result["seconds"], loss=result["loss"],
@@ -74,17 +75,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--gen-length", type=int, default=256)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and forward (bfloat16 on CPU is slow: use a small shape)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.one:
-        print(json.dumps(measure(args.one, args.shape, args.rows, args.prompt_length, args.gen_length)))
+        print(json.dumps(measure(args.one, args.shape, args.rows, args.prompt_length, args.gen_length, args.dtype)))
         return
     results = []
     for name in CONFIGURATIONS:
         command = [sys.executable, __file__, "--one", name, "--shape", args.shape, "--rows", str(args.rows),
-                   "--prompt-length", str(args.prompt_length), "--gen-length", str(args.gen_length)]
+                   "--prompt-length", str(args.prompt_length), "--gen-length", str(args.gen_length),
+                   "--dtype", args.dtype]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{name}: the measurement failed:\n{done.stderr[-3000:]}")
@@ -99,7 +103,7 @@ def main() -> None:
     for row in results:
         print(f"| {row['configuration']} | {row['saved_for_backward_mb']:.0f} | {row['peak_rss_mb']:.0f} | "
               f"{row['update_mb']:.0f} | {row['seconds']:.1f} |")
-    print(f"\n{results[0]['parameters']:,} parameters, {args.rows} rows, prompt {args.prompt_length}, "
+    print(f"\n{results[0]['parameters']:,} parameters in {args.dtype}, {args.rows} rows, prompt {args.prompt_length}, "
           f"gen {args.gen_length}; saved {args.output}")
 
 
