@@ -280,7 +280,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
     """``dare-gym eval --suite``: every policy on every env, greedy accuracy and pass@k (:mod:`dare_gym.suite`)."""
-    from dare_gym.suite import DEFAULT_SUITE, BenchmarkSpec, SuiteConfig, markdown_tables, run_suite, write_report
+    from dare_gym.suite import (
+        DEFAULT_SUITE,
+        BenchmarkSpec,
+        SuiteConfig,
+        markdown_tables,
+        run_suite,
+        write_report,
+    )
 
     if args.env is not None:
         raise ConfigError("--env: give the envs to --suite (e.g. --suite gsm8k-v0 math500-v0:test)")
@@ -334,6 +341,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"--host {args.host} --port {args.port}: {error.strerror or error}") from None
     return 0
+
+
+# ----------------------------------------------------------------------------------------- opencompass
+
+
+def _cmd_opencompass(args: argparse.Namespace) -> int:
+    from dare_gym.opencompass import (
+        OpenCompassError,
+        OpenCompassFailed,
+        OpenCompassInputError,
+        evaluate_with_opencompass,
+        tokenizer_source,
+    )
+
+    _import_modules(args.imports)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_out_len is not None and args.max_out_len < 1:
+        raise ConfigError(f"--max-out-len must be >= 1, got {args.max_out_len}")
+    if not args.datasets and not args.custom_dataset:
+        raise ConfigError("give --datasets NAME ... and/or --custom-dataset FILE.jsonl")
+    generation = generation_settings(args.gen)
+    policy = load_cli_policy(args.policy, args.device, args.dtype, args.family, where="policy")
+    policy.generation_defaults.update(generation)
+    log = lambda line: print(f"dare-gym opencompass: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        result = evaluate_with_opencompass(
+            policy, model_name=args.served_model_name or args.policy, tokenizer_path=tokenizer_source(args.policy),
+            datasets=args.datasets, custom_datasets=args.custom_dataset, venv=args.venv, work_dir=args.work_dir,
+            data_root=args.data_root, limit=args.limit, max_out_len=args.max_out_len, batch_size=args.batch_size,
+            timeout_s=args.timeout, log=log)
+    except OpenCompassInputError as error:
+        raise ConfigError(str(error)) from None
+    except OpenCompassFailed as failed:
+        print(_opencompass_table(failed.summary))
+        for task, why in failed.failures.items():
+            print(f"dare-gym opencompass: error: task {task} failed: {why}", file=sys.stderr)
+        return 1
+    except OpenCompassError as error:
+        print(f"dare-gym opencompass: error: {error}", file=sys.stderr)
+        return 1
+    print(_opencompass_table(result))
+    print(f"summary: {result.summary_csv}\nseconds: {result.seconds:.0f} (install {result.install_seconds:.0f})")
+    return 0
+
+
+def _opencompass_table(result) -> str:
+    rows = [f"| {r.dataset} | {r.metric} | {'-' if r.score is None else f'{r.score:.2f}'} |" for r in result.rows]
+    return "\n".join(["| dataset | metric | score |", "|---|---|---|", *rows])
 
 
 # ------------------------------------------------------------------------------------ envs, algorithms
@@ -533,6 +591,39 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests (default: 0)")
     _add_import(srv, "to register model families or samplers")
     srv.set_defaults(func=_cmd_serve)
+
+    oc = sub.add_parser(
+        "opencompass", help="score a policy on OpenCompass benchmarks through `dare-gym serve`",
+        description=_fill("Score a policy with OpenCompass 0.5.4, which runs in a venv of its own (created on first "
+                          "use, reused after) and talks to the policy served on a loopback port by this command. "
+                          "Exits 1 naming every task that produced no score (OpenCompass itself exits 0 then):")
+        + "\n\n  dare-gym opencompass runs/x/final_policy --datasets gsm8k math500 humaneval --limit 100\n"
+        "  dare-gym opencompass tiny --custom-dataset my_qa.jsonl     # {\"question\": ..., \"answer\": ...} per line")
+    oc.add_argument("policy", help="policy name, checkpoint folder or hub id")
+    oc.add_argument("--datasets", nargs="*", default=[], metavar="NAME",
+                    help="OpenCompass dataset configs: gsm8k, math, math500, humaneval, mbpp or any config name "
+                    "(e.g. gsm8k_0shot_v2_gen_a58960)")
+    oc.add_argument("--custom-dataset", action="append", default=[], metavar="FILE.jsonl",
+                    help="a local QA dataset in OpenCompass's custom format, scored by exact match; repeatable")
+    oc.add_argument("--limit", type=int, help="score only the first N records of each dataset")
+    oc.add_argument("--max-out-len", type=int, help="default max_tokens of a request (default: the policy's "
+                    "gen_length; dataset configs may set their own)")
+    oc.add_argument("--batch-size", type=int, default=32,
+                    help="concurrent requests and rows per sampler call (default: 32)")
+    oc.add_argument("--gen", nargs="*", default=[], metavar="KEY=VALUE", help="sampler settings, as for serve")
+    oc.add_argument("--venv", default=str(Path("~/.cache/dare_gym/opencompass-venv")),
+                    help="OpenCompass's venv, created if missing (default: ~/.cache/dare_gym/opencompass-venv)")
+    oc.add_argument("--work-dir", default="runs/opencompass", help="OpenCompass's outputs (default: runs/opencompass)")
+    oc.add_argument("--data-root", default=str(Path("~/.cache/dare_gym/opencompass-data")),
+                    help="COMPASS_DATA_CACHE: OpenCompass's data; GSM8K and MBPP are linked from DARE_GYM_DATA_DIR "
+                    "(default: ~/.cache/dare_gym/opencompass-data)")
+    oc.add_argument("--served-model-name", help="the model id in requests and tables (default: the policy argument)")
+    oc.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    oc.add_argument("--dtype", default="float32", help="float32 | bfloat16 | auto (default: float32)")
+    oc.add_argument("--family", help="force a model family (tiny, llada, dream, sdar) over config.json's model_type")
+    oc.add_argument("--timeout", type=float, metavar="SECONDS", help="stop OpenCompass after this long")
+    _add_import(oc, "to register model families or samplers")
+    oc.set_defaults(func=_cmd_opencompass)
 
     envs = sub.add_parser("envs", help="list the registered envs", description="List the registered env ids.")
     envs.add_argument("--optional", action="store_true",
