@@ -219,3 +219,12 @@ def test_serve_names_a_taken_port(tiny_policy, capsys):
         assert main(["serve", "tiny", "--port", str(running.port)]) == 2
     error = capsys.readouterr().err.strip()
     assert f"--host 127.0.0.1 --port {running.port}: " in error and "in use" in error
+
+
+@pytest.mark.parametrize("command,words", [("serve", ["--max-batch-size", "--batch-wait-ms", "127.0.0.1"]),
+                                           ("opencompass", ["--datasets", "--custom-dataset", "--venv"]),
+                                           ("eval", ["--suite", "--samples", "--k", "pass@k"])])
+def test_the_new_commands_have_help(command, words):
+    out = subprocess.run([sys.executable, "-m", "dare_gym.cli", command, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and all(word in out.stdout for word in words)
