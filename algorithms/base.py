@@ -9,16 +9,19 @@ class the trainer drives on each batch of rollouts:
         for minibatch in buffer.minibatches(...):
             loss, metrics = algorithm.backward(policy, minibatch, iteration, weight)
 
-``backward`` defaults to ``(weight · loss(...)).backward()``; algorithms that must call backward themselves
-(BGPO, once per Monte-Carlo sample) override it. Registering is the ``@register_algorithm`` line on the
-class; every module in ``algorithms/`` is imported by the package, so a new algorithm is one new file.
+:class:`Algorithm` is the contract, with its defaults: what a rollout must record (``rollout_needs``), the sampler
+settings it requires, whether a reference is needed, the minibatch unit, hooks after the optimizer step, and
+state for checkpoints. ``backward`` defaults to ``(weight · loss(...)).backward()``; algorithms that must call
+backward themselves (BGPO, once per Monte-Carlo sample) override it. Registering is the
+``@register_algorithm`` line on the class; every module in ``algorithms/`` is imported by the package, so a new
+algorithm is one new file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -55,20 +58,61 @@ class AlgorithmConfig:
     """KL weight towards the frozen reference (0: no reference model is kept)"""
 
 
-class Algorithm(Protocol):
-    config: AlgorithmConfig
+class Algorithm:
+    """The contract between an algorithm and the trainer, with the defaults most algorithms need.
 
-    def __init__(self, config: Any, *, mask_token_id: int): ...
+    What a rollout must record and how it is sampled:
+        ``rollout_needs``: extra columns the trainer adds to the buffer — ``"step_predictions"`` (the sampler's
+        x̂₀ at every step, scored by the env: ``step_reward``, MDPO) and ``"demonstrations"`` (the env's gold
+        answers, tokenised: ``demonstration_ids``, SFT on demonstrations).
+        ``rollout_settings``: sampler settings the algorithm requires, over the config's (``"gen_length"`` as a
+        value means the rollout's completion length: JustGRPO decodes left to right, one token per step).
+    The update:
+        ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
+        ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
+        ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
+        ``after_optimizer_step`` (PPO steps its value model there).
+    Checkpoints: ``state_dict`` / ``load_state_dict`` carry any state of the algorithm's own (PPO's value model).
+    """
+
+    config: AlgorithmConfig
+    name: str  # set by @register_algorithm
+    rollout_needs: tuple[str, ...] = ()
+    rollout_settings: dict[str, Any] = {}
+    minibatch_unit: str | None = None
+
+    def __init__(self, config: Any, *, mask_token_id: int):
+        self.config = config
+        self.mask_token_id = mask_token_id
 
     @property
-    def needs_reference(self) -> bool: ...
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0
 
-    def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer: ...
+    def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
+        raise NotImplementedError
 
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None,
-                micro_batch_size: int) -> None: ...
+                micro_batch_size: int) -> None:
+        """Score what the loss compares against (π_old, π_ref) before the optimizer steps; nothing by default."""
 
-    def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]: ...
+    def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]:
+        """``(weight · loss).backward()``; algorithms that call backward several times (BGPO) override it."""
+        loss, metrics = self.loss(policy, batch, iteration)
+        (loss * weight).backward()
+        return loss.item(), metrics
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step; nothing by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; nothing by default."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +247,7 @@ class PolicyGradientConfig(AlgorithmConfig):
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-class PolicyGradient:
+class PolicyGradient(Algorithm):
     """Group advantages, an estimator scored on shared noise for π_θ, π_old and π_ref, and a clipped
     surrogate with a KL penalty, aggregated by ``loss_type``. Subclasses choose defaults and may replace
     ``loss`` (how the per-token terms are combined) or ``backward``."""
@@ -212,12 +256,8 @@ class PolicyGradient:
     population_std = False  # TraceRL z-scores with the population std
 
     def __init__(self, config: PolicyGradientConfig, *, mask_token_id: int):
-        self.config = config
+        super().__init__(config, mask_token_id=mask_token_id)
         self.estimator = make_estimator(config.estimator, mask_token_id=mask_token_id, **config.estimator_kwargs)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.config.beta > 0
 
     # advantages ---------------------------------------------------------------------------------------
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
@@ -350,7 +390,3 @@ class PolicyGradient:
         return aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1],
                          num_active_tokens=share, rows=active_rows(batch))
 
-    def backward(self, policy, batch: RolloutBuffer, iteration: int, weight: float) -> tuple[float, dict]:
-        loss, metrics = self.loss(policy, batch, iteration)
-        (loss * weight).backward()
-        return loss.item(), metrics

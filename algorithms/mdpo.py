@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from dare_gym.algorithms.base import AlgorithmConfig, check_clamps, register_algorithm
+from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, check_clamps, register_algorithm
 
 from dare_gym.advantages import mdpo_step_advantages
 from dare_gym.distributed import active_rows, discard_rows
@@ -46,15 +46,10 @@ class MDPOConfig(AlgorithmConfig):
 
 
 @register_algorithm("mdpo", MDPOConfig)
-class MDPO:
-    needs_reference = False
+class MDPO(Algorithm):
     rollout_needs = ("step_predictions",)
     rollout_settings = {"tempered_confidence": True}  # conf = p(x̂₀) under softmax(logits / T), the official weight
     minibatch_unit = "group_id"  # step advantages are z-scores within a group
-
-    def __init__(self, config: MDPOConfig, *, mask_token_id: int):
-        self.config = config
-        self.mask_token_id = mask_token_id
 
     def advantages(self, buffer, group_size):
         step_rewards = buffer.columns["step_reward"]
@@ -98,7 +93,3 @@ class MDPO:
             ))
         return torch.stack(losses).mean(), {"train_steps": float(len(steps))}
 
-    def backward(self, policy, batch, iteration, weight):
-        loss, metrics = self.loss(policy, batch, iteration)
-        (loss * weight).backward()
-        return loss.item(), metrics

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from dare_gym.algorithms.base import AlgorithmConfig, register_algorithm
+from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
 
 from dare_gym.distributed import active_rows, discard_rows
 from dare_gym.sft import masked_answer_loss, sample_answer_masks
@@ -33,12 +33,10 @@ class SFTConfig(AlgorithmConfig):
 
 
 @register_algorithm("sft", SFTConfig)
-class SFT:
-    needs_reference = False
+class SFT(Algorithm):
 
     def __init__(self, config: SFTConfig, *, mask_token_id: int):
-        self.config = config
-        self.mask_token_id = mask_token_id
+        super().__init__(config, mask_token_id=mask_token_id)
         self.rollout_needs = ("demonstrations",) if config.source == "demonstrations" else ()
 
     def advantages(self, buffer, group_size):
@@ -61,8 +59,4 @@ class SFT:
         loss = masked_answer_loss(policy, inputs, answers, masked, p_mask, present.sum(dim=1))
         return loss, {"cloned_rows": float(len(batch))}
 
-    def backward(self, policy, batch, iteration, weight):
-        loss, metrics = self.loss(policy, batch, iteration)
-        (loss * weight).backward()
-        return loss.item(), metrics
 

@@ -338,7 +338,7 @@ class Trainer:
         """Sample a group of completions per prompt, score them, and fill a buffer."""
         timings = {}
         start = time.perf_counter()
-        needs = set(getattr(self.algorithm, "rollout_needs", ()))
+        needs = set(self.algorithm.rollout_needs)
         prompts, infos = self.train_env.reset()
         completions = self.policy.generate(
             list(prompts), generator=self.generator, batch_size=self.config.rollout_batch_size,
@@ -353,7 +353,7 @@ class Trainer:
             completion_mask_fn=self.policy.completion_mask, pad_token_id=self.policy.tokenizer.pad_token_id,
         )
         if "step_predictions" in needs:
-            self._add_step_rewards(buffer, completions, prompts, infos["index"])
+            self._add_step_rewards(buffer, completions, infos["index"])
         if "demonstrations" in needs:
             self._add_demonstrations(buffer, infos["index"])
         timings["time_reward"] = time.perf_counter() - start
@@ -374,36 +374,30 @@ class Trainer:
         """The sampler settings for rollouts: the config's, then what the algorithm requires (JustGRPO
         decodes left to right, one token per step: ``{"block_length": 1, "steps": "gen_length"}``)."""
         settings = self.config.rollout.as_kwargs()
-        required = getattr(self.algorithm, "rollout_settings", {})
+        required = self.algorithm.rollout_settings
         if required:
             gen_length = settings.get("gen_length", self.policy.generation_defaults["gen_length"])
             settings.update({key: gen_length if value == "gen_length" else value for key, value in required.items()})
         return settings
 
-    def _records(self, indices) -> list[dict]:
-        return [env.record(int(i)) for env, i in zip(self.train_env.envs, indices)]
-
-    def _add_step_rewards(self, buffer: RolloutBuffer, completions, prompts, indices) -> None:
+    def _add_step_rewards(self, buffer: RolloutBuffer, completions, indices) -> None:
         """MDPO's intermediate rewards: the env's reward of the sampler's guess x̂₀ at every step."""
-        reward_fn = self.train_env.envs[0].reward_fn
-        step_rewards = []
-        for completion, prompt, record in zip(completions, prompts, self._records(indices)):
-            texts = [self.policy.decode(guess) for guess in completion.step_predictions]
-            results = reward_fn.score_many(texts, [record] * len(texts), [prompt] * len(texts))
-            step_rewards.append([r.total for r in results])
+        step_rewards = [self.train_env.score_texts(index, [self.policy.decode(guess) for guess in c.step_predictions])
+                        for c, index in zip(completions, indices)]
         buffer.columns["step_reward"] = torch.tensor(step_rewards, dtype=torch.float32)
         buffer.columns["step_prediction"] = torch.stack([c.step_predictions for c in completions])
         buffer.columns["step_confidence"] = torch.stack([c.step_confidence for c in completions])
 
     def _add_demonstrations(self, buffer: RolloutBuffer, indices) -> None:
         """Gold answers for behaviour cloning, tokenised and EOS-padded like the completions."""
-        env = self.train_env.envs[0]
-        if not hasattr(env, "demonstration"):
-            raise ValueError(f"{self.config.env} has no demonstrations for SFT; use sft's source: rollouts")
+        try:
+            answers = self.train_env.demonstrations(indices)
+        except NotImplementedError as error:
+            raise ValueError(f"{self.config.env}: {error}; use sft's source: rollouts") from None
         tokenizer, width = self.policy.tokenizer, buffer.completion_ids.shape[1]
         rows = []
-        for record in self._records(indices):
-            ids = tokenizer(env.demonstration(record), add_special_tokens=False)["input_ids"][: width - 1]
+        for answer in answers:
+            ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: width - 1]
             rows.append(ids + [tokenizer.eos_token_id] * (width - len(ids)))
         buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
 
@@ -427,7 +421,7 @@ class Trainer:
         self.policy.model.train()
         self.algorithm.prepare(self.policy, self.reference, buffer, self.generator, config.micro_batch_size)
         totals: dict[str, list[float]] = {}
-        unit = getattr(self.algorithm, "minibatch_unit", None)  # e.g. DPO keeps each pair together
+        unit = self.algorithm.minibatch_unit  # e.g. DPO keeps each pair together
         for iteration in range(self.algorithm.config.num_iterations):
             self.optimizer.zero_grad()
             minibatches = list(buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit))
@@ -445,8 +439,7 @@ class Trainer:
             else:
                 problem = None
             distributed.raise_if_any(problem)
-            if hasattr(self.algorithm, "after_optimizer_step"):  # e.g. PPO steps its value model
-                self.algorithm.after_optimizer_step()
+            self.algorithm.after_optimizer_step()  # e.g. PPO steps its value model
         self.policy.model.eval()
         stats.update({key: float(np.mean(values)) for key, values in totals.items()})
         stats["time_update"] = time.perf_counter() - start
@@ -498,7 +491,7 @@ class Trainer:
         final = None
         if self.group.is_main:
             state = {"optimizer": optimizer_state, "streams": streams, "world_size": self.group.world_size,
-                     "algorithm": self.algorithm.state_dict() if hasattr(self.algorithm, "state_dict") else None}
+                     "algorithm": self.algorithm.state_dict()}
             info = {"step": self.step, "elapsed_s": self.elapsed(), "world_size": self.group.world_size,
                     "config": jsonable(asdict(self.config))}
             final = write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
@@ -545,7 +538,7 @@ class Trainer:
             reseed = self.config.seed + RANK_SEED_STRIDE * self.group.rank + 7919 * (1 + info["step"])
             self.generator.manual_seed(reseed)
             self.train_env.reset(seed=reseed)
-        if state.get("algorithm") is not None:
+        if state.get("algorithm"):
             self.algorithm.load_state_dict(state["algorithm"])
         self.step = info["step"]
         self.elapsed_before_resume = info["elapsed_s"]

@@ -63,6 +63,14 @@ class GroupedTextVectorEnv(VectorEnv):
     def num_groups(self) -> int:
         return self.num_envs // self.group_size
 
+    def demonstrations(self, indices: Sequence[int]) -> list[str]:
+        """The gold completions of records ``indices`` (an error naming the env where it has none)."""
+        return [self.envs[0].demonstration(self.envs[0].record(int(i))) for i in indices]
+
+    def score_texts(self, index: int, completions: Sequence[str]) -> list[float]:
+        """The rewards of several completions of record ``index`` (one reward batch)."""
+        return self.envs[0].score_texts(int(index), completions)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[tuple[str, ...], dict]:
         """Draw one problem per group (or take ``options={"indices": [...]}``, one index per group)."""
         super().reset(seed=seed)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, NamedTuple
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import gymnasium
 import numpy as np
-
 from dare_gym.rewards.base import RewardResult, RewardSpec, resolve_reward
+
 from dare_gym.spaces import UnicodeText
 
 UNBOUNDED_INDEX = 2**31 - 1  # procedural tasks draw indices in [0, this) when none is given
@@ -135,6 +135,19 @@ class TextTaskEnv(gymnasium.Env[str, str]):
     def problem_text(self, record: Mapping) -> str:
         """The text that identifies the problem, without the task's instruction (default: the prompt)."""
         return self.prompt(record)
+
+    def demonstration(self, record: Mapping) -> str:
+        """A gold completion for the record (behaviour cloning); envs that have one override this."""
+        raise NotImplementedError(f"{type(self).__name__} has no demonstrations (gold completions) to clone")
+
+    def score_texts(self, index: int, completions: Sequence[str]) -> list[float]:
+        """The reward of each of several completions of record ``index``, in one reward batch (MDPO scores the
+        sampler's intermediate guesses this way)."""
+        record = self.record(index)
+        prompt = self.prompt(record)
+        results = self.reward_fn.score_many(list(completions), [record] * len(completions),
+                                            [prompt] * len(completions))
+        return [result.total for result in results]
 
     # ------------------------------------------------------------------------ splits and held-out sets
     @classmethod

@@ -263,3 +263,23 @@ def test_real_checkpoint_files_load_with_every_weight_used(families_dir, tmp_pat
 def test_llada2_is_refused_with_the_known_families(families_dir):
     with pytest.raises(ValueError, match="llada2_moe.*Known families"):
         dare_gym.load_policy(families_dir / "LLaDA2.0-mini")
+
+
+def test_dare_gym_train_starts_on_a_checkpoint_folder_in_bfloat16(families_dir, tmp_path):
+    """What a new user types: `dare-gym train policy=<folder> device=auto dtype=bfloat16`, here on an SDAR
+    stand-in built from the real files (block-causal: the block_diffusion sampler by default)."""
+    import subprocess
+    import sys
+
+    folder = build_standin("sdar", tmp_path / "sdar", source=families_dir / "SDAR-1dot7B-Chat")
+    done = subprocess.run(
+        [sys.executable, "-m", "dare_gym.cli", "train", f"policy={folder}", "device=auto", "dtype=bfloat16",
+         "max_steps=1", "time_limit_minutes=null", "prompts_per_step=2", "group_size=2", "eval_size=2",
+         "progress=false", f"output_dir={tmp_path / 'run'}", "rollout={temperature: 1.0, gen_length: 8}",
+         "evaluation={gen_length: 8}"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 1
+    saved = json.loads((tmp_path / "run" / "final_policy" / "dare_gym_policy.json").read_text())
+    assert saved["family"] == "sdar" and saved["chat_template"] is True

@@ -7,10 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+from dare_gym.envs.base import TextTaskEnv
+from dare_gym.envs.sorting import DigitSortEnv
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from gymnasium.wrappers.vector import DictInfoToList, RecordEpisodeStatistics
 
 import dare_gym
+from dare_gym.vector import GroupedTextVectorEnv
 
 
 def sorted_digits(prompt: str) -> str:
@@ -127,3 +130,17 @@ def test_rejects_bad_arguments():
     vec.reset(seed=0)
     with pytest.raises(ValueError, match="one completion per sub-env"):
         vec.step(["0"])
+
+
+def test_vector_env_serves_demonstrations_and_scores_many_texts_of_a_record():
+    vec = dare_gym.make_vec("digitsort-v0", num_envs=4, group_size=2)
+    _, infos = vec.reset(seed=0)
+    index = int(infos["index"][0])
+    gold = vec.demonstrations([index])[0]
+    assert vec.score_texts(index, [gold, "x"]) == [1.0, vec.envs[0].reward_fn("x", vec.envs[0].record(index)).total]
+
+    class WithoutGold(DigitSortEnv):
+        demonstration = TextTaskEnv.demonstration
+
+    with pytest.raises(NotImplementedError, match="WithoutGold has no demonstrations"):
+        GroupedTextVectorEnv([WithoutGold()]).demonstrations([0])
