@@ -1,8 +1,16 @@
-"""Masked-diffusion supervised fine-tuning (LLaDA's SFT objective) on (prompt, answer) pairs.
+"""Diffusion supervised fine-tuning on (prompt, answer) pairs: LLaDA's objective for full-attention policies,
+SDAR's block-diffusion objective for block-causal ones.
 
 Answers are padded with EOS to a fixed length, and the EOS padding is an ordinary target: that is how a
-masked diffusion LM learns to stop. Each row draws t ~ U(0, 1], masks each answer token with probability
-p = (1 − ε)t + ε, never the prompt, and the loss is Σ_masked CE / (p · L_ans), averaged over rows.
+masked diffusion LM learns to stop. Each row draws t ~ U(0, 1] and masks each answer token with probability
+p = (1 − ε)t + ε, never the prompt. What the policy's attention is decides the rest (``policy.block_size``):
+
+* full attention (LLaDA, Dream, ``tiny``; ALGORITHMS.md §A): one forward over [prompt ; noised answer], loss
+  Σ_masked CE / (p · L_ans) per row, averaged over rows;
+* block-causal (SDAR, ``tiny-block``; §B): one forward over the doubled input [x_t ; x_0]
+  (:meth:`~dare_gym.models.families.ModelFamily.noisy_clean_forward`), so each noisy block is predicted from
+  the clean blocks before it, as block-by-block decoding sees it; a row with nothing masked is redrawn; loss
+  Σ_masked CE / p over the batch divided by the batch's answer tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import torch
 
 from dare_gym.buffer import SequenceBatch
 from dare_gym.device import uniform
-from dare_gym.losses import masked_diffusion_sft_loss
+from dare_gym.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
 
 P_MASK_EPS = 1e-3
 
@@ -41,9 +49,25 @@ def demonstration_batch(policy, prompts: Sequence[str], answers: Sequence[str], 
     )
 
 
-def sample_answer_masks(rows: int, length: int, generator: torch.Generator | None = None):
+def sample_answer_masks(rows: int, length: int, generator: torch.Generator | None = None, *,
+                        valid: torch.Tensor | None = None, at_least_one: bool = False):
     """LLaDA's SFT noise: per row t ~ U(0, 1] and p = (1 − ε)t + ε; each answer token masked with probability p.
-    Returns (p [rows], masked [rows, length])."""
+
+    ``valid`` [rows, length] (default: all) marks the answer tokens that may be masked; ``at_least_one``
+    redraws t and the masks of every row that masked none of its valid tokens, until each has one (SDAR's
+    block-diffusion training does this). Returns (p [rows], masked [rows, length]) on the CPU."""
+    valid = torch.ones(rows, length, dtype=torch.bool) if valid is None else valid.bool().cpu()
+    p_mask, masked = _draw_masks(rows, length, generator)
+    masked &= valid
+    redraw = ~masked.any(dim=1) & valid.any(dim=1) if at_least_one else torch.zeros(rows, dtype=torch.bool)
+    while bool(redraw.any()):
+        again_p, again = _draw_masks(int(redraw.sum()), length, generator)
+        p_mask[redraw], masked[redraw] = again_p, again & valid[redraw]
+        redraw = ~masked.any(dim=1) & valid.any(dim=1)
+    return p_mask, masked
+
+
+def _draw_masks(rows: int, length: int, generator: torch.Generator | None):
     t = 1 - uniform(rows, generator, "cpu")  # U(0, 1]
     p_mask = (1 - P_MASK_EPS) * t + P_MASK_EPS
     return p_mask, uniform((rows, length), generator, "cpu") < p_mask[:, None]
@@ -51,18 +75,26 @@ def sample_answer_masks(rows: int, length: int, generator: torch.Generator | Non
 
 def masked_answer_loss(policy, batch: SequenceBatch, answers: torch.Tensor, masked: torch.Tensor,
                        p_mask: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
-    """The SFT ELBO loss of ``answers`` after ``batch``'s prompts, with the given tokens masked."""
-    noised = answers.masked_fill(masked, policy.mask_token_id)
-    logits = policy.logits(torch.cat([batch.prompt_ids, noised], dim=1), batch.attention_mask,
-                           logits_to_keep=answers.shape[1])
-    return masked_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
+    """The SFT ELBO loss of ``answers`` after ``batch``'s prompts, with the given tokens masked: LLaDA's (§A)
+    for a full-attention policy, block diffusion's (§B, the doubled [x_t ; x_0] forward) for a block-causal one."""
+    noisy = torch.cat([batch.prompt_ids, answers.masked_fill(masked, policy.mask_token_id)], dim=1)
+    keep = answers.shape[1]
+    if policy.block_size is None:
+        logits = policy.logits(noisy, batch.attention_mask, logits_to_keep=keep)
+        return masked_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
+    clean = torch.cat([batch.prompt_ids, answers], dim=1)
+    logits = policy.family.noisy_clean_forward(policy.model, noisy, clean, batch.attention_mask,
+                                               block_size=policy.block_size, logits_to_keep=keep)
+    return block_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
 
 
 def masked_diffusion_loss(policy, batch: SequenceBatch, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One Monte-Carlo sample of the SFT ELBO loss for a batch of demonstrations."""
+    """One Monte-Carlo sample of the SFT ELBO loss for a batch of demonstrations (block-causal policies: every
+    row masks at least one answer token)."""
     answers = batch.completion_ids
-    p_mask, masked = sample_answer_masks(*answers.shape, generator)
-    masked = masked.to(answers.device) & batch.completion_mask.bool()
+    p_mask, masked = sample_answer_masks(*answers.shape, generator, valid=batch.completion_mask,
+                                         at_least_one=policy.block_size is not None)
+    masked = masked.to(answers.device)
     return masked_answer_loss(policy, batch, answers, masked, p_mask.to(answers.device), batch.completion_mask.sum(dim=1))
 
 
@@ -80,7 +112,8 @@ def train_on_demonstrations(
     callback=None,
     progress: bool = True,
 ) -> int:
-    """Masked-diffusion SFT on the gold demonstrations of an env's training split.
+    """Diffusion SFT on the gold demonstrations of an env's training split (LLaDA's objective, or block
+    diffusion's for a block-causal policy: see the module's docstring).
 
     Records are drawn at random (``env.record(i)`` with ``env.demonstration(record)`` as the answer) until
     ``max_steps`` optimizer steps or ``seconds`` of wall time, whichever comes first. ``callback(step,

@@ -108,6 +108,43 @@ class ModelFamily:
                 logits = logits[:, -logits_to_keep:]
         return logits
 
+    def noisy_clean_forward(self, model: torch.nn.Module, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None, *, block_size: int,
+                            logits_to_keep: int = 0) -> torch.Tensor:
+        """Block-diffusion training forward (SDAR / BD3-LM): the noisy copy's aligned logits ``[B, N', V]``.
+
+        One forward over the doubled input of ``noisy_ids`` (x_t) and ``clean_ids`` (x_0), both ``[B, N]`` with
+        the same 0/1 padding mask ``attention_mask`` (None: all real). Both copies take the same position ids;
+        under :func:`noisy_clean_attention_inputs`' mask, noisy block i sees itself and the clean blocks before
+        it, which is exactly what block-by-block decoding sees at block i (the clean blocks are its KV cache).
+        So every noisy block is scored, conditioned on the clean earlier blocks, in one forward.
+
+        ``logits_to_keep=n``: only the noisy copy's last n positions (the answer), sparing the LM head the
+        rest. For that the clean copy is laid out *first* in the model's input ([x_0 ; x_t]); attention depends
+        only on the mask and the positions, so this computes what [x_t ; x_0] computes, in another order.
+        """
+        if self.shift_logits:
+            raise ValueError(f"{self.name}: the noisy/clean forward reads logits at the same position (block "
+                             "diffusion has no shift); this family's logits are shifted by one")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if noisy_ids.shape != clean_ids.shape:
+            raise ValueError(f"noisy_ids {tuple(noisy_ids.shape)} and clean_ids {tuple(clean_ids.shape)} must have "
+                             "the same shape")
+        width = noisy_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(noisy_ids)
+        elif attention_mask.shape != noisy_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match noisy_ids "
+                             f"{tuple(noisy_ids.shape)}: both copies share one padding mask")
+        if not 0 <= logits_to_keep <= width:
+            raise ValueError(f"logits_to_keep must be in [0, {width}], got {logits_to_keep!r}")
+        mask, positions = noisy_clean_attention_inputs(attention_mask, block_size=block_size,
+                                                       dtype=_compute_dtype(model))
+        output = model(input_ids=torch.cat([clean_ids, noisy_ids], dim=1), attention_mask=mask,
+                       position_ids=torch.cat([positions, positions], dim=1), logits_to_keep=logits_to_keep or width)
+        return output.logits
+
     def align(self, outputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-position outputs (logits or hidden states) [B, T, ·] re-indexed so that position i holds what
         predicts token i. For shifted families that is position i−1's output, where i−1 is a real token; the
@@ -135,6 +172,33 @@ def attention_inputs(attention_mask: torch.Tensor, query_length: int, *, block_s
     visible = real[:, None, :].expand(-1, query_length, -1)  # [B, Q, K]
     if block_size is not None:
         visible = visible & (key_positions[:, None, :] // block_size <= positions[:, :, None] // block_size)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None], positions
+
+
+def noisy_clean_attention_inputs(attention_mask: torch.Tensor, *, block_size: int,
+                                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive mask ``[B, 1, 2N, 2N]`` of the doubled block-diffusion input, and the shared position ids
+    ``[B, N]`` of each copy, for rows with the 0/1 padding mask ``attention_mask`` [B, N].
+
+    The input is laid out clean copy first, then noisy (``[x_0 ; x_t]``). With block(k) = position(k) // b,
+    positions counting real tokens from each row's first real one (as :func:`attention_inputs` does), and pad
+    keys hidden everywhere, a query may attend to:
+
+    * clean query q: clean keys with block(k) <= block(q) (block-causal: what the KV cache holds);
+    * noisy query q: clean keys with block(k) < block(q) (the finished blocks before its own) and noisy keys
+      with block(k) == block(q) (block-diagonal inside x_t); never a noisy key of another block.
+    """
+    real = attention_mask.bool()
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+    block = positions // block_size
+    query_block, key_block = block[:, :, None], block[:, None, :]  # [B, N, 1], [B, 1, N]
+    keys = real[:, None, :]
+    clean_to_clean = keys & (key_block <= query_block)
+    noisy_to_clean = keys & (key_block < query_block)
+    noisy_to_noisy = keys & (key_block == query_block)
+    visible = torch.cat([torch.cat([clean_to_clean, torch.zeros_like(clean_to_clean)], dim=2),
+                         torch.cat([noisy_to_clean, noisy_to_noisy], dim=2)], dim=1)  # [B, 2N, 2N]
     mask = torch.zeros(visible.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None], positions
 
