@@ -18,6 +18,12 @@ from dare_gym.samplers import get_sampler, make_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
 TINY_CHECKPOINT = Path(__file__).parent / "models" / "tiny_checkpoint"
+BUILTIN_POLICIES = {
+    "tiny": TINY_CHECKPOINT,  # digit sorting (the default task), bidirectional
+    "tiny-long": Path(__file__).parent / "models" / "tiny_long_checkpoint",  # group sorting: 67-token answers
+    "tiny-block": Path(__file__).parent / "models" / "tiny_block_checkpoint",  # group sorting, block-causal (4)
+}
+"""Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py``."""
 
 
 @dataclass
@@ -244,7 +250,9 @@ def load_policy(
 ) -> DiffusionPolicy:
     """Load a dLLM policy by name or path.
 
-    ``"tiny"`` is the built-in CPU model trained by ``experiments/train_tiny.py``. Anything else is a local
+    ``"tiny"`` (digit sorting), ``"tiny-long"`` (group sorting, 67-token answers) and ``"tiny-block"`` (group
+    sorting, block-causal attention with blocks of 4, decoded by the ``block_diffusion`` sampler) are the
+    built-in CPU models trained by ``experiments/train_tiny.py``. Anything else is a local
     folder (or a hub id) of a known family, detected from ``config.json``'s ``model_type`` — LLaDA / LLaDA-1.5
     (``llada``), Dream (``Dream``), SDAR (``sdar``) — and loaded with this project's own classes (no remote
     code); ``family=`` overrides the detection. A folder written by :meth:`DiffusionPolicy.save_pretrained`
@@ -260,11 +268,11 @@ def load_policy(
 
     device = resolve_device(device)
     dtype = None if dtype is None else resolve_dtype(dtype, device)
-    source = TINY_CHECKPOINT if str(name_or_path) == "tiny" else name_or_path
-    if str(name_or_path) == "tiny" and not (TINY_CHECKPOINT / "config.json").exists():
+    source = BUILTIN_POLICIES.get(str(name_or_path), name_or_path)
+    if str(name_or_path) in BUILTIN_POLICIES and not (Path(source) / "config.json").exists():
         raise FileNotFoundError(
-            f"the built-in tiny checkpoint is missing at {TINY_CHECKPOINT}; rebuild it with "
-            "`python experiments/train_tiny.py`"
+            f"the built-in {name_or_path!r} checkpoint is missing at {source}; rebuild it with "
+            f"`python experiments/train_tiny.py --policy {name_or_path}`"
         )
     local = Path(source)
     if not local.exists() and (os.path.isabs(str(source)) or str(source).startswith((".", "~"))):

@@ -4,6 +4,7 @@ from dare_gym.envs.base import TextTaskEnv
 from dare_gym.registry import register_env
 
 register_env("digitsort-v0", "dare_gym.envs.sorting:DigitSortEnv")
+register_env("groupsort-v0", "dare_gym.envs.groupsort:GroupSortEnv")
 register_env("gsm8k-v0", "dare_gym.envs.gsm8k:GSM8KEnv")
 register_env("math500-v0", "dare_gym.envs.math:Math500Env")
 register_env("math-v0", "dare_gym.envs.math:MathEnv")

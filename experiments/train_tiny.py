@@ -1,12 +1,16 @@
-"""Train the built-in tiny dLLM from scratch with masked-diffusion SFT on the embedded default task.
+"""Train the built-in tiny dLLMs from scratch with diffusion SFT on the embedded tasks.
 
-This is the script that produced ``dare_gym/models/tiny_checkpoint`` (the policy ``load_policy("tiny")``
-loads). Reproduce it with:
+This is the script that produced the built-in checkpoints (``dare_gym.load_policy(name)``). Reproduce them with:
 
-    python experiments/train_tiny.py            # writes dare_gym/models/tiny_checkpoint
+    python experiments/train_tiny.py                        # tiny: digit sorting (the default task)
+    python experiments/train_tiny.py --policy tiny-long     # tiny-long: group sorting, 67-token answers
+    python experiments/train_tiny.py --policy tiny-block    # tiny-block: group sorting, block-causal (blocks of 4)
 
-It stops on purpose while the model is only partly trained (held-out greedy accuracy around a half), so that
-reinforcement learning from the checker has room to show a gain.
+``tiny`` stops on purpose while the model is only partly trained (held-out greedy accuracy around 40%), so that
+reinforcement learning from the checker has room to show a gain. ``tiny-long`` and ``tiny-block`` exist so that
+samplers' speed-versus-accuracy tables mean something on a CPU (``experiments/bench_rollout.py``): each trains
+for at most two minutes on 2 CPU cores, ``tiny-block`` with SDAR's block-diffusion objective (ALGORITHMS.md §B).
+Each folder's ``training.json`` records the settings, the time taken and the held-out score.
 """
 
 from __future__ import annotations
@@ -22,13 +26,27 @@ import dare_gym
 from dare_gym.evaluation import evaluate
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, count_parameters
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import TINY_CHECKPOINT, DiffusionPolicy
+from dare_gym.policy import BUILTIN_POLICIES, DiffusionPolicy
 from dare_gym.sft import train_on_demonstrations
 
 GENERATION = dict(gen_length=8, steps=8, block_length=8, temperature=0.0, remasking="low_confidence")
+LONG_GENERATION = dict(gen_length=72, steps=72, block_length=8, temperature=0.0, remasking="low_confidence")
+BLOCK_GENERATION = dict(sampler="block_diffusion", gen_length=72, steps_per_block=4, temperature=0.0,
+                        remasking_strategy="low_confidence_static")
+
+PRESETS = {
+    # the task, optimizer steps, batch size, learning rate, held-out problems, block size, sampler defaults
+    "tiny": dict(env="digitsort-v0", steps=200, batch_size=64, lr=1e-3, eval_size=500, block_size=None,
+                 generation=GENERATION),
+    "tiny-long": dict(env="groupsort-v0", steps=540, batch_size=16, lr=2e-3, eval_size=200, block_size=None,
+                      generation=LONG_GENERATION),
+    "tiny-block": dict(env="groupsort-v0", steps=540, batch_size=16, lr=2e-3, eval_size=200, block_size=4,
+                       generation=BLOCK_GENERATION),
+}
 
 
-def build_policy(seed: int, hidden_size: int, layers: int, heads: int) -> DiffusionPolicy:
+def build_policy(seed: int, hidden_size: int, layers: int, heads: int, *, block_size: int | None = None,
+                 generation: dict | None = None) -> DiffusionPolicy:
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     config = TinyDLLMConfig(
@@ -41,33 +59,42 @@ def build_policy(seed: int, hidden_size: int, layers: int, heads: int) -> Diffus
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        block_size=block_size,
     )
     model = TinyDLLMForMaskedLM(config)
-    return DiffusionPolicy(model, tokenizer, family="tiny", generation_defaults=GENERATION)
+    return DiffusionPolicy(model, tokenizer, family="tiny", generation_defaults=dict(generation or GENERATION))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=TINY_CHECKPOINT)
-    parser.add_argument("--env", default="digitsort-v0")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--policy", choices=sorted(PRESETS), default="tiny", help="which built-in policy to train")
+    parser.add_argument("--output", type=Path, help="default: the built-in policy's folder in the package")
+    parser.add_argument("--env", help="default: the preset's task")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-size", type=int, default=500)
+    parser.add_argument("--eval-size", type=int, help="held-out problems scored at the end (default: the preset's)")
     args = parser.parse_args()
+    preset = PRESETS[args.policy]
+    for name in ("env", "steps", "batch_size", "lr", "eval_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    args.output = args.output or BUILTIN_POLICIES[args.policy]
+    generation = preset["generation"]
 
-    policy = build_policy(args.seed, args.hidden_size, args.layers, args.heads)
-    print(f"tiny dLLM: {count_parameters(policy.model):,} parameters")
+    policy = build_policy(args.seed, args.hidden_size, args.layers, args.heads, block_size=preset["block_size"],
+                          generation=generation)
+    print(f"{args.policy}: {count_parameters(policy.model):,} parameters, block size {preset['block_size']}")
     train_env = dare_gym.make(args.env, split="train")
     test_env = dare_gym.make(args.env, split="test")
     generator = torch.Generator().manual_seed(args.seed)
     start = time.time()
     train_on_demonstrations(
-        policy, train_env, answer_length=GENERATION["gen_length"], learning_rate=args.lr,
+        policy, train_env, answer_length=generation["gen_length"], learning_rate=args.lr,
         batch_size=args.batch_size, max_steps=args.steps, generator=generator,
     )
     seconds = time.time() - start
@@ -77,7 +104,8 @@ def main() -> None:
     policy.save_pretrained(args.output)
     (args.output / "training.json").write_text(
         json.dumps(
-            dict(vars(args), output=str(args.output), seconds=round(seconds, 1), parameters=count_parameters(policy.model),
+            dict(vars(args), output=str(args.output), block_size=preset["block_size"], generation=generation,
+                 seconds=round(seconds, 1), parameters=count_parameters(policy.model),
                  heldout_accuracy=result.accuracy, heldout_mean_reward=result.mean_reward),
             indent=2,
         ) + "\n"

@@ -14,7 +14,7 @@ from dare_gym.envs.data import DataFormatError
 from dare_gym.registry import gymnasium_id
 from dare_gym.spaces import UnicodeText
 
-PROCEDURAL = ["digitsort-v0", "countdown-v0", "sudoku4-v0"]
+PROCEDURAL = ["digitsort-v0", "groupsort-v0", "countdown-v0", "sudoku4-v0"]
 FILE_BACKED = ["gsm8k-v0", "math500-v0", "math-v0"]
 MATH_TRAIN_RECORD = {"problem": "What is $1+1$?", "level": "Level 1", "type": "Algebra",
                      "solution": "$1+1=\\boxed{2}$."}
@@ -149,6 +149,24 @@ def test_digitsort_records_are_deterministic_and_test_is_held_out():
     assert len(test_digits) > 450 and not test_digits & train_digits
     with pytest.raises(IndexError, match=r"\[0, 500\)"):
         test.reset(options={"index": 500})
+
+
+def test_groupsort_answers_are_long_each_group_sorted_and_test_is_held_out():
+    train, test = dare_gym.make("groupsort-v0"), dare_gym.make("groupsort-v0", split="test")
+    record = train.record(3)
+    assert record == dare_gym.make("groupsort-v0").record(3)
+    groups, gold = record["groups"].split(), record["gold"].split()
+    assert len(groups) == 17 and gold == ["".join(sorted(g)) for g in groups]
+    assert len(record["gold"]) == train.answer_chars == 67  # >= 64 tokens of the character tokenizer
+    test_groups = {test.record(i)["groups"] for i in range(test.num_records)}
+    assert len(test_groups) == 500 and not test_groups & {train.record(i)["groups"] for i in range(3000)}
+    prompt, _ = test.reset(options={"index": 0})
+    _, reward, *_, info = test.step(test.record(0)["gold"])
+    assert prompt.startswith("sort ") and reward == 1.0 and info["correct"]
+    short = dare_gym.make("groupsort-v0", num_groups=2, group_size=4)
+    assert len(short.record(0)["gold"]) == short.answer_chars == 9
+    with pytest.raises(ValueError, match="group_size must be an integer in \\[2, 8\\], got 9"):
+        dare_gym.make("groupsort-v0", group_size=9)
 
 
 def test_step_reports_correct_and_components_and_rejects_misuse():

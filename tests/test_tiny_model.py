@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 import dare_gym
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, TinyDLLMModel
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import TINY_CHECKPOINT, DiffusionPolicy
+from dare_gym.policy import BUILTIN_POLICIES, DiffusionPolicy
 from dare_gym.sft import train_on_demonstrations
 
 
@@ -60,8 +61,8 @@ def test_load_policy_tiny_is_the_shipped_checkpoint():
     assert policy.mask_token_id == policy.tokenizer.mask_token_id
     assert policy.family.name == "tiny"
     assert policy.generation_defaults["gen_length"] == 8
-    size = sum(p.stat().st_size for p in TINY_CHECKPOINT.iterdir())
-    assert size <= 20 * 2**20
+    size = sum(p.stat().st_size for folder in BUILTIN_POLICIES.values() for p in folder.iterdir())
+    assert size <= 20 * 2**20  # every built-in checkpoint together
     out = policy.generate(["sort 907143\n"])[0]
     assert len(out.completion_ids) == 8 and out.text.isdigit()
 
@@ -93,3 +94,20 @@ def test_masked_diffusion_sft_trains_the_model_from_scratch():
     # It has learnt the format and most of the content: six digits, mostly in sorted order.
     assert sum(t.isdigit() and len(t) == 6 for t in texts) >= 40
     assert sum(list(t) == sorted(t) for t in texts) >= 25
+
+
+@pytest.mark.parametrize("name, block_size, sampler", [("tiny-long", None, "llada"),
+                                                       ("tiny-block", 4, "block_diffusion")])
+def test_builtin_long_task_policies_sort_held_out_groups(name, block_size, sampler):
+    """tiny-long and tiny-block (experiments/train_tiny.py) were trained on groupsort's 67-character answers:
+    their default sampler gets most characters of held-out problems right, and an untrained model does not."""
+    policy = dare_gym.load_policy(name)
+    assert policy.block_size == block_size and policy.default_sampler == sampler
+    assert sum(p.numel() for p in policy.model.parameters()) < 1_000_000
+    env = dare_gym.make("groupsort-v0", split="test")
+    records = [env.record(i) for i in range(16)]
+    completions = policy.generate([env.prompt(r) for r in records])
+    char_match = [sum(a == b for a, b in zip(c.text.strip(), r["gold"])) / len(r["gold"])
+                  for c, r in zip(completions, records)]
+    assert sum(char_match) / len(char_match) > 0.9, char_match
+    assert all(len(c.text.strip()) == env.answer_chars for c in completions)
