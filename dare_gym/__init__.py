@@ -26,9 +26,9 @@ _LAZY = {"Completion", "DiffusionPolicy", "load_policy"}  # need torch: imported
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from dare_gym import policy
+        from dare_gym import loading, policy
 
-        return getattr(policy, name)
+        return loading.load_policy if name == "load_policy" else getattr(policy, name)
     raise AttributeError(f"module 'dare_gym' has no attribute {name!r}")
 
 
