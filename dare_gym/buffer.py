@@ -37,6 +37,19 @@ class SequenceBatch:
         return self.attention_mask[:, : self.prompt_length]
 
 
+def left_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one left-padded tensor and its 0/1 mask: the layout samplers use, so that
+    prompts end in the same column and completions start in the next."""
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            padded[i, width - len(row):] = row
+            mask[i, width - len(row):] = 1
+    return padded, mask
+
+
 def _right_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     padded = torch.full((len(rows), width), pad_value, dtype=dtype)
@@ -49,8 +62,11 @@ def _right_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tup
 
 @dataclass
 class RolloutBuffer:
-    prompt_ids: torch.Tensor  # [N, P] right-padded
-    prompt_mask: torch.Tensor  # [N, P]
+    """Rollouts as rows: each prompt left-padded to the buffer's prompt width (the samplers' layout, so a
+    minibatch's model input is the two blocks side by side), its completion, rewards and any extra columns."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded, as the samplers lay prompts out
+    prompt_mask: torch.Tensor  # [N, P] 0 on the left padding
     completion_ids: torch.Tensor  # [N, L] right-padded
     completion_mask: torch.Tensor  # [N, L] scored tokens: up to and including the first EOS
     unmask_step: torch.Tensor  # [N, L] denoising step that committed each token (-1 on padding)
@@ -61,6 +77,15 @@ class RolloutBuffer:
     completions: list[str] = field(default_factory=list)
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     pad_token_id: int = 0
+
+    def __post_init__(self):
+        mask = self.prompt_mask
+        if mask.shape != self.prompt_ids.shape:
+            raise ValueError(f"prompt_mask {tuple(mask.shape)} must match prompt_ids {tuple(self.prompt_ids.shape)}")
+        if mask.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            row = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
+            raise ValueError(f"prompt row {row} is not left-padded (mask {mask[row].tolist()}): the buffer keeps "
+                             "prompts as the samplers lay them out; build them with dare_gym.buffer.left_pad")
 
     @classmethod
     def from_rollouts(
@@ -78,7 +103,7 @@ class RolloutBuffer:
                 f"rollout columns differ in length: {len(prompts)} prompts, {len(completions)} completions, "
                 f"{len(rewards)} rewards, {len(group_ids)} group ids"
             )
-        prompt_ids, prompt_mask = _right_pad([c.prompt_ids for c in completions], pad_token_id)
+        prompt_ids, prompt_mask = left_pad([c.prompt_ids for c in completions], pad_token_id)
         completion_ids, present = _right_pad([c.completion_ids for c in completions], pad_token_id)
         unmask_step, _ = _right_pad([c.unmask_step for c in completions], -1)
         unmask_step[present == 0] = -1
@@ -120,7 +145,7 @@ class RolloutBuffer:
                 groups.append(number)
         width = max(len(r) for r in responses) + 1  # room for at least one EOS
         completion_ids = torch.tensor([r + [eos] * (width - len(r)) for r in responses], dtype=torch.long)
-        prompt_ids, prompt_mask = _right_pad(prompts, tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
         texts = [text for p in pairs for text in (p.chosen, p.rejected)]
         return cls(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
@@ -177,23 +202,15 @@ class RolloutBuffer:
             yield self.select(torch.isin(keys, units[start : start + step]))
 
     def model_inputs(self, device: torch.device | str | None = None) -> SequenceBatch:
-        """Left-pad each prompt against its completion (so that the completion columns align) and return
-        the model input, the attention mask and the completion columns' loss mask."""
-        lengths = self.prompt_mask.sum(dim=1)
-        # The width is the buffer's, not this selection's longest prompt: estimator noise drawn on the whole
-        # buffer (a prompt mask, say) then lines up with any minibatch of its rows.
-        width = self.prompt_ids.shape[1]
-        rows = len(self)
-        prompt = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        for i, length in enumerate(lengths.tolist()):
-            prompt[i, width - length :] = self.prompt_ids[i, :length]
-            attention[i, width - length :] = 1
+        """The model input of these rows: the left-padded prompts and the completions side by side, the attention
+        mask, and the completion columns' loss mask. The prompt width is the buffer's, not this selection's
+        longest prompt: estimator noise drawn on the whole buffer (a prompt mask, say) then lines up with any
+        minibatch of its rows."""
         completion_present = (self.unmask_step >= 0).long()
         batch = SequenceBatch(
-            input_ids=torch.cat([prompt, self.completion_ids], dim=1),
-            attention_mask=torch.cat([attention, completion_present], dim=1),
-            prompt_length=width,
+            input_ids=torch.cat([self.prompt_ids, self.completion_ids], dim=1),
+            attention_mask=torch.cat([self.prompt_mask.long(), completion_present], dim=1),
+            prompt_length=self.prompt_ids.shape[1],
             completion_mask=self.completion_mask,
             unmask_step=self.unmask_step,
         )

@@ -64,8 +64,8 @@ def make_buffer(completions, *, completion_mask=None, unmask_step=None, rewards=
     rows, length = completion_ids.shape
     prompts = prompts or [[5 + (i % 4), 9] for i in range(rows)]
     width = max(len(p) for p in prompts)
-    prompt_ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
-    prompt_mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    prompt_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])  # left-padded, as samplers do
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return RolloutBuffer(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=torch.ones(rows, length, dtype=torch.long) if completion_mask is None
