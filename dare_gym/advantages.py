@@ -26,13 +26,14 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_advantages(
     rewards: torch.Tensor, group_size: int, *, scale_rewards: str = "group", baseline: str = "mean",
-    population_std: bool = False,
+    population_std: bool = False, std_eps: float = STD_EPS,
 ) -> torch.Tensor:
     """GRPO advantages.
 
     baseline: ``mean`` subtracts the group mean; ``rloo`` the mean of the *other* members (leave one out).
     scale_rewards: divide by the std (+1e-4) of the ``group``, of the whole ``batch``, or ``none``; the std is
-    the unbiased one unless ``population_std`` (TraceRL's z-score).
+    the unbiased one unless ``population_std`` (TraceRL's z-score). ``std_eps`` is the constant added to the
+    std (1e-4 as TRL; verl's GRPO adds 1e-6).
     """
     if scale_rewards not in SCALE_CHOICES:
         raise ValueError(f"scale_rewards must be one of {SCALE_CHOICES}, got {scale_rewards!r}")
@@ -48,13 +49,13 @@ def group_advantages(
         centred = grouped - others
     unbiased = not population_std
     if scale_rewards == "group":
-        centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + STD_EPS)
+        centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + std_eps)
     elif scale_rewards == "batch":  # the global batch's std: its sums over the ranks of a distributed run
         values = rewards.double()
         count, total, squares = (global_sum(v) for v in (values.new_tensor(values.numel()), values.sum(),
                                                         values.pow(2).sum()))
         variance = (squares - total**2 / count) / (count - 1 if unbiased else count).clamp(min=1)
-        centred = centred / (variance.clamp(min=0).sqrt() + STD_EPS)
+        centred = centred / (variance.clamp(min=0).sqrt() + std_eps)
     return centred.flatten().to(rewards.dtype)
 
 

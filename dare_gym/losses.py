@@ -5,6 +5,8 @@ Per-token tensors are ``[B, L]`` over completion positions; ``mask`` marks the t
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -303,3 +305,54 @@ def truncated_importance_weight(log_ratio: torch.Tensor, cap: float) -> torch.Te
     a loss for rollouts drawn from a slightly different policy (an approximate KV cache). Example: log-ratios
     (0, log 3, −log 2) with cap 2 give (1, 2, 0.5)."""
     return log_ratio.detach().exp().clamp(max=cap)
+
+
+def sequence_kl(elbo: torch.Tensor, ref_elbo: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """[B] KL estimates on sequence log-likelihoods (EBPO's composite ELBOs), d = 𝓑_θ − 𝓑_ref: k1 = d,
+    k2 = d²/2, k3 = e^{−d} + d − 1 (DARE's ``compute_ebpo_kl``; no clamp). d = (0.1, −0.05) gives k3 =
+    (0.004837, 0.001271)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = elbo - ref_elbo
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    return torch.exp(-d) + d - 1
+
+
+def ebpo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, rows: torch.Tensor | None = None,
+              *, epsilon_low: float, epsilon_high: float | None = None, ref_elbo: torch.Tensor | None = None,
+              beta: float = 0.0, kl_estimator: str = "k3", log_ratio_clamp: float | None = None,
+              kl_clamp: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EBPO's loss on composite sequence ELBOs [B] (ALGORITHMS.md P; DARE's ``compute_policy_loss_ebpo``).
+
+    log ρ = 𝓑 − 𝓑_old is clipped *in the log domain*: min(log ρ, log(1 + ε_hi)) where A ≥ 0, max(log ρ,
+    log(1 − ε_lo)) where A < 0; each sequence's loss is −A·exp(clipped log ρ), which is −min(ρA, clip(ρ)A)
+    without ever exponentiating the clipped side (no dual clip). Mean over the sequences ``rows`` [B] bool
+    that have a valid response token (default: all), its normaliser summed over ranks; plus β · the mean
+    sequence KL (:func:`sequence_kl`) when ``ref_elbo`` is given. ``log_ratio_clamp`` / ``kl_clamp`` (off in
+    DARE) bound log ρ before the clip and each sequence's KL. Returns the loss and detached diagnostics
+    (``clip_fraction``, ``kl_ref``)."""
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    if not 0 <= epsilon_low < 1 or epsilon_high < 0:
+        raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low!r} / {epsilon_high!r}")
+    rows = torch.ones_like(elbo, dtype=torch.bool) if rows is None else rows.bool()
+    log_ratio = elbo - old_elbo
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    upper = torch.clamp(log_ratio, max=math.log1p(epsilon_high))
+    lower = torch.clamp(log_ratio, min=math.log1p(-epsilon_low))
+    clipped = torch.where(advantages >= 0, upper, lower)
+    zero = torch.zeros((), dtype=elbo.dtype, device=elbo.device)
+    per_sequence = torch.where(rows, -advantages * torch.exp(clipped), zero)
+    count = rows.sum().to(elbo.dtype)
+    loss = global_mean(per_sequence.sum(), count)
+    active = (clipped != log_ratio) & rows
+    metrics = {"clip_fraction": active.sum().detach() / count.clamp(min=1)}
+    if ref_elbo is not None and beta != 0:
+        kl = sequence_kl(elbo, ref_elbo, kl_estimator)
+        kl = torch.where(rows, kl if kl_clamp is None else kl.clamp(-kl_clamp, kl_clamp), zero)
+        loss = loss + beta * global_mean(kl.sum(), count)
+        metrics["kl_ref"] = kl.sum().detach() / count.clamp(min=1)
+    return loss, metrics

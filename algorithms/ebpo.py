@@ -1,0 +1,217 @@
+"""EBPO (ELBO-based block-level policy optimisation; LLaDA2.1): PPO on an all-block composite ELBO.
+
+The LLaDA2.1 report's Eq. 4–5 as DARE implements it (``_forward_process_ebpo``, ``compute_ebpo_composite_elbo``,
+``compute_policy_loss_ebpo``, ``compute_ebpo_kl``, ``ebpo_actor_mixin.py``; ALGORITHMS.md section P).
+
+For a block-diffusion policy, log π(o) splits into one term per block given the clean blocks before it, and
+each term is bounded by a masked-diffusion ELBO. One forward over the doubled input [x_n ; o] (the family's
+``noisy_clean_forward``, section B) scores every block of noise row n at once:
+
+    𝓑_n = Σ_j Σ_{k ∈ 𝓜_{n,j}} ℓ^k · len_j / m_{n,j},        𝓑 = (1/N) Σ_n 𝓑_n
+
+Blocks lie on the grid of the packed prompt + response (the first and last response blocks may be partial);
+block j of row n masks exactly m = min(⌊t·len_j⌋ + 1, len_j) of its len_j valid tokens at the stratified,
+per-block-jittered level t = (u + (nK + j)/(NK)) mod 1. The masks are drawn once per sample after the rollout
+and serve π_old, π_θ and π_ref alike. "Valid" tokens are those up to and including the first EOS; the scoring
+forward hides the positions after it, as DARE's attention mask does.
+
+A full-attention policy (LLaDA, Dream, the built-in ``tiny``: ``policy.block_size`` is None) has a single
+block, the whole completion, whose only condition is the prompt; then the plain forward on [prompt ; noised
+completion] is exactly that block's term, so EBPO runs on every family (DARE runs it on LLaDA2.x and SDAR only).
+
+PPO then runs on one *sequence* ratio per completion, log ρ = 𝓑 − 𝓑_old (not divided by L, unlike ESPO),
+clipped in the log domain, −A·exp(clipped log ρ), averaged over the sequences with a valid token; optional
+β·KL (k1/k2/k3) on the composite ELBOs. A is verl's GRPO z-score (unbiased std + 1e-6).
+
+Gradient with constant memory: the loss is first evaluated on a detached 𝓑 (N forwards without a graph) to get
+g_i = ∂loss/∂𝓑_i; then each row n is re-run with a graph and Σ_i g_i·𝓑_{i,n}/N is backpropagated, so only one
+row's graph is alive at a time and the gradient is the exact one. With μ = 1 (DARE's recipes) π_old is π_θ at
+the update, so 𝓑_old is that first pass's value and no separate π_old pass is made.
+
+DARE's recipes: lr 5e-7, 16 prompts × G = 8, mc_num N = 16, ε = 0.2, β = 0, μ = 1, block 32 (LLaDA2) or 4 (SDAR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from dare_gym.advantages import group_advantages, zero_variance_groups
+from dare_gym.algorithms.base import Algorithm, PolicyGradientConfig, register_algorithm
+from dare_gym.distributed import active_rows, discard_rows, gradient_sync
+from dare_gym.estimators import block_elbo_noise, block_elbo_row, response_blocks
+from dare_gym.logprobs import token_log_probs
+from dare_gym.losses import ebpo_loss
+
+VERL_STD_EPS = 1e-6
+MASKED, WEIGHT = "ebpo.masked", "ebpo.weight"  # buffer columns: [rows, N, L] masks and their len/m weights
+
+
+@dataclass
+class EBPOConfig(PolicyGradientConfig):
+    num_iterations: int = 1
+    beta: float = 0.0
+    epsilon: float = 0.2
+    kl_estimator: str = "k3"
+    estimator: str = "block_elbo"
+    """fixed: EBPO's all-block ELBO (its masks and forward are the algorithm's own)"""
+    estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
+    """{mc_num: N}, the noise rows per sample (DARE: 16); each costs a forward for the value and one for the
+    gradient at every update, and one more for π_old (μ > 1) and π_ref (β > 0)"""
+    loss_type: str = "bnpo"
+    """ignored, as DARE ignores loss_agg_mode: the loss is a mean over sequences"""
+    importance_sampling_level: str = "sequence"
+    """fixed: one ratio per sequence, on the composite ELBO"""
+    drop_zero_variance_groups: bool = False
+    """skip groups whose rewards are all equal; DARE keeps them (they count in the mean over sequences)"""
+    advantage_std_eps: float = VERL_STD_EPS
+    """added to the reward std of the z-score (verl's GRPO: 1e-6)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        fixed = {"estimator": "block_elbo", "importance_sampling_level": "sequence", "dual_clip": None,
+                 "rollout_is_cap": None}
+        for name, value in fixed.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"EBPO has no {name} option: it must be {value!r}, got {getattr(self, name)!r}")
+        unknown = set(self.estimator_kwargs) - {"mc_num"}
+        if unknown:
+            raise ValueError(f"EBPO's estimator_kwargs take only mc_num, got {sorted(unknown)}")
+        mc_num = self.estimator_kwargs.get("mc_num", 16)
+        if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 1:
+            raise ValueError(f"estimator_kwargs.mc_num must be an integer >= 1, got {mc_num!r}")
+        if not self.epsilon < 1:
+            raise ValueError(f"epsilon must be < 1 (the log-domain clip takes log(1 - epsilon)), got {self.epsilon!r}")
+        if not self.advantage_std_eps > 0:
+            raise ValueError(f"advantage_std_eps must be > 0, got {self.advantage_std_eps!r}")
+
+    @property
+    def mc_num(self) -> int:
+        return self.estimator_kwargs.get("mc_num", 16)
+
+
+# ----------------------------------------------------------------------------- the all-block ELBO
+
+
+def scoring_mask(inputs) -> torch.Tensor:
+    """[B, P + L] the prompt's real tokens and the valid response (up to and including the first EOS)."""
+    return torch.cat([inputs.prompt_attention, inputs.completion_mask.to(inputs.prompt_attention.dtype)], dim=1)
+
+
+def noised_logp(policy, inputs, masked: torch.Tensor) -> torch.Tensor:
+    """[B, L] log f(o^k | c, x_n) at every completion position, x_n = o with ``masked`` [B, L] replaced by the mask
+    token: block-causal policies score every block given the clean blocks before it in one forward on
+    [x_n ; o]; full-attention policies (one block) a plain forward on [prompt ; x_n]."""
+    completion = inputs.completion_ids
+    noisy = torch.cat([inputs.prompt_ids, completion.masked_fill(masked, policy.mask_token_id)], dim=1)
+    attention, keep = scoring_mask(inputs), completion.shape[1]
+    if policy.block_size is None:
+        logits = policy.logits(noisy, attention, logits_to_keep=keep)
+    else:
+        with _adapters_off(policy):
+            logits = policy.family.noisy_clean_forward(policy.model, noisy, inputs.input_ids, attention,
+                                                       block_size=policy.block_size, logits_to_keep=keep)
+    return token_log_probs(logits, completion)
+
+
+def _adapters_off(policy):
+    """The LoRA reference is the policy's own module with its adapters off (its ``logits`` does this itself)."""
+    from dare_gym.lora import AdapterDisabledReference
+
+    return policy.model.disable_adapter() if isinstance(policy, AdapterDisabledReference) else contextlib.nullcontext()
+
+
+def row_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B] 𝓑_n of one noise row (masks and len/m weights [B, L])."""
+    return block_elbo_row(noised_logp(policy, inputs, masked), masked, weight)
+
+
+@torch.no_grad()
+def composite_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B] 𝓑 = (1/N) Σ_n 𝓑_n without a graph (masks and weights [B, N, L])."""
+    rows = [row_elbo(policy, inputs, masked[:, n], weight[:, n]) for n in range(masked.shape[1])]
+    return torch.stack(rows, dim=1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------- EBPO
+
+
+@register_algorithm("ebpo", EBPOConfig)
+class EBPO(Algorithm):
+    config: EBPOConfig
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0
+
+    def advantages(self, buffer, group_size):
+        config = self.config
+        buffer.advantage = group_advantages(buffer.reward, group_size, scale_rewards=config.scale_rewards,
+                                            baseline=config.baseline, std_eps=config.advantage_std_eps)
+        if config.drop_zero_variance_groups:
+            buffer = discard_rows(buffer, zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size))
+        return buffer
+
+    @torch.no_grad()
+    def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
+        """One set of masks per sample, drawn now and kept for every iteration; 𝓑_old (μ > 1) and 𝓑_ref (β > 0)
+        on them."""
+        inputs = buffer.model_inputs(policy.device)
+        blocks = response_blocks(scoring_mask(inputs), inputs.completion_mask, policy.block_size)
+        noise = block_elbo_noise(blocks, self.config.mc_num, generator)
+        buffer.columns[MASKED], buffer.columns[WEIGHT] = noise["masked"].cpu(), noise["weight"].cpu()
+        scorers = [("old_elbo", policy)] if self.config.num_iterations > 1 else []
+        if self.needs_reference:
+            scorers.append(("ref_elbo", reference))
+        for column, scorer in scorers:
+            values = []
+            for start in range(0, len(buffer), micro_batch_size):
+                chunk = buffer.select(torch.arange(start, min(start + micro_batch_size, len(buffer))))
+                masked, weight = self._noise(chunk, policy.device)
+                values.append(composite_elbo(scorer, chunk.model_inputs(policy.device), masked, weight).cpu())
+            buffer.columns[column] = torch.cat(values)
+
+    @staticmethod
+    def _noise(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.columns[MASKED].to(device), batch.columns[WEIGHT].to(device)
+
+    def loss(self, policy, batch, iteration):
+        """The loss with every row's graph alive at once (memory grows with N); ``backward`` gives the same
+        gradient one row at a time."""
+        inputs = batch.model_inputs(policy.device)
+        masked, weight = self._noise(batch, policy.device)
+        rows = [row_elbo(policy, inputs, masked[:, n], weight[:, n]) for n in range(masked.shape[1])]
+        return self._objective(torch.stack(rows, dim=1).mean(dim=1), batch)
+
+    def _objective(self, elbo: torch.Tensor, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        config, device = self.config, elbo.device
+        old = batch.columns["old_elbo"].to(device) if "old_elbo" in batch.columns else elbo.detach()
+        ref = batch.columns["ref_elbo"].to(device) if "ref_elbo" in batch.columns else None
+        rows = active_rows(batch).to(device)
+        loss, parts = ebpo_loss(elbo, old, batch.advantage.to(device), rows, epsilon_low=config.epsilon,
+                                epsilon_high=config.epsilon_high, ref_elbo=ref, beta=config.beta,
+                                kl_estimator=config.kl_estimator, log_ratio_clamp=config.log_ratio_clamp,
+                                kl_clamp=config.kl_clamp)
+        count = max(int(rows.sum()), 1)
+        drift = ((elbo.detach() - old).abs() * rows).sum() / count
+        metrics = {name: float(value) for name, value in parts.items()}
+        metrics.update(elbo=float((elbo.detach() * rows).sum() / count), elbo_drift=float(drift),
+                       mc_samples=float(self.config.mc_num))
+        return loss, metrics
+
+    def backward(self, policy, batch, iteration, weight):
+        """g = ∂(weight·loss)/∂𝓑 from a graph-free pass, then one forward and backward per noise row of
+        Σ_i g_i 𝓑_{i,n} / N: the exact gradient with one row's graph alive at a time."""
+        inputs = batch.model_inputs(policy.device)
+        masked, weights = self._noise(batch, policy.device)
+        proxy = composite_elbo(policy, inputs, masked, weights).requires_grad_(True)
+        loss, metrics = self._objective(proxy, batch)
+        (grad,) = torch.autograd.grad(loss * weight, proxy)
+        samples = masked.shape[1]
+        for n in range(samples):
+            # distributed runs synchronise gradients once: on the last row's backward
+            with gradient_sync(policy, n == samples - 1):
+                (row_elbo(policy, inputs, masked[:, n], weights[:, n]) * grad).sum().div(samples).backward()
+        return loss.item(), metrics
