@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -58,6 +58,22 @@ class AlgorithmConfig:
     """KL weight towards the frozen reference (0: no reference model is kept)"""
 
 
+@dataclass
+class Rollout:
+    """One step's samples: ``completions`` holds one completion per prompt the trainer passed, in order (what the
+    env scores); :meth:`buffer` turns them and their rewards into buffer rows, here one row per completion."""
+
+    prompts: list[str]
+    completions: list  # dare_gym.policy.Completion
+    policy: Any
+
+    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int]) -> RolloutBuffer:
+        return RolloutBuffer.from_rollouts(
+            self.prompts, self.completions, rewards, group_ids, completion_mask_fn=self.policy.completion_mask,
+            pad_token_id=self.policy.tokenizer.pad_token_id,
+        )
+
+
 class Algorithm:
     """The contract between an algorithm and the trainer, with the defaults most algorithms need.
 
@@ -67,6 +83,10 @@ class Algorithm:
         answers, tokenised: ``demonstration_ids``, SFT on demonstrations).
         ``rollout_settings``: sampler settings the algorithm requires, over the config's (``"gen_length"`` as a
         value means the rollout's completion length: JustGRPO decodes left to right, one token per step).
+        ``rollout(policy, prompts, ...)``: how a step's completions are sampled and turned into buffer rows. The
+        default samples each prompt independently with the policy's sampler, one row per completion; an
+        algorithm that samples otherwise (d-TreeRPO's tree of partial states) overrides it and returns its own
+        :class:`Rollout`, whose ``completions`` the env scores and whose ``buffer`` makes the rows.
     The update:
         ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
@@ -88,6 +108,15 @@ class Algorithm:
     @property
     def needs_reference(self) -> bool:
         return self.config.beta > 0
+
+    def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None,
+                batch_size: int, settings: dict[str, Any]) -> Rollout:
+        """Sample this step's completions: ``prompts`` as the vector env laid them out (``group_size``
+        consecutive copies of each problem), ``settings`` the sampler's (the config's ``rollout:`` section with
+        ``rollout_settings`` applied). The default: one independent completion per prompt."""
+        completions = policy.generate(list(prompts), generator=generator, batch_size=batch_size,
+                                      record_predictions="step_predictions" in self.rollout_needs, **settings)
+        return Rollout(list(prompts), completions, policy)
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """The training loop: collect, score, compute advantages, update, evaluate, log, checkpoint.
 
-    env.reset ─prompts─▶ policy.generate ─completions─▶ env.step ─rewards─▶ RolloutBuffer
+    env.reset ─prompts─▶ algorithm.rollout (policy.generate) ─completions─▶ env.step ─rewards─▶ RolloutBuffer
         ─▶ algorithm.advantages ─▶ algorithm.prepare ─▶ num_iterations × (algorithm.loss ─▶ optimizer)
 
 The trainer is the only place that knows envs, policies and algorithms at once; it dispatches on nothing.
@@ -335,23 +335,21 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- one GRPO step
     def collect(self) -> tuple[RolloutBuffer, dict[str, float]]:
-        """Sample a group of completions per prompt, score them, and fill a buffer."""
+        """Sample a group of completions per prompt (as the algorithm's ``rollout`` does it), score them, and fill
+        a buffer."""
         timings = {}
         start = time.perf_counter()
         needs = set(self.algorithm.rollout_needs)
         prompts, infos = self.train_env.reset()
-        completions = self.policy.generate(
-            list(prompts), generator=self.generator, batch_size=self.config.rollout_batch_size,
-            record_predictions="step_predictions" in needs, **self.rollout_kwargs(),
-        )
+        rollout = self.algorithm.rollout(self.policy, list(prompts), group_size=self.config.group_size,
+                                         generator=self.generator, batch_size=self.config.rollout_batch_size,
+                                         settings=self.rollout_kwargs())
+        completions = rollout.completions
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
         step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
-        buffer = RolloutBuffer.from_rollouts(
-            prompts, completions, rewards.tolist(), infos["group_id"].tolist(),
-            completion_mask_fn=self.policy.completion_mask, pad_token_id=self.policy.tokenizer.pad_token_id,
-        )
+        buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist())
         if "step_predictions" in needs:
             self._add_step_rewards(buffer, completions, infos["index"])
         if "demonstrations" in needs:
@@ -363,7 +361,10 @@ class Trainer:
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "train_accuracy": float(step_infos["correct"].mean()),
-            "completion_length": float(buffer.completion_mask.sum(dim=1).float().mean()),
+            "zero_variance_fraction": float(zero_variance_groups(torch.as_tensor(rewards), self.config.group_size)
+                                            .float().mean()),
+            "completion_length": float(np.mean([int(self.policy.completion_mask(c.completion_ids).sum())
+                                                for c in completions])),
             "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
             "reward_errors": sum(1 for errors in self.last_reward_errors if errors),
             **timings,
@@ -409,11 +410,9 @@ class Trainer:
         stops every rank."""
         config = self.config
         rows_collected = len(buffer)
-        uniform = zero_variance_groups(buffer.reward, config.group_size)
         buffer = self.algorithm.advantages(buffer, config.group_size)
         active = float(distributed.global_sum(distributed.active_rows(buffer).sum()))
-        stats: dict[str, float] = {"zero_variance_fraction": float(uniform.float().mean()),
-                                   "rows_trained": active / self.group.world_size,
+        stats: dict[str, float] = {"rows_trained": active / self.group.world_size,
                                    "rows_collected": float(rows_collected)}
         if active == 0:
             return stats  # every group scored uniformly: no signal in this batch

@@ -177,6 +177,57 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     return build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, predictions, confidences)
 
 
+@torch.no_grad()
+def continue_denoising(policy, x: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                       unmask_step: torch.Tensor, commit_logp: torch.Tensor, *, first_step: int, last_step: int,
+                       steps: int, block_length: int, temperature: float, remasking: str,
+                       generator: torch.Generator | None) -> int:
+    """Run steps ``first_step .. last_step - 1`` of LLaDA's schedule on partly decoded rows, in place.
+
+    ``x`` is [B, P + L] (left-padded prompts, then completions with the mask token where nothing is committed
+    yet); ``unmask_step`` / ``commit_logp`` [B, L] receive the global step and log-prob of each token committed.
+    Step ``s`` works on block ``s // (steps / num_blocks)``; the per-step budget is recomputed from the block's
+    remaining masks and remaining steps at every block start and at ``first_step`` (the same numbers an
+    uninterrupted run uses: the tail of an even split with the remainder first is such a split again). Only
+    the current block's masked positions are candidates (d-TreeRPO's tree rollout, ALGORITHMS.md section Q;
+    :func:`denoise_blocks` also revisits positions of earlier blocks left masked because the model predicted
+    the mask token itself, the only case where the two differ). Run from step 0 to ``steps`` on all-masked
+    completions this draws the same noise as :func:`denoise_blocks` and commits the same tokens. Returns the
+    number of forwards (a step with nothing left to decode in its block makes none)."""
+    gen_length = x.shape[1] - prompt_length
+    steps_per_block = check_schedule(gen_length, steps, block_length)
+    if not 0 <= first_step <= last_step <= steps:
+        raise ValueError(f"need 0 <= first_step <= last_step <= steps={steps}, got {first_step}..{last_step}")
+    mask_id, calls = policy.mask_token_id, 0
+    schedule, schedule_start = None, first_step
+    for step in range(first_step, last_step):
+        block, offset = divmod(step, steps_per_block)
+        start, end = prompt_length + block * block_length, prompt_length + (block + 1) * block_length
+        if offset == 0 or step == first_step:
+            remaining = (x[:, start:end] == mask_id).sum(dim=1)
+            schedule, schedule_start = tokens_per_step(remaining, steps_per_block - offset), step
+        masked = x[:, start:end] == mask_id
+        columns = masked.any(dim=0).nonzero().squeeze(1) + start
+        if columns.numel() == 0:
+            continue
+        first = int(columns[0])
+        logits = policy.logits(x, attention_mask, logits_to_keep=x.shape[1] - first)
+        calls += 1
+        masked = masked[:, columns - start]
+        predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
+        if remasking == "low_confidence":
+            confidence = probability
+        else:
+            confidence = uniform(predicted.shape, generator, x.device, torch.float64)
+        confidence = confidence.masked_fill(~masked, float("-inf"))
+        chosen = top_n(confidence, schedule[:, step - schedule_start]) & masked
+        x[:, columns] = torch.where(chosen, predicted, x[:, columns])
+        positions = columns - prompt_length
+        unmask_step[:, positions] = torch.where(chosen, step, unmask_step[:, positions])
+        commit_logp[:, positions] = torch.where(chosen, logp, commit_logp[:, positions])
+    return calls
+
+
 @register_sampler
 class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
@@ -192,5 +243,5 @@ class LLaDASampler(Sampler):
                               tempered_confidence=options.tempered_confidence)
 
 
-__all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "denoise_blocks", "FullForward",
-           "ScheduledCommit"]
+__all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "continue_denoising", "denoise_blocks",
+           "FullForward", "ScheduledCommit"]
