@@ -112,7 +112,8 @@ def test_values_and_sibling_advantages_of_the_example_tree():
     assert values.tolist()[:2] == [1.0, 0.5]
     advantages = sibling_advantages(values, parent)
     assert advantages.tolist() == [0.5, -0.5, 1.0, 0.0, -1.0, 1.0]
-    assert sibling_advantages(torch.tensor([0.25, 0.5], dtype=torch.float64), torch.tensor([0, 1])).tolist() == [0.25, 0.5]
+    only_children = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert sibling_advantages(only_children, torch.tensor([0, 1])).tolist() == [0.25, 0.5]
 
 
 # ---------------------------------------------------------------------------------------------- the tree
@@ -245,3 +246,31 @@ def test_a_training_step_updates_the_policy(tmp_path, lora):
     restored = copy.copy(trainer.algorithm)
     restored.load_state_dict({"optimizer_steps": 3})
     assert restored.sd_schedule()[0] > trainer.algorithm.sd_schedule()[0]
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    from dare_gym.models.standin import build_standin
+
+    root = tmp_path_factory.mktemp("standins")
+    return {name: build_standin(name, root / name) for name in ("llada", "dream", "sdar")}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar"])
+def test_an_update_on_every_family(standins, tmp_path, family):
+    """The tree rollout and the parent-state forward go through each family's forward (Dream's shifted logits,
+    SDAR's block-causal mask); the LLaDA sampler is named because SDAR's default sampler is block_diffusion."""
+    config = TrainConfig(
+        env="digitsort-v0", policy=str(standins[family]), prompts_per_step=2, group_size=4, max_steps=1, eval_size=0,
+        algorithm={"name": "dtreerpo", "num_iterations": 2, "tree_branch_factor": 2}, output_dir=str(tmp_path),
+        progress=False, env_kwargs={"reward": _varied_reward},
+        rollout=GenerationConfig(sampler="llada", gen_length=8, steps=8, block_length=4, temperature=1.0),
+    )
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
+    buffer, stats = trainer.collect()
+    assert len(buffer) == 2 * (2 + 4) and stats["reward_std"] > 0
+    update = trainer.update(buffer)
+    assert update["rows_trained"] == 12 and math.isfinite(update["loss"])
+    after = trainer.policy.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
