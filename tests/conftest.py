@@ -7,8 +7,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite starts subprocesses (trainers, ranks, sandboxes) that
+# share 2 cores, and spinning workers slowed small forwards ~45x under that load. Set before torch is imported;
+# the subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
