@@ -44,14 +44,16 @@ def check_policy_name(name: str, where: str) -> None:
     """Fail at once on a policy that names no local folder and cannot be a hub id (``org/name``), instead of
     after the hub's retries: ``tiny`` and existing folders pass, and so does ``org/name`` unless ``org`` is a
     local folder (then a folder was meant)."""
+    from dare_gym.policy import BUILTIN_POLICIES
+
     path = Path(name).expanduser()
-    if name == "tiny" or path.exists():
+    if name in BUILTIN_POLICIES or path.exists():
         return
     parts = name.split("/")
     hub_like = len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).is_dir()
     if not hub_like:
-        raise ConfigError(f"{where}: no policy folder {name!r} (give 'tiny', a checkpoint folder or a hub id "
-                          "org/name)")
+        raise ConfigError(f"{where}: no policy folder {name!r} (give a built-in policy "
+                          f"({', '.join(BUILTIN_POLICIES)}), a checkpoint folder or a hub id org/name)")
 
 
 def _import_modules(specs: list[str]) -> None:
@@ -234,7 +236,7 @@ def load_cli_policy(name: str, device: str, dtype: str, family: str | None, wher
         with quiet_library_warnings():
             return dare_gym.load_policy(name, device=resolved, dtype=resolved_dtype, family=family)
     except (OSError, ValueError) as error:  # FileNotFoundError included
-        raise ConfigError(f"{where}: {error} (give 'tiny', a checkpoint folder or a hub id)") from None
+        raise ConfigError(f"{where}: {error} (give a built-in policy, a checkpoint folder or a hub id)") from None
 
 
 def generation_settings(items: list[str]) -> dict:

@@ -126,7 +126,7 @@ class TrainConfig:
     allow_eval_overlap: bool = False
     """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; `tiny` is the built-in CPU model)"""
+    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; built in: tiny, tiny-long, tiny-block)"""
     policy_family: str | None = None
     """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
     device: str = "auto"
