@@ -90,6 +90,7 @@ class Algorithm:
     The update:
         ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
+        ``distributed_unsupported``: None, or the reason the trainer gives for refusing ``strategy`` ddp/fsdp.
         ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
         ``after_optimizer_step`` (PPO steps its value model there).
     Checkpoints: ``state_dict`` / ``load_state_dict`` carry any state of the algorithm's own (PPO's value model).
@@ -100,6 +101,7 @@ class Algorithm:
     rollout_needs: tuple[str, ...] = ()
     rollout_settings: dict[str, Any] = {}
     minibatch_unit: str | None = None
+    distributed_unsupported: str | None = None  # why this algorithm cannot train on several processes, if it cannot
 
     def __init__(self, config: Any, *, mask_token_id: int):
         self.config = config

@@ -77,6 +77,8 @@ class ValueModel(nn.Module):
 
 @register_algorithm("ppo", PPOConfig)
 class PPO(PolicyGradient):
+    distributed_unsupported = "its value model has an optimizer of its own and is not distributed yet"
+
     def __init__(self, config: PPOConfig, *, mask_token_id: int):
         super().__init__(config, mask_token_id=mask_token_id)
         self.value_model: ValueModel | None = None

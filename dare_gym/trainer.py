@@ -313,9 +313,9 @@ class Trainer:
 
     def _distribute(self, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> None:
         """DDP or FSDP2 around the policy (and a full reference copy, sharded the same way under FSDP)."""
-        if self.algorithm.name == "ppo":
-            raise ConfigError("ppo's value model has an optimizer of its own and is not distributed yet: train it "
-                              "with one process")
+        if self.algorithm.distributed_unsupported:
+            raise ConfigError(f"{self.algorithm.name}: {self.algorithm.distributed_unsupported}: train it with one "
+                              "process")
         if config.strategy == "ddp":
             distributed.wrap_ddp(self.policy, device)
             return

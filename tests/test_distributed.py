@@ -78,3 +78,20 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path, how, message
     assert message in output
     if how == "report":  # both ranks raise the same message: neither waits for the other
         assert output.count(message) >= 2
+
+
+def test_an_algorithm_that_cannot_be_distributed_is_refused_with_its_reason():
+    """PPO declares why it cannot run on several processes; the trainer refuses before wrapping anything."""
+    from types import SimpleNamespace
+
+    from dare_gym.algorithms import get_algorithm
+    from dare_gym.config import ConfigError
+    from dare_gym.trainer import Trainer
+
+    entry = get_algorithm("ppo")
+    ppo = entry.algorithm_class(entry.config_class(), mask_token_id=3)
+    trainer = SimpleNamespace(algorithm=ppo)
+    config = SimpleNamespace(strategy="ddp", lora=None)
+    with pytest.raises(ConfigError, match="ppo: its value model has an optimizer of its own .*one process"):
+        Trainer._distribute(trainer, config, torch.device("cpu"), torch.float32)
+    assert all(get_algorithm(name).algorithm_class.distributed_unsupported is None for name in ("d1", "bgpo", "dpo", "ebpo"))
