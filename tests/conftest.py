@@ -15,7 +15,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (the README's test command runs 2 workers) each worker computes with one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+# Files whose tests are independent, long and self-contained: xdist spreads them test by test over the workers.
+# Every other file runs whole on one worker (--dist loadgroup), so its module-scoped fixtures (a comparison run,
+# a torchrun job, a server) are built once.
+SPREAD_FILES = {"test_algorithms_learn.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def _data_dir() -> Path | None:
