@@ -19,10 +19,11 @@ from dare_gym import distributed
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
 
-ALGORITHMS = {  # the default recipe, BGPO and DPO, each at μ = 1 so that one update is one optimizer step
+ALGORITHMS = {  # the default recipe, BGPO, DPO and EBPO, each at μ = 1 so that one update is one optimizer step
     "d1": {},
     "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 2}},
     "dpo": {"name": "dpo"},
+    "ebpo": {"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
 }
 PROMPTS, GROUP = 4, 4
 
@@ -63,10 +64,35 @@ def row_keyed_noise(sample_noise):
     return draw
 
 
+def row_keyed_block_masks(draw_masks):
+    """EBPO's block masks drawn row by row from a generator seeded by what identifies the row at any process count:
+    its block layout and its place in its group (ranks hold whole groups)."""
+    def draw(blocks, rows, generator=None, u=None):
+        parts = []
+        for i in range(blocks.shape[0]):
+            key = int(sum((j + 1) * (int(b) + 2) for j, b in enumerate(blocks[i].tolist()))) % (2**31)
+            parts.append(draw_masks(blocks[i:i + 1], rows, torch.Generator().manual_seed(key + i % GROUP)))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return draw
+
+
 def update(algorithm: str, strategy: str, output: str) -> dict[str, torch.Tensor]:
+    import dare_gym.algorithms.ebpo as ebpo
+
+    original_block_masks = ebpo.block_elbo_noise
+    try:
+        return _update(algorithm, strategy, output, ebpo)
+    finally:
+        ebpo.block_elbo_noise = original_block_masks  # this process may run other tests afterwards
+
+
+def _update(algorithm: str, strategy: str, output: str, ebpo) -> dict[str, torch.Tensor]:
     trainer = Trainer(config(algorithm, strategy, output))
-    estimator = trainer.algorithm.estimator
-    estimator.sample_noise = row_keyed_noise(estimator.sample_noise)
+    if algorithm == "ebpo":  # EBPO draws its own block masks in prepare (it has no estimator object)
+        ebpo.block_elbo_noise = row_keyed_block_masks(ebpo.block_elbo_noise)
+    else:
+        estimator = trainer.algorithm.estimator
+        estimator.sample_noise = row_keyed_noise(estimator.sample_noise)
     batch = union_batch(trainer)
     rows = len(batch) // distributed.world_size()
     local = batch.select(torch.arange(distributed.rank() * rows, (distributed.rank() + 1) * rows))

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import update  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
-CASES = ["d1:ddp", "bgpo:ddp", "dpo:ddp", "d1:fsdp"]
+CASES = ["d1:ddp", "bgpo:ddp", "dpo:ddp", "ebpo:ddp", "d1:fsdp"]
 
 
 def torchrun(*arguments, timeout=600) -> subprocess.CompletedProcess:
