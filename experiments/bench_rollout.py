@@ -31,6 +31,15 @@ import dare_gym
 
 RESULTS = Path(__file__).parent / "results"
 
+SHORT = dict(gen_length=8, steps=8, block_length=8)  # the default task's schedule
+LONG = dict(gen_length=72, steps=72, block_length=8)  # the long task's: one token per step, blocks of 8
+BLOCK = dict(sampler="block_diffusion", gen_length=72)  # the block-causal policy's own blocks of 4
+
+
+def fast(schedule: dict, cache: str, threshold: float | None = None, **rule) -> dict:
+    return dict(sampler="fast_dllm", **schedule, cache=cache, threshold=threshold, **rule)
+
+
 # policy, env, baseline settings, then the settings compared against it
 SUITES = [
     {
@@ -39,13 +48,10 @@ SUITES = [
         "env": "digitsort-v0",
         "prompts": 500,
         "settings": {
-            "llada (8 steps)": dict(sampler="llada", gen_length=8, steps=8, block_length=8),
-            "fast_dllm threshold 0.9, no cache": dict(sampler="fast_dllm", gen_length=8, steps=8, block_length=8,
-                                                      cache="none", threshold=0.9),
-            "fast_dllm threshold 0.9, dual cache": dict(sampler="fast_dllm", gen_length=8, steps=8, block_length=8,
-                                                        cache="dual", threshold=0.9),
-            "fast_dllm threshold 0.7, dual cache": dict(sampler="fast_dllm", gen_length=8, steps=8, block_length=8,
-                                                        cache="dual", threshold=0.7),
+            "llada (8 steps)": dict(sampler="llada", **SHORT),
+            "fast_dllm threshold 0.9, no cache": fast(SHORT, "none", 0.9),
+            "fast_dllm threshold 0.9, dual cache": fast(SHORT, "dual", 0.9),
+            "fast_dllm threshold 0.7, dual cache": fast(SHORT, "dual", 0.7),
         },
     },
     {
@@ -54,21 +60,14 @@ SUITES = [
         "env": "groupsort-v0",
         "prompts": 100,
         "settings": {
-            "llada (72 steps, block 8)": dict(sampler="llada", gen_length=72, steps=72, block_length=8),
-            "fast_dllm prefix cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                           cache="prefix", threshold=None),
-            "fast_dllm dual cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                         cache="dual", threshold=None),
-            "fast_dllm threshold 0.9, no cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                                      cache="none", threshold=0.9),
-            "fast_dllm threshold 0.9, prefix cache": dict(sampler="fast_dllm", gen_length=72, steps=72,
-                                                          block_length=8, cache="prefix", threshold=0.9),
-            "fast_dllm threshold 0.9, dual cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                                        cache="dual", threshold=0.9),
-            "fast_dllm threshold 0.7, dual cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                                        cache="dual", threshold=0.7),
-            "fast_dllm factor 1.0, dual cache": dict(sampler="fast_dllm", gen_length=72, steps=72, block_length=8,
-                                                     cache="dual", threshold=None, factor=1.0),
+            "llada (72 steps, block 8)": dict(sampler="llada", **LONG),
+            "fast_dllm prefix cache": fast(LONG, "prefix"),
+            "fast_dllm dual cache": fast(LONG, "dual"),
+            "fast_dllm threshold 0.9, no cache": fast(LONG, "none", 0.9),
+            "fast_dllm threshold 0.9, prefix cache": fast(LONG, "prefix", 0.9),
+            "fast_dllm threshold 0.9, dual cache": fast(LONG, "dual", 0.9),
+            "fast_dllm threshold 0.7, dual cache": fast(LONG, "dual", 0.7),
+            "fast_dllm factor 1.0, dual cache": fast(LONG, "dual", factor=1.0),
         },
     },
     {
@@ -77,15 +76,13 @@ SUITES = [
         "env": "groupsort-v0",
         "prompts": 100,
         "settings": {
-            "block_diffusion static, 4 steps/block": dict(sampler="block_diffusion", gen_length=72, steps_per_block=4,
+            "block_diffusion static, 4 steps/block": dict(**BLOCK, steps_per_block=4,
                                                           remasking_strategy="low_confidence_static"),
-            "block_diffusion static, 2 steps/block": dict(sampler="block_diffusion", gen_length=72, steps_per_block=2,
+            "block_diffusion static, 2 steps/block": dict(**BLOCK, steps_per_block=2,
                                                           remasking_strategy="low_confidence_static"),
-            "block_diffusion dynamic 0.9, 4 steps/block": dict(sampler="block_diffusion", gen_length=72,
-                                                               steps_per_block=4, threshold=0.9,
+            "block_diffusion dynamic 0.9, 4 steps/block": dict(**BLOCK, steps_per_block=4, threshold=0.9,
                                                                remasking_strategy="low_confidence_dynamic"),
-            "block_diffusion dynamic 0.7, 4 steps/block": dict(sampler="block_diffusion", gen_length=72,
-                                                               steps_per_block=4, threshold=0.7,
+            "block_diffusion dynamic 0.7, 4 steps/block": dict(**BLOCK, steps_per_block=4, threshold=0.7,
                                                                remasking_strategy="low_confidence_dynamic"),
         },
     },

@@ -19,7 +19,8 @@ from dare_gym.sft import demonstration_batch, masked_diffusion_loss, sample_answ
 ROW_LENGTHS = (13, 6, 10, 3)  # real tokens per row: different lengths, so the batch is left-padded
 
 
-def tiny_block_policy(block_size: int = 4, seed: int = 0) -> DiffusionPolicy:
+def tiny_block_policy(block_size: int | None = 4, seed: int = 0) -> DiffusionPolicy:
+    """A random tiny model, block-causal with blocks of ``block_size`` (None: bidirectional)."""
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -27,10 +27,8 @@ from dare_gym.estimators import (
 )
 from dare_gym.losses import ebpo_loss, sequence_kl
 from dare_gym.models.standin import build_standin
-from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
 from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from test_block_training import tiny_block_policy  # the block-causal (or, with None, bidirectional) random tiny model
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
 
@@ -182,19 +180,10 @@ def test_blocks_lie_on_the_packed_grid_and_each_masks_exactly_m_of_its_valid_tok
 # ------------------------------------------------------------------------------------ policies
 
 
-def tiny_random_policy(block_size: int | None, seed: int = 0) -> DiffusionPolicy:
-    torch.manual_seed(seed)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
-                            block_size=block_size)
-    return DiffusionPolicy(TinyDLLMForMaskedLM(config).eval(), tokenizer, family="tiny")
-
-
 @pytest.fixture(params=["tiny_block", "sdar"])
 def block_policy(request, tmp_path):
     if request.param == "tiny_block":
-        return tiny_random_policy(4)
+        return tiny_block_policy(4)
     policy = dare_gym.load_policy(build_standin("sdar", tmp_path / "sdar"))
     policy.model.eval()
     return policy
@@ -236,7 +225,7 @@ def test_each_block_term_is_block_by_block_decoding_of_that_block(block_policy):
 
 
 def test_full_attention_scores_the_whole_completion_as_one_block():
-    policy = tiny_random_policy(None)
+    policy = tiny_block_policy(None)
     buffer = left_padded_inputs(PROMPTS, RESPONSES, 12, vocab=50, eos=policy.tokenizer.eos_token_id)
     inputs = buffer.model_inputs()
     masked = inputs.completion_mask.bool() & (torch.arange(12) % 3 == 0)
@@ -267,7 +256,7 @@ def prepared(policy, method, *, reference=None, seed=0):
 def test_one_set_of_masks_serves_old_current_and_reference():
     """Masks are drawn once in prepare: π_old (μ > 1) and π_ref (β > 0) are scored on them, and the first
     iteration's π_θ on the same ones, so identical weights give log ρ = 0 and KL = 0 exactly."""
-    policy = tiny_random_policy(4)
+    policy = tiny_block_policy(4)
     reference = copy.copy(policy)
     reference.model = copy.deepcopy(policy.model)
     method = ebpo(num_iterations=2, beta=0.05)
@@ -287,7 +276,7 @@ def test_one_set_of_masks_serves_old_current_and_reference():
 def test_constant_memory_backward_equals_the_full_graph_gradient(block_size):
     """backward (a graph-free pass, then one graph per noise row) gives the parameter gradient of the loss
     built with every row's graph at once; with π_old shifted so that some sequences clip and β > 0."""
-    policy = tiny_random_policy(block_size, seed=1)
+    policy = tiny_block_policy(block_size, seed=1)
     reference = copy.copy(policy)
     reference.model = copy.deepcopy(policy.model)
     torch.nn.init.normal_(reference.model.get_input_embeddings().weight, std=0.5)
