@@ -462,9 +462,8 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
     verdict_r = None
     uid = None
     try:
-        workdir = tempfile.mkdtemp(prefix="dare_gym_sandbox_")
-        checker_dir = tempfile.mkdtemp(prefix="dare_gym_checker_")
-        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's (reused) cgroups
+        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's folders and (reused) cgroups
+        workdir, checker_dir = _slot_folders(slot_uid)
         if plan.drop_uid:
             uid = slot_uid
             if not plan.namespaces:
@@ -959,6 +958,22 @@ class _UidPool:
 
 
 _UID_POOL = _UidPool()
+
+
+_FOLDER_PREFIXES = ("dare_gym_sandbox_", "dare_gym_checker_")  # the program's working folder, the checker's
+
+
+def _slot_folders(uid: int) -> tuple[str, str]:
+    """Fresh working folders for the program and the checker of a run holding ``uid``'s slot, named after the
+    slot. A run whose caller was killed (a reward's helper process at its time limit) never reaches its
+    cleanup: as the slot is exclusive to this run, any folder named after it is such a run's, removed here."""
+    tmp = tempfile.gettempdir()
+    stale = tuple(f"{prefix}{uid}_" for prefix in _FOLDER_PREFIXES)
+    for name in os.listdir(tmp):
+        if name.startswith(stale):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+    workdir, checker_dir = (tempfile.mkdtemp(prefix=f"{prefix}{uid}_") for prefix in _FOLDER_PREFIXES)
+    return workdir, checker_dir
 
 
 def _slot_cgroups(plan: _Plan, limits: SandboxLimits, uid: int) -> dict[str, Path]:

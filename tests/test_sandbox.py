@@ -69,11 +69,24 @@ def _slot_is_free(uid: int) -> bool:
         probe.close()
 
 
+LINGER_S = 5.0  # how long a run's last process may take to vanish once its slot is free (see below)
+
+
 def _sandbox_uid_processes() -> list[tuple[int, int]]:
     """Processes on the host that run as a per-run uid that no run holds any more: left over from a run.
-    (Other processes on the host, the rest of the test suite say, may be running sandboxes right now.)"""
-    found = [(pid, uid) for pid, uid in _uid_processes() if _slot_is_free(uid)]
-    return [(pid, uid) for pid, uid in found if Path(f"/proc/{pid}").exists()]
+    (Other processes on the host, the rest of the test suite say, may be running sandboxes right now.)
+
+    A run whose caller was killed (a reward worker at its time limit, on the other pytest worker say) frees
+    its slot at once, while its harness, killed by the parent-death signal, stays a zombie until the host's
+    init reaps it: about 1.3 s on this project's machines. So a process counts as left over only if it is
+    still there after ``LINGER_S``; one that escaped its run lives on forever."""
+    end = time.monotonic() + LINGER_S
+    while True:
+        found = [(pid, uid) for pid, uid in _uid_processes() if _slot_is_free(uid)]
+        found = [(pid, uid) for pid, uid in found if Path(f"/proc/{pid}").exists()]
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.05)
 
 
 def _uid_processes() -> list[tuple[int, int]]:
@@ -993,13 +1006,19 @@ if os.fork() == 0:  # a forked copy of the caller gets a checker server of its o
     os._exit(0)
 os.wait()
 print("server", sb._CHECKER_SERVER._proc.pid, flush=True)
+acquire = sb._UID_POOL.acquire
+def announce():
+    uid, sock = acquire()
+    print("slot", uid, flush=True)
+    return uid, sock
+sb._UID_POOL.acquire = announce
 sb.check_program("import time\\ntime.sleep(100)\\n", spec, sb.SandboxLimits(timeout_s=60))
 """
 
 
 def test_nothing_outlives_a_caller_killed_mid_run():
     # a reward's helper process killed at its time limit: its sandboxed program, checker and server go with it
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=tempfile.gettempdir())
     caller = subprocess.Popen([sys.executable, "-c", CALLER], stdout=subprocess.PIPE, text=True, env=env)
     try:
         child_line = caller.stdout.readline().split()
@@ -1007,20 +1026,45 @@ def test_nothing_outlives_a_caller_killed_mid_run():
         assert child_line[:2] == ["child", "True"] and server_line[0] == "server", (child_line, server_line)
         assert child_line[2] != server_line[1]
         server = int(server_line[1])
+        slot_line = caller.stdout.readline().split()
+        assert slot_line[0] == "slot", slot_line
+        uid = int(slot_line[1])
         deadline = time.monotonic() + 10
-        while not _uid_processes() and time.monotonic() < deadline:  # the sleeping program is running
+        while uid not in {u for _, u in _uid_processes()} and time.monotonic() < deadline:  # it is running
             time.sleep(0.05)
         caller.kill()
         caller.wait()
         deadline = time.monotonic() + 5
-        while (_sandbox_uid_processes() or Path(f"/proc/{server}").exists()) and time.monotonic() < deadline:
-            time.sleep(0.05)
         assert _sandbox_uid_processes() == [], "the program outlived its killed caller"
+        while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text().split()[2]
+        # the killed run never cleaned up its folders: the next run to hold its slot removes them
+        stale = _folders_of_slot(uid)
+        assert len(stale) == 2, stale
+        held = []
+        try:
+            while not held or held[-1][0] != uid:  # the pool hands out the lowest free slot first
+                held.append(sb._UID_POOL.acquire())
+                assert len(held) <= 64, "the killed run's slot was never handed out again"
+            fresh = sb._slot_folders(uid)
+            assert not any(map(os.path.exists, stale)) and all(map(os.path.isdir, fresh))
+            assert set(_folders_of_slot(uid)) == set(fresh)
+            for folder in fresh:
+                os.rmdir(folder)
+        finally:
+            for _, sock in held:
+                sock.close()
     finally:
         caller.kill()
         caller.wait()
         caller.stdout.close()
+
+
+def _folders_of_slot(uid: int) -> list[str]:
+    tmp = tempfile.gettempdir()
+    return [os.path.join(tmp, name) for name in os.listdir(tmp)
+            if name.startswith((f"dare_gym_sandbox_{uid}_", f"dare_gym_checker_{uid}_"))]
 
 
 # ------------------------------------------------------------------------------------------------ protocol
