@@ -169,6 +169,7 @@ def test_commit_logp_equals_a_full_forward_without_a_cache_and_differs_with_one(
     policy = random_policy(2)
     settings = dict(gen_length=8, steps=8, block_length=4, temperature=1.0, seed=0)
 
+    @torch.no_grad()
     def replay_gap(completions):
         gaps = []
         for prompt, completion in zip(PROMPTS, completions):

@@ -97,6 +97,33 @@ class ScheduledCommit:
         return top_n(confidence, scheduled)
 
 
+# ------------------------------------------------------------------------------------------------ one step
+
+
+def commit_priority(predicted: torch.Tensor, probability: torch.Tensor, masked: torch.Tensor, remasking: str,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Each candidate's priority to be committed this step: its guess's probability (``low_confidence``) or a
+    uniform draw (``random``); ``-inf`` where the position is not masked, so it is never chosen."""
+    if remasking == "low_confidence":
+        priority = probability
+    else:
+        priority = uniform(predicted.shape, generator, predicted.device, torch.float64)
+    return priority.masked_fill(~masked, float("-inf"))
+
+
+def write_commits(x: torch.Tensor, unmask_step: torch.Tensor, commit_logp: torch.Tensor, columns: torch.Tensor,
+                  chosen: torch.Tensor, predicted: torch.Tensor, logp: torch.Tensor, prompt_length: int,
+                  step: int) -> None:
+    """Commit the ``chosen`` guesses at ``columns`` of ``x``, in place, and record the step and log-prob of
+    those in the completion (``columns`` may include prompt columns when predictions are recorded)."""
+    x[:, columns] = torch.where(chosen, predicted, x[:, columns])
+    in_completion = columns >= prompt_length
+    positions = columns[in_completion] - prompt_length
+    chosen = chosen[:, in_completion]
+    unmask_step[:, positions] = torch.where(chosen, step, unmask_step[:, positions])
+    commit_logp[:, positions] = torch.where(chosen, logp[:, in_completion], commit_logp[:, positions])
+
+
 # ------------------------------------------------------------------------------------------------- the loop
 
 
@@ -149,12 +176,8 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
             columns = needed[needed >= first]
             masked = masked[:, columns]
             predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
-            if remasking == "low_confidence":
-                confidence = probability
-            else:
-                confidence = uniform(predicted.shape, generator, device, torch.float64)
-            confidence = confidence.masked_fill(~masked, float("-inf"))
-            chosen = commit(confidence, schedule[:, min(step, steps_per_block - 1)]) & masked
+            priority = commit_priority(predicted, probability, masked, remasking, generator)
+            chosen = commit(priority, schedule[:, min(step, steps_per_block - 1)]) & masked
             if record_predictions:
                 recorded_temperature = temperature if tempered_confidence else 0.0
                 update_guess(guess, guess_confidence, logits, first, prompt_length, recorded_temperature)
@@ -162,14 +185,7 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
                     tempered_probability(logits[:, columns - first], predicted, recorded_temperature)
                 record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, recorded,
                         masked, prompt_length, mask_id)
-            x[:, columns] = torch.where(chosen, predicted, x[:, columns])
-            in_completion = columns >= prompt_length
-            completion_columns = columns[in_completion] - prompt_length
-            chosen_completion = chosen[:, in_completion]
-            unmask_step[:, completion_columns] = torch.where(
-                chosen_completion, calls - 1, unmask_step[:, completion_columns])
-            commit_logp[:, completion_columns] = torch.where(
-                chosen_completion, logp[:, in_completion], commit_logp[:, completion_columns])
+            write_commits(x, unmask_step, commit_logp, columns, chosen, predicted, logp, prompt_length, calls - 1)
             if early_exit and bool(first_stop_done(x[:, prompt_length:], mask_id, stop_ids).all()):
                 fill_after_stop(x[:, prompt_length:], unmask_step, mask_id, int(stop_ids[0]), calls - 1)
                 return build_output(x, prompt_length, unmask_step, commit_logp, calls, processed, predictions,
@@ -215,16 +231,9 @@ def continue_denoising(policy, x: torch.Tensor, attention_mask: torch.Tensor, pr
         calls += 1
         masked = masked[:, columns - start]
         predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
-        if remasking == "low_confidence":
-            confidence = probability
-        else:
-            confidence = uniform(predicted.shape, generator, x.device, torch.float64)
-        confidence = confidence.masked_fill(~masked, float("-inf"))
-        chosen = top_n(confidence, schedule[:, step - schedule_start]) & masked
-        x[:, columns] = torch.where(chosen, predicted, x[:, columns])
-        positions = columns - prompt_length
-        unmask_step[:, positions] = torch.where(chosen, step, unmask_step[:, positions])
-        commit_logp[:, positions] = torch.where(chosen, logp, commit_logp[:, positions])
+        priority = commit_priority(predicted, probability, masked, remasking, generator)
+        chosen = top_n(priority, schedule[:, step - schedule_start]) & masked
+        write_commits(x, unmask_step, commit_logp, columns, chosen, predicted, logp, prompt_length, step)
     return calls
 
 
@@ -243,5 +252,5 @@ class LLaDASampler(Sampler):
                               tempered_confidence=options.tempered_confidence)
 
 
-__all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "continue_denoising", "denoise_blocks",
-           "FullForward", "ScheduledCommit"]
+__all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "commit_priority", "continue_denoising",
+           "denoise_blocks", "FullForward", "ScheduledCommit", "write_commits"]
