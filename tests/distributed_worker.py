@@ -19,13 +19,16 @@ from dare_gym import distributed
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
 
-ALGORITHMS = {  # the default recipe, BGPO, DPO and EBPO, each at μ = 1 so that one update is one optimizer step
+ALGORITHMS = {  # the default recipe, BGPO, DPO, EBPO and d-TreeRPO, each at μ = 1: one update is one optimizer step
     "d1": {},
     "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 2}},
     "dpo": {"name": "dpo"},
     "ebpo": {"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+    # trees of 2 levels, 2 × 2 leaves (= GROUP) and 6 segments each
+    "dtreerpo": {"name": "dtreerpo", "num_iterations": 1, "tree_branch_factor": 2},
 }
 PROMPTS, GROUP = 4, 4
+SORT_PROMPTS = [f"sort {1000 + 37 * g}\n" for g in range(PROMPTS)]
 
 
 def config(algorithm: str, strategy: str, output: str) -> TrainConfig:
@@ -39,15 +42,23 @@ def config(algorithm: str, strategy: str, output: str) -> TrainConfig:
 
 
 def union_batch(trainer: Trainer) -> RolloutBuffer:
-    """The same rollouts on every process: a fixed seed, the same prompts, varied rewards within groups."""
+    """The same rollouts on every process: a fixed seed, the same prompts, varied rewards within groups (through
+    the algorithm's own rollout: d-TreeRPO's rows are the segments of its trees)."""
     policy = trainer.policy
-    prompts = [f"sort {1000 + 37 * g}\n" for g in range(PROMPTS) for _ in range(GROUP)]
-    completions = policy.generate(prompts, gen_length=8, steps=8, block_length=8, temperature=1.0, seed=123)
-    rewards = [float(sum(c.completion_ids.tolist()) % 3) for c in completions]
+    prompts = [prompt for prompt in SORT_PROMPTS for _ in range(GROUP)]
+    rollout = trainer.algorithm.rollout(policy, prompts, group_size=GROUP, generator=torch.Generator().manual_seed(123),
+                                        batch_size=len(prompts), settings=dict(gen_length=8, steps=8, block_length=8,
+                                                                               temperature=1.0))
+    rewards = [float(sum(c.completion_ids.tolist()) % 3) for c in rollout.completions]
     rewards[:GROUP] = [0.5] * GROUP  # one group without signal: discarded (one process) or kept inert (several)
-    return RolloutBuffer.from_rollouts(prompts, completions, rewards, [i // GROUP for i in range(len(prompts))],
-                                       completion_mask_fn=policy.completion_mask,
-                                       pad_token_id=policy.tokenizer.pad_token_id)
+    return rollout.buffer(rewards, [i // GROUP for i in range(len(prompts))])
+
+
+def rank_share(batch: RolloutBuffer) -> RolloutBuffer:
+    """This rank's rows of the union batch: the rows of its half of the prompts (whole groups, whole trees)."""
+    mine = set(SORT_PROMPTS[distributed.rank() * PROMPTS // distributed.world_size():
+                            (distributed.rank() + 1) * PROMPTS // distributed.world_size()])
+    return batch.select(torch.tensor([i for i, prompt in enumerate(batch.prompts) if prompt in mine]))
 
 
 def row_keyed_noise(sample_noise):
@@ -90,13 +101,10 @@ def _update(algorithm: str, strategy: str, output: str, ebpo) -> dict[str, torch
     trainer = Trainer(config(algorithm, strategy, output))
     if algorithm == "ebpo":  # EBPO draws its own block masks in prepare (it has no estimator object)
         ebpo.block_elbo_noise = row_keyed_block_masks(ebpo.block_elbo_noise)
-    else:
+    elif algorithm != "dtreerpo":  # d-TreeRPO's segment log-probs draw no noise
         estimator = trainer.algorithm.estimator
         estimator.sample_noise = row_keyed_noise(estimator.sample_noise)
-    batch = union_batch(trainer)
-    rows = len(batch) // distributed.world_size()
-    local = batch.select(torch.arange(distributed.rank() * rows, (distributed.rank() + 1) * rows))
-    trainer.update(local)
+    trainer.update(rank_share(union_batch(trainer)))
     state = distributed.full_state_dict(trainer.policy.model) if trainer.sharded else trainer.policy.model.state_dict()
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 

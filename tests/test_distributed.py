@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import update  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
-CASES = ["d1:ddp", "bgpo:ddp", "dpo:ddp", "ebpo:ddp", "d1:fsdp"]
+CASES = ["d1:ddp", "bgpo:ddp", "dpo:ddp", "ebpo:ddp", "dtreerpo:ddp", "d1:fsdp"]
 
 
 def torchrun(*arguments, timeout=600) -> subprocess.CompletedProcess:
@@ -94,4 +94,4 @@ def test_an_algorithm_that_cannot_be_distributed_is_refused_with_its_reason():
     config = SimpleNamespace(strategy="ddp", lora=None)
     with pytest.raises(ConfigError, match="ppo: its value model has an optimizer of its own .*one process"):
         Trainer._distribute(trainer, config, torch.device("cpu"), torch.float32)
-    assert all(get_algorithm(name).algorithm_class.distributed_unsupported is None for name in ("d1", "bgpo", "dpo", "ebpo"))
+    assert all(get_algorithm(name).algorithm_class.distributed_unsupported is None for name in ("d1", "bgpo", "dpo", "ebpo", "dtreerpo"))
