@@ -180,11 +180,15 @@ def _varied_reward(completion: str, sample) -> float:
     return (sum(map(ord, completion)) % 5) / 4  # a signal for a random model: rewards differ within groups
 
 
+UPDATE_RECIPES = {"d1": {}, "coupled_grpo": {}, "bgpo": {}, "ebpo": {"estimator_kwargs": {"mc_num": 2}}}
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("algorithm", ["d1", "coupled_grpo", "bgpo"])
+@pytest.mark.parametrize("algorithm", UPDATE_RECIPES)
 def test_algorithms_complete_an_update_on_every_family(standins, tmp_path, name, algorithm):
     config = TrainConfig(
-        env="digitsort-v0", policy=str(standins[name]), algorithm={"name": algorithm}, prompts_per_step=2,
+        env="digitsort-v0", policy=str(standins[name]), algorithm={"name": algorithm, **UPDATE_RECIPES[algorithm]},
+        prompts_per_step=2,
         group_size=4, max_steps=1, eval_size=0, output_dir=str(tmp_path), progress=False,
         env_kwargs={"reward": _varied_reward},
         rollout=GenerationConfig(gen_length=8, temperature=1.0) if name == "sdar" else
@@ -196,6 +200,7 @@ def test_algorithms_complete_an_update_on_every_family(standins, tmp_path, name,
     assert stats["reward_std"] > 0
     update = trainer.update(buffer)
     assert update["rows_trained"] > 0 and torch.isfinite(torch.tensor(update["loss"]))
+    assert algorithm != "ebpo" or update["elbo"] < 0  # EBPO's block ELBO of a real sequence
     after = trainer.policy.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
