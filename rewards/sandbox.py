@@ -62,7 +62,8 @@ Isolation of the program, strongest layer first (what is active on this machine:
   and its memory (tmpfs included); at the end every task still in it is killed.
 * **rlimits**: CPU seconds, address space, processes, file size, open files, no core files.
 * **Always**: a new session/process group (SIGKILLed at the end and on timeout), an environment built from
-  scratch, a private temporary working directory removed afterwards, stdin from ``/dev/null``, capped
+  scratch, a private temporary working directory removed afterwards (or, if the caller was killed, by the
+  next run holding its uid slot), stdin from ``/dev/null``, capped
   stdout/stderr, and one wall-clock deadline owned by the parent for both processes. With util-linux
   ``setpriv``, the run's processes get a parent-death signal, so the kernel kills them if their caller dies (a
   reward's helper process killed at its time limit): nothing of a run outlives the process that started it.
