@@ -198,9 +198,9 @@ def test_hung_completions_are_stopped_in_parallel_at_their_limit(kind):
     reward = resolve_reward([("char_match", 1.0), (hangs, 1.0)], timeout_s=1.0)
     started = time.perf_counter()
     results = reward.score_many(["012345"] * 8, [{"gold": "012345"}] * 8)
-    # one after another they take 8 s, two at a time 4 s; at once, the limit plus forking eight copies of this
-    # process (tens of ms each, more on a loaded machine)
-    assert time.perf_counter() - started < 1.0 + 2
+    # one after another they take 8 s, two at a time at least 4 s; at once, the limit plus forking eight copies of
+    # this process (tens of ms each; 2.1 s in all once, with a second test suite sharing the two cores)
+    assert time.perf_counter() - started < 1.0 + 2.5
     assert [r.errors for r in results] == [{"hangs": "timed out after 1 s (stopped)"}] * 8
     assert [r.total for r in results] == [1.0] * 8  # the other term still counts
 
