@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from dare_gym.buffer import RolloutBuffer, _right_pad
+from dare_gym.buffer import RolloutBuffer
 from dare_gym.samplers.llada import continue_denoising
 
 NOT_YET = -1  # unmask_step of a position its node has not committed
@@ -131,8 +131,8 @@ def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[fl
     cpu = {name: getattr(tree, name).cpu() for name in ("completion_ids", "unmask_step", "parent", "tree", "depth")}
     child = cpu["completion_ids"][rows]
     trees = cpu["tree"][rows]
-    prompt_rows = [tree.prompt_ids[t][tree.prompt_mask[t].bool()].cpu() for t in range(tree.prompt_ids.shape[0])]
-    prompt_ids, prompt_mask = _right_pad([prompt_rows[t] for t in trees.tolist()], policy.tokenizer.pad_token_id)
+    # each segment's prompt exactly as the sampler laid it out (left-padded), the layout the buffer keeps
+    prompt_ids, prompt_mask = tree.prompt_ids.cpu()[trees], tree.prompt_mask.cpu()[trees]
     unmask_step = cpu["unmask_step"][rows]
     return RolloutBuffer(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=child,

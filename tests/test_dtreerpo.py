@@ -176,6 +176,21 @@ def test_tree_shape_and_children_continue_from_their_parent(tiny_policy):
     assert len({tuple(row.tolist()) for row in leaves[:16]}) > 1
 
 
+def test_segments_of_prompts_of_different_lengths_keep_the_samplers_prompt_layout(tiny_policy):
+    """Real datasets have prompts of different token lengths: each segment row carries its tree's prompt
+    left-padded exactly as the sampler saw it (the buffer refuses any other layout)."""
+    algorithm = _algorithm(tiny_policy, tree_branch_factor=2)
+    prompts = ["sort 583920\n"] * 4 + ["sort 4096\n"] * 4
+    rollout = algorithm.rollout(tiny_policy, prompts, group_size=4, generator=torch.Generator().manual_seed(1),
+                                batch_size=64, settings=dict(gen_length=4, steps=4, block_length=2, temperature=1.0))
+    buffer = rollout.buffer([1.0, 0.0, 1.0, 1.0] * 2, [0] * 4 + [1] * 4)
+    sampled_ids, sampled_mask = tiny_policy.encode_prompts(["sort 583920\n", "sort 4096\n"])
+    assert int(sampled_mask[1].sum()) < int(sampled_mask[0].sum())  # the two prompts differ in length
+    tree = torch.tensor([0 if prompt == prompts[0] else 1 for prompt in buffer.prompts])
+    assert torch.equal(buffer.prompt_ids, sampled_ids[tree]) and torch.equal(buffer.prompt_mask, sampled_mask[tree])
+    assert sorted(tree.tolist()) == [0] * 6 + [1] * 6
+
+
 def test_the_worked_example_tree_from_a_rollout(tiny_policy):
     """L = 4, block 2, T = 4, s = 2, fan-out 2 × 2 on the tiny policy: root → a, b decode tokens 1–2 and their
     children tokens 3–4; with leaf rewards (1, 0, 1, 1) the buffer's advantages are the example's."""
