@@ -37,27 +37,26 @@ class SequenceBatch:
         return self.attention_mask[:, : self.prompt_length]
 
 
+def _pad(rows: Sequence[torch.Tensor], pad_value, dtype, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        padded[i, columns] = row
+        mask[i, columns] = 1
+    return padded, mask
+
+
 def left_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths as one left-padded tensor and its 0/1 mask: the layout samplers use, so that
     prompts end in the same column and completions start in the next."""
-    width = max(len(r) for r in rows)
-    padded = torch.full((len(rows), width), pad_value, dtype=dtype)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            padded[i, width - len(row):] = row
-            mask[i, width - len(row):] = 1
-    return padded, mask
+    return _pad(rows, pad_value, dtype, left=True)
 
 
-def _right_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    padded = torch.full((len(rows), width), pad_value, dtype=dtype)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        padded[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return padded, mask
+def right_pad(rows: Sequence[torch.Tensor], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one right-padded tensor and its 0/1 mask (completions and their columns)."""
+    return _pad(rows, pad_value, dtype, left=False)
 
 
 @dataclass
@@ -104,13 +103,13 @@ class RolloutBuffer:
                 f"{len(rewards)} rewards, {len(group_ids)} group ids"
             )
         prompt_ids, prompt_mask = left_pad([c.prompt_ids for c in completions], pad_token_id)
-        completion_ids, present = _right_pad([c.completion_ids for c in completions], pad_token_id)
-        unmask_step, _ = _right_pad([c.unmask_step for c in completions], -1)
+        completion_ids, present = right_pad([c.completion_ids for c in completions], pad_token_id)
+        unmask_step, _ = right_pad([c.unmask_step for c in completions], -1)
         unmask_step[present == 0] = -1
         columns = {}
         if all(getattr(c, "commit_logp", None) is not None for c in completions):
             # what the rollout's own forward gave each token when it committed it (rollout/train mismatch)
-            columns["commit_logp"] = _right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
+            columns["commit_logp"] = right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
         return cls(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

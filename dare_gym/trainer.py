@@ -25,7 +25,7 @@ import dare_gym
 from dare_gym import distributed
 from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
+from dare_gym.buffer import RolloutBuffer, right_pad
 from dare_gym.checkpoints import (
     CHECKPOINT_DIR,
     atomic_write_text,
@@ -242,6 +242,13 @@ def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
     return {"sampler": settings.pop("sampler", None), "options": settings}
 
 
+def mean_completion_length(policy, completions) -> float:
+    """The mean number of tokens a loss scores per completion (up to and including the first stop token), in
+    one pass over the batch (the buffer's rows need not be the completions: d-TreeRPO's are tree segments)."""
+    ids, present = right_pad([c.completion_ids for c in completions], policy.stop_token_ids[0])
+    return float((policy.completion_mask(ids) * present).sum(dim=1).float().mean())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -363,8 +370,7 @@ class Trainer:
             "train_accuracy": float(step_infos["correct"].mean()),
             "zero_variance_fraction": float(zero_variance_groups(torch.as_tensor(rewards), self.config.group_size)
                                             .float().mean()),
-            "completion_length": float(np.mean([int(self.policy.completion_mask(c.completion_ids).sum())
-                                                for c in completions])),
+            "completion_length": mean_completion_length(self.policy, completions),
             "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
             "reward_errors": sum(1 for errors in self.last_reward_errors if errors),
             **timings,

@@ -11,7 +11,8 @@ import dare_gym
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.config import ConfigError, load_config
-from dare_gym.trainer import TrainConfig, Trainer
+from dare_gym.policy import Completion
+from dare_gym.trainer import TrainConfig, Trainer, mean_completion_length
 
 
 def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
@@ -23,6 +24,18 @@ def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
         prompts, completions, rewards.tolist(), infos["group_id"].tolist(),
         completion_mask_fn=policy.completion_mask, pad_token_id=policy.tokenizer.pad_token_id,
     )
+
+
+def test_mean_completion_length_counts_scored_tokens_of_completions_of_any_length(tiny_policy):
+    eos = tiny_policy.stop_token_ids[0]
+
+    def completion(ids):
+        return Completion(text="", prompt_ids=torch.tensor([5]), completion_ids=torch.tensor(ids),
+                          unmask_step=torch.zeros(len(ids), dtype=torch.long))
+
+    # no stop token: all 3; up to and including the stop: 2 of 5; one token: 1
+    assert mean_completion_length(tiny_policy, [completion([5, 6, 7]), completion([5, eos, 7, 8, 9]),
+                                                completion([5])]) == 2.0
 
 
 def test_buffer_columns_groups_and_model_inputs(tiny_policy):
