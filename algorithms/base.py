@@ -329,8 +329,7 @@ class PolicyGradient(Algorithm):
             scorers.append(("old_logp", policy))
         if self.needs_reference:
             scorers.append(("ref_logp", reference))
-        chunks = [torch.arange(start, min(start + micro_batch_size, len(buffer)))
-                  for start in range(0, len(buffer), micro_batch_size)]
+        chunks = buffer.row_chunks(micro_batch_size)
         chunk_inputs = [buffer.select(rows).model_inputs(policy.device) for rows in chunks]
         # A noise-free estimator (trajectory replay) gives every iteration the same inputs: score them once.
         distinct = noises[:1] if getattr(self.estimator, "deterministic", False) else noises

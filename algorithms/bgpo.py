@@ -60,8 +60,7 @@ class BGPO(PolicyGradient):
         noises = self.store_noise(policy, buffer, generator)
         length = float(buffer.completion_ids.shape[1])
         old = torch.zeros(len(buffer), iterations, samples)
-        for start in range(0, len(buffer), micro_batch_size):
-            rows = torch.arange(start, min(start + micro_batch_size, len(buffer)))
+        for rows in buffer.row_chunks(micro_batch_size):
             sub = buffer.select(rows).model_inputs(policy.device)
             for k, noise in enumerate(noises):
                 chunk_noise = {name: value[rows] for name, value in noise.items()}

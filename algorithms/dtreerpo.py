@@ -343,10 +343,8 @@ class DTreeRPO(Algorithm):
         policy.model.eval()
         try:
             for column, scorer in scorers:
-                parts = [segment_logp(scorer.logits, buffer.select(torch.arange(start, min(start + micro_batch_size,
-                                                                                          len(buffer)))),
-                                      self.mask_token_id, policy.device)[0].cpu()
-                         for start in range(0, len(buffer), micro_batch_size)]
+                parts = [segment_logp(scorer.logits, buffer.select(rows), self.mask_token_id, policy.device)[0].cpu()
+                         for rows in buffer.row_chunks(micro_batch_size)]
                 buffer.columns[column] = torch.cat(parts)
         finally:
             policy.model.train(was_training)

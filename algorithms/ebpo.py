@@ -142,10 +142,6 @@ def composite_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -
 class EBPO(Algorithm):
     config: EBPOConfig
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.config.beta > 0
-
     def advantages(self, buffer, group_size):
         config = self.config
         buffer.advantage = group_advantages(buffer.reward, group_size, scale_rewards=config.scale_rewards,
@@ -167,8 +163,8 @@ class EBPO(Algorithm):
             scorers.append(("ref_elbo", reference))
         for column, scorer in scorers:
             values = []
-            for start in range(0, len(buffer), micro_batch_size):
-                chunk = buffer.select(torch.arange(start, min(start + micro_batch_size, len(buffer))))
+            for rows in buffer.row_chunks(micro_batch_size):
+                chunk = buffer.select(rows)
                 masked, weight = self._noise(chunk, policy.device)
                 values.append(composite_elbo(scorer, chunk.model_inputs(policy.device), masked, weight).cpu())
             buffer.columns[column] = torch.cat(values)

@@ -34,6 +34,7 @@ class SFTConfig(AlgorithmConfig):
 
 @register_algorithm("sft", SFTConfig)
 class SFT(Algorithm):
+    needs_reference = False  # cloning has no KL term: no reference model is kept, whatever beta says
 
     def __init__(self, config: SFTConfig, *, mask_token_id: int):
         super().__init__(config, mask_token_id=mask_token_id)

@@ -183,6 +183,10 @@ class RolloutBuffer:
         unique = torch.unique_consecutive(self.group_id)
         return [(self.group_id == g).nonzero().flatten() for g in unique]
 
+    def row_chunks(self, size: int) -> list[torch.Tensor]:
+        """The row indices in consecutive, unshuffled chunks of at most ``size`` (scoring a batch piecewise)."""
+        return [torch.arange(start, min(start + size, len(self))) for start in range(0, len(self), size)]
+
     def minibatches(self, size: int, *, generator: torch.Generator | None = None,
                     unit: str | None = None) -> Iterator["RolloutBuffer"]:
         """Shuffled row subsets of about ``size`` rows covering the buffer once. With ``unit`` (a column name,

@@ -448,3 +448,13 @@ def test_clamp_options_are_documented_and_validated():
         build_config("d1", {"kl_clamp": 0})
     with pytest.raises(ValueError, match="log_ratio_clamp must be a number > 0 or null, got -1"):
         build_config("mdpo", {"log_ratio_clamp": -1})
+
+
+@pytest.mark.parametrize("name, keeps", [("sft", False), ("mdpo", False), ("tracerl", False), ("dpo", True),
+                                         ("d1", True), ("ebpo", True), ("dtreerpo", True)])
+def test_a_reference_model_is_kept_only_where_the_loss_uses_one(name, keeps):
+    """With a KL weight set (where the config takes one), only algorithms whose loss scores π_ref keep a
+    reference: SFT has no KL term, TraceRL's KL is against π_old, MDPO refuses β ≠ 0."""
+    options = {} if name == "mdpo" else {"beta": 0.1}
+    algorithm = make_algorithm(name, build_config(name, options), mask_token_id=3)
+    assert algorithm.needs_reference is keeps
