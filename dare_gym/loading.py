@@ -59,11 +59,8 @@ def load_policy(
     local = Path(source)
     if not local.exists() and (os.path.isabs(str(source)) or str(source).startswith((".", "~"))):
         raise FileNotFoundError(f"policy folder {str(source)!r} does not exist")
-    meta: dict = {}
-    meta_file = local / POLICY_META_FILE
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-    if (local / "adapter_config.json").is_file():  # an unmerged LoRA adapter: base model + adapter
+    meta = _read_meta(local)
+    if (local / ADAPTER_CONFIG_FILE).is_file():  # an unmerged LoRA adapter: base model + adapter
         return load_lora_policy(
             source, meta, device=device, dtype=dtype, family=family, mask_token_id=mask_token_id,
             chat_template=chat_template, trust_remote_code=trust_remote_code, **generation_defaults,
@@ -86,6 +83,12 @@ def load_policy(
         generation_defaults=defaults,
         chat_template=chat_template,
     )
+
+
+def _read_meta(folder: Path) -> dict:
+    """What :meth:`DiffusionPolicy.save_pretrained` recorded in ``folder`` (family, ids, defaults, LoRA), if any."""
+    meta_file = folder / POLICY_META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
 def resolve_family(source, family: str | None, trust_remote_code: bool = False):
@@ -203,11 +206,10 @@ def load_lora_policy(
     from peft import PeftModel
 
     path = Path(path)
-    if meta is None:
-        meta_file = path / POLICY_META_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = _read_meta(path) if meta is None else meta
+    lora_meta = meta.get("lora") or {}
     adapter_config = json.loads((path / ADAPTER_CONFIG_FILE).read_text())
-    base_name = (meta.get("lora") or {}).get("base_model") or adapter_config.get("base_model_name_or_path")
+    base_name = lora_meta.get("base_model") or adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{path / ADAPTER_CONFIG_FILE} names no base model and {POLICY_META_FILE} records none")
     base = load_policy(base_name, device=device, dtype=dtype, family=family or meta.get("family"),
@@ -228,7 +230,6 @@ def load_lora_policy(
         generation_defaults=defaults,
         chat_template=base.chat_template if chat_template is None else chat_template,
     )
-    lora_meta = meta.get("lora") or {}
     if lora_meta.get("settings"):
         policy.lora_settings = LoraSettings(**lora_meta["settings"])
     policy.lora_base_model = base_name
