@@ -27,8 +27,8 @@ from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import gymnasium
 import numpy as np
-from dare_gym.rewards.base import RewardResult, RewardSpec, resolve_reward
 
+from dare_gym.rewards.base import RewardResult, RewardSpec, resolve_reward
 from dare_gym.spaces import UnicodeText
 
 UNBOUNDED_INDEX = 2**31 - 1  # procedural tasks draw indices in [0, this) when none is given

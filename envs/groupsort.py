@@ -16,55 +16,36 @@ is 0 mod 8, so no training problem ever appears in it.
 
 from __future__ import annotations
 
-import random
-import zlib
-from typing import Mapping
-
-from dare_gym.envs.base import SplitInfo, TextTaskEnv
-
-TEST_SPLIT_SIZE = 500
-SPLITS = ("train", "test")
-
-
-def _in_test_split(groups: str) -> bool:
-    return zlib.crc32(groups.encode()) % 8 == 0
+from dare_gym.envs.base import SplitInfo
+from dare_gym.envs.sorting import TEST_SPLIT_SIZE, SortingTaskEnv, draw_in_split
 
 
 def make_problem(index: int, split: str, num_groups: int, group_size: int) -> dict:
     """Record ``index`` of ``split``: the groups as shown in the prompt and the gold answer."""
-    rng = random.Random(f"groupsort/{num_groups}x{group_size}/{split}/{index}")
-    while True:
-        groups = ["".join(rng.choice("0123456789") for _ in range(group_size)) for _ in range(num_groups)]
-        text = " ".join(groups)
-        if _in_test_split(text) == (split == "test"):
-            return {"groups": text, "gold": " ".join("".join(sorted(group)) for group in groups)}
+    text = draw_in_split(f"groupsort/{num_groups}x{group_size}/{split}/{index}", split, lambda rng: " ".join(
+        "".join(rng.choice("0123456789") for _ in range(group_size)) for _ in range(num_groups)))
+    return {"groups": text, "gold": " ".join("".join(sorted(group)) for group in text.split(" "))}
 
 
-class GroupSortEnv(TextTaskEnv):
+class GroupSortEnv(SortingTaskEnv):
     """Sort the digits inside each group of a long list of digit groups (17 groups of 3: a 67-character answer).
 
     ``num_groups`` (1 to 64) and ``group_size`` (2 to 8): every answer is ``num_groups · (group_size + 1) − 1``
     characters.
     """
 
-    default_reward = "char_match"
+    problem_field = "groups"
     splits = (
         SplitInfo("train", None, "procedural: digit groups whose hash is not 0 mod 8, seeded by the record index"),
         SplitInfo("test", TEST_SPLIT_SIZE, "procedural: digit groups whose hash is 0 mod 8 (disjoint from train)"),
     )
 
     def __init__(self, *, split: str = "train", num_groups: int = 17, group_size: int = 3, **common):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         for name, value, low, high in (("num_groups", num_groups, 1, 64), ("group_size", group_size, 2, 8)):
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         self.num_groups, self.group_size = num_groups, group_size
         super().__init__(split=split, **common)
-
-    @property
-    def num_records(self) -> int | None:
-        return TEST_SPLIT_SIZE if self.split == "test" else None
 
     @property
     def answer_chars(self) -> int:
@@ -73,17 +54,3 @@ class GroupSortEnv(TextTaskEnv):
 
     def load_record(self, index: int) -> dict:
         return make_problem(index, self.split, self.num_groups, self.group_size)
-
-    def prompt(self, record: Mapping) -> str:
-        return f"sort {record['groups']}\n"
-
-    def problem_text(self, record: Mapping) -> str:
-        return str(record["groups"])
-
-    def is_correct(self, completion: str, record: Mapping) -> bool:
-        return completion.strip() == record["gold"]
-
-    @staticmethod
-    def demonstration(record: Mapping) -> str:
-        """The gold completion, for supervised fine-tuning."""
-        return str(record["gold"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 from dare_gym.envs.base import SplitInfo, TextTaskEnv
 
@@ -21,47 +21,48 @@ TEST_SPLIT_SIZE = 500
 SPLITS = ("train", "test")
 
 
-def _in_test_split(digits: str) -> bool:
-    return zlib.crc32(digits.encode()) % 8 == 0
+def _in_test_split(problem: str) -> bool:
+    return zlib.crc32(problem.encode()) % 8 == 0
+
+
+def draw_in_split(seed: str, split: str, draw: Callable[[random.Random], str]) -> str:
+    """The first problem ``draw(rng)`` gives, from a generator seeded by ``seed``, that belongs to ``split``: the
+    test split holds the problems whose hash is 0 mod 8, the train split all others (disjoint by construction)."""
+    rng = random.Random(seed)
+    while True:
+        problem = draw(rng)
+        if _in_test_split(problem) == (split == "test"):
+            return problem
 
 
 def make_problem(index: int, split: str, num_digits: int) -> dict:
-    rng = random.Random(f"digitsort/{num_digits}/{split}/{index}")
-    while True:
-        digits = "".join(rng.choice("0123456789") for _ in range(num_digits))
-        if _in_test_split(digits) == (split == "test"):
-            return {"digits": digits, "gold": "".join(sorted(digits))}
+    digits = draw_in_split(f"digitsort/{num_digits}/{split}/{index}", split,
+                           lambda rng: "".join(rng.choice("0123456789") for _ in range(num_digits)))
+    return {"digits": digits, "gold": "".join(sorted(digits))}
 
 
-class DigitSortEnv(TextTaskEnv):
-    """Sort a string of digits in ascending order."""
+class SortingTaskEnv(TextTaskEnv):
+    """What the procedural sorting tasks share: prompts ``sort <problem>\n`` showing the record's
+    ``problem_field``, exactly one right answer (``gold``), dense ``char_match`` credit by default, and an
+    endless train split with a held-out test split of 500 (:func:`draw_in_split`)."""
 
     default_reward = "char_match"
-    splits = (
-        SplitInfo("train", None, "procedural: digit strings whose hash is not 0 mod 8, seeded by the record index"),
-        SplitInfo("test", TEST_SPLIT_SIZE, "procedural: digit strings whose hash is 0 mod 8 (disjoint from train)"),
-    )
+    problem_field: str  # the record field that holds the problem
 
-    def __init__(self, *, split: str = "train", num_digits: int = 6, **common):
+    def __init__(self, *, split: str = "train", **common):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not isinstance(num_digits, int) or not 2 <= num_digits <= 64:
-            raise ValueError(f"num_digits must be an integer in [2, 64], got {num_digits!r}")
-        self.num_digits = num_digits
         super().__init__(split=split, **common)
 
     @property
     def num_records(self) -> int | None:
         return TEST_SPLIT_SIZE if self.split == "test" else None
 
-    def load_record(self, index: int) -> dict:
-        return make_problem(index, self.split, self.num_digits)
-
     def prompt(self, record: Mapping) -> str:
-        return f"sort {record['digits']}\n"
+        return f"sort {record[self.problem_field]}\n"
 
     def problem_text(self, record: Mapping) -> str:
-        return str(record["digits"])
+        return str(record[self.problem_field])
 
     def is_correct(self, completion: str, record: Mapping) -> bool:
         return completion.strip() == record["gold"]
@@ -70,3 +71,22 @@ class DigitSortEnv(TextTaskEnv):
     def demonstration(record: Mapping) -> str:
         """The gold completion, for supervised fine-tuning."""
         return str(record["gold"])
+
+
+class DigitSortEnv(SortingTaskEnv):
+    """Sort a string of digits in ascending order."""
+
+    problem_field = "digits"
+    splits = (
+        SplitInfo("train", None, "procedural: digit strings whose hash is not 0 mod 8, seeded by the record index"),
+        SplitInfo("test", TEST_SPLIT_SIZE, "procedural: digit strings whose hash is 0 mod 8 (disjoint from train)"),
+    )
+
+    def __init__(self, *, split: str = "train", num_digits: int = 6, **common):
+        if not isinstance(num_digits, int) or not 2 <= num_digits <= 64:
+            raise ValueError(f"num_digits must be an integer in [2, 64], got {num_digits!r}")
+        self.num_digits = num_digits
+        super().__init__(split=split, **common)
+
+    def load_record(self, index: int) -> dict:
+        return make_problem(index, self.split, self.num_digits)
