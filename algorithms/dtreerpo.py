@@ -63,7 +63,7 @@ from dare_gym.algorithms.base import (
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.logprobs import token_entropy, token_log_probs
 from dare_gym.losses import clipped_surrogate, kl_penalty
-from dare_gym.policy import Completion
+from dare_gym.policy import Completion, eval_mode
 from dare_gym.tree_rollout import TreeNodes, grow_trees, segment_buffer
 
 SD_EPS = 1e-8  # in q / (Σw + ε) and log(q + ε), as the official trainer
@@ -339,15 +339,11 @@ class DTreeRPO(Algorithm):
         scorers = [("old_logp", policy)] if self.config.num_iterations > 1 else []
         if self.needs_reference:
             scorers.append(("ref_logp", reference))
-        was_training = policy.model.training
-        policy.model.eval()
-        try:
+        with eval_mode(policy.model):
             for column, scorer in scorers:
                 parts = [segment_logp(scorer.logits, buffer.select(rows), self.mask_token_id, policy.device)[0].cpu()
                          for rows in buffer.row_chunks(micro_batch_size)]
                 buffer.columns[column] = torch.cat(parts)
-        finally:
-            policy.model.train(was_training)
 
     def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         logp, segment, entropy = segment_logp(policy.logits, batch, self.mask_token_id, policy.device)

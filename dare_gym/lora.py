@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dare_gym.policy import POLICY_META_FILE, TINY_CHECKPOINT, DiffusionPolicy
+from dare_gym.policy import POLICY_META_FILE, TINY_CHECKPOINT, DiffusionPolicy, eval_mode
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"
@@ -223,13 +223,8 @@ class AdapterDisabledReference(DiffusionPolicy):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         model = self.model
-        was_training = model.training
-        try:
-            with torch.no_grad(), model.disable_adapter():
-                model.eval()
-                return self._policy.logits(input_ids, attention_mask, **kwargs)
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), model.disable_adapter(), eval_mode(model):
+            return self._policy.logits(input_ids, attention_mask, **kwargs)
 
     def save_pretrained(self, path) -> None:
         raise TypeError("the adapter-disabled reference is a view of the base model; save the base or the policy")

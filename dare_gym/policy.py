@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,17 @@ class Completion:
     commit_logp: torch.Tensor | None = None  # [gen_length] log-prob of each token in the forward that committed it
     step_predictions: torch.Tensor | None = None  # [steps, gen_length] x̂₀ at each step (record_predictions)
     step_confidence: torch.Tensor | None = None  # [steps, gen_length] probability of each guess
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode (dropout off: sampling and scoring) inside, back in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class DiffusionPolicy:
@@ -170,11 +182,9 @@ class DiffusionPolicy:
         chosen = get_sampler(name)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
         completions: list[Completion] = []
         stats = {"model_calls": 0, "tokens_processed": 0}
-        try:
+        with eval_mode(self.model):
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
                 prompt_ids, prompt_mask = self.encode_prompts(chunk)
@@ -195,8 +205,6 @@ class DiffusionPolicy:
                             step_confidence=None if out.step_confidence is None else out.step_confidence[row].cpu(),
                         )
                     )
-        finally:
-            self.model.train(was_training)
         return (completions, stats) if return_stats else completions
 
     def sampler_settings(self, sampler: str | None = None, options: dict | None = None):

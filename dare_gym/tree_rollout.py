@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from dare_gym.buffer import RolloutBuffer
+from dare_gym.policy import eval_mode
 from dare_gym.samplers.llada import continue_denoising
 
 NOT_YET = -1  # unmask_step of a position its node has not committed
@@ -82,9 +83,7 @@ def grow_trees(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, f
                    parent=torch.full((prompts,), -1, dtype=torch.long, device=device),
                    tree=torch.arange(prompts, device=device))]
     first_id = 0
-    was_training = policy.model.training
-    policy.model.eval()
-    try:
+    with eval_mode(policy.model):
         for k, count in enumerate(fan_out):
             parents = levels[-1]
             rows = len(parents["tree"])
@@ -102,8 +101,6 @@ def grow_trees(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, f
                 child["completion_ids"][part] = x[:, width:]
             first_id += rows
             levels.append(child)
-    finally:
-        policy.model.train(was_training)
     depth = torch.cat([torch.full_like(level["tree"], d) for d, level in enumerate(levels)])
     return TreeNodes(
         **{name: torch.cat([level[name] for level in levels]) for name in levels[0]},
