@@ -45,9 +45,9 @@ def measure(policy, batch_size: int, settings: dict, temperature: float, repeats
     generator = torch.Generator().manual_seed(0)
     in_model = [0.0]
 
-    def timed_logits(ids, mask):
+    def timed_logits(ids, mask, **options):  # logits_to_keep: the sampler keeps only the columns it decodes
         start = time.perf_counter()
-        out = policy.logits(ids, mask)
+        out = policy.logits(ids, mask, **options)
         in_model[0] += time.perf_counter() - start
         return out
 
