@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dare_gym
+from dare_gym.buffer import left_pad
 from dare_gym.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
 from dare_gym.models.families import get_family, noisy_clean_attention_inputs
 from dare_gym.models.standin import build_standin
@@ -34,10 +35,7 @@ def sdar_standin_policy(folder) -> DiffusionPolicy:
 
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    return left_pad([torch.tensor(row, dtype=torch.long) for row in rows], pad)
 
 
 def noisy_and_clean_rows(vocab: int, mask_id: int, seed: int = 0):
