@@ -60,6 +60,7 @@ from dare_gym.algorithms.base import (
     masked_mean,
     register_algorithm,
 )
+from dare_gym.algorithms.options import ResponseMask
 from dare_gym.buffer import RolloutBuffer
 from dare_gym.logprobs import token_entropy, token_log_probs
 from dare_gym.losses import clipped_surrogate, kl_penalty
@@ -70,7 +71,7 @@ SD_EPS = 1e-8  # in q / (Σw + ε) and log(q + ε), as the official trainer
 
 
 @dataclass
-class DTreeRPOConfig(AlgorithmConfig):
+class DTreeRPOConfig(ResponseMask, AlgorithmConfig):
     num_iterations: int = 12
     """μ: optimizer updates per batch of trees (official num_iterations / ppo_epochs)"""
     beta: float = 0.01
@@ -260,8 +261,9 @@ class TreeRollout(Rollout):
     tree_prompts: list[str] = field(default_factory=list)
     tree: TreeNodes | None = None
 
-    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int]) -> RolloutBuffer:
-        return segment_buffer(self.tree, self.tree_prompts, rewards, self.policy)
+    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int],
+               correct: Sequence[bool] | None = None) -> RolloutBuffer:
+        return segment_buffer(self.tree, self.tree_prompts, rewards, self.policy, self.response_mask)
 
 
 def leaf_completions(policy, tree: TreeNodes) -> list[Completion]:
@@ -287,6 +289,10 @@ class DTreeRPO(Algorithm):
         super().__init__(config, mask_token_id=mask_token_id)
         self.optimizer_steps = 0  # SD's clock t
         self.root_value = float("nan")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0  # the k3 term towards the reference
 
     def fan_out(self, group_size: int) -> list[int]:
         """Children per node at each level: the root's, then tree_branch_factor; the leaves are group_size."""
@@ -323,7 +329,8 @@ class DTreeRPO(Algorithm):
                           gen_length=options.gen_length, block_length=options.block_length,
                           temperature=options.temperature, remasking=options.remasking, generator=generator,
                           batch_size=batch_size)
-        return TreeRollout(list(prompts), leaf_completions(policy, tree), policy, tree_prompts=trees, tree=tree)
+        return TreeRollout(list(prompts), leaf_completions(policy, tree), policy, self.response_mask,
+                           tree_prompts=trees, tree=tree)
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         values, roots = tree_values(buffer.columns["node"], buffer.columns["parent"], buffer.columns["depth"],

@@ -447,16 +447,36 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
 
     _import_modules(args.imports)
     names = args.names or list_algorithms()
-    print("Set a field with algorithm.<field>=value (dare-gym train, compare); the defaults are each paper's.\n")
+    print("Choose one with algorithm.name=NAME and set a field with algorithm.<field>=value (dare-gym train, "
+          "compare); the defaults are each algorithm's official code's, response_mask included.\n")
     for name in names:
         try:
             entry = get_algorithm(name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        summary = _first_sentence(inspect.getmodule(entry.algorithm_class).__doc__ or entry.algorithm_class.__doc__)
+        doc = inspect.getmodule(entry.algorithm_class).__doc__ or entry.algorithm_class.__doc__ or ""
+        summary = _first_sentence(doc)
         print(f"{name}: {summary}" if summary else name)
-        print("\n".join(describe_fields(entry.config_class)), end="\n\n")
+        source = _followed(doc)
+        if source:
+            print(f"  followed: {source}")
+        print("\n".join(describe_fields(entry.config_class)))
+        for preset, values in entry.presets.items():
+            shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+            print(f"  preset {preset} (algorithm.preset={preset}): {shown}")
+        print()
     return 0
+
+
+def _followed(doc: str) -> str:
+    """The sentence of an algorithm's docstring that says which source it follows (``Followed: ...``)."""
+    text = " ".join(doc.split())
+    start = text.find("Followed:")
+    if start < 0:
+        return ""
+    sentence = text[start + len("Followed:"):].strip()
+    end = sentence.find(". ")
+    return sentence if end < 0 else sentence[: end + 1]
 
 
 # ----------------------------------------------------------------------------------------- compare

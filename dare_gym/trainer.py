@@ -25,6 +25,7 @@ import dare_gym
 from dare_gym import distributed
 from dare_gym.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, make_algorithm
+from dare_gym.algorithms.base import resolved_section
 from dare_gym.buffer import RolloutBuffer, right_pad
 from dare_gym.checkpoints import (
     CHECKPOINT_DIR,
@@ -65,11 +66,9 @@ from dare_gym.user_code import (
 
 DEFAULT_ALGORITHM = "d1"
 RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run seeds its streams with seed + r * stride
-# The recipe of the embedded default (BENCHMARKS.md): UniGRPO's random-ratio estimator, std-normalised group
-# advantages, clip 0.2, 2 inner updates, k3 KL 0.04. d1's paper recipe (12 updates, clip 0.5) is
-# {"name": "d1"}; it learns slowly at the tiny model's scale.
-DEFAULT_RECIPE = {"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1}, "num_iterations": 2,
-                  "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"}
+# The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
+# d1 at its paper's defaults, which learns slowly at the tiny model's scale.
+DEFAULT_RECIPE = {"name": DEFAULT_ALGORITHM, "preset": "digitsort"}
 
 
 @dataclass
@@ -113,9 +112,11 @@ class GenerationConfig:
 @dataclass
 class TrainConfig:
     """One training run. ``TrainConfig()`` is the run of ``dare-gym train`` with no arguments (the packaged
-    ``dare_gym/configs/default.yaml``): the tuned diffu-GRPO recipe on digit sorting with the tiny policy, for
-    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole (``{"name": "d1"}`` is d1 at its
-    paper's defaults); on the command line ``algorithm.<field>=value`` changes one field of it."""
+    ``dare_gym/configs/default.yaml``): d1's ``digitsort`` preset on digit sorting with the tiny policy, for
+    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
+    at its own defaults, ``{"name": X, "beta": 0}`` those defaults with one field changed; a section without a
+    name keeps d1. On the command line ``algorithm.<field>=value`` changes one field, and
+    ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.config.load_config_dict`)."""
 
     env: str = "digitsort-v0"
     """registered env id to train on (`dare-gym envs`)"""
@@ -139,7 +140,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: much less memory for real models, about a third slower"""
     algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
-    """algorithm name and options (`dare-gym algorithms` lists each one's fields)"""
+    """algorithm name, an optional preset and options: fields not set take the algorithm's own defaults
+    (`dare-gym algorithms` lists each one's fields and presets)"""
     imports: list[str] = field(default_factory=list)
     """modules or .py files imported first, to register rewards, envs or algorithms (--import)"""
     prompts_per_step: int = 32
@@ -234,6 +236,14 @@ class TrainConfig:
     def algorithm_config(self):
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
         return build_config(self.algorithm["name"], options, where="algorithm")
+
+    def resolved(self) -> dict[str, Any]:
+        """This config as a run records it (``config.json``): the algorithm section with every field's value,
+        so that the record says exactly what ran and resumes as the same run."""
+        data = jsonable(asdict(self))
+        options = {k: v for k, v in self.algorithm.items() if k != "name"}
+        data["algorithm"] = jsonable(resolved_section(self.algorithm["name"], options))
+        return data
 
 
 def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
@@ -356,7 +366,7 @@ class Trainer:
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
         step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
-        buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist())
+        buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist(), correct=step_infos["correct"].tolist())
         if "step_predictions" in needs:
             self._add_step_rewards(buffer, completions, infos["index"])
         if "demonstrations" in needs:
@@ -498,7 +508,7 @@ class Trainer:
             state = {"optimizer": optimizer_state, "streams": streams, "world_size": self.group.world_size,
                      "algorithm": self.algorithm.state_dict()}
             info = {"step": self.step, "elapsed_s": self.elapsed(), "world_size": self.group.world_size,
-                    "config": jsonable(asdict(self.config))}
+                    "config": self.config.resolved()}
             final = write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
                 folder, merged=False, state_dict=model_state), state=state, info=info, keep=self.config.keep_checkpoints)
         distributed.barrier()
@@ -573,7 +583,7 @@ class Trainer:
             if main and (self.output_dir / METRICS_FILE).exists():
                 (self.output_dir / METRICS_FILE).unlink()
             if main:
-                atomic_write_text(self.output_dir / "config.json", json.dumps(jsonable(asdict(config)), indent=2) + "\n")
+                atomic_write_text(self.output_dir / "config.json", json.dumps(config.resolved(), indent=2) + "\n")
             first = {"step": 0, "elapsed_s": 0.0, **self.evaluate()}
             if main:
                 logger.log(first)

@@ -56,8 +56,9 @@ class SamplerOptions:
     temperature: float = 0.0
     """sampling temperature of each prediction (Gumbel-max in float64); 0 is greedy"""
     tempered_confidence: bool = False
-    """with record_predictions, record each guess's probability under softmax(logits / temperature), the
-    distribution it is drawn from (MDPO's weight), instead of the sampler's own confidence; remasking is unchanged"""
+    """confidences under softmax(logits / temperature), the distribution each guess is drawn from, instead of
+    softmax(logits): the low-confidence rule commits by them and record_predictions records them (MDPO's
+    official sampler); greedy (temperature 0) is unchanged"""
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
