@@ -5,8 +5,8 @@ class the trainer drives on each batch of rollouts:
 
     buffer = algorithm.advantages(buffer, group_size)          # fill buffer.advantage; may drop rows
     algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)   # score π_old, π_ref
-    for iteration in range(num_iterations):                     # one optimizer step each
-        for minibatch in buffer.minibatches(...):
+    for iteration, minibatches in algorithm.update_plan(buffer, ...):   # one optimizer step each
+        for minibatch in minibatches:                                   # (default: num_iterations passes)
             loss, metrics = algorithm.backward(policy, minibatch, iteration, weight)
 
 :class:`Algorithm` is the contract, with its defaults: what a rollout must record (``rollout_needs``), the sampler
@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -100,6 +100,7 @@ class Algorithm:
         :class:`Rollout`, whose ``completions`` the env scores and whose ``buffer`` makes the rows.
     The update:
         ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
+        ``update_plan``: the optimizer steps and the minibatches of each (``num_iterations`` passes by default).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
         ``distributed_unsupported``: None, or the reason the trainer gives for refusing ``strategy`` ddp/fsdp.
         ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
@@ -150,6 +151,16 @@ class Algorithm:
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None,
                 micro_batch_size: int) -> None:
         """Score what the loss compares against (π_old, π_ref) before the optimizer steps; nothing by default."""
+
+    def update_plan(self, buffer: RolloutBuffer, micro_batch_size: int,
+                    generator: torch.Generator | None) -> Iterator[tuple[int, Iterator[RolloutBuffer]]]:
+        """The optimizer steps of one update, in order: each an (iteration index, its minibatches) pair; the
+        trainer accumulates the minibatches' gradients (each weighted by its share of the step's rows) and steps.
+        By default ``num_iterations`` passes over the whole batch, shuffled into minibatches of about
+        ``micro_batch_size`` rows (``minibatch_unit`` rows kept together); d-TreeRPO's official schedule trains
+        one parent's segments at a time instead."""
+        for iteration in range(self.config.num_iterations):
+            yield iteration, buffer.minibatches(micro_batch_size, generator=generator, unit=self.minibatch_unit)
 
     def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -200,13 +200,13 @@ class RolloutBuffer:
         """Shuffled row subsets of about ``size`` rows covering the buffer once. With ``unit`` (a column name,
         or ``"group_id"``), rows sharing a value stay in one minibatch (DPO's chosen/rejected pairs)."""
         if unit is None:
-            order = _randperm(len(self), generator)
+            order = random_order(len(self), generator)
             for start in range(0, len(self), size):
                 yield self.select(order[start : start + size])
             return
         keys = self.group_id if unit == "group_id" else self.columns[unit]
         units = torch.unique(keys)
-        units = units[_randperm(len(units), generator)]
+        units = units[random_order(len(units), generator)]
         per_unit = max(1, len(self) // max(1, len(units)))
         step = max(1, size // per_unit)
         for start in range(0, len(units), step):
@@ -240,7 +240,7 @@ class RolloutBuffer:
         return batch
 
 
-def _randperm(count: int, generator: torch.Generator | None) -> torch.Tensor:
+def random_order(count: int, generator: torch.Generator | None) -> torch.Tensor:
     """A random order of ``count`` rows, drawn wherever ``generator`` lives and returned on the CPU (the buffer's
     home)."""
     device = generator.device if generator is not None else "cpu"

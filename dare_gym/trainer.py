@@ -1,7 +1,8 @@
 """The training loop: collect, score, compute advantages, update, evaluate, log, checkpoint.
 
     env.reset ─prompts─▶ algorithm.rollout (policy.generate) ─completions─▶ env.step ─rewards─▶ RolloutBuffer
-        ─▶ algorithm.advantages ─▶ algorithm.prepare ─▶ num_iterations × (algorithm.loss ─▶ optimizer)
+        ─▶ algorithm.advantages ─▶ algorithm.prepare ─▶ algorithm.update_plan: per optimizer step, its
+           minibatches' algorithm.backward ─▶ optimizer (by default num_iterations passes over the batch)
 
 The trainer is the only place that knows envs, policies and algorithms at once; it dispatches on nothing.
 """
@@ -436,12 +437,12 @@ class Trainer:
         self.policy.model.train()
         self.algorithm.prepare(self.policy, self.reference, buffer, self.generator, config.micro_batch_size)
         totals: dict[str, list[float]] = {}
-        unit = self.algorithm.minibatch_unit  # e.g. DPO keeps each pair together
-        for iteration in range(self.algorithm.config.num_iterations):
+        for iteration, minibatches in self.algorithm.update_plan(buffer, config.micro_batch_size, self.generator):
             self.optimizer.zero_grad()
-            minibatches = list(buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit))
+            minibatches = list(minibatches)
+            step_rows = float(distributed.global_sum(sum(distributed.active_rows(m).sum() for m in minibatches)))
             for number, minibatch in enumerate(minibatches):
-                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / active
+                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / max(step_rows, 1.0)
                 weight = share * self.group.world_size  # DDP and FSDP average the ranks' gradients
                 with self.policy.gradient_sync(number == len(minibatches) - 1):
                     loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, weight)

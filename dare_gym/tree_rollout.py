@@ -119,8 +119,8 @@ def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[fl
     ``completion_mask`` marks the positions ``response_mask`` keeps (the official code: up to and including the
     child's first EOS; :meth:`DiffusionPolicy.response_mask`). ``reward`` is the
     env's reward on leaves (``rewards``, one per leaf in :meth:`TreeNodes.leaves` order) and NaN on inner
-    nodes; ``group_id`` is the parent's node id (siblings share it). Columns ``node``, ``parent``, ``depth`` give
-    the tree's shape for the values of :mod:`dare_gym.algorithms.dtreerpo`."""
+    nodes; ``group_id`` is the parent's node id (siblings share it). Columns ``node``, ``parent``, ``depth`` and
+    ``tree`` give the trees' shape for the values and the schedule of :mod:`dare_gym.algorithms.dtreerpo`."""
     leaves = tree.leaves().cpu()
     if len(rewards) != len(leaves):
         raise ValueError(f"need one reward per leaf ({len(leaves)}), got {len(rewards)}")
@@ -140,7 +140,7 @@ def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[fl
         reward=node_reward[rows], group_id=cpu["parent"][rows],
         prompts=[prompts[t] for t in trees.tolist()], completions=[policy.decode(ids) for ids in child],
         columns={"parent_ids": cpu["completion_ids"][cpu["parent"][rows]], "node": rows, "parent": cpu["parent"][rows],
-                 "depth": cpu["depth"][rows]},
+                 "depth": cpu["depth"][rows], "tree": trees},
         pad_token_id=policy.tokenizer.pad_token_id,
     )
 
