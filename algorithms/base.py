@@ -92,8 +92,9 @@ class Algorithm:
         ``rollout_needs``: extra columns the trainer adds to the buffer — ``"step_predictions"`` (the sampler's
         x̂₀ at every step, scored by the env: ``step_reward``, MDPO) and ``"demonstrations"`` (the env's gold
         answers, tokenised: ``demonstration_ids``, SFT on demonstrations).
-        ``rollout_settings``: sampler settings the algorithm requires, over the config's (``"gen_length"`` as a
-        value means the rollout's completion length: JustGRPO decodes left to right, one token per step).
+        ``rollout_settings``: sampler settings the algorithm requires, over the config's (MDPO's tempered
+        confidence). ``rollout_order = "left_to_right"``: decode one token per step, left to right, with whatever
+        options the rollout's sampler needs for that (JustGRPO; :meth:`Sampler.left_to_right`).
         ``rollout(policy, prompts, ...)``: how a step's completions are sampled and turned into buffer rows. The
         default samples each prompt independently with the policy's sampler, one row per completion; an
         algorithm that samples otherwise (d-TreeRPO's tree of partial states) overrides it and returns its own
@@ -103,6 +104,7 @@ class Algorithm:
         ``update_plan``: the optimizer steps and the minibatches of each (``num_iterations`` passes by default).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
         ``distributed_unsupported``: None, or the reason the trainer gives for refusing ``strategy`` ddp/fsdp.
+        ``refusal(family)``: why it cannot train a family at all (``supported_noise``), asked before loading.
         ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
         ``after_optimizer_step`` (PPO steps its value model there).
     Checkpoints: ``state_dict`` / ``load_state_dict`` carry any state of the algorithm's own (PPO's value model).
@@ -112,13 +114,25 @@ class Algorithm:
     name: str  # set by @register_algorithm
     rollout_needs: tuple[str, ...] = ()
     rollout_settings: dict[str, Any] = {}
+    rollout_order: str | None = None  # "left_to_right": one token per step (JustGRPO)
     minibatch_unit: str | None = None
     scores_response_only = False  # hide the positions after the response from the scoring forward (DARE's DPO)
     distributed_unsupported: str | None = None  # why this algorithm cannot train on several processes, if it cannot
 
+    supported_noise: tuple[str, ...] = ("mask",)  # the model families' corruptions its estimators handle
+
     def __init__(self, config: Any, *, mask_token_id: int):
         self.config = config
         self.mask_token_id = mask_token_id
+
+    @classmethod
+    def refusal(cls, family) -> str | None:
+        """Why this algorithm cannot train a model of ``family`` (a :class:`ModelFamily`), or None: asked before
+        the model is loaded, so that an impossible pairing stops at once with the reason."""
+        if family.noise not in cls.supported_noise:
+            return (f"{cls.name} estimates likelihoods by replacing tokens with [MASK] ({', '.join(cls.supported_noise)} "
+                    f"noise), but {family.name} models are trained to undo {family.noise} noise")
+        return None
 
     @property
     def needs_reference(self) -> bool:

@@ -343,6 +343,9 @@ class DTreeRPO(Algorithm):
         if sampler not in (None, "llada"):
             raise ValueError(f"dtreerpo's tree rollout is LLaDA's sampler: rollout.sampler must be llada or null, "
                              f"got {sampler!r}")
+        if policy.block_size is not None:  # LLaDA's semi-AR blocks on the model's own block grid by default
+            settings.setdefault("block_length", policy.block_size)
+            settings.setdefault("steps", settings.get("gen_length", policy.generation_defaults["gen_length"]))
         _, options = policy.sampler_settings("llada", settings)  # validates the schedule, names unknown options
         trees = list(prompts[::group_size])
         for number, prompt in enumerate(trees):

@@ -25,7 +25,7 @@ class JustGRPOConfig(ResponseMask, GroupAdvantages, DualClip, ClipHigher, Clip, 
 
 @register_algorithm("justgrpo", JustGRPOConfig)
 class JustGRPO(PolicyGradient):
-    rollout_settings = {"block_length": 1, "steps": "gen_length"}  # left to right, one token per step
+    rollout_order = "left_to_right"  # one token per step, left to right: each sampler says how (Sampler.left_to_right)
 
     def build_estimator(self, mask_token_id: int):
         return make_estimator("exact_ar", mask_token_id=mask_token_id)  # the exact left-to-right likelihood

@@ -68,7 +68,12 @@ class ValueModel(nn.Module):
         output.register_forward_hook(lambda module, args, result: setattr(self, "_hidden", args[0]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._hidden = None
         self.family.forward(self.backbone, input_ids, attention_mask, block_size=self.block_size)
+        if self._hidden is None or self._hidden.shape[:2] != input_ids.shape:
+            raise ValueError(f"PPO's value model reads the input of the model's output layer; this "
+                             f"{self.family.name} model computes its logits without calling that layer "
+                             "(a tied head?), so it cannot have a value model")
         hidden = self.family.align(self._hidden, attention_mask)  # position i: the state that predicts token i
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # values in float32 under bf16 weights
 

@@ -241,12 +241,16 @@ class DiffusionPolicy:
         """(sampler name, validated options): explicit options over ``generation_defaults``; defaults the chosen
         sampler does not take are left out, explicit ones it does not take are an error naming them."""
         defaults = dict(self.generation_defaults)
-        name = sampler or defaults.pop("sampler", None) or self.default_sampler
+        name = self.sampler_name(sampler)
         defaults.pop("sampler", None)
         fields = {f.name for f in dataclasses.fields(get_sampler(name).options_class)}
         values = {k: v for k, v in defaults.items() if k in fields}
         values.update(options or {})
         return name, make_options(name, values)
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler a call uses: ``sampler``, else the policy's generation default, else the family's."""
+        return sampler or self.generation_defaults.get("sampler") or self.default_sampler
 
     @property
     def default_sampler(self) -> str:

@@ -25,7 +25,7 @@ import torch
 import dare_gym
 from dare_gym import distributed
 from dare_gym.advantages import zero_variance_groups
-from dare_gym.algorithms import build_config, make_algorithm
+from dare_gym.algorithms import build_config, get_algorithm, make_algorithm
 from dare_gym.algorithms.base import resolved_section
 from dare_gym.buffer import RolloutBuffer, right_pad
 from dare_gym.checkpoints import (
@@ -46,6 +46,7 @@ from dare_gym.device import make_generator, resolve_device, resolve_dtype
 from dare_gym.distributed import STRATEGIES
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
+from dare_gym.loading import policy_family
 from dare_gym.lora import (
     LoraSettings,
     adapter_disabled_reference,
@@ -66,6 +67,7 @@ from dare_gym.user_code import (
 )
 
 DEFAULT_ALGORITHM = "d1"
+SAMPLERS_FILE = "samplers.json"  # the resolved sampler settings of a run's rollouts and evaluations
 RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run seeds its streams with seed + r * stride
 # The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
 # d1 at its paper's defaults, which learns slowly at the tiny model's scale.
@@ -260,6 +262,18 @@ def mean_completion_length(policy, completions) -> float:
     return float((policy.completion_mask(ids) * present).sum(dim=1).float().mean())
 
 
+def refuse_unsupported_family(config: TrainConfig) -> None:
+    """A :class:`ConfigError` with the algorithm's reason where it cannot train the policy's family (read from the
+    policy's files, before any weight is loaded)."""
+    try:
+        family = policy_family(config.policy, config.policy_family)
+    except (OSError, ValueError):
+        return  # the policy cannot be read without loading it (a hub id offline): load_policy will say why
+    reason = get_algorithm(config.algorithm["name"]).algorithm_class.refusal(family)
+    if reason:
+        raise ConfigError(f"algorithm {config.algorithm['name']} cannot train policy {config.policy!r}: {reason}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -278,6 +292,8 @@ class Trainer:
         if config.prompts_per_step % self.group.world_size:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be divisible by the number of "
                               f"processes ({self.group.world_size}): each rank rolls out whole groups")
+        if policy is None:
+            refuse_unsupported_family(config)
         device = resolve_device(distributed.rank_device(config.device, self.group))
         compute_dtype = resolve_dtype(config.dtype, device)
         fsdp = self.group.world_size > 1 and config.strategy == "fsdp"
@@ -382,20 +398,32 @@ class Trainer:
             "zero_variance_fraction": float(zero_variance_groups(torch.as_tensor(rewards), self.config.group_size)
                                             .float().mean()),
             "completion_length": mean_completion_length(self.policy, completions),
+            # completions that ran to the length limit without a stop token (verl's response clip ratio)
+            "truncated_fraction": float(sum(not bool(self.policy.ended(c.completion_ids[None])[0])
+                                            for c in completions) / max(len(completions), 1)),
             "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
             "reward_errors": sum(1 for errors in self.last_reward_errors if errors),
             **timings,
         }
         return buffer, stats
 
+    def sampler_record(self) -> dict[str, dict[str, Any]]:
+        """Every setting the rollout and evaluation samplers run with, defaults included (``samplers.json``): a
+        result says how its completions were produced (fast_dllm's early exit, say, which Fast-dLLM lacks)."""
+        record = {}
+        for section, settings in (("rollout", self.rollout_kwargs()), ("evaluation", self.config.evaluation.as_kwargs())):
+            name, options = self.policy.sampler_settings(**_sampler_arguments(settings))
+            record[section] = {"sampler": name, **jsonable(asdict(options))}
+        return record
+
     def rollout_kwargs(self) -> dict[str, Any]:
-        """The sampler settings for rollouts: the config's, then what the algorithm requires (JustGRPO
-        decodes left to right, one token per step: ``{"block_length": 1, "steps": "gen_length"}``)."""
-        settings = self.config.rollout.as_kwargs()
-        required = self.algorithm.rollout_settings
-        if required:
+        """The sampler settings for rollouts: the config's, then what the algorithm requires (MDPO's tempered
+        confidence; JustGRPO's left-to-right order, which the sampler translates into its own options)."""
+        settings = {**self.config.rollout.as_kwargs(), **self.algorithm.rollout_settings}
+        if self.algorithm.rollout_order == "left_to_right":
+            name = self.policy.sampler_name(settings.get("sampler"))
             gen_length = settings.get("gen_length", self.policy.generation_defaults["gen_length"])
-            settings.update({key: gen_length if value == "gen_length" else value for key, value in required.items()})
+            settings.update(get_sampler(name).left_to_right(self.policy, gen_length))
         return settings
 
     def _add_step_rewards(self, buffer: RolloutBuffer, completions, indices) -> None:
@@ -585,6 +613,7 @@ class Trainer:
                 (self.output_dir / METRICS_FILE).unlink()
             if main:
                 atomic_write_text(self.output_dir / "config.json", json.dumps(config.resolved(), indent=2) + "\n")
+                atomic_write_text(self.output_dir / SAMPLERS_FILE, json.dumps(self.sampler_record(), indent=2) + "\n")
             first = {"step": 0, "elapsed_s": 0.0, **self.evaluate()}
             if main:
                 logger.log(first)

@@ -80,6 +80,11 @@ class Sampler:
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
         raise NotImplementedError
 
+    def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
+        """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,
+        whose exact likelihood is the autoregressive one); a sampler that cannot says why."""
+        raise ValueError(f"sampler {self.name!r} cannot decode left to right, one token per step")
+
 
 SAMPLERS: dict[str, Sampler] = {}
 

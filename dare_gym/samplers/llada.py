@@ -245,6 +245,9 @@ class LLaDASampler(Sampler):
     name = "llada"
     options_class = LLaDAOptions
 
+    def left_to_right(self, policy, gen_length: int) -> dict:
+        return {"block_length": 1, "steps": gen_length}  # blocks of one token: each step commits the next
+
     def __call__(self, policy, prompt_ids, prompt_mask, options: LLaDAOptions, *, generator=None,
                  record_predictions=False) -> SamplerOutput:
         return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
