@@ -249,42 +249,6 @@ def test_mdpo_whole_loss():
     assert loss == pytest.approx(sum(step_losses) / 3, abs=1e-6)
 
 
-@torch.no_grad()
-def test_mdpo_rollouts_record_the_tempered_confidence():
-    """The official MDPO sampler weighs each guess by its probability under softmax(logits / T). MDPO asks the
-    sampler for it; the committed tokens (LLaDA's remasking on softmax(logits)) do not change, and at every
-    step each masked position's recorded confidence is p_T of the recorded guess, committed ones hold 1."""
-    from dare_gym.algorithms.mdpo import MDPO
-    from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-    from dare_gym.models.tokenizer import build_char_tokenizer
-    from dare_gym.policy import DiffusionPolicy
-
-    torch.manual_seed(2)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.2, mask_token_id=tokenizer.mask_token_id)
-    policy = DiffusionPolicy(TinyDLLMForMaskedLM(config).to(torch.float64).eval(), tokenizer, family="tiny")
-    settings = dict(gen_length=8, steps=4, block_length=4, temperature=0.5, record_predictions=True)
-    plain = policy.generate(["hey"], seed=0, **settings)[0]
-    tempered = policy.generate(["hey"], seed=0, **settings, **MDPO.rollout_settings)[0]
-    assert MDPO.rollout_settings == {"tempered_confidence": True}
-    assert torch.equal(plain.completion_ids, tempered.completion_ids)
-    assert torch.equal(plain.unmask_step, tempered.unmask_step)
-    assert torch.equal(plain.step_predictions, tempered.step_predictions)
-    prompt = tempered.prompt_ids[None]
-    for step in range(tempered.step_predictions.shape[0]):
-        state = tempered.completion_ids.masked_fill(tempered.unmask_step >= step, policy.mask_token_id)[None]
-        logits = policy.logits(torch.cat([prompt, state], dim=1), torch.ones(1, prompt.shape[1] + 8, dtype=torch.long))
-        guess = tempered.step_predictions[step]
-        masked = state[0] == policy.mask_token_id
-        p_tempered = torch.softmax(logits[0, prompt.shape[1]:].double() / 0.5, dim=-1).gather(-1, guess[:, None])[:, 0]
-        p_model = torch.softmax(logits[0, prompt.shape[1]:].double(), dim=-1).gather(-1, guess[:, None])[:, 0]
-        assert torch.allclose(tempered.step_confidence[step][masked].double(), p_tempered[masked], atol=1e-6)
-        assert torch.allclose(plain.step_confidence[step][masked].double(), p_model[masked], atol=1e-6)
-        assert (tempered.step_confidence[step][~masked] == 1).all()
-    assert not torch.allclose(plain.step_confidence, tempered.step_confidence)
-
-
 # ------------------------------------------------------------------------------------------------- PPO
 
 
