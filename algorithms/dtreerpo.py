@@ -67,6 +67,7 @@ from dare_gym.algorithms.base import (
 )
 from dare_gym.algorithms.options import ResponseMask
 from dare_gym.buffer import RolloutBuffer, random_order
+from dare_gym.distributed import gather_objects
 from dare_gym.logprobs import token_entropy, token_log_probs
 from dare_gym.losses import clipped_surrogate, kl_penalty
 from dare_gym.policy import Completion, eval_mode
@@ -368,8 +369,9 @@ class DTreeRPO(Algorithm):
             return
         positions = parent_positions(buffer)
         order = torch.unique(positions)
-        order = order[random_order(len(order), generator)]
-        for position in order.tolist():
+        # one shuffled order for every rank (rank 0's), so a distributed update is the single-process one
+        order = gather_objects(order[random_order(len(order), generator)].tolist())[0]
+        for position in order:
             segment = buffer.select(positions == position)
             for iteration in range(self.config.num_iterations):
                 yield iteration, segment.minibatches(micro_batch_size, generator=generator, unit="group_id")

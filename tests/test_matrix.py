@@ -56,10 +56,21 @@ STANDINS = {"tiny": ("tiny", FULL_ATTENTION), "tiny-block": ("tiny-block", []), 
 
 @pytest.fixture(scope="module")
 def policies(tmp_path_factory):
+    """The stand-ins' folders, with the plugin's env and reward registered for this module only (other test
+    files list the registered envs and rewards)."""
+    import gymnasium
+
+    from dare_gym import registry
+    from dare_gym.rewards import base as reward_registry
+
+    saved = (dict(registry._REGISTERED), dict(reward_registry._REWARDS), dict(gymnasium.registry))
     root = tmp_path_factory.mktemp("matrix")
     (root / "matrix_plugin.py").write_text(PLUGIN)
     import_module(str(root / "matrix_plugin.py"))
-    return {name: (folder or str(build_standin(name, root / name)), extra) for name, (folder, extra) in STANDINS.items()}
+    yield {name: (folder or str(build_standin(name, root / name)), extra) for name, (folder, extra) in STANDINS.items()}
+    for live, before in zip((registry._REGISTERED, reward_registry._REWARDS, gymnasium.registry), saved):
+        live.clear()
+        live.update(before)
 
 
 def train(args: list[str]) -> tuple[int, str]:
