@@ -6,7 +6,9 @@ Pairs come from the policy's own rollouts ranked by the verifiable reward: in ev
 differ, the best completion is chosen and the worst rejected. (Offline pairs, e.g. HH-RLHF, go through
 :meth:`RolloutBuffer.from_pairs`.) 𝓑 is the stratified ELBO (``elbo`` estimator), scored for the policy and
 the frozen reference on the same masks; like DARE, each ELBO is divided by the response length, which sets
-β's scale. Defaults (DARE): β = 0.2, lr 5e-7, one ELBO sample (VRPO, in ``vrpo.py``, uses 8).
+β's scale. Each response is scored up to and including its first EOS (DARE appends one EOS and hides the
+padding). Followed: DARE (``_forward_process_vrpo``; LLaDA 1.5's own code is not public). Defaults (DARE):
+β = 0.2, lr 5e-7, one ELBO sample (VRPO, in ``vrpo.py``, uses 8).
 """
 
 from __future__ import annotations
@@ -14,28 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from dare_gym.algorithms.base import (
-    PolicyGradient,
-    PolicyGradientConfig,
-    register_algorithm,
-)
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.options import Likelihood, ResponseMask, is_number
 
 from dare_gym.distributed import active_rows, discard_rows, global_mean
 from dare_gym.losses import dpo_pair_losses
 
 
 @dataclass
-class DPOConfig(PolicyGradientConfig):
-    beta: float = 0.2  # DPO's inverse temperature (not a KL weight: the reference is always used)
+class DPOConfig(ResponseMask, Likelihood, AlgorithmConfig):
+    beta: float = 0.2
+    """DPO's inverse temperature (not a KL weight: the reference is always used)"""
     estimator: str = "elbo"
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 1})
     length_normalize: bool = True
     """divide each ELBO by the response length (sets beta's scale)"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"DPO's beta must be > 0, got {self.beta!r}")
+    def check(self):
+        if not (is_number(self.beta) and self.beta > 0):
+            raise ValueError(f"DPO's beta must be a number > 0, got {self.beta!r}")
 
 
 def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
@@ -54,6 +53,7 @@ def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[
 @register_algorithm("dpo", DPOConfig)
 class DPO(PolicyGradient):
     minibatch_unit = "pair_id"  # a chosen row and its rejected row always share a minibatch
+    scores_response_only = True  # DARE scores each response through its EOS with the padding hidden
 
     @property
     def needs_reference(self) -> bool:
@@ -73,7 +73,7 @@ class DPO(PolicyGradient):
         inputs, scores, _, ref_logp = self.score(policy, batch, iteration)
         present = scores.scored
         elbo, ref_elbo = scores.sequence(), (ref_logp * present).sum(dim=1)
-        if self.config.length_normalize:
+        if self.config.length_normalize:  # the response's length (its EOS included)
             length = inputs.attention_mask[:, inputs.prompt_length:].sum(dim=1).clamp(min=1)
             elbo, ref_elbo = elbo / length, ref_elbo / length
         chosen = batch.columns["chosen"].to(elbo.device)

@@ -31,8 +31,13 @@ Defaults (the official yaml, mirrored by DARE): ε = 0.4, β = 0.01, s = 2, bran
 Where a summary of the paper and the codes differ, this follows the official trainer and DARE: the baseline is the
 mean of the *other* siblings (the summary's V_c − V_p is B/(B−1) times smaller), and s is the number of levels of
 T/s steps each (the summary reads it as steps merged per level). Where the two codes differ:
-- Sibling groups share a minibatch (``minibatch_unit = "group_id"``), as the official trainer packs each parent's
-  children together. DARE's node-major mini-batches never hold two siblings, so its SD term is identically 0.
+- The update schedule (``update_schedule``). Official: a minibatch is one parent position's segments (that
+  parent's children in every tree of the device's batch), trained for μ consecutive optimizer steps, one
+  position after another in a shuffled order, a new tree search once all are used: ``per_parent``, the default,
+  does exactly that within one trainer step. DARE instead makes μ passes over unshuffled minibatches of every
+  segment; ``all_segments`` makes μ passes over all segments with sibling groups kept together.
+- Sibling groups share a minibatch, as the official trainer packs each parent's children together. DARE's
+  node-major mini-batches never hold two siblings, so its SD term is identically 0.
 - The clock t counts optimizer steps (official); T is ``self_distillation_horizon`` (30000, DARE's default; the
   official trainer uses the run's max_steps, DARE counts RL steps).
 - The scored context is the sampled one: pad keys of left-padded prompts are hidden in both (DARE scores with an
@@ -60,17 +65,21 @@ from dare_gym.algorithms.base import (
     masked_mean,
     register_algorithm,
 )
-from dare_gym.buffer import RolloutBuffer
+from dare_gym.algorithms.options import ResponseMask
+from dare_gym.buffer import RolloutBuffer, random_order
+from dare_gym.distributed import gather_objects
 from dare_gym.logprobs import token_entropy, token_log_probs
 from dare_gym.losses import clipped_surrogate, kl_penalty
 from dare_gym.policy import Completion, eval_mode
 from dare_gym.tree_rollout import TreeNodes, grow_trees, segment_buffer
 
 SD_EPS = 1e-8  # in q / (Σw + ε) and log(q + ε), as the official trainer
+UPDATE_SCHEDULES = ("per_parent", "all_segments")
+PARENT_POSITION = "dtreerpo.parent_position"  # buffer column: the parent's position inside its own tree
 
 
 @dataclass
-class DTreeRPOConfig(AlgorithmConfig):
+class DTreeRPOConfig(ResponseMask, AlgorithmConfig):
     num_iterations: int = 12
     """μ: optimizer updates per batch of trees (official num_iterations / ppo_epochs)"""
     beta: float = 0.01
@@ -96,8 +105,14 @@ class DTreeRPOConfig(AlgorithmConfig):
     """β_τ: the exponent of τ(t)'s decay"""
     self_distillation_horizon: int = 30000
     """T: optimizer steps over which ϱ = t/T goes from 0 to 1"""
+    update_schedule: str = "per_parent"
+    """per_parent (official): the segments of one parent position of the trees (its children, in every tree of
+    the batch) make a minibatch trained for num_iterations consecutive optimizer steps, one position after the
+    other in a shuffled order; all_segments: num_iterations passes over every segment"""
 
-    def __post_init__(self):
+    def check(self):
+        if self.update_schedule not in UPDATE_SCHEDULES:
+            raise ValueError(f"update_schedule must be one of {', '.join(UPDATE_SCHEDULES)}, got {self.update_schedule!r}")
         for name in ("num_iterations", "tree_contraction_factor", "tree_branch_factor", "self_distillation_horizon"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -260,8 +275,9 @@ class TreeRollout(Rollout):
     tree_prompts: list[str] = field(default_factory=list)
     tree: TreeNodes | None = None
 
-    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int]) -> RolloutBuffer:
-        return segment_buffer(self.tree, self.tree_prompts, rewards, self.policy)
+    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int],
+               correct: Sequence[bool] | None = None) -> RolloutBuffer:
+        return segment_buffer(self.tree, self.tree_prompts, rewards, self.policy, self.response_mask)
 
 
 def leaf_completions(policy, tree: TreeNodes) -> list[Completion]:
@@ -273,6 +289,18 @@ def leaf_completions(policy, tree: TreeNodes) -> list[Completion]:
                                       unmask_step=tree.unmask_step[node].cpu(),
                                       commit_logp=tree.commit_logp[node].cpu()))
     return completions
+
+
+def parent_positions(buffer: RolloutBuffer) -> torch.Tensor:
+    """[N] each segment's parent position inside its own tree (0: the root, then its inner nodes in order): the
+    same for the corresponding parents of every tree, since all trees of a batch have one shape."""
+    tree, node, parent = buffer.columns["tree"], buffer.columns["node"], buffer.columns["parent"]
+    positions = torch.empty_like(parent)
+    for t in torch.unique(tree).tolist():
+        rows = tree == t
+        ids = torch.unique(torch.cat([parent[rows], node[rows]]))  # sorted: the root first, level-major
+        positions[rows] = torch.searchsorted(ids, parent[rows])
+    return positions
 
 
 # -------------------------------------------------------------------------------------------- algorithm
@@ -287,6 +315,10 @@ class DTreeRPO(Algorithm):
         super().__init__(config, mask_token_id=mask_token_id)
         self.optimizer_steps = 0  # SD's clock t
         self.root_value = float("nan")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.config.beta > 0  # the k3 term towards the reference
 
     def fan_out(self, group_size: int) -> list[int]:
         """Children per node at each level: the root's, then tree_branch_factor; the leaves are group_size."""
@@ -312,6 +344,9 @@ class DTreeRPO(Algorithm):
         if sampler not in (None, "llada"):
             raise ValueError(f"dtreerpo's tree rollout is LLaDA's sampler: rollout.sampler must be llada or null, "
                              f"got {sampler!r}")
+        if policy.block_size is not None:  # LLaDA's semi-AR blocks on the model's own block grid by default
+            settings.setdefault("block_length", policy.block_size)
+            settings.setdefault("steps", settings.get("gen_length", policy.generation_defaults["gen_length"]))
         _, options = policy.sampler_settings("llada", settings)  # validates the schedule, names unknown options
         trees = list(prompts[::group_size])
         for number, prompt in enumerate(trees):
@@ -323,7 +358,23 @@ class DTreeRPO(Algorithm):
                           gen_length=options.gen_length, block_length=options.block_length,
                           temperature=options.temperature, remasking=options.remasking, generator=generator,
                           batch_size=batch_size)
-        return TreeRollout(list(prompts), leaf_completions(policy, tree), policy, tree_prompts=trees, tree=tree)
+        return TreeRollout(list(prompts), leaf_completions(policy, tree), policy, self.response_mask,
+                           tree_prompts=trees, tree=tree)
+
+    def update_plan(self, buffer: RolloutBuffer, micro_batch_size: int, generator):
+        """``all_segments``: the default plan. ``per_parent`` (the official schedule): for each parent position,
+        in a random order, ``num_iterations`` optimizer steps on that position's segments alone."""
+        if self.config.update_schedule == "all_segments":
+            yield from super().update_plan(buffer, micro_batch_size, generator)
+            return
+        positions = parent_positions(buffer)
+        order = torch.unique(positions)
+        # one shuffled order for every rank (rank 0's), so a distributed update is the single-process one
+        order = gather_objects(order[random_order(len(order), generator)].tolist())[0]
+        for position in order:
+            segment = buffer.select(positions == position)
+            for iteration in range(self.config.num_iterations):
+                yield iteration, segment.minibatches(micro_batch_size, generator=generator, unit="group_id")
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         values, roots = tree_values(buffer.columns["node"], buffer.columns["parent"], buffer.columns["depth"],

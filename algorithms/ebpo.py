@@ -12,8 +12,9 @@ each term is bounded by a masked-diffusion ELBO. One forward over the doubled in
 Blocks lie on the grid of the packed prompt + response (the first and last response blocks may be partial);
 block j of row n masks exactly m = min(⌊t·len_j⌋ + 1, len_j) of its len_j valid tokens at the stratified,
 per-block-jittered level t = (u + (nK + j)/(NK)) mod 1. The masks are drawn once per sample after the rollout
-and serve π_old, π_θ and π_ref alike. "Valid" tokens are those up to and including the first EOS; the scoring
-forward hides the positions after it, as DARE's attention mask does.
+and serve π_old, π_θ and π_ref alike. "Valid" tokens are those up to and including the first EOS (DARE's
+LLaDA2/SDAR rollouts stop there; ``response_mask``); the scoring forward hides the positions after it, as DARE's
+attention mask does.
 
 A full-attention policy (LLaDA, Dream, the built-in ``tiny``: ``policy.block_size`` is None) has a single
 block, the whole completion, whose only condition is the prompt; then the plain forward on [prompt ; noised
@@ -33,13 +34,13 @@ DARE's recipes: lr 5e-7, 16 prompts × G = 8, mc_num N = 16, ε = 0.2, β = 0, �
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from dare_gym.advantages import group_advantages, zero_variance_groups
-from dare_gym.algorithms.base import Algorithm, PolicyGradientConfig, register_algorithm
+from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
+from dare_gym.algorithms.options import Clip, ClipHigher, GroupAdvantages, KLPenalty, ResponseMask
 from dare_gym.distributed import active_rows, discard_rows, gradient_sync
 from dare_gym.estimators import block_elbo_noise, block_elbo_row, response_blocks
 from dare_gym.logprobs import token_log_probs
@@ -50,46 +51,18 @@ MASKED, WEIGHT = "ebpo.masked", "ebpo.weight"  # buffer columns: [rows, N, L] ma
 
 
 @dataclass
-class EBPOConfig(PolicyGradientConfig):
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
-    kl_estimator: str = "k3"
-    estimator: str = "block_elbo"
-    """fixed: EBPO's all-block ELBO (its masks and forward are the algorithm's own)"""
-    estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
-    """{mc_num: N}, the noise rows per sample (DARE: 16); each costs a forward for the value and one for the
-    gradient at every update, and one more for π_old (μ > 1) and π_ref (β > 0)"""
-    loss_type: str = "bnpo"
-    """ignored, as DARE ignores loss_agg_mode: the loss is a mean over sequences"""
-    importance_sampling_level: str = "sequence"
-    """fixed: one ratio per sequence, on the composite ELBO"""
-    drop_zero_variance_groups: bool = False
-    """skip groups whose rewards are all equal; DARE keeps them (they count in the mean over sequences)"""
+class EBPOConfig(ResponseMask, GroupAdvantages, KLPenalty, ClipHigher, Clip, AlgorithmConfig):
     advantage_std_eps: float = VERL_STD_EPS
-    """added to the reward std of the z-score (verl's GRPO: 1e-6)"""
+    response_mask: str = "through_eos"
+    mc_num: int = 16
+    """N, the noise rows per sample (DARE: 16); each costs a forward for the value and one for the gradient at
+    every update, and one more for π_old (μ > 1) and π_ref (β > 0)"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        fixed = {"estimator": "block_elbo", "importance_sampling_level": "sequence", "dual_clip": None,
-                 "rollout_is_cap": None}
-        for name, value in fixed.items():
-            if getattr(self, name) != value:
-                raise ValueError(f"EBPO has no {name} option: it must be {value!r}, got {getattr(self, name)!r}")
-        unknown = set(self.estimator_kwargs) - {"mc_num"}
-        if unknown:
-            raise ValueError(f"EBPO's estimator_kwargs take only mc_num, got {sorted(unknown)}")
-        mc_num = self.estimator_kwargs.get("mc_num", 16)
-        if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 1:
-            raise ValueError(f"estimator_kwargs.mc_num must be an integer >= 1, got {mc_num!r}")
+    def check(self):
+        if isinstance(self.mc_num, bool) or not isinstance(self.mc_num, int) or self.mc_num < 1:
+            raise ValueError(f"mc_num must be an integer >= 1, got {self.mc_num!r}")
         if not self.epsilon < 1:
             raise ValueError(f"epsilon must be < 1 (the log-domain clip takes log(1 - epsilon)), got {self.epsilon!r}")
-        if not self.advantage_std_eps > 0:
-            raise ValueError(f"advantage_std_eps must be > 0, got {self.advantage_std_eps!r}")
-
-    @property
-    def mc_num(self) -> int:
-        return self.estimator_kwargs.get("mc_num", 16)
 
 
 # ----------------------------------------------------------------------------- the all-block ELBO
@@ -103,24 +76,12 @@ def scoring_mask(inputs) -> torch.Tensor:
 def noised_logp(policy, inputs, masked: torch.Tensor) -> torch.Tensor:
     """[B, L] log f(o^k | c, x_n) at every completion position, x_n = o with ``masked`` [B, L] replaced by the mask
     token: block-causal policies score every block given the clean blocks before it in one forward on
-    [x_n ; o]; full-attention policies (one block) a plain forward on [prompt ; x_n]."""
+    [x_n ; o] (the policy's noisy/clean forward); full-attention policies (one block) a plain forward on
+    [prompt ; x_n]."""
     completion = inputs.completion_ids
     noisy = torch.cat([inputs.prompt_ids, completion.masked_fill(masked, policy.mask_token_id)], dim=1)
-    attention, keep = scoring_mask(inputs), completion.shape[1]
-    if policy.block_size is None:
-        logits = policy.logits(noisy, attention, logits_to_keep=keep)
-    else:
-        with _adapters_off(policy):
-            logits = policy.family.noisy_clean_forward(policy.model, noisy, inputs.input_ids, attention,
-                                                       block_size=policy.block_size, logits_to_keep=keep)
+    logits = policy.logits(noisy, scoring_mask(inputs), logits_to_keep=completion.shape[1], clean_ids=inputs.input_ids)
     return token_log_probs(logits, completion)
-
-
-def _adapters_off(policy):
-    """The LoRA reference is the policy's own module with its adapters off (its ``logits`` does this itself)."""
-    from dare_gym.lora import AdapterDisabledReference
-
-    return policy.model.disable_adapter() if isinstance(policy, AdapterDisabledReference) else contextlib.nullcontext()
 
 
 def row_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,13 @@ class SFTConfig(AlgorithmConfig):
     min_reward: float = 1.0
     """a group's best rollouts are cloned only if their reward reaches this"""
 
-    def __post_init__(self):
+    def check(self):
         if self.source not in ("rollouts", "demonstrations"):
             raise ValueError(f"source must be 'rollouts' or 'demonstrations', got {self.source!r}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations!r}")
 
 
 @register_algorithm("sft", SFTConfig)
 class SFT(Algorithm):
-    needs_reference = False  # cloning has no KL term: no reference model is kept, whatever beta says
 
     def __init__(self, config: SFTConfig, *, mask_token_id: int):
         super().__init__(config, mask_token_id=mask_token_id)

@@ -9,8 +9,11 @@ that sits above it. The loss weighs sequences by length:
 
     loss = Σ_i (−A_i · ℓ̂_i · |o_i|) / Σ_i |o_i|
 
-A = r − mean(r); β must be 0; the μ inner iterations reuse the batch without importance correction.
-Defaults: μ = 4, mix with ω = 0.5, β_e = 1.5 (GSM8K/MATH; 1.0 sudoku, 2.0 countdown), block 32.
+A = r − mean(r), uniform groups kept with A = 0 (they add nothing but count in Σ|o_i|); no KL term; the μ inner
+iterations reuse the batch without importance correction. |o_i| and the scored tokens stop at the first EOS,
+inclusive (positions after it are fed masked). Followed: the official code (facebookresearch/SPG
+``spg/spg_trainer.py``) and the paper. Defaults: μ = 4, mix with ω = 0.5, β_e = 1.5 (GSM8K/MATH; 1.0 sudoku,
+2.0 countdown), block 32 (lr 3e-6, G = 6).
 
 Masks follow the paper and the official trainer (``forward_process``, ``block_random``), which DARE matches:
 with ``use_mask_prompt`` (the estimator's ``p_mask_clean``, 0.15) only the tokens before block m — the
@@ -24,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.options import GroupAdvantages, Likelihood, ResponseMask
 from dare_gym.losses import reinforce_loss, spg_elbo, spg_eubo
 
 
 @dataclass
-class SPGConfig(PolicyGradientConfig):
+class SPGConfig(ResponseMask, Likelihood, GroupAdvantages, AlgorithmConfig):
     num_iterations: int = 4
-    beta: float = 0.0
     scale_rewards: str = "none"
     estimator: str = "block"
     negative_bound: str = "mix"
@@ -41,10 +44,7 @@ class SPGConfig(PolicyGradientConfig):
     mix_weight: float = 0.5
     """ω: weight of the EUBO in the mix bound"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta != 0:
-            raise ValueError(f"SPG has no KL term: beta must be 0, got {self.beta!r}")
+    def check(self):
         if self.negative_bound not in ("eubo", "elbo", "mix"):
             raise ValueError(f"negative_bound must be 'eubo', 'elbo' or 'mix', got {self.negative_bound!r}")
         if not 0 <= self.mix_weight <= 1 or self.eubo_beta <= 0:
@@ -58,7 +58,7 @@ class SPG(PolicyGradient):
 
     def loss(self, policy, batch, iteration):
         config = self.config
-        inputs = batch.model_inputs(policy.device)
+        inputs = self.model_inputs(batch, policy.device)
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
         draw_logp = [d.logp for d in scores.draws]
         draw_masks = [d.masked for d in scores.draws]

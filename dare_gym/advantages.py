@@ -49,14 +49,20 @@ def group_advantages(
         centred = grouped - others
     unbiased = not population_std
     if scale_rewards == "group":
-        centred = centred / (grouped.std(dim=1, unbiased=unbiased, keepdim=True) + std_eps)
+        centred = _scaled(centred, grouped.std(dim=1, unbiased=unbiased, keepdim=True) + std_eps)
     elif scale_rewards == "batch":  # the global batch's std: its sums over the ranks of a distributed run
         values = rewards.double()
         count, total, squares = (global_sum(v) for v in (values.new_tensor(values.numel()), values.sum(),
                                                         values.pow(2).sum()))
         variance = (squares - total**2 / count) / (count - 1 if unbiased else count).clamp(min=1)
-        centred = centred / (variance.clamp(min=0).sqrt() + std_eps)
+        centred = _scaled(centred, variance.clamp(min=0).sqrt() + std_eps)
     return centred.flatten().to(rewards.dtype)
+
+
+def _scaled(centred: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """centred / scale, and 0 where the scale is 0 (a uniform group with ``std_eps=0``: TraceRL's z-score
+    returns zeros there)."""
+    return torch.where(scale > 0, centred / scale.clamp(min=torch.finfo(scale.dtype).tiny), torch.zeros_like(centred))
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

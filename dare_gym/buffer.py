@@ -13,6 +13,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+# Columns the trainer writes for every rollout (beside the fixed fields below).
+CORRECT = "correct"  # [N] bool: the env's verdict (info["correct"])
+ENDED = "ended"  # [N] bool: the completion holds a stop token (it did not run to the length limit)
+COMMIT_LOGP = "commit_logp"  # [N, L] log-prob of each token in the sampler's forward that committed it
+
 
 @dataclass
 class SequenceBatch:
@@ -96,6 +101,7 @@ class RolloutBuffer:
         *,
         completion_mask_fn,
         pad_token_id: int,
+        ended_fn=None,
     ) -> "RolloutBuffer":
         if not (len(prompts) == len(completions) == len(rewards) == len(group_ids)):
             raise ValueError(
@@ -109,7 +115,9 @@ class RolloutBuffer:
         columns = {}
         if all(getattr(c, "commit_logp", None) is not None for c in completions):
             # what the rollout's own forward gave each token when it committed it (rollout/train mismatch)
-            columns["commit_logp"] = right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
+            columns[COMMIT_LOGP] = right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
+        if ended_fn is not None:
+            columns[ENDED] = ended_fn(completion_ids).bool()
         return cls(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -192,24 +200,28 @@ class RolloutBuffer:
         """Shuffled row subsets of about ``size`` rows covering the buffer once. With ``unit`` (a column name,
         or ``"group_id"``), rows sharing a value stay in one minibatch (DPO's chosen/rejected pairs)."""
         if unit is None:
-            order = _randperm(len(self), generator)
+            order = random_order(len(self), generator)
             for start in range(0, len(self), size):
                 yield self.select(order[start : start + size])
             return
         keys = self.group_id if unit == "group_id" else self.columns[unit]
         units = torch.unique(keys)
-        units = units[_randperm(len(units), generator)]
+        units = units[random_order(len(units), generator)]
         per_unit = max(1, len(self) // max(1, len(units)))
         step = max(1, size // per_unit)
         for start in range(0, len(units), step):
             yield self.select(torch.isin(keys, units[start : start + step]))
 
-    def model_inputs(self, device: torch.device | str | None = None) -> SequenceBatch:
+    def model_inputs(self, device: torch.device | str | None = None, *, response_only: bool = False) -> SequenceBatch:
         """The model input of these rows: the left-padded prompts and the completions side by side, the attention
         mask, and the completion columns' loss mask. The prompt width is the buffer's, not this selection's
         longest prompt: estimator noise drawn on the whole buffer (a prompt mask, say) then lines up with any
-        minibatch of its rows."""
+        minibatch of its rows. ``response_only``: the positions outside ``completion_mask`` (after the response)
+        are hidden from attention as padding, as where the official code cuts each response at its end (DARE's
+        preference data) instead of only masking its loss."""
         completion_present = (self.unmask_step >= 0).long()
+        if response_only:
+            completion_present = completion_present * self.completion_mask.long()
         batch = SequenceBatch(
             input_ids=torch.cat([self.prompt_ids, self.completion_ids], dim=1),
             attention_mask=torch.cat([self.prompt_mask.long(), completion_present], dim=1),
@@ -228,7 +240,7 @@ class RolloutBuffer:
         return batch
 
 
-def _randperm(count: int, generator: torch.Generator | None) -> torch.Tensor:
+def random_order(count: int, generator: torch.Generator | None) -> torch.Tensor:
     """A random order of ``count`` rows, drawn wherever ``generator`` lives and returned on the CPU (the buffer's
     home)."""
     device = generator.device if generator is not None else "cpu"

@@ -446,17 +446,64 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     from dare_gym.config import describe_fields
 
     _import_modules(args.imports)
+    if args.table:
+        print(support_table(args.names or None))
+        return 0
     names = args.names or list_algorithms()
-    print("Set a field with algorithm.<field>=value (dare-gym train, compare); the defaults are each paper's.\n")
+    print("Choose one with algorithm.name=NAME and set a field with algorithm.<field>=value (dare-gym train, "
+          "compare); the defaults are each algorithm's official code's, response_mask included.\n")
     for name in names:
         try:
             entry = get_algorithm(name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        summary = _first_sentence(inspect.getmodule(entry.algorithm_class).__doc__ or entry.algorithm_class.__doc__)
+        doc = inspect.getmodule(entry.algorithm_class).__doc__ or entry.algorithm_class.__doc__ or ""
+        summary = _first_sentence(doc)
         print(f"{name}: {summary}" if summary else name)
-        print("\n".join(describe_fields(entry.config_class)), end="\n\n")
+        source = _followed(doc)
+        if source:
+            print(f"  followed: {source}")
+        print("\n".join(describe_fields(entry.config_class)))
+        for preset, values in entry.presets.items():
+            shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+            print(f"  preset {preset} (algorithm.preset={preset}): {shown}")
+        print()
     return 0
+
+
+def support_table(names: list[str] | None = None) -> str:
+    """The algorithm × model family table of the README, from the registries: ✓ where the algorithm trains the
+    family, ✗ with a numbered reason where it refuses it (:meth:`Algorithm.refusal`)."""
+    from dare_gym.algorithms import get_algorithm, list_algorithms
+    from dare_gym.models.families import FAMILIES
+
+    families = list(FAMILIES.values())
+    reasons: list[str] = []
+    lines = ["| algorithm | " + " | ".join(f.name for f in families) + " |", "|---|" + "---|" * len(families)]
+    for name in names or list_algorithms():
+        cells = []
+        for family in families:
+            reason = get_algorithm(name).algorithm_class.refusal(family)
+            if reason is None:
+                cells.append("✓")
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"✗ ({reasons.index(reason) + 1})")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += [""] + [f"({number}) {reason}" for number, reason in enumerate(reasons, 1)] if reasons else []
+    return "\n".join(lines)
+
+
+def _followed(doc: str) -> str:
+    """The sentence of an algorithm's docstring that says which source it follows (``Followed: ...``)."""
+    text = " ".join(doc.split())
+    start = text.find("Followed:")
+    if start < 0:
+        return ""
+    sentence = text[start + len("Followed:"):].strip()
+    end = sentence.find(". ")
+    return sentence if end < 0 else sentence[: end + 1]
 
 
 # ----------------------------------------------------------------------------------------- compare
@@ -636,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="List the registered algorithms with each config field, its default and "
                            "what it does; set them as algorithm.<field>=value.")
     algos.add_argument("names", nargs="*", metavar="NAME", help="only these algorithms")
+    algos.add_argument("--table", action="store_true",
+                       help="print the algorithm × model family table (supported, or refused with the reason)")
     _add_import(algos, "to list out-of-tree algorithms")
     algos.set_defaults(func=_cmd_algorithms)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dare_gym.algorithms import get_algorithm, list_algorithms
+from dare_gym.algorithms.base import expand_preset
 from dare_gym.config import (
     ConfigError,
     dataclass_from_dict,
@@ -135,6 +136,10 @@ def plan_comparison(
     if not isinstance(recipe, dict):
         raise ConfigError(f"{config_path}: algorithm must be a mapping, got {recipe!r}")
     recipe_name = recipe.get("name", DEFAULT_ALGORITHM)
+    try:  # a preset is its fields, so that --shared-recipe can hand them to other algorithms
+        recipe = {"name": recipe_name, **expand_preset(recipe_name, {k: v for k, v in recipe.items() if k != "name"})}
+    except ValueError as error:
+        raise ConfigError(f"{config_path}: algorithm.preset: {error}") from None
     per_algorithm = data.pop("algorithm_options", None) or {}  # {algorithm: {field: value}}, after the recipe
     if not isinstance(per_algorithm, dict):
         raise ConfigError(f"{config_path}: algorithm_options must map algorithm names to options, got {per_algorithm!r}")

@@ -157,7 +157,16 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+ALGORITHM_SECTION = "algorithm"
+
+
 def load_config_dict(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The YAML (or JSON) file's fields with the dotted ``overrides`` applied in order.
+
+    An algorithm section belongs to the algorithm it names: an override that chooses an algorithm
+    (``algorithm.name=X``, or a whole ``algorithm=...``) starts the section afresh, so no field the file set for
+    its own algorithm carries over to X; the other ``algorithm.<field>`` overrides of the command apply on top,
+    whatever their order."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -169,7 +178,10 @@ def load_config_dict(path: str | Path | None, overrides: Sequence[str] = ()) -> 
             raise ConfigError(f"{path}: not valid {path.suffix == '.json' and 'JSON' or 'YAML'}: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    if any(key in (ALGORITHM_SECTION, f"{ALGORITHM_SECTION}.name") for key, _ in parsed):
+        data.pop(ALGORITHM_SECTION, None)
+    for key, value in parsed:
         set_dotted(data, key, value)
     return data
 

@@ -8,8 +8,11 @@ compare like with like, and VRPO's antithetic sampling comes for free):
     noise = estimator.sample_noise(batch, generator)        # masks, noise levels: tensors, rows first
     scores = estimator.token_logp(logits_fn, batch, noise)  # TokenScores
 
-``logits_fn(input_ids, attention_mask, *, logits_to_keep=0) -> logits`` is the policy's family-aligned forward
-(``logits_to_keep=n``: only the last n positions, 0: all). ``scores.logp`` is
+``logits_fn(input_ids, attention_mask, *, logits_to_keep=0, clean_ids=None) -> logits`` is the policy's
+family-aligned forward (``logits_to_keep=n``: only the last n positions, 0: all). Estimators that noise tokens
+at random pass the clean sequence as ``clean_ids``, so that on a block-causal model every noised block is
+scored given the clean blocks before it (the block-diffusion likelihood); replays of the sampler's own states
+(trajectory, exact_ar) score the state as the sampler saw it. ``scores.logp`` is
 a per-token estimate (or, for ELBO estimators, each token's weighted contribution, so that the sum over
 ``scores.scored`` is the sequence estimate); ``scores.draws`` keeps each forward's raw token log-probs, masks
 and weights for algorithms that need them one by one (BGPO's per-sample backward, SPG's EUBO, step losses).
@@ -37,8 +40,9 @@ from dare_gym.device import uniform
 from dare_gym.logprobs import token_entropy, token_log_probs
 
 LogitsFn = Callable[..., torch.Tensor]
-"""``logits_fn(input_ids, attention_mask, *, logits_to_keep=0) -> logits`` aligned so that position i predicts
-token i; ``logits_to_keep=n`` returns only the last n positions."""
+"""``logits_fn(input_ids, attention_mask, *, logits_to_keep=0, clean_ids=None) -> logits`` aligned so that
+position i predicts token i; ``logits_to_keep=n`` returns only the last n positions; ``clean_ids`` is the clean
+sequence a randomly noised input was made from (:meth:`DiffusionPolicy.logits`)."""
 
 
 @dataclass
@@ -76,10 +80,21 @@ class LikelihoodEstimator(Protocol):
 
 
 def _forward(logits_fn: LogitsFn, batch, completion: torch.Tensor, prompt: torch.Tensor | None = None):
-    """Token log-probs of the clean completion given a noised completion (and optionally noised prompt).
-    Only the completion's positions pay for the vocabulary-wide head (``logits_to_keep``)."""
+    """Token log-probs of the clean completion given a randomly noised completion (and optionally noised
+    prompt). The clean sequence goes along (``clean_ids``), so a block-causal policy scores each noised block
+    given the clean blocks before it (:meth:`DiffusionPolicy.logits`). Only the completion's positions pay for
+    the vocabulary-wide head (``logits_to_keep``)."""
     prompt = batch.prompt_ids if prompt is None else prompt
     logits = logits_fn(torch.cat([prompt, completion], dim=1), batch.attention_mask,
+                       logits_to_keep=completion.shape[1], clean_ids=batch.input_ids)
+    return token_log_probs(logits, batch.completion_ids), token_entropy(logits)
+
+
+def _state_forward(logits_fn: LogitsFn, batch, completion: torch.Tensor):
+    """Token log-probs of the clean completion in a denoising *state* (committed tokens revealed, the rest
+    masked): the input is exactly what the sampler saw, so it is scored as it is, with no clean copy (a
+    block-diffusion sampler's states have every earlier block clean already)."""
+    logits = logits_fn(torch.cat([batch.prompt_ids, completion], dim=1), batch.attention_mask,
                        logits_to_keep=completion.shape[1])
     return token_log_probs(logits, batch.completion_ids), token_entropy(logits)
 
@@ -429,7 +444,7 @@ class TrajectoryReplay:
             if not targets.any():
                 continue
             state = batch.completion_ids.masked_fill(group >= g, self.mask_token_id)
-            step_logp, step_entropy = _forward(logits_fn, batch, state)
+            step_logp, step_entropy = _state_forward(logits_fn, batch, state)
             logp = torch.where(targets, step_logp, logp)
             entropy = torch.where(targets, step_entropy, entropy)
             draws.append(Draw(step_logp, targets, _ones(batch)))

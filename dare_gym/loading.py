@@ -91,6 +91,21 @@ def _read_meta(folder: Path) -> dict:
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
+def policy_family(name_or_path: str | os.PathLike, family: str | None = None) -> ModelFamily:
+    """The family of the policy ``load_policy(name_or_path, family=family)`` would load, from its files alone
+    (``config.json``, the saved policy metadata, an adapter's base), without loading a weight."""
+    if family is not None:
+        return get_family(family)
+    local = Path(BUILTIN_POLICIES.get(str(name_or_path), name_or_path))
+    meta = _read_meta(local)
+    if meta.get("family"):
+        return get_family(meta["family"])
+    if (local / ADAPTER_CONFIG_FILE).is_file() and meta.get("lora", {}).get("base_model"):
+        return policy_family(meta["lora"]["base_model"])
+    config = _read_config(local)
+    return family_for_model_type(str(config.get("model_type", "")), where=f"{local}/config.json")
+
+
 def resolve_family(source, family: str | None, trust_remote_code: bool = False):
     """(family, config) of a checkpoint: ``family`` when given, else the one its ``model_type`` names."""
     from transformers import AutoConfig

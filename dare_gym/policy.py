@@ -106,13 +106,25 @@ class DiffusionPolicy:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
-               logits_to_keep: int = 0, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+               logits_to_keep: int = 0, position_ids: torch.Tensor | None = None,
+               clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
         the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
-        see :meth:`ModelFamily.forward`."""
-        return self.family.forward(self.forward_module or self.model, input_ids, attention_mask,
-                                   block_size=self.block_size, cache=cache, logits_to_keep=logits_to_keep,
-                                   position_ids=position_ids)
+        see :meth:`ModelFamily.forward`.
+
+        ``clean_ids``: the clean sequence that ``input_ids`` is a noised copy of (likelihood estimators pass it).
+        A block-causal model then scores every noised block given the *clean* blocks before it, in one doubled
+        forward (:meth:`ModelFamily.noisy_clean_forward`): what block-by-block decoding conditions on, and how
+        block-diffusion models are trained. A plain block-causal forward would condition each block on the
+        noised earlier blocks instead. Full-attention models ignore it."""
+        model = self.forward_module or self.model
+        if clean_ids is not None and self.block_size is not None:
+            if cache is not None or position_ids is not None:
+                raise ValueError("the noisy/clean forward takes no cache or position_ids")
+            return self.family.noisy_clean_forward(model, input_ids, clean_ids, attention_mask,
+                                                   block_size=self.block_size, logits_to_keep=logits_to_keep)
+        return self.family.forward(model, input_ids, attention_mask, block_size=self.block_size, cache=cache,
+                                   logits_to_keep=logits_to_keep, position_ids=position_ids)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model reads for an env's prompt: through the chat template as one user message for
@@ -137,10 +149,28 @@ class DiffusionPolicy:
         return ids.to(self.device), mask.to(self.device)
 
     def completion_mask(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """1 for tokens up to and including the first stop token (the tokens a loss should score)."""
-        is_stop = torch.isin(completion_ids, torch.tensor(self.stop_token_ids, device=completion_ids.device))
-        stops_before = is_stop.long().cumsum(dim=-1) - is_stop.long()
-        return (stops_before == 0).long()
+        """1 for tokens up to and including the first stop token (EOS or end-of-turn)."""
+        return self.response_mask(completion_ids, "through_stop")
+
+    def response_mask(self, completion_ids: torch.Tensor, rule: str) -> torch.Tensor:
+        """0/1 [B, L]: the completion positions a loss scores under ``rule`` (an algorithm's ``response_mask``):
+        ``all`` every position; ``through_eos`` up to and including the first EOS; ``through_stop`` up to and
+        including the first stop token (EOS or end-of-turn); ``before_eos`` the positions before the first EOS."""
+        if rule == "all":
+            return torch.ones_like(completion_ids, dtype=torch.long)
+        ends = self.stop_token_ids if rule == "through_stop" else [self.tokenizer.eos_token_id]
+        if rule not in ("through_eos", "through_stop", "before_eos"):
+            raise ValueError(f"response mask rule must be all, through_eos, through_stop or before_eos, got {rule!r}")
+        is_end = torch.isin(completion_ids, torch.tensor(ends, device=completion_ids.device))
+        ends_before = is_end.long().cumsum(dim=-1) - is_end.long()
+        keep = ends_before == 0
+        if rule == "before_eos":
+            keep &= ~is_end
+        return keep.long()
+
+    def ended(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """[B] bool: completions that hold a stop token (the others ran to the length limit)."""
+        return torch.isin(completion_ids, torch.tensor(self.stop_token_ids, device=completion_ids.device)).any(dim=-1)
 
     def decode(self, completion_ids: torch.Tensor) -> str:
         """The completion's text: tokens before the first stop token, special tokens dropped."""
@@ -211,12 +241,16 @@ class DiffusionPolicy:
         """(sampler name, validated options): explicit options over ``generation_defaults``; defaults the chosen
         sampler does not take are left out, explicit ones it does not take are an error naming them."""
         defaults = dict(self.generation_defaults)
-        name = sampler or defaults.pop("sampler", None) or self.default_sampler
+        name = self.sampler_name(sampler)
         defaults.pop("sampler", None)
         fields = {f.name for f in dataclasses.fields(get_sampler(name).options_class)}
         values = {k: v for k, v in defaults.items() if k in fields}
         values.update(options or {})
         return name, make_options(name, values)
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler a call uses: ``sampler``, else the policy's generation default, else the family's."""
+        return sampler or self.generation_defaults.get("sampler") or self.default_sampler
 
     @property
     def default_sampler(self) -> str:

@@ -78,14 +78,10 @@ def masked_answer_loss(policy, batch: SequenceBatch, answers: torch.Tensor, mask
     """The SFT ELBO loss of ``answers`` after ``batch``'s prompts, with the given tokens masked: LLaDA's (§A)
     for a full-attention policy, block diffusion's (§B, the doubled [x_t ; x_0] forward) for a block-causal one."""
     noisy = torch.cat([batch.prompt_ids, answers.masked_fill(masked, policy.mask_token_id)], dim=1)
-    keep = answers.shape[1]
-    if policy.block_size is None:
-        logits = policy.logits(noisy, batch.attention_mask, logits_to_keep=keep)
-        return masked_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
     clean = torch.cat([batch.prompt_ids, answers], dim=1)
-    logits = policy.family.noisy_clean_forward(policy.model, noisy, clean, batch.attention_mask,
-                                               block_size=policy.block_size, logits_to_keep=keep)
-    return block_diffusion_sft_loss(logits, answers, masked, p_mask, answer_lengths)
+    logits = policy.logits(noisy, batch.attention_mask, logits_to_keep=answers.shape[1], clean_ids=clean)
+    objective = masked_diffusion_sft_loss if policy.block_size is None else block_diffusion_sft_loss
+    return objective(logits, answers, masked, p_mask, answer_lengths)
 
 
 def masked_diffusion_loss(policy, batch: SequenceBatch, generator: torch.Generator | None = None) -> torch.Tensor:

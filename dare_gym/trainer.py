@@ -1,7 +1,8 @@
 """The training loop: collect, score, compute advantages, update, evaluate, log, checkpoint.
 
     env.reset ─prompts─▶ algorithm.rollout (policy.generate) ─completions─▶ env.step ─rewards─▶ RolloutBuffer
-        ─▶ algorithm.advantages ─▶ algorithm.prepare ─▶ num_iterations × (algorithm.loss ─▶ optimizer)
+        ─▶ algorithm.advantages ─▶ algorithm.prepare ─▶ algorithm.update_plan: per optimizer step, its
+           minibatches' algorithm.backward ─▶ optimizer (by default num_iterations passes over the batch)
 
 The trainer is the only place that knows envs, policies and algorithms at once; it dispatches on nothing.
 """
@@ -24,7 +25,8 @@ import torch
 import dare_gym
 from dare_gym import distributed
 from dare_gym.advantages import zero_variance_groups
-from dare_gym.algorithms import build_config, make_algorithm
+from dare_gym.algorithms import build_config, get_algorithm, make_algorithm
+from dare_gym.algorithms.base import resolved_section
 from dare_gym.buffer import RolloutBuffer, right_pad
 from dare_gym.checkpoints import (
     CHECKPOINT_DIR,
@@ -44,6 +46,7 @@ from dare_gym.device import make_generator, resolve_device, resolve_dtype
 from dare_gym.distributed import STRATEGIES
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
 from dare_gym.evaluation import evaluate
+from dare_gym.loading import policy_family
 from dare_gym.lora import (
     LoraSettings,
     adapter_disabled_reference,
@@ -64,12 +67,11 @@ from dare_gym.user_code import (
 )
 
 DEFAULT_ALGORITHM = "d1"
+SAMPLERS_FILE = "samplers.json"  # the resolved sampler settings of a run's rollouts and evaluations
 RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run seeds its streams with seed + r * stride
-# The recipe of the embedded default (BENCHMARKS.md): UniGRPO's random-ratio estimator, std-normalised group
-# advantages, clip 0.2, 2 inner updates, k3 KL 0.04. d1's paper recipe (12 updates, clip 0.5) is
-# {"name": "d1"}; it learns slowly at the tiny model's scale.
-DEFAULT_RECIPE = {"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1}, "num_iterations": 2,
-                  "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"}
+# The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
+# d1 at its paper's defaults, which learns slowly at the tiny model's scale.
+DEFAULT_RECIPE = {"name": DEFAULT_ALGORITHM, "preset": "digitsort"}
 
 
 @dataclass
@@ -113,9 +115,11 @@ class GenerationConfig:
 @dataclass
 class TrainConfig:
     """One training run. ``TrainConfig()`` is the run of ``dare-gym train`` with no arguments (the packaged
-    ``dare_gym/configs/default.yaml``): the tuned diffu-GRPO recipe on digit sorting with the tiny policy, for
-    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole (``{"name": "d1"}`` is d1 at its
-    paper's defaults); on the command line ``algorithm.<field>=value`` changes one field of it."""
+    ``dare_gym/configs/default.yaml``): d1's ``digitsort`` preset on digit sorting with the tiny policy, for
+    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
+    at its own defaults, ``{"name": X, "beta": 0}`` those defaults with one field changed; a section without a
+    name keeps d1. On the command line ``algorithm.<field>=value`` changes one field, and
+    ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.config.load_config_dict`)."""
 
     env: str = "digitsort-v0"
     """registered env id to train on (`dare-gym envs`)"""
@@ -139,7 +143,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: much less memory for real models, about a third slower"""
     algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
-    """algorithm name and options (`dare-gym algorithms` lists each one's fields)"""
+    """algorithm name, an optional preset and options: fields not set take the algorithm's own defaults
+    (`dare-gym algorithms` lists each one's fields and presets)"""
     imports: list[str] = field(default_factory=list)
     """modules or .py files imported first, to register rewards, envs or algorithms (--import)"""
     prompts_per_step: int = 32
@@ -235,6 +240,14 @@ class TrainConfig:
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
         return build_config(self.algorithm["name"], options, where="algorithm")
 
+    def resolved(self) -> dict[str, Any]:
+        """This config as a run records it (``config.json``): the algorithm section with every field's value,
+        so that the record says exactly what ran and resumes as the same run."""
+        data = jsonable(asdict(self))
+        options = {k: v for k, v in self.algorithm.items() if k != "name"}
+        data["algorithm"] = jsonable(resolved_section(self.algorithm["name"], options))
+        return data
+
 
 def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
     """``policy.sampler_settings`` arguments from ``GenerationConfig.as_kwargs()``."""
@@ -247,6 +260,18 @@ def mean_completion_length(policy, completions) -> float:
     one pass over the batch (the buffer's rows need not be the completions: d-TreeRPO's are tree segments)."""
     ids, present = right_pad([c.completion_ids for c in completions], policy.stop_token_ids[0])
     return float((policy.completion_mask(ids) * present).sum(dim=1).float().mean())
+
+
+def refuse_unsupported_family(config: TrainConfig) -> None:
+    """A :class:`ConfigError` with the algorithm's reason where it cannot train the policy's family (read from the
+    policy's files, before any weight is loaded)."""
+    try:
+        family = policy_family(config.policy, config.policy_family)
+    except (OSError, ValueError):
+        return  # the policy cannot be read without loading it (a hub id offline): load_policy will say why
+    reason = get_algorithm(config.algorithm["name"]).algorithm_class.refusal(family)
+    if reason:
+        raise ConfigError(f"algorithm {config.algorithm['name']} cannot train policy {config.policy!r}: {reason}")
 
 
 def seed_everything(seed: int) -> None:
@@ -267,6 +292,8 @@ class Trainer:
         if config.prompts_per_step % self.group.world_size:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be divisible by the number of "
                               f"processes ({self.group.world_size}): each rank rolls out whole groups")
+        if policy is None:
+            refuse_unsupported_family(config)
         device = resolve_device(distributed.rank_device(config.device, self.group))
         compute_dtype = resolve_dtype(config.dtype, device)
         fsdp = self.group.world_size > 1 and config.strategy == "fsdp"
@@ -356,7 +383,7 @@ class Trainer:
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
         step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
-        buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist())
+        buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist(), correct=step_infos["correct"].tolist())
         if "step_predictions" in needs:
             self._add_step_rewards(buffer, completions, infos["index"])
         if "demonstrations" in needs:
@@ -371,20 +398,32 @@ class Trainer:
             "zero_variance_fraction": float(zero_variance_groups(torch.as_tensor(rewards), self.config.group_size)
                                             .float().mean()),
             "completion_length": mean_completion_length(self.policy, completions),
+            # completions that ran to the length limit without a stop token (verl's response clip ratio)
+            "truncated_fraction": float(sum(not bool(self.policy.ended(c.completion_ids[None])[0])
+                                            for c in completions) / max(len(completions), 1)),
             "rollout_tokens_per_s": generated / max(timings["time_rollout"], 1e-9),
             "reward_errors": sum(1 for errors in self.last_reward_errors if errors),
             **timings,
         }
         return buffer, stats
 
+    def sampler_record(self) -> dict[str, dict[str, Any]]:
+        """Every setting the rollout and evaluation samplers run with, defaults included (``samplers.json``): a
+        result says how its completions were produced (fast_dllm's early exit, say, which Fast-dLLM lacks)."""
+        record = {}
+        for section, settings in (("rollout", self.rollout_kwargs()), ("evaluation", self.config.evaluation.as_kwargs())):
+            name, options = self.policy.sampler_settings(**_sampler_arguments(settings))
+            record[section] = {"sampler": name, **jsonable(asdict(options))}
+        return record
+
     def rollout_kwargs(self) -> dict[str, Any]:
-        """The sampler settings for rollouts: the config's, then what the algorithm requires (JustGRPO
-        decodes left to right, one token per step: ``{"block_length": 1, "steps": "gen_length"}``)."""
-        settings = self.config.rollout.as_kwargs()
-        required = self.algorithm.rollout_settings
-        if required:
+        """The sampler settings for rollouts: the config's, then what the algorithm requires (MDPO's tempered
+        confidence; JustGRPO's left-to-right order, which the sampler translates into its own options)."""
+        settings = {**self.config.rollout.as_kwargs(), **self.algorithm.rollout_settings}
+        if self.algorithm.rollout_order == "left_to_right":
+            name = self.policy.sampler_name(settings.get("sampler"))
             gen_length = settings.get("gen_length", self.policy.generation_defaults["gen_length"])
-            settings.update({key: gen_length if value == "gen_length" else value for key, value in required.items()})
+            settings.update(get_sampler(name).left_to_right(self.policy, gen_length))
         return settings
 
     def _add_step_rewards(self, buffer: RolloutBuffer, completions, indices) -> None:
@@ -426,12 +465,12 @@ class Trainer:
         self.policy.model.train()
         self.algorithm.prepare(self.policy, self.reference, buffer, self.generator, config.micro_batch_size)
         totals: dict[str, list[float]] = {}
-        unit = self.algorithm.minibatch_unit  # e.g. DPO keeps each pair together
-        for iteration in range(self.algorithm.config.num_iterations):
+        for iteration, minibatches in self.algorithm.update_plan(buffer, config.micro_batch_size, self.generator):
             self.optimizer.zero_grad()
-            minibatches = list(buffer.minibatches(config.micro_batch_size, generator=self.generator, unit=unit))
+            minibatches = list(minibatches)
+            step_rows = float(distributed.global_sum(sum(distributed.active_rows(m).sum() for m in minibatches)))
             for number, minibatch in enumerate(minibatches):
-                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / active
+                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / max(step_rows, 1.0)
                 weight = share * self.group.world_size  # DDP and FSDP average the ranks' gradients
                 with self.policy.gradient_sync(number == len(minibatches) - 1):
                     loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, weight)
@@ -498,7 +537,7 @@ class Trainer:
             state = {"optimizer": optimizer_state, "streams": streams, "world_size": self.group.world_size,
                      "algorithm": self.algorithm.state_dict()}
             info = {"step": self.step, "elapsed_s": self.elapsed(), "world_size": self.group.world_size,
-                    "config": jsonable(asdict(self.config))}
+                    "config": self.config.resolved()}
             final = write_checkpoint(self.checkpoint_root(), self.step, save_policy=lambda folder: self.save_policy(
                 folder, merged=False, state_dict=model_state), state=state, info=info, keep=self.config.keep_checkpoints)
         distributed.barrier()
@@ -573,7 +612,8 @@ class Trainer:
             if main and (self.output_dir / METRICS_FILE).exists():
                 (self.output_dir / METRICS_FILE).unlink()
             if main:
-                atomic_write_text(self.output_dir / "config.json", json.dumps(jsonable(asdict(config)), indent=2) + "\n")
+                atomic_write_text(self.output_dir / "config.json", json.dumps(config.resolved(), indent=2) + "\n")
+                atomic_write_text(self.output_dir / SAMPLERS_FILE, json.dumps(self.sampler_record(), indent=2) + "\n")
             first = {"step": 0, "elapsed_s": 0.0, **self.evaluate()}
             if main:
                 logger.log(first)

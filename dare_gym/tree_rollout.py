@@ -109,16 +109,18 @@ def grow_trees(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, f
     )
 
 
-def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[float], policy) -> RolloutBuffer:
+def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[float], policy,
+                   response_mask: str = "through_eos") -> RolloutBuffer:
     """One buffer row per segment (parent → child edge, i.e. per non-root node), level-major.
 
     ``completion_ids`` is the child's state x_c and the column ``parent_ids`` its parent's x_p; the segment's
     tokens are those masked in x_p and committed in x_c. ``unmask_step`` holds each committed token's global
     step and T where x_c is still masked (those positions are real inputs the forward attends to).
-    ``completion_mask`` marks positions up to and including the child's first stop token. ``reward`` is the
+    ``completion_mask`` marks the positions ``response_mask`` keeps (the official code: up to and including the
+    child's first EOS; :meth:`DiffusionPolicy.response_mask`). ``reward`` is the
     env's reward on leaves (``rewards``, one per leaf in :meth:`TreeNodes.leaves` order) and NaN on inner
-    nodes; ``group_id`` is the parent's node id (siblings share it). Columns ``node``, ``parent``, ``depth`` give
-    the tree's shape for the values of :mod:`dare_gym.algorithms.dtreerpo`."""
+    nodes; ``group_id`` is the parent's node id (siblings share it). Columns ``node``, ``parent``, ``depth`` and
+    ``tree`` give the trees' shape for the values and the schedule of :mod:`dare_gym.algorithms.dtreerpo`."""
     leaves = tree.leaves().cpu()
     if len(rewards) != len(leaves):
         raise ValueError(f"need one reward per leaf ({len(leaves)}), got {len(rewards)}")
@@ -133,12 +135,12 @@ def segment_buffer(tree: TreeNodes, prompts: Sequence[str], rewards: Sequence[fl
     unmask_step = cpu["unmask_step"][rows]
     return RolloutBuffer(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=child,
-        completion_mask=policy.completion_mask(child),
+        completion_mask=policy.response_mask(child, response_mask),
         unmask_step=unmask_step.masked_fill(unmask_step == NOT_YET, tree.steps),
         reward=node_reward[rows], group_id=cpu["parent"][rows],
         prompts=[prompts[t] for t in trees.tolist()], completions=[policy.decode(ids) for ids in child],
         columns={"parent_ids": cpu["completion_ids"][cpu["parent"][rows]], "node": rows, "parent": cpu["parent"][rows],
-                 "depth": cpu["depth"][rows]},
+                 "depth": cpu["depth"][rows], "tree": trees},
         pad_token_id=policy.tokenizer.pad_token_id,
     )
 

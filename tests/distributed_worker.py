@@ -23,7 +23,7 @@ ALGORITHMS = {  # the default recipe, BGPO, DPO, EBPO and d-TreeRPO, each at μ 
     "d1": {},
     "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 2}},
     "dpo": {"name": "dpo"},
-    "ebpo": {"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+    "ebpo": {"name": "ebpo", "mc_num": 2},
     # trees of 2 levels, 2 × 2 leaves (= GROUP) and 6 segments each
     "dtreerpo": {"name": "dtreerpo", "num_iterations": 1, "tree_branch_factor": 2},
 }

@@ -94,13 +94,14 @@ def k3(logp: float, ref: float) -> float:
 # ------------------------------------------------------------------------------------------- TraceRL
 
 
-@pytest.mark.parametrize("block_size,expected", [(None, -0.726979), (2, -0.363505)])
+@pytest.mark.parametrize("block_size,expected", [(None, -0.726979), (2, -0.727009)])
 def test_tracerl_whole_loss_follows_the_models_attention(block_size, expected):
     """ALGORITHMS.md J through the real path: one row [a, EOS | EOS, EOS] decoded in two steps, tokens 1–2 at
     step 0 (the targets: ℓ − ℓ_old = (0.1, −0.05)), the post-EOS tokens at step 1 (no targets), A = 0.7071,
     β = 0.01 (KL against π_old). A full-attention policy (block_size None) normalises the row by its own 2
-    targets and sums the KL: −1.45408/2 + 0.01·0.006108 = −0.726979 (the L₁ path gave −0.363505 here). A
-    block-causal one (SDAR) keeps (−1.45408 + 0.01·0.006108)/L₁ with L₁ = 4: −0.363505."""
+    targets and sums the KL: −1.45408/2 + 0.01·0.006108 = −0.726979. A block-causal one (SDAR) keeps
+    (−1.45408 + 0.01·0.006108)/L₁ with L₁ the longest response of the batch, here this row's 2 tokens:
+    −0.727009 (test_fidelity has a batch where L₁ differs from every row's own count)."""
     buffer = make_buffer([[7, EOS, EOS, EOS]], completion_mask=[[1, 1, 0, 0]], unmask_step=[[0, 0, 1, 1]],
                          rewards=[1.0], group_size=1)
     buffer.advantage = torch.tensor([0.7071])
@@ -149,16 +150,17 @@ def test_espo_whole_loss():
 
 
 def test_bgpo_whole_loss_weighs_sequences_by_length():
-    """ALGORITHMS.md G's numbers through the real path (n = 2, ε = 0.2, dual-clip 3, A^std) on rows of L = 2
-    whose log-prob depends on how many tokens the draw masks (x ∈ {1, 2}: the stratified counts always use
-    both), so 𝓑_j = c(x_j): 𝓑 = [[−0.50, −0.70], [−1.0, −1.2]], 𝓑_old = [[−0.55, −0.65], [−1.1, −1.1]].
-    Row 2 ends at its first token (EOS), so the rows weigh 2 : 1 in DARE's token mean:
-    sample 1 (2·−0.742357 + 0.781364)/3, sample 2 (2·−0.671657 + 0.639726)/3, mean −0.234490; the sequence
-    mean of section G gives 0.001769."""
+    """ALGORITHMS.md G's numbers through the real path (n = 2, ε = 0.2, dual-clip 3, verl's A = (r − r̄)/(σ + 1e-6)
+    = ±0.707106) on rows of L = 2 whose log-prob depends on how many tokens the draw masks (x ∈ {1, 2}: the
+    stratified counts always use both), so 𝓑_j = c(x_j): 𝓑 = [[−0.50, −0.70], [−1.0, −1.2]], 𝓑_old =
+    [[−0.55, −0.65], [−1.1, −1.1]]. With ``response_mask: through_eos`` (DARE's SDAR/LLaDA2 rollouts) row 2 ends at
+    its first token (EOS), so the rows weigh 2 : 1 in DARE's token mean: sample 1 (2·−0.742357 + 0.781364)/3,
+    sample 2 (2·−0.671657 + 0.639726)/3, mean −0.234522 (the sequence mean of section G gives 0.001769)."""
     buffer = make_buffer([[7, 8], [EOS, EOS]], completion_mask=[[1, 1], [1, 0]])
-    method = algorithm("bgpo", estimator_kwargs={"mc_num": 2})
+    method = algorithm("bgpo", estimator_kwargs={"mc_num": 2}, response_mask="through_eos")
     buffer = method.advantages(buffer, 2)
-    assert buffer.advantage.tolist() == pytest.approx([0.707007, -0.707007], abs=1e-6)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert buffer.advantage.tolist() == pytest.approx([a, -a], abs=1e-7)
 
     def by_count(table):  # row -> {mask count: log-prob of each masked token}
         return lambda masked: torch.tensor([[table[row][int(masked[row].sum())]] for row in range(2)],
@@ -170,16 +172,16 @@ def test_bgpo_whole_loss_weighs_sequences_by_length():
     old = ScriptedPolicy(buffer.completion_ids, by_count({0: {1: -0.55, 2: -0.65}, 1: {1: -1.1, 2: -1.1}}))
     method.prepare(old, None, buffer, torch.Generator().manual_seed(0), micro_batch_size=8)
     loss, metrics = method.backward(theta, buffer, 0, 1.0)
-    sample_one = (2 * -clipped(1.05, 0.707007, 0.2) - max(clipped(math.exp(0.1), -0.707007, 0.2), 3 * -0.707007)) / 3
-    sample_two = (2 * -clipped(0.95, 0.707007, 0.2) - max(clipped(math.exp(-0.1), -0.707007, 0.2), 3 * -0.707007)) / 3
-    assert (sample_one, sample_two) == pytest.approx((-0.234450, -0.234529), abs=1e-6)
+    sample_one = (2 * -clipped(1.05, a, 0.2) - max(clipped(math.exp(0.1), -a, 0.2), 3 * -a)) / 3
+    sample_two = (2 * -clipped(0.95, a, 0.2) - max(clipped(math.exp(-0.1), -a, 0.2), 3 * -a)) / 3
+    assert (sample_one, sample_two) == pytest.approx((-0.234483, -0.234562), abs=1e-6)
     assert loss == pytest.approx((sample_one + sample_two) / 2, abs=1e-6)
-    assert loss == pytest.approx(-0.234490, abs=1e-6)
+    assert loss == pytest.approx(-0.234522, abs=1e-6)
     assert metrics["mc_samples"] == 2.0
     # one backward per sample reached every draw's log-probs; row 2's one-token draw (A < 0, unclipped; the
     # token's weight n/x = 2 over Lpad = 2 is 1) gets −A·e^d · (1/3 of the token mean) · (1/n)
     assert leaves.grad is not None and (leaves.grad != 0).all()
-    assert leaves.grad[1, 0].item() == pytest.approx(0.707007 * math.exp(0.1) * 1 / 3 / 2, abs=1e-6)
+    assert leaves.grad[1, 0].item() == pytest.approx(a * math.exp(0.1) * 1 / 3 / 2, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- SPG
@@ -245,42 +247,6 @@ def test_mdpo_whole_loss():
         step_losses.append(total / (2 * len(masked)))
     assert step_losses[1] == pytest.approx(-0.053022, abs=1e-6)
     assert loss == pytest.approx(sum(step_losses) / 3, abs=1e-6)
-
-
-@torch.no_grad()
-def test_mdpo_rollouts_record_the_tempered_confidence():
-    """The official MDPO sampler weighs each guess by its probability under softmax(logits / T). MDPO asks the
-    sampler for it; the committed tokens (LLaDA's remasking on softmax(logits)) do not change, and at every
-    step each masked position's recorded confidence is p_T of the recorded guess, committed ones hold 1."""
-    from dare_gym.algorithms.mdpo import MDPO
-    from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-    from dare_gym.models.tokenizer import build_char_tokenizer
-    from dare_gym.policy import DiffusionPolicy
-
-    torch.manual_seed(2)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.2, mask_token_id=tokenizer.mask_token_id)
-    policy = DiffusionPolicy(TinyDLLMForMaskedLM(config).to(torch.float64).eval(), tokenizer, family="tiny")
-    settings = dict(gen_length=8, steps=4, block_length=4, temperature=0.5, record_predictions=True)
-    plain = policy.generate(["hey"], seed=0, **settings)[0]
-    tempered = policy.generate(["hey"], seed=0, **settings, **MDPO.rollout_settings)[0]
-    assert MDPO.rollout_settings == {"tempered_confidence": True}
-    assert torch.equal(plain.completion_ids, tempered.completion_ids)
-    assert torch.equal(plain.unmask_step, tempered.unmask_step)
-    assert torch.equal(plain.step_predictions, tempered.step_predictions)
-    prompt = tempered.prompt_ids[None]
-    for step in range(tempered.step_predictions.shape[0]):
-        state = tempered.completion_ids.masked_fill(tempered.unmask_step >= step, policy.mask_token_id)[None]
-        logits = policy.logits(torch.cat([prompt, state], dim=1), torch.ones(1, prompt.shape[1] + 8, dtype=torch.long))
-        guess = tempered.step_predictions[step]
-        masked = state[0] == policy.mask_token_id
-        p_tempered = torch.softmax(logits[0, prompt.shape[1]:].double() / 0.5, dim=-1).gather(-1, guess[:, None])[:, 0]
-        p_model = torch.softmax(logits[0, prompt.shape[1]:].double(), dim=-1).gather(-1, guess[:, None])[:, 0]
-        assert torch.allclose(tempered.step_confidence[step][masked].double(), p_tempered[masked], atol=1e-6)
-        assert torch.allclose(plain.step_confidence[step][masked].double(), p_model[masked], atol=1e-6)
-        assert (tempered.step_confidence[step][~masked] == 1).all()
-    assert not torch.allclose(plain.step_confidence, tempered.step_confidence)
 
 
 # ------------------------------------------------------------------------------------------------- PPO
@@ -453,8 +419,8 @@ def test_clamp_options_are_documented_and_validated():
 @pytest.mark.parametrize("name, keeps", [("sft", False), ("mdpo", False), ("tracerl", False), ("dpo", True),
                                          ("d1", True), ("ebpo", True), ("dtreerpo", True)])
 def test_a_reference_model_is_kept_only_where_the_loss_uses_one(name, keeps):
-    """With a KL weight set (where the config takes one), only algorithms whose loss scores π_ref keep a
-    reference: SFT has no KL term, TraceRL's KL is against π_old, MDPO refuses β ≠ 0."""
-    options = {} if name == "mdpo" else {"beta": 0.1}
+    """With a KL weight set (where the config has one), only algorithms whose loss scores π_ref keep a
+    reference: SFT and MDPO have no KL field, TraceRL's KL is against π_old."""
+    options = {} if name in ("mdpo", "sft") else {"beta": 0.1}
     algorithm = make_algorithm(name, build_config(name, options), mask_token_id=3)
     assert algorithm.needs_reference is keeps

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dare_gym.algorithms import ALGORITHMS, register_algorithm
-from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, PolicyGradientConfig
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, GRPOConfig
 from dare_gym.cli import build_parser, default_config_path, main
 from dare_gym.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
 from dare_gym.compare_report import algorithm_style, plot_curves
@@ -32,11 +32,11 @@ BUDGET = 40  # 2 steps of 16 rollouts; 8 rollouts left over
 BROKEN_PLUGIN = '''
 from dataclasses import dataclass
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
+from dare_gym.algorithms.base import PolicyGradient, GRPOConfig, register_algorithm
 
 
 @dataclass
-class BrokenConfig(PolicyGradientConfig):
+class BrokenConfig(GRPOConfig):
     pass
 
 
@@ -209,7 +209,7 @@ def toy_algorithms():
         temperature_bonus: float = 0.0
 
     @dataclass
-    class SharedConfig(PolicyGradientConfig):
+    class SharedConfig(GRPOConfig):
         pass
 
     class Toy(PolicyGradient):
@@ -219,7 +219,7 @@ def toy_algorithms():
         pass
 
     @dataclass
-    class NoKLConfig(PolicyGradientConfig):
+    class NoKLConfig(GRPOConfig):
         def __post_init__(self):
             super().__post_init__()
             if self.beta != 0:
@@ -241,21 +241,23 @@ def test_option_filtering_drops_what_the_config_lacks(toy_algorithms):
     recipe = {"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1}, "num_iterations": 2,
               "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"}
     kept, dropped = filter_algorithm_options(minimal, recipe)
-    assert kept == {"num_iterations": 2, "beta": 0.04}
-    assert dropped == ["epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
+    assert kept == {"num_iterations": 2}
+    assert dropped == ["beta", "epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
     kept, dropped = filter_algorithm_options(shared, recipe)
     assert kept == {k: v for k, v in recipe.items() if k != "name"} and dropped == []
 
     plan = plan_comparison(["d1", minimal, shared], [0], 64, config_path=default_config_path(),
                            overrides=["prompts_per_step=4", "group_size=4", "algorithm.epsilon=0.3",
                                       "algorithm.temperature_bonus=0.5"], shared_recipe=True)
-    assert plan.options[minimal] == {"name": minimal, "num_iterations": 2, "beta": 0.04, "temperature_bonus": 0.5}
-    assert plan.dropped[minimal] == ["epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
+    assert plan.options[minimal] == {"name": minimal, "num_iterations": 2, "temperature_bonus": 0.5}
+    assert plan.dropped[minimal] == ["beta", "drop_zero_variance_groups", "epsilon", "estimator", "estimator_kwargs",
+                                     "scale_rewards"]
     assert plan.ignored_overrides[minimal] == ["algorithm.epsilon=0.3"]
     assert plan.ignored_overrides["d1"] == ["algorithm.temperature_bonus=0.5"]
     assert plan.options["d1"]["epsilon"] == 0.3 and plan.options[shared]["epsilon"] == 0.3
     notes = "\n".join(plan.notes)
-    assert f"{minimal}: dropped recipe option(s) epsilon, estimator, estimator_kwargs, scale_rewards" in notes
+    assert (f"{minimal}: dropped recipe option(s) beta, drop_zero_variance_groups, epsilon, estimator, "
+            "estimator_kwargs, scale_rewards") in notes
     assert f"{minimal}: ignored override(s) algorithm.epsilon=0.3" in notes
     assert not plan.config_errors
 
@@ -308,10 +310,11 @@ def test_each_algorithm_runs_its_own_defaults_unless_asked_to_share():
     assert plan.options["d1"]["beta"] == 0.04 and plan.options["d1"]["num_iterations"] == 2
     assert plan.options["reinforce"] == {"name": "reinforce"}
     reinforce = build_config("reinforce", {})
-    assert (reinforce.beta, reinforce.num_iterations) == (0.0, 1)  # what that run trains with
+    assert (reinforce.scale_rewards, reinforce.num_iterations) == ("group", 1)  # what that run trains with
     assert any("apply to d1 only" in note for note in plan.notes)
     shared = plan_comparison(["d1", "reinforce"], [0], 256, shared_recipe=True)
-    assert shared.options["reinforce"]["beta"] == 0.04 and shared.options["reinforce"]["num_iterations"] == 2
+    assert shared.options["reinforce"]["estimator"] == "random_ratio" and shared.options["reinforce"]["num_iterations"] == 2
+    assert "beta" not in shared.options["reinforce"]  # REINFORCE has no KL term: the preset's beta is dropped
     assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1",
                                       "--shared-recipe"]).shared_recipe is True
     assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1"]).shared_recipe is False

@@ -242,7 +242,7 @@ def test_full_attention_scores_the_whole_completion_as_one_block():
 
 
 def ebpo(**options):
-    config = build_config("ebpo", {"estimator_kwargs": {"mc_num": 3}, **options})
+    config = build_config("ebpo", {"mc_num": 3, **options})
     return make_algorithm("ebpo", config, mask_token_id=3)
 
 
@@ -299,13 +299,13 @@ def test_constant_memory_backward_equals_the_full_graph_gradient(block_size):
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="estimator.*'elbo'"):
-        build_config("ebpo", {"estimator": "elbo"})
+    with pytest.raises(ValueError, match="algorithm.estimator: ebpo has no such field"):
+        build_config("ebpo", {"estimator": "elbo"})  # its all-block ELBO is its own
     with pytest.raises(ValueError, match="mc_num.*0"):
-        build_config("ebpo", {"estimator_kwargs": {"mc_num": 0}})
+        build_config("ebpo", {"mc_num": 0})
     with pytest.raises(ValueError, match="epsilon must be < 1"):
         build_config("ebpo", {"epsilon": 1.0})
-    with pytest.raises(ValueError, match="dual_clip"):
+    with pytest.raises(ValueError, match="algorithm.dual_clip: ebpo has no such field"):
         build_config("ebpo", {"dual_clip": 3.0})
 
 
@@ -324,7 +324,7 @@ def test_ebpo_learns_on_the_block_causal_builtin_policy(tmp_path):
     """tiny-block (blocks of 4, block-diffusion rollouts) on groupsort: a few EBPO steps raise held-out greedy
     reward and exact accuracy."""
     config = TrainConfig(
-        policy="tiny-block", env="groupsort-v0", algorithm={"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+        policy="tiny-block", env="groupsort-v0", algorithm={"name": "ebpo", "mc_num": 2},
         prompts_per_step=4, group_size=4, max_steps=3, time_limit_minutes=None, learning_rate=1e-4,
         eval_size=32, eval_every=3, save_every=1000, rollout=GenerationConfig(temperature=1.0),
         evaluation=GenerationConfig(temperature=0.0), output_dir=str(tmp_path), progress=False, seed=0,

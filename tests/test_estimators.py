@@ -28,7 +28,8 @@ class RecordingModel:
     def __init__(self):
         self.inputs = []
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                 clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.inputs.append(input_ids.clone())
         counts = (input_ids == MASK).sum(dim=1).double()
         logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)

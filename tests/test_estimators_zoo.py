@@ -54,7 +54,8 @@ class ScriptedModel:
     def __init__(self, batch: SequenceBatch, rule):
         self.batch, self.rule, self.inputs = batch, rule, []
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                 clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.inputs.append(input_ids.clone())
         prompt_length = self.batch.prompt_length
         masked = input_ids[:, prompt_length:] == MASK
@@ -684,7 +685,7 @@ def test_replay_of_a_greedy_rollout_reproduces_the_sampler_states():
                    unmask_step=[completion.unmask_step.tolist()])
     recorded = []
 
-    def logits_fn(input_ids, attention_mask, logits_to_keep=0):
+    def logits_fn(input_ids, attention_mask, logits_to_keep=0, clean_ids=None):
         logits = policy.logits(input_ids, attention_mask)
         recorded.append(logits[:, b.prompt_length :])
         return logits[:, -logits_to_keep:] if logits_to_keep else logits

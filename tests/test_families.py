@@ -180,7 +180,7 @@ def _varied_reward(completion: str, sample) -> float:
     return (sum(map(ord, completion)) % 5) / 4  # a signal for a random model: rewards differ within groups
 
 
-UPDATE_RECIPES = {"d1": {}, "coupled_grpo": {}, "bgpo": {}, "ebpo": {"estimator_kwargs": {"mc_num": 2}}}
+UPDATE_RECIPES = {"d1": {}, "coupled_grpo": {}, "bgpo": {}, "ebpo": {"mc_num": 2}}
 
 
 @pytest.mark.parametrize("name", FAMILIES)

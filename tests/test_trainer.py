@@ -60,12 +60,13 @@ def test_buffer_columns_groups_and_model_inputs(tiny_policy):
 
 
 def test_d1_prepare_scores_old_and_reference_on_each_iterations_noise(tiny_policy):
-    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1"})
+    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1",
+                                 "drop_zero_variance_groups": True})
     algorithm = make_algorithm("d1", config, mask_token_id=tiny_policy.mask_token_id)
     buffer = rollouts(tiny_policy)
     buffer.reward = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     buffer = algorithm.advantages(buffer, 4)
-    assert len(buffer) == 4  # the second group scored uniformly and was dropped
+    assert len(buffer) == 4  # the second group scored uniformly and was dropped (d1 itself keeps it)
     assert buffer.advantage.tolist() == [0.75, -0.25, -0.25, -0.25]  # d1: r - mean, no std scaling
     algorithm.prepare(tiny_policy, tiny_policy, buffer, torch.Generator().manual_seed(0))
     masks = buffer.columns["noise.prompt_masked"]
@@ -153,9 +154,11 @@ def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
         (["envv=digitsort-v0"], "unknown config field\\(s\\) envv"),
         (["env=sudoku-v9"], "unknown env 'sudoku-v9'"),
         (["algorithm.name=reinforce++"], "unknown algorithm 'reinforce\\+\\+'"),
-        (["algorithm.epsilon=-0.1"], "epsilon must be >= 0"),
+        (["algorithm.epsilon=-0.1"], "epsilon must be a number >= 0, got -0.1"),
         (["algorithm.loss_type=mean"], "loss_type must be one of"),
-        (["algorithm.num_iteration=2"], "unknown config field\\(s\\) algorithm.num_iteration"),
+        (["algorithm.num_iteration=2"], "algorithm.num_iteration: d1 has no such field; the fields of d1 are .*num_iterations"),
+        (["algorithm.name=spg", "algorithm.beta=0.1"], "algorithm.beta: spg has no such field"),
+        (["algorithm.preset=fast"], "d1 has no preset 'fast'; its presets: digitsort"),
         (["rollout.temperature=hot"], "rollout.temperature: expected a number"),
         (["not-an-override"], "must look like field.path=value"),
     ],

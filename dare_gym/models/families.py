@@ -45,6 +45,8 @@ class ModelFamily:
         auto_class: the ``transformers`` Auto class that returns the model with its LM head.
         tokenizer_class: a concrete tokenizer class to use where the folder's tokenizer config names remote
             code (Dream's ``DreamTokenizer`` is a Qwen2 BPE tokenizer); None: ``AutoTokenizer``.
+        noise: the corruption the model was trained to undo: ``mask`` (a [MASK] token: every family here so far),
+            or ``uniform`` (random tokens); algorithms whose estimators mask tokens refuse the others.
     """
 
     name: str
@@ -54,6 +56,7 @@ class ModelFamily:
     explicit_mask: bool = False
     auto_class: str = "AutoModelForMaskedLM"
     tokenizer_class: str | None = None
+    noise: str = "mask"
 
     # ------------------------------------------------------------------------------------ attention
     def block_size(self, config) -> int | None:

@@ -56,8 +56,9 @@ class SamplerOptions:
     temperature: float = 0.0
     """sampling temperature of each prediction (Gumbel-max in float64); 0 is greedy"""
     tempered_confidence: bool = False
-    """with record_predictions, record each guess's probability under softmax(logits / temperature), the
-    distribution it is drawn from (MDPO's weight), instead of the sampler's own confidence; remasking is unchanged"""
+    """confidences under softmax(logits / temperature), the distribution each guess is drawn from, instead of
+    softmax(logits): the low-confidence rule commits by them and record_predictions records them (MDPO's
+    official sampler); greedy (temperature 0) is unchanged"""
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
@@ -78,6 +79,11 @@ class Sampler:
     def __call__(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options,
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
         raise NotImplementedError
+
+    def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
+        """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,
+        whose exact likelihood is the autoregressive one); a sampler that cannot says why."""
+        raise ValueError(f"sampler {self.name!r} cannot decode left to right, one token per step")
 
 
 SAMPLERS: dict[str, Sampler] = {}

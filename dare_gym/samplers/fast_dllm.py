@@ -159,6 +159,9 @@ class FastDLLMSampler(Sampler):
     name = "fast_dllm"
     options_class = FastDLLMOptions
 
+    def left_to_right(self, policy, gen_length: int) -> dict:
+        return {"block_length": 1, "steps": gen_length}  # one-token blocks: the threshold cannot commit more
+
     def __call__(self, policy, prompt_ids, prompt_mask, options: FastDLLMOptions, *, generator=None,
                  record_predictions=False) -> SamplerOutput:
         if policy.block_size is not None:
