@@ -108,7 +108,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol
+from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol, worker
 
 __all__ = [
     "CheckSpec",
@@ -471,6 +471,7 @@ class _CheckerServer:
         finally:
             os.close(payload_fd)
             theirs.close()
+        worker.keep_child(self._proc.pid)  # in a reward's helper process: it serves the calls to come
         ours.settimeout(10.0)
         self._socket, self._owner = ours, os.getpid()
 
