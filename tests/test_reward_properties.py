@@ -6,6 +6,7 @@ timeouts and failures inside envs, and TRL-style batched rewards."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -402,3 +403,74 @@ def test_a_hung_reward_never_keeps_its_process_alive(tmp_path, kind):
     finally:
         process.kill()
         process.wait()
+
+
+# ------------------------------------------------------------------------------------------- math answers
+GSM8K_RECORD = {"question": "How many eggs does she sell?", "answer": "She sells 16 + 2 = 18 eggs.\n#### 18"}
+WRONG_BUT_LENIENT = [  # what math-verify alone scored correct for the gold 18
+    "\\boxed{19 = 18}", "<answer>19 = 18</answer>", "\\boxed{100 = 18}", "\\boxed{17 + 2 = 18}",
+    "\\boxed{18 \\text{ (or maybe 19)}}", "\\boxed{18\\%}", "\\boxed{\\{18\\}}", "<answer>18 or 19</answer>",
+    "\\boxed{18 = x}", "\\boxed{x = 18 = 19}",
+]
+RIGHT_BUT_MISSED = ["<answer>18 dollars</answer>", "<answer>18 eggs</answer>", "<answer>1.8e1</answer>",
+                    "\\boxed{18 \\text{ eggs}}", "\\boxed{x = 18}", "\\boxed{f(3) = 18}", "\\boxed{18}", "#### 18"]
+BOMBS = ["10^{10^{10^{10}}}", "9^{9^{9}}", "9^9^9", "(10^{7})!", "\\prod_{k=1}^{10^{7}} k", "2^{10^{9}}",
+         "\\int_0^{10^{6}} e^{x^{2}} \\sin(x^{99}) dx", "\\binom{10^{9}}{10^{5}}", "2^{1000000000}", "100000!"]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gsm8k") / "one.jsonl"
+    path.write_text(json.dumps(GSM8K_RECORD) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
+def test_math_answers_that_hedge_or_disagree_are_wrong_and_plain_ones_right(gsm8k_file, timeout_s):
+    env = dare_gym.make_vec("gsm8k-v0", num_envs=len(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED), data_files=gsm8k_file,
+                            reward_timeout_s=timeout_s)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED)
+    infos = infos["final_info"]
+    verdicts = dict(zip(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED, zip(rewards.tolist(), infos["correct"].tolist())))
+    assert {c: v for c, v in verdicts.items() if c in WRONG_BUT_LENIENT} == {c: (0.0, False) for c in WRONG_BUT_LENIENT}
+    assert {c: v for c, v in verdicts.items() if c in RIGHT_BUT_MISSED} == {c: (1.0, True) for c in RIGHT_BUT_MISSED}
+
+
+def test_an_interval_is_not_a_point_and_each_form_says_why():
+    from dare_gym.rewards.math import answer_form_problem, answers_match
+
+    point = "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert not answers_match(point, "\\left[3,\\frac{\\pi}{2}\\right]")
+    assert answers_match(point, "(3, \\frac{\\pi}{2})") and answers_match("[1, 2)", "\\left[1,2\\right)")
+    assert "an interval is not a point" in answer_form_problem(point, "[3, \\frac{\\pi}{2}]")
+    assert answer_form_problem("18", "18\\%") == "a percentage where the answer is not one"
+    assert answer_form_problem("18", "\\{18\\}") == "a set where the answer is not one"
+    assert answer_form_problem("18", "18 \\text{ (or maybe 19)}").startswith("a hedge: text with a number")
+    assert answers_match("18\\%", "18\\%") and answers_match("\\{1, 2\\}", "\\{2, 1\\}")  # when the gold is one
+    assert answers_match("y = 2x + 3", "y=2x+3")  # a gold equation is compared as one
+
+
+def test_math_bombs_are_refused_before_sympy_and_correct_is_computed_once(gsm8k_file):
+    """Expressions of a few characters whose value sympy would compute for minutes in C code (where no alarm
+    stops it): each is named too big and scores 0 without reaching the limit. ``info["correct"]`` reuses the
+    reward's verdict: one verification per step, not two."""
+    from dare_gym.rewards import math as math_rewards
+
+    for bomb in BOMBS:
+        assert math_rewards.answer_form_problem("18", bomb) is not None, bomb
+    env = dare_gym.make_vec("gsm8k-v0", num_envs=len(BOMBS), data_files=gsm8k_file, reward_timeout_s=20.0)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step([f"\\boxed{{{bomb}}}" for bomb in BOMBS])
+    assert rewards.tolist() == [0.0] * len(BOMBS) and not infos["final_info"]["correct"].any()
+    assert "reward_errors" not in infos["final_info"], "a bomb reached sympy and ran into the limit"
+
+    single = dare_gym.make("gsm8k-v0", data_files=gsm8k_file, reward_timeout_s=None)  # verified in this process
+    math_rewards.answers_match.cache_clear()
+    for completion in ("\\boxed{\\frac{36}{2}}", "\\boxed{17.5}"):
+        single.reset(options={"index": 0})
+        before = math_rewards._verify_cached.cache_info()
+        _, _, _, _, info = single.step(completion)
+        after = math_rewards._verify_cached.cache_info()
+        assert (after.hits + after.misses) - (before.hits + before.misses) == 1, "verified twice for one step"
+        assert info["correct"] == (completion == "\\boxed{\\frac{36}{2}}")
