@@ -184,19 +184,14 @@ def test_isolation_report_names_the_active_layers(report):
         assert report["missing"] == {} or set(report["missing"]) <= {"pids_cgroup", "memory_cgroup"}
 
 
-def test_correct_program_passes_quickly():
-    start = time.monotonic()
+def test_correct_program_passes():
     result = sb.run_program("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok')\n")
-    elapsed = time.monotonic() - start
     assert result.passed and result.status == "passed", result
     assert result.returncode == 0 and result.stdout == "ok\n" and result.reason == ""
-    assert elapsed < 2.0
 
 
 def test_failing_assert_fails_with_its_reason():
-    start = time.monotonic()
     result = sb.run_program("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5, 'wrong sum'\n")
-    assert time.monotonic() - start < 2.0
     assert not result.passed and result.status == "failed"
     assert "AssertionError" in result.reason and "wrong sum" in result.reason and "line 4" in result.reason
     assert "AssertionError" in result.stderr
