@@ -605,6 +605,7 @@ def _forget_parent_state() -> None:
     global _DEFAULT_POOL, _LAUNCHER, _REAPER, _OPEN_FDS_LOCK, _DEFAULT_POOL_LOCK
     _DEFAULT_POOL, _LAUNCHER, _REAPER = None, _Launcher(), _Reaper()
     _OPEN_FDS_LOCK, _DEFAULT_POOL_LOCK = threading.Lock(), threading.Lock()
+    _KEPT_CHILDREN.clear()  # the parent's children are not this copy's (their pids may come back as its own)
 
 
 os.register_at_fork(after_in_child=_forget_parent_state)

@@ -173,13 +173,16 @@ def test_isolation_report_names_the_active_layers(report):
     assert report["fresh_process"] and report["new_session"] and report["clean_env"] and report["separate_checker"]
     assert {"RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC"} <= set(report["rlimits"])
     for layer in ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace",
-                  "unprivileged_uid", "private_keyrings", "pids_cgroup", "memory_cgroup", "parent_death_signal"):
+                  "allow_listed_root", "unprivileged_uid", "private_keyrings", "syscall_filter", "pids_cgroup",
+                  "memory_cgroup", "parent_death_signal"):
         assert report[layer] or layer in report["missing"], f"{layer} is off but not reported as missing"
+    assert report["fresh_cgroups"] == (report["pids_cgroup"] or report["memory_cgroup"])
+    assert (report["allow_list"] is not None) == report["allow_listed_root"]
     if os.geteuid() == 0 and report["unshare"]:
         # this project's machines (developers and CI run as root, util-linux installed): everything is on
         assert report["network_namespace"] and report["pid_namespace"] and report["mount_namespace"]
         assert report["ipc_namespace"] and report["uts_namespace"] and report["unprivileged_uid"]
-        assert report["verdict_isolated"]
+        assert report["allow_listed_root"] and report["verdict_isolated"]
         assert set(report["shared_namespaces"]) == {"user", "cgroup", "time"}  # each with why it is safe
         assert report["missing"] == {} or set(report["missing"]) <= {"pids_cgroup", "memory_cgroup"}
 
