@@ -44,7 +44,7 @@ compute alone, so batching changes speed, not text.
 against bounds derived from the model: prompt + ``gen_length`` within the context (``max_model_len``, default the
 config's ``max_position_embeddings``), ``steps <= gen_length``, ``steps_per_block`` within the model's block,
 ``top_k`` within the vocabulary, ``seed`` in ``[0, 2**63)``, finite numbers, ``n <= max_n``, at most
-``max_prompts`` prompts and 4 stop strings; a prompt longer in characters than the context times the longest
+``max_prompts`` prompts and 32 stop strings; a prompt longer in characters than the context times the longest
 token of the vocabulary is refused before it is tokenized (tokenizing and chat templates run off the event
 loop); a body is read whole up to ``max_body_bytes`` (413 past it) and must be UTF-8 JSON without ``NaN`` or
 ``Infinity``. If the worker thread dies anyway (a bug, a plugin sampler that raises ``SystemExit``), every
@@ -79,7 +79,7 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_MAX_N = 64
 DEFAULT_MAX_PROMPTS = 64
-MAX_STOPS = 4  # OpenAI's own limit
+MAX_STOPS = 32  # OpenAI allows 4; clients such as OpenCompass may send more, each a cheap scan
 MAX_SEED = 2**63  # a seed is a non-negative 64-bit signed integer, what torch.Generator.manual_seed takes
 OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                  "stop", "seed", "stream", "user", "echo"}
