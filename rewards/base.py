@@ -297,7 +297,9 @@ class CombinedReward:
         reward that raises, ``SystemExit`` included, scores 0 with the reason; only Ctrl-C gets through."""
         try:
             checked = call.post(call.fn(*call.args, **call.kwargs))
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
+        except KeyboardInterrupt:  # the user stopping the run
+            raise
+        except BaseException as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
             scores.fail(name, range(scores.count) if index is None else [index], describe_error(error))
             return
         if index is None:
