@@ -1595,3 +1595,13 @@ def test_no_state_survives_a_run(actions, marker, key, megabytes):
     sb.run_program(leave, sb.SandboxLimits(timeout_s=5))  # it may pass or fail: what it left is what matters
     found = sb.run_program(look, sb.SandboxLimits(timeout_s=5))
     assert found.passed, f"{actions} left state for a later run: {found.stdout or found.reason}"
+
+
+def test_hidden_paths_cover_folders_inside_the_allow_list(report):
+    if not report["allow_listed_root"]:
+        pytest.skip(f"no allow-listed root here: {report['missing'].get('allow_listed_root')}")
+    package = Path(pytest.__file__).parent  # a folder of site-packages, inside the allow-list
+    source = f"import os\nprint(len(os.listdir({str(package)!r})))\n"
+    assert int(sb.run_program(source).stdout) > 0
+    hidden = sb.run_program(source, sb.SandboxLimits(hidden_paths=(str(package),)))
+    assert hidden.passed and int(hidden.stdout) == 0, hidden
