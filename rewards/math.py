@@ -10,7 +10,8 @@ wrong with its form (the gold decides what is allowed: a gold that is itself an 
 an interval lets the answer be one too):
 
 * an equation counts only when its last side is the answer and every other side is the answer too or a name
-  (``x = 18``, ``f(3) = 18``; not ``19 = 18``, ``17 + 2 = 18``, ``18 = x``);
+  (``x = 18``, ``f(3) = 18``; not ``19 = 18``, ``17 + 2 = 18``, ``18 = x``); so does a chain of ``==``, ``:=``,
+  ``\\approx``, ``\\equiv``, ``\\to`` or ``\\Rightarrow``, which math-verify also reads as its last side;
 * a hedge is wrong: text that holds a number (``18 \\text{ (or maybe 19)}``), words such as "or" or "maybe",
   two values side by side;
 * a percentage, a set or an interval where the gold is a plain value or a point is wrong (``18\\%``,
@@ -190,7 +191,8 @@ _BIG_OPERATORS = re.compile(r"\\(?:int|iint|iiint|oint|sum|prod|coprod|lim|limsu
 _SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?|\.\d+)[eE]([-+]?\d{1,4})(?![\w.])")
 _NUMBER_TEXT = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _NAME = re.compile(r"\\?[A-Za-z]+'*(?:_\{?[A-Za-z0-9]+\}?)?(?:\s*\([^()=]*\))?")
-_OPEN = {"(": ")", "[": "]", "{": "}"}
+_RELATION = re.compile(r"==|:=|=|≈|≡|→|⇒|⟹|\\(?:equiv|sim|simeq|approx|cong|to|rightarrow|Rightarrow|longrightarrow|"
+                       r"Longrightarrow|implies|iff|Leftrightarrow|mapsto)(?![A-Za-z])")
 
 
 def answer_form_problem(gold: str, prediction: str) -> str | None:
@@ -266,21 +268,25 @@ def _delimited_pair(text: str) -> tuple[str, str] | None:
 
 
 def _equation_sides(gold: str, prediction: str) -> list[str] | None:
-    """The sides of an equation, split at its top-level ``=``; None if ``prediction`` is not one or the gold is
-    an equation itself (then math-verify compares the two)."""
-    if "=" in gold or "=" not in prediction:
+    """The sides of an equation (or of a chain of ``=``, ``==``, ``:=``, ``\\approx``, ``\\equiv``, ``\\to``,
+    ``\\Rightarrow``... which math-verify all reads as their last side), split where they stand outside brackets;
+    None if ``prediction`` is not one, or if the gold has such a sign itself (then math-verify compares the
+    two), or for an inequality (math-verify's call)."""
+    if _RELATION.search(gold) or not _RELATION.search(prediction):
         return None
-    sides, depth, start = [], 0, 0
-    for position, char in enumerate(prediction):
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif char == "=" and depth == 0:
-            if prediction[position - 1:position] in ("<", ">", "!", ":") or prediction[position + 1:position + 2] == "=":
-                return None  # an inequality or another relation: math-verify's call
-            sides.append(prediction[start:position].strip())
-            start = position + 1
+    depth, depths = 0, []
+    for char in prediction:
+        depths.append(depth)
+        depth += char in "([{"
+        depth -= char in ")]}"
+    sides, start = [], 0
+    for match in _RELATION.finditer(prediction):
+        if depths[match.start()] != 0:
+            continue
+        if match.group() == "=" and prediction[match.start() - 1:match.start()] in ("<", ">", "!"):
+            return None  # <=, >=, != : an inequality
+        sides.append(prediction[start:match.start()].strip())
+        start = match.end()
     sides.append(prediction[start:].strip())
     return sides if len(sides) > 1 else None
 
