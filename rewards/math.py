@@ -80,8 +80,9 @@ def gsm8k_gold(answer_field: str) -> str:
 
 
 def _strip_number_commas(answer: str) -> str:
-    # "1,080" is a thousands separator, not a tuple; math-verify would read it as (1, 80).
-    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)
+    # "1,080" is a thousands separator, not a tuple; math-verify would read it as (1, 80). LaTeX writes one as
+    # "1{,}080", "1,\!080" or with a thin space, "1\,080" (which would read as two values side by side).
+    return re.sub(r"(?<=\d)(?:\{,\}|,\\!|,|\\,)(?=\d{3}\b)", "", answer)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,7 +184,7 @@ _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
 _UNIT_POWER = re.compile(r"\s*\^\s*(?:\{\s*[23]\s*\}|[23])")  # used with .match(text, position)
 _HEDGES = frozenset({"or", "and", "maybe", "perhaps", "possibly", "probably", "likely", "either", "not", "nor",
                      "approximately", "about", "around", "roughly", "nearly", "almost", "unless", "except"})
-_TWO_VALUES = re.compile(r"\d\s+[-+]?\.?\d")
+_TWO_VALUES = re.compile(r"\d(?:\s|~|\\[ ,;:!]|\\q?quad(?![A-Za-z]))+[-+]?\.?\d")  # digits apart by spaces only
 _PERCENT = re.compile(r"\\?%|\\percent\b")
 _SET_BRACE = re.compile(r"\\\{|\\lbrace\b")
 _SIZING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])\s*")

@@ -407,10 +407,11 @@ WRONG_BUT_LENIENT = [  # what math-verify alone scored correct for the gold 18
     "\\boxed{19 = 18}", "<answer>19 = 18</answer>", "\\boxed{100 = 18}", "\\boxed{17 + 2 = 18}",
     "\\boxed{18 \\text{ (or maybe 19)}}", "\\boxed{18\\%}", "\\boxed{\\{18\\}}", "<answer>18 or 19</answer>",
     "\\boxed{18 = x}", "\\boxed{x = 18 = 19}", "\\boxed{19 == 18}", "\\boxed{19 \\equiv 18}", "\\boxed{19 \\to 18}",
-    "\\boxed{19 \\Rightarrow 18}", "\\boxed{19 := 18}",
+    "\\boxed{19 \\Rightarrow 18}", "\\boxed{19 := 18}", "\\boxed{18~19}",
 ]
 RIGHT_BUT_MISSED = ["<answer>18 dollars</answer>", "<answer>18 eggs</answer>", "<answer>1.8e1</answer>",
-                    "\\boxed{18 \\text{ eggs}}", "\\boxed{x = 18}", "\\boxed{f(3) = 18}", "\\boxed{18}", "#### 18"]
+                    "\\boxed{18 \\text{ eggs}}", "\\boxed{x = 18}", "\\boxed{f(3) = 18}", "\\boxed{18}", "#### 18",
+                    "\\boxed{18\\,000 / 1{,}000}"]
 BOMBS = ["10^{10^{10^{10}}}", "9^{9^{9}}", "9^9^9", "(10^{7})!", "\\prod_{k=1}^{10^{7}} k", "2^{10^{9}}",
          "\\int_0^{10^{6}} e^{x^{2}} \\sin(x^{99}) dx", "\\binom{10^{9}}{10^{5}}", "2^{1000000000}", "100000!"]
 
