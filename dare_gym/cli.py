@@ -320,10 +320,10 @@ def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dare_gym.serve import is_loopback, serve
+    from dare_gym.serve import WorkerDied, is_loopback, serve
 
     _import_modules(args.imports)
-    for name in ("max_batch_size", "max_n"):
+    for name in ("max_batch_size", "max_n", "max_prompts"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_wait_ms < 0:
@@ -339,9 +339,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(policy, model_name=args.served_model_name or args.policy, host=args.host, port=args.port,
               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_model_len=args.max_model_len,
-              max_n=args.max_n, api_key=args.api_key, seed=args.seed, announce=lambda line: print(line, flush=True))
+              max_n=args.max_n, max_prompts=args.max_prompts, api_key=args.api_key, seed=args.seed,
+              announce=lambda line: print(line, flush=True))
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"--host {args.host} --port {args.port}: {error.strerror or error}") from None
+    except WorkerDied as error:  # it failed /health and shut down: exit non-zero, so a supervisor restarts it
+        print(f"dare-gym serve: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -636,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int,
                      help="prompt + generated tokens at most (default: the config's max_position_embeddings)")
     srv.add_argument("--max-n", type=int, default=64, help="the largest n a request may ask (default: 64)")
+    srv.add_argument("--max-prompts", type=int, default=64, help="the most prompts a request may send (default: 64)")
     srv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on /v1/ routes")
     srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests (default: 0)")
     _add_import(srv, "to register model families or samplers")
