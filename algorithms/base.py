@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
 from dare_gym.algorithms.options import (
     Clip,
     ClipHigher,
@@ -41,10 +41,10 @@ from dare_gym.algorithms.options import (
     TokenAggregation,
     Updates,
 )
-from dare_gym.buffer import CORRECT, RolloutBuffer, SequenceBatch
-from dare_gym.distributed import active_rows, discard_rows, global_sum
-from dare_gym.estimators import TokenScores, make_estimator
-from dare_gym.losses import (
+from dare_gym.core.buffer import CORRECT, RolloutBuffer, SequenceBatch
+from dare_gym.core.distributed import active_rows, discard_rows, global_sum
+from dare_gym.core.estimators import TokenScores, make_estimator
+from dare_gym.core.losses import (
     aggregate,
     clipped_surrogate,
     kl_penalty,
@@ -68,7 +68,7 @@ class Rollout:
     env scores); :meth:`buffer` turns them and their rewards into buffer rows, here one row per completion."""
 
     prompts: list[str]
-    completions: list  # dare_gym.policy.Completion
+    completions: list  # dare_gym.core.policy.Completion
     policy: Any
     response_mask: str = "through_stop"  # the algorithm's rule for which completion positions a loss scores
 
@@ -261,7 +261,7 @@ def expand_preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def build_config(name: str, options: dict[str, Any], *, where: str = "algorithm") -> Any:
     """Algorithm ``name``'s config from its defaults, an optional ``preset`` and ``options``, with errors that
     name the bad field and the algorithm's fields."""
-    from dare_gym.config import ConfigError, dataclass_from_dict
+    from dare_gym.core.config import ConfigError, dataclass_from_dict
 
     entry = get_algorithm(name)
     try:

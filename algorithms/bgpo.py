@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Clip, DualClip, GroupAdvantages, Likelihood, ResponseMask
-from dare_gym.distributed import gradient_sync
-from dare_gym.losses import bgpo_sample_loss
+from dare_gym.core.distributed import gradient_sync
+from dare_gym.core.losses import bgpo_sample_loss
 
 
 @dataclass

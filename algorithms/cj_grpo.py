@@ -28,7 +28,7 @@ from dare_gym.algorithms.options import (
     ResponseMask,
     RolloutCorrection,
 )
-from dare_gym.losses import step_mean_loss
+from dare_gym.core.losses import step_mean_loss
 
 
 @dataclass

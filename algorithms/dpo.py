@@ -19,8 +19,8 @@ import torch
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Likelihood, ResponseMask, is_number
 
-from dare_gym.distributed import active_rows, discard_rows, global_mean
-from dare_gym.losses import dpo_pair_losses
+from dare_gym.core.distributed import active_rows, discard_rows, global_mean
+from dare_gym.core.losses import dpo_pair_losses
 
 
 @dataclass

@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
 from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
 from dare_gym.algorithms.options import Clip, ClipHigher, GroupAdvantages, KLPenalty, ResponseMask
-from dare_gym.distributed import active_rows, discard_rows, gradient_sync
-from dare_gym.estimators import block_elbo_noise, block_elbo_row, response_blocks
-from dare_gym.logprobs import token_log_probs
-from dare_gym.losses import ebpo_loss
+from dare_gym.core.distributed import active_rows, discard_rows, gradient_sync
+from dare_gym.core.estimators import block_elbo_noise, block_elbo_row, response_blocks
+from dare_gym.core.logprobs import token_log_probs
+from dare_gym.core.losses import ebpo_loss
 
 VERL_STD_EPS = 1e-6
 MASKED, WEIGHT = "ebpo.masked", "ebpo.weight"  # buffer columns: [rows, N, L] masks and their len/m weights

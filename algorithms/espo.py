@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Clip, GroupAdvantages, Likelihood, ResponseMask, is_number
-from dare_gym.losses import espo_loss
+from dare_gym.core.losses import espo_loss
 
 
 @dataclass

@@ -25,11 +25,11 @@ from typing import Any, Sequence
 
 import torch
 
-from dare_gym.advantages import mdpo_step_advantages
+from dare_gym.core.advantages import mdpo_step_advantages
 from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, Rollout, register_algorithm
 from dare_gym.algorithms.options import Clip, ResponseMask
-from dare_gym.logprobs import token_log_probs
-from dare_gym.losses import mdpo_step_loss
+from dare_gym.core.logprobs import token_log_probs
+from dare_gym.core.losses import mdpo_step_loss
 
 
 @dataclass

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dare_gym.advantages import step_gae
+from dare_gym.core.advantages import step_gae
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, masked_mean, register_algorithm
 from dare_gym.algorithms.options import Clip, Likelihood, ResponseMask
-from dare_gym.losses import clipped_surrogate, clipped_value_loss, trace_row_losses
+from dare_gym.core.losses import clipped_surrogate, clipped_value_loss, trace_row_losses
 
 
 @dataclass

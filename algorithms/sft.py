@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
 
-from dare_gym.distributed import active_rows, discard_rows
-from dare_gym.sft import masked_answer_loss, sample_answer_masks
+from dare_gym.core.distributed import active_rows, discard_rows
+from dare_gym.core.sft import masked_answer_loss, sample_answer_masks
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import GroupAdvantages, Likelihood, ResponseMask
-from dare_gym.losses import reinforce_loss, spg_elbo, spg_eubo
+from dare_gym.core.losses import reinforce_loss, spg_elbo, spg_eubo
 
 
 @dataclass

@@ -42,9 +42,9 @@ from dare_gym.algorithms.options import (
     ResponseMask,
     RolloutCorrection,
 )
-from dare_gym.buffer import CORRECT, ENDED
-from dare_gym.distributed import discard_rows, global_max
-from dare_gym.losses import clipped_surrogate, kl_penalty, tracerl_loss
+from dare_gym.core.buffer import CORRECT, ENDED
+from dare_gym.core.distributed import discard_rows, global_max
+from dare_gym.core.losses import clipped_surrogate, kl_penalty, tracerl_loss
 
 LONGEST_RESPONSE = "tracerl.longest_response"  # buffer column: L₁ of the step's batch, on every row
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
+from dare_gym.core.buffer import RolloutBuffer
 
 MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 ELL = [[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]]  # the toy log-prob matrices of ALGORITHMS.md §0
@@ -403,7 +403,7 @@ def test_clamp_options_keep_todays_loss_by_default_and_bound_it_when_set():
 
 
 def test_clamp_options_are_documented_and_validated():
-    from dare_gym.config import describe_fields
+    from dare_gym.core.config import describe_fields
     from dare_gym.algorithms import get_algorithm
 
     lines = "\n".join(describe_fields(get_algorithm("tracerl").config_class))

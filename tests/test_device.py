@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dare_gym
-from dare_gym.config import ConfigError
-from dare_gym.device import resolve_device, resolve_dtype, uniform
+from dare_gym.core.config import ConfigError
+from dare_gym.core.device import resolve_device, resolve_dtype, uniform
 from dare_gym.models.standin import build_standin
-from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
 TINY_RUN = dict(prompts_per_step=2, group_size=4, max_steps=1, eval_size=0, progress=False, time_limit_minutes=None,
                 rollout=GenerationConfig(temperature=1.0))

@@ -17,11 +17,11 @@ from dare_gym.algorithms.dtreerpo import (
     sibling_advantages,
     tree_values,
 )
-from dare_gym.config import ConfigError
-from dare_gym.lora import LoraSettings
+from dare_gym.core.config import ConfigError
+from dare_gym.core.lora import LoraSettings
 from dare_gym.samplers.llada import continue_denoising, denoise_blocks
-from dare_gym.tree_rollout import NOT_YET, branch_points, grow_trees
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.algorithms.dtreerpo.rollout import NOT_YET, branch_points, grow_trees
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
 
 def _algorithm(policy, **options):

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.estimators import (
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.estimators import (
     BlockwiseMask,
     CoupledComplementary,
     PairedELBO,
@@ -25,7 +25,7 @@ from dare_gym.estimators import (
     shrink_steps,
     stratified_mask_counts,
 )
-from dare_gym.losses import clipped_surrogate, kl_penalty, reinforce_loss, spg_elbo, spg_eubo, step_mean_loss
+from dare_gym.core.losses import clipped_surrogate, kl_penalty, reinforce_loss, spg_elbo, spg_eubo, step_mean_loss
 
 MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 
@@ -546,7 +546,7 @@ def test_exact_ar_reveals_the_past_and_masks_from_t_on():
 def random_policy(seed: int = 0):
     from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
     from dare_gym.models.tokenizer import build_char_tokenizer
-    from dare_gym.policy import DiffusionPolicy
+    from dare_gym.core.policy import DiffusionPolicy
 
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import CORRECT, ENDED
+from dare_gym.core.buffer import CORRECT, ENDED
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
+from dare_gym.core.policy import DiffusionPolicy
 from test_algorithm_losses import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
 
 EOT = 11  # an end-of-turn id of the scripted vocabulary (not a stop token of the scripted policies)
@@ -156,7 +156,7 @@ def test_random_mask_estimators_score_each_noised_block_given_the_clean_blocks_b
     first token), every draw of every random-mask estimator equals the block-by-block computation above:
     the noised block conditioned on the clean earlier blocks, as DARE's SDAR actors and block-by-block decoding
     do, not on the noised ones a plain block-causal forward would show it."""
-    from dare_gym.estimators import make_estimator
+    from dare_gym.core.estimators import make_estimator
 
     policy = random_tiny(block_size=4, seed=1)
     prompt = torch.tensor(policy.tokenizer("ab\n", add_special_tokens=False)["input_ids"])

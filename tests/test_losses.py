@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
-from dare_gym.losses import aggregate, clipped_surrogate, kl_penalty, masked_diffusion_sft_loss
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.losses import aggregate, clipped_surrogate, kl_penalty, masked_diffusion_sft_loss
 
 # The toy batch of ALGORITHMS.md §0: G = 2, L = 3, r = (1, 0).
 LOGP = torch.tensor([[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]], dtype=torch.float64)
@@ -143,8 +143,8 @@ def test_sft_loss_worked_example():
 
 # ------------------------------------------------------------------- the zoo's losses (ALGORITHMS.md)
 
-from dare_gym.advantages import mdpo_step_advantages, step_gae  # noqa: E402
-from dare_gym.losses import (  # noqa: E402
+from dare_gym.core.advantages import mdpo_step_advantages, step_gae  # noqa: E402
+from dare_gym.core.losses import (  # noqa: E402
     bgpo_sample_loss,
     importance_ratio,
     tracerl_loss,

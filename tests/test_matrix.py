@@ -21,10 +21,10 @@ import pytest
 
 from dare_gym.algorithms import list_algorithms
 from dare_gym.algorithms.base import resolved_section
-from dare_gym.cli import main, support_table
+from dare_gym.tools.cli import main, support_table
 from dare_gym.models.families import FAMILIES, ModelFamily
 from dare_gym.models.standin import build_standin
-from dare_gym.user_code import import_module
+from dare_gym.train.user_code import import_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = '''

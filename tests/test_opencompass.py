@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dare_gym.opencompass import (DatasetConfig, OpenCompassInputError, check_custom_dataset, config_source,
+from dare_gym.tools.opencompass import (DatasetConfig, OpenCompassInputError, check_custom_dataset, config_source,
                                   failure_reason, find_dataset_configs, link_local_data, read_summary)
 
 DIGITSORT = [("sort 583920\n", "035589"), ("sort 9381\n", "1389"), ("sort 12\n", "12"), ("sort 4040\n", "0044"),
@@ -89,7 +89,7 @@ def test_local_benchmark_files_are_linked_where_opencompass_looks(tmp_path):
 
 
 def run_cli(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dare_gym.cli", "opencompass", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dare_gym", "opencompass", *args], capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ, TQDM_DISABLE="1"))
 
 
@@ -97,7 +97,7 @@ def run_cli(*args, timeout=1800) -> subprocess.CompletedProcess:
                                           (["--custom-dataset", "no/such.jsonl"], "--custom-dataset: no file"),
                                           (["--limit", "0", "--datasets", "gsm8k"], "--limit must be >= 1, got 0")])
 def test_usage_errors_are_one_line_before_anything_is_installed(argv, message, capsys, tmp_path):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["opencompass", "tiny", "--venv", str(tmp_path / "never"), *argv]) == 2
     error = capsys.readouterr().err.strip()

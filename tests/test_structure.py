@@ -37,8 +37,8 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_is_read_from_the_sources():
     graph = import_graph()
-    assert "dare_gym.policy" in graph["dare_gym.loading"] and "dare_gym.lora" in graph["dare_gym.loading"]
-    assert "dare_gym.compare" in graph["dare_gym.cli"]  # a lazy import inside a function counts
+    assert "dare_gym.core.policy" in graph["dare_gym.core.loading"] and "dare_gym.core.lora" in graph["dare_gym.core.loading"]
+    assert "dare_gym.tools.compare" in graph["dare_gym.tools.cli"]  # a lazy import inside a function counts
 
 
 def test_no_two_modules_import_each_other():

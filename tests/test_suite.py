@@ -12,7 +12,7 @@ import sys
 import pytest
 from hypothesis import given, strategies as st
 
-from dare_gym.suite import BenchmarkSpec, SuiteConfig, markdown_tables, mean_pass_at_k, pass_at_k
+from dare_gym.tools.suite import BenchmarkSpec, SuiteConfig, markdown_tables, mean_pass_at_k, pass_at_k
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -80,7 +80,7 @@ def test_markdown_has_a_table_per_metric_with_benchmarks_as_rows_and_policies_as
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dare_gym.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dare_gym", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd, env=dict(os.environ, TQDM_DISABLE="1"))
 
 
@@ -118,7 +118,7 @@ def test_a_suite_of_two_policies_writes_json_and_tables(tmp_path, tiny_policy):
     (["--samples", "4"], "--samples applies to --suite only"),
 ])
 def test_suite_errors_are_one_line(argv, message, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["eval", "--limit", "2", *argv]) == 2
     error = capsys.readouterr().err.strip()

@@ -9,10 +9,10 @@ import torch
 
 import dare_gym
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.config import ConfigError, load_config
-from dare_gym.policy import Completion
-from dare_gym.trainer import TrainConfig, Trainer, mean_completion_length
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.core.config import ConfigError, load_config
+from dare_gym.core.policy import Completion
+from dare_gym.train.trainer import TrainConfig, Trainer, mean_completion_length
 
 
 def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
@@ -200,7 +200,7 @@ def test_estimator_noise_lines_up_with_minibatches_of_shorter_prompts(tiny_polic
 
 
 def test_the_default_config_is_the_cli_default_run():
-    from dare_gym.config import default_config_path
+    from dare_gym.core.config import default_config_path
 
     assert TrainConfig() == load_config(TrainConfig, default_config_path())
 
@@ -212,7 +212,7 @@ def half(completion, sample):
 
 
 def test_a_reward_callable_is_saved_as_a_reference_that_re_creates_it(tmp_path):
-    from dare_gym.user_code import import_module, resolve_env_kwargs
+    from dare_gym.train.user_code import import_module, resolve_env_kwargs
 
     path = tmp_path / "reward_file_for_test.py"
     path.write_text(REWARD_FILE)

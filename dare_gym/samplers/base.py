@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.core.device import uniform
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.core.device import uniform
 from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,

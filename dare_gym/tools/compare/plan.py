@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from dare_gym.algorithms import get_algorithm, list_algorithms
 from dare_gym.algorithms.base import expand_preset
-from dare_gym.config import (
+from dare_gym.core.config import (
     ConfigError,
     dataclass_from_dict,
     default_config_path,
@@ -25,8 +25,8 @@ from dare_gym.config import (
     parse_overrides,
     set_dotted,
 )
-from dare_gym.trainer import DEFAULT_ALGORITHM, TrainConfig
-from dare_gym.user_code import import_module, normalize_module_spec
+from dare_gym.train.trainer import DEFAULT_ALGORITHM, TrainConfig
+from dare_gym.train.user_code import import_module, normalize_module_spec
 
 ALL = "all"
 RESERVED = {

@@ -89,13 +89,13 @@ class RolloutBuffer:
         if mask.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
             row = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
             raise ValueError(f"prompt row {row} is not left-padded (mask {mask[row].tolist()}): the buffer keeps "
-                             "prompts as the samplers lay them out; build them with dare_gym.buffer.left_pad")
+                             "prompts as the samplers lay them out; build them with dare_gym.core.buffer.left_pad")
 
     @classmethod
     def from_rollouts(
         cls,
         prompts: Sequence[str],
-        completions: Sequence,  # dare_gym.policy.Completion
+        completions: Sequence,  # dare_gym.core.policy.Completion
         rewards: Sequence[float],
         group_ids: Sequence[int],
         *,

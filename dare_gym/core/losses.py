@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dare_gym.distributed import global_mean
-from dare_gym.logprobs import token_log_probs
+from dare_gym.core.distributed import global_mean
+from dare_gym.core.logprobs import token_log_probs
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -110,7 +110,7 @@ def aggregate(
     (accumulated, global) batch, given as ``num_active_tokens`` (a minibatch's share of it: see
     ``PolicyGradient.prepare``); without it, this batch's own count (then dapo equals bnpo).
     ``rows`` ([B] bool) are the sequences that count (default: all). Every normaliser is summed over the
-    ranks of a distributed run (:func:`dare_gym.distributed.global_mean`), so the ranks' losses add up to the
+    ranks of a distributed run (:func:`dare_gym.core.distributed.global_mean`), so the ranks' losses add up to the
     loss of their union.
     """
     mask = mask.to(per_token.dtype)

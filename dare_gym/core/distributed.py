@@ -1,6 +1,6 @@
 """Training on many processes with PyTorch's own engine: ``torchrun``, ``torch.distributed``, DDP and FSDP2.
 
-    torchrun --nproc-per-node 8 -m dare_gym.cli train strategy=fsdp ...   # or: dare-gym train --nproc 8 ...
+    torchrun --nproc-per-node 8 -m dare_gym train strategy=fsdp ...   # or: dare-gym train --nproc 8 ...
 
 What stays the same at any number of processes N:
 

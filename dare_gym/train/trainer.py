@@ -23,43 +23,43 @@ import numpy as np
 import torch
 
 import dare_gym
-from dare_gym import distributed
-from dare_gym.advantages import zero_variance_groups
+from dare_gym.core import distributed
+from dare_gym.core.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, get_algorithm, make_algorithm
 from dare_gym.algorithms.base import resolved_section
-from dare_gym.buffer import RolloutBuffer, right_pad
-from dare_gym.checkpoints import (
+from dare_gym.core.buffer import RolloutBuffer, right_pad
+from dare_gym.train.checkpoints import (
     CHECKPOINT_DIR,
     atomic_write_text,
     latest_checkpoint,
     read_checkpoint,
     write_checkpoint,
 )
-from dare_gym.config import ConfigError
-from dare_gym.console import (
+from dare_gym.core.config import ConfigError
+from dare_gym.train.console import (
     RewardFailureMonitor,
     TrainingProgress,
     quiet_library_warnings,
     rollout_reward_errors,
 )
-from dare_gym.device import make_generator, resolve_device, resolve_dtype
-from dare_gym.distributed import STRATEGIES
+from dare_gym.core.device import make_generator, resolve_device, resolve_dtype
+from dare_gym.core.distributed import STRATEGIES
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
-from dare_gym.evaluation import evaluate
-from dare_gym.loading import policy_family
-from dare_gym.lora import (
+from dare_gym.train.evaluation import evaluate
+from dare_gym.core.loading import policy_family
+from dare_gym.core.lora import (
     LoraSettings,
     adapter_disabled_reference,
     apply_lora,
     load_lora_weights,
     save_lora_policy,
 )
-from dare_gym.metrics import METRICS_FILE, MetricsLogger, plot_metrics
+from dare_gym.train.metrics import METRICS_FILE, MetricsLogger, plot_metrics
 from dare_gym.models.families import get_family
-from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
 from dare_gym.samplers.llada import REMASKING_RULES
-from dare_gym.user_code import (
+from dare_gym.train.user_code import (
     import_module,
     jsonable,
     normalize_module_spec,
@@ -119,7 +119,7 @@ class TrainConfig:
     5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
     at its own defaults, ``{"name": X, "beta": 0}`` those defaults with one field changed; a section without a
     name keeps d1. On the command line ``algorithm.<field>=value`` changes one field, and
-    ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.config.load_config_dict`)."""
+    ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.core.config.load_config_dict`)."""
 
     env: str = "digitsort-v0"
     """registered env id to train on (`dare-gym envs`)"""

@@ -36,8 +36,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from dare_gym.device import uniform
-from dare_gym.logprobs import token_entropy, token_log_probs
+from dare_gym.core.device import uniform
+from dare_gym.core.logprobs import token_entropy, token_log_probs
 
 LogitsFn = Callable[..., torch.Tensor]
 """``logits_fn(input_ids, attention_mask, *, logits_to_keep=0, clean_ids=None) -> logits`` aligned so that

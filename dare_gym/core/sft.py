@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.device import uniform
-from dare_gym.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.device import uniform
+from dare_gym.core.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
 
 P_MASK_EPS = 1e-3
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dare_gym.distributed import global_sum
+from dare_gym.core.distributed import global_sum
 
 STD_EPS = 1e-4
 SCALE_CHOICES = ("group", "batch", "none")
