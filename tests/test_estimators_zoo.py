@@ -25,7 +25,9 @@ from dare_gym.core.estimators import (
     shrink_steps,
     stratified_mask_counts,
 )
-from dare_gym.core.losses import clipped_surrogate, kl_penalty, reinforce_loss, spg_elbo, spg_eubo, step_mean_loss
+from dare_gym.algorithms.cj_grpo import step_mean_loss
+from dare_gym.algorithms.spg import reinforce_loss, spg_elbo, spg_eubo
+from dare_gym.core.losses import clipped_surrogate, kl_penalty
 
 MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -244,3 +245,19 @@ def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(
         "test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps.<locals>.always_fails")
     with pytest.raises(ConfigError, match="lambda or a function defined inside another function"):
         load_config(TrainConfig, tmp_path / "run" / "config.json")
+
+
+def test_sft_on_demonstrations_clones_the_envs_gold_answers(tmp_path):
+    """SFT's own rollout asks the env (through the trainer's RolloutContext) for each prompt's gold answer: the
+    row of "sort 583920" carries "023589" then EOS padding, and an update trains on it."""
+    from dare_gym.algorithms.sft import DEMONSTRATION_IDS
+
+    trainer = Trainer(small_config(tmp_path, algorithm={"name": "sft", "source": "demonstrations"}, eval_size=0))
+    buffer, _ = trainer.collect()
+    tokenizer = trainer.policy.tokenizer
+    for prompt, ids in zip(buffer.prompts, buffer.columns[DEMONSTRATION_IDS]):
+        digits = prompt.split()[1]
+        assert trainer.policy.decode(ids) == "".join(sorted(digits))
+        assert ids[len(digits):].eq(tokenizer.eos_token_id).all()
+    update = trainer.update(buffer)
+    assert update["rows_trained"] == len(buffer) and math.isfinite(update["loss"])

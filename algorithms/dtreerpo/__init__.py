@@ -337,7 +337,7 @@ class DTreeRPO(Algorithm):
         return [root] + [config.tree_branch_factor] * (config.tree_contraction_factor - 1)
 
     def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator, batch_size: int,
-                settings: dict[str, Any]) -> TreeRollout:
+                settings: dict[str, Any], context=None) -> TreeRollout:
         fan_out = self.fan_out(group_size)
         settings = dict(settings)
         sampler = settings.pop("sampler", None)

@@ -26,7 +26,7 @@ import dare_gym
 from dare_gym.core import distributed
 from dare_gym.core.advantages import zero_variance_groups
 from dare_gym.algorithms import build_config, get_algorithm, make_algorithm
-from dare_gym.algorithms.base import resolved_section
+from dare_gym.algorithms.base import RolloutContext, resolved_section
 from dare_gym.core.buffer import RolloutBuffer, right_pad
 from dare_gym.train.checkpoints import (
     CHECKPOINT_DIR,
@@ -373,21 +373,18 @@ class Trainer:
         a buffer."""
         timings = {}
         start = time.perf_counter()
-        needs = set(self.algorithm.rollout_needs)
         prompts, infos = self.train_env.reset()
+        context = RolloutContext(indices=infos["index"].tolist(), score_texts=self.train_env.score_texts,
+                                 demonstrations=self.train_env.demonstrations, env_id=self.config.env)
         rollout = self.algorithm.rollout(self.policy, list(prompts), group_size=self.config.group_size,
                                          generator=self.generator, batch_size=self.config.rollout_batch_size,
-                                         settings=self.rollout_kwargs())
+                                         settings=self.rollout_kwargs(), context=context)
         completions = rollout.completions
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
         step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
         buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist(), correct=step_infos["correct"].tolist())
-        if "step_predictions" in needs:
-            self._add_step_rewards(buffer, completions, infos["index"])
-        if "demonstrations" in needs:
-            self._add_demonstrations(buffer, infos["index"])
         timings["time_reward"] = time.perf_counter() - start
         generated = sum(len(c.completion_ids) for c in completions)
         self.last_reward_errors = rollout_reward_errors(step_infos, len(completions))
@@ -426,27 +423,6 @@ class Trainer:
             settings.update(get_sampler(name).left_to_right(self.policy, gen_length))
         return settings
 
-    def _add_step_rewards(self, buffer: RolloutBuffer, completions, indices) -> None:
-        """MDPO's intermediate rewards: the env's reward of the sampler's guess x̂₀ at every step."""
-        step_rewards = [self.train_env.score_texts(index, [self.policy.decode(guess) for guess in c.step_predictions])
-                        for c, index in zip(completions, indices)]
-        buffer.columns["step_reward"] = torch.tensor(step_rewards, dtype=torch.float32)
-        buffer.columns["step_prediction"] = torch.stack([c.step_predictions for c in completions])
-        buffer.columns["step_confidence"] = torch.stack([c.step_confidence for c in completions])
-
-    def _add_demonstrations(self, buffer: RolloutBuffer, indices) -> None:
-        """Gold answers for behaviour cloning, tokenised and EOS-padded like the completions."""
-        try:
-            answers = self.train_env.demonstrations(indices)
-        except NotImplementedError as error:
-            raise ValueError(f"{self.config.env}: {error}; use sft's source: rollouts") from None
-        tokenizer, width = self.policy.tokenizer, buffer.completion_ids.shape[1]
-        rows = []
-        for answer in answers:
-            ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: width - 1]
-            rows.append(ids + [tokenizer.eos_token_id] * (width - len(ids)))
-        buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
-
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts.
 
@@ -456,7 +432,7 @@ class Trainer:
         config = self.config
         rows_collected = len(buffer)
         buffer = self.algorithm.advantages(buffer, config.group_size)
-        active = float(distributed.global_sum(distributed.active_rows(buffer).sum()))
+        active = float(distributed.global_sum(buffer.active_rows().sum()))
         stats: dict[str, float] = {"rows_trained": active / self.group.world_size,
                                    "rows_collected": float(rows_collected)}
         if active == 0:
@@ -468,9 +444,9 @@ class Trainer:
         for iteration, minibatches in self.algorithm.update_plan(buffer, config.micro_batch_size, self.generator):
             self.optimizer.zero_grad()
             minibatches = list(minibatches)
-            step_rows = float(distributed.global_sum(sum(distributed.active_rows(m).sum() for m in minibatches)))
+            step_rows = float(distributed.global_sum(sum(m.active_rows().sum() for m in minibatches)))
             for number, minibatch in enumerate(minibatches):
-                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / max(step_rows, 1.0)
+                share = float(distributed.global_sum(minibatch.active_rows().sum())) / max(step_rows, 1.0)
                 weight = share * self.group.world_size  # DDP and FSDP average the ranks' gradients
                 with self.policy.gradient_sync(number == len(minibatches) - 1):
                     loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, weight)
