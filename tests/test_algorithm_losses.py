@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from dare_gym.algorithms import build_config, make_algorithm
+from dare_gym.algorithms import build_config, make_algorithm, mdpo
 from dare_gym.core.buffer import RolloutBuffer
 
 MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
@@ -226,18 +226,18 @@ def test_mdpo_whole_loss():
     at steps (0, 1, 2), so x_t masks 3, 2, 1 tokens (λ_t = 3/(n + 1e-4)); on-policy (ρ = 1) the loss of step t
     is Σ −A·λ_t·conf / #masked, and step 1's is section H's −0.053022 (conf (0.9, 0.6) and (0.8, 0.5))."""
     buffer = make_buffer([[7, 8, 9], [9, 8, 7]], unmask_step=[[0, 1, 2], [0, 1, 2]])
-    buffer.columns["step_reward"] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    buffer.columns["step_prediction"] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
+    buffer.columns[mdpo.STEP_REWARD] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    buffer.columns[mdpo.STEP_PREDICTION] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
     confidence = torch.tensor([[[0.7, 0.4, 0.3], [1.0, 0.9, 0.6], [1.0, 1.0, 0.95]],
                                [[0.2, 0.6, 0.5], [1.0, 0.8, 0.5], [1.0, 1.0, 0.85]]])
-    buffer.columns["step_confidence"] = confidence
+    buffer.columns[mdpo.STEP_CONFIDENCE] = confidence
     method = algorithm("mdpo", train_steps=3)
     buffer = method.advantages(buffer, 2)
-    advantages = buffer.columns["step_advantage"]
+    advantages = buffer.columns[mdpo.STEP_ADVANTAGE]
     assert advantages.tolist()[0] == pytest.approx([0.706907, 0.707007, -0.707007], abs=1e-6)
     policy = ScriptedPolicy(buffer.completion_ids, lambda masked: -0.3 - 0.1 * masked.double())
     method.prepare(policy, None, buffer, None, micro_batch_size=8)
-    assert sorted(buffer.columns["train_steps"][0].tolist()) == [0, 1, 2]
+    assert sorted(buffer.columns[mdpo.TRAIN_STEPS][0].tolist()) == [0, 1, 2]
     loss = method.loss(policy, buffer, 0)[0].item()
     step_losses = []
     for t in range(3):
