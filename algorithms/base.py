@@ -43,6 +43,7 @@ from dare_gym.algorithms.options import (
     Updates,
 )
 from dare_gym.core.buffer import CORRECT, RolloutBuffer, SequenceBatch
+from dare_gym.registries import Registry
 from dare_gym.core.distributed import global_sum
 from dare_gym.core.estimators import TokenScores, make_estimator
 from dare_gym.core.losses import (
@@ -219,7 +220,7 @@ class AlgorithmEntry:
         return [f.name for f in dataclasses.fields(self.config_class) if f.init]
 
 
-ALGORITHMS: dict[str, AlgorithmEntry] = {}
+ALGORITHMS: Registry = Registry("algorithm")
 PRESET = "preset"  # the key of an algorithm section that names a preset
 
 
@@ -236,7 +237,7 @@ def register_algorithm(name: str, config_class: type, *, presets: dict[str, dict
             if unknown:
                 raise ValueError(f"{name}: preset {preset!r} sets {', '.join(unknown)}, which are not fields of "
                                  f"{config_class.__name__}")
-        ALGORITHMS[name] = entry
+        ALGORITHMS.add(name, entry, overwrite=True)
         cls.name = name
         return cls
 
@@ -244,14 +245,11 @@ def register_algorithm(name: str, config_class: type, *, presets: dict[str, dict
 
 
 def list_algorithms() -> list[str]:
-    return sorted(ALGORITHMS)
+    return ALGORITHMS.names()
 
 
 def get_algorithm(name: str) -> AlgorithmEntry:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(list_algorithms())}") from None
+    return ALGORITHMS.lookup(name)
 
 
 def expand_preset(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -326,10 +326,9 @@ from dare_gym.samplers import register_sampler
 from dare_gym.samplers.llada import LLaDASampler
 
 
-@register_sampler
+@register_sampler("deadly")
 class Deadly(LLaDASampler):
     """A sampler with a bug that kills the thread it runs in (what a BaseException does)."""
-    name = "deadly"
 
     def __call__(self, *args, **kwargs):
         raise SystemExit("a bug in a plugin sampler")

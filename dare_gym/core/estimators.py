@@ -38,6 +38,7 @@ import torch
 
 from dare_gym.core.device import uniform
 from dare_gym.core.logprobs import token_entropy, token_log_probs
+from dare_gym.registries import Registry
 
 LogitsFn = Callable[..., torch.Tensor]
 """``logits_fn(input_ids, attention_mask, *, logits_to_keep=0, clean_ids=None) -> logits`` aligned so that
@@ -74,6 +75,14 @@ class LikelihoodEstimator(Protocol):
     def sample_noise(self, batch, generator: torch.Generator | None) -> dict[str, torch.Tensor]: ...
 
     def token_logp(self, logits_fn: LogitsFn, batch, noise: dict[str, torch.Tensor]) -> TokenScores: ...
+
+
+ESTIMATORS: Registry = Registry("likelihood estimator")
+
+
+def register_estimator(name: str):
+    """Class decorator: ``@register_estimator("elbo")``; algorithms choose an estimator by this name."""
+    return ESTIMATORS.decorator(name)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -122,6 +131,7 @@ def _ones(batch) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- one forward
 
 
+@register_estimator("d1")
 @dataclass
 class OneStepMaskedPrompt:
     """d1 (diffu-GRPO): one forward with the whole completion masked and each real prompt token masked with
@@ -145,6 +155,7 @@ class OneStepMaskedPrompt:
         return TokenScores(logp, scored, entropy, [Draw(logp, scored, _ones(batch))])
 
 
+@register_estimator("random_ratio")
 @dataclass
 class RandomRatio:
     """MMaDA's UniGRPO estimator: draw t ~ U(t_min, 1] per row, mask each completion token with probability
@@ -174,6 +185,7 @@ class RandomRatio:
 # ----------------------------------------------------------------------------------- several forwards
 
 
+@register_estimator("coupled")
 @dataclass
 class CoupledComplementary:
     """coupled-GRPO (DiffuCoder): three passes on the same completion: fully masked (p0), the tokens with
@@ -223,6 +235,7 @@ def stratified_mask_counts(length: torch.Tensor, draws: int, generator=None) -> 
     return (counts - 1) % length[:, None] + 1
 
 
+@register_estimator("elbo")
 @dataclass
 class StratifiedELBO:
     """The masked-diffusion ELBO by stratified Monte Carlo (LLaDA's ``get_log_likelihood``): ``mc_num`` draws,
@@ -271,6 +284,7 @@ def _combine(draws: list[Draw], batch) -> TokenScores:
     return TokenScores(logp, scored, None, draws)
 
 
+@register_estimator("elbo_pair")
 @dataclass
 class PairedELBO:
     """ESPO's sequence ELBO: k₀ ~ U{0..L} once per call, row j masks k_j = round(k₀ + j(L+1)/B) mod (L+1)
@@ -322,6 +336,7 @@ class PairedELBO:
         return TokenScores(logp, present, None, draws)
 
 
+@register_estimator("block")
 @dataclass
 class BlockwiseMask:
     """SPG's block-wise masking ("block_random"): pick a block m of the completion; blocks before it stay
@@ -395,6 +410,7 @@ def shrink_steps(unmask_step: torch.Tensor, shrink: int) -> torch.Tensor:
     return groups
 
 
+@register_estimator("trajectory")
 @dataclass
 class TrajectoryReplay:
     """Replay the rollout's own denoising trajectory (CJ-GRPO; TraceRL with ``shrink`` > 1). The state before
@@ -451,29 +467,18 @@ class TrajectoryReplay:
         return TokenScores(logp, group >= 0, entropy, draws)
 
 
-ESTIMATORS: dict[str, type] = {
-    "d1": OneStepMaskedPrompt,
-    "random_ratio": RandomRatio,
-    "coupled": CoupledComplementary,
-    "elbo": StratifiedELBO,
-    "elbo_pair": PairedELBO,
-    "block": BlockwiseMask,
-    "trajectory": TrajectoryReplay,
-}
-
-
 def make_estimator(name: str, *, mask_token_id: int, **options) -> LikelihoodEstimator:
     """Build a registered estimator by name with its options (e.g. ``p_mask_prompt=0.15``)."""
-    try:
-        cls = ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown likelihood estimator {name!r}; known: {sorted(ESTIMATORS)}") from None
-    if name == "exact_ar":
-        options = {"order": "left_to_right", **options}
+    cls = ESTIMATORS.lookup(name)
+    options = {**getattr(cls, "fixed_options", {}), **options}
     try:
         return cls(mask_token_id=mask_token_id, **options)
     except TypeError as error:
         raise ValueError(f"bad options {options!r} for estimator {name!r}: {error}") from None
 
 
-ESTIMATORS["exact_ar"] = TrajectoryReplay  # JustGRPO: trajectory replay in exact left-to-right order
+@register_estimator("exact_ar")
+class ExactLeftToRight(TrajectoryReplay):
+    """JustGRPO's exact likelihood: trajectory replay in left-to-right order, one token per forward."""
+
+    fixed_options = {"order": "left_to_right"}

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from dare_gym.registries import Registry
+
 from dare_gym.core.device import uniform
 
 
@@ -86,20 +88,23 @@ class Sampler:
         raise ValueError(f"sampler {self.name!r} cannot decode left to right, one token per step")
 
 
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry = Registry("sampler")
 
 
-def register_sampler(cls: type) -> type:
-    """Class decorator: ``@register_sampler`` on a :class:`Sampler` subclass with a ``name``."""
-    SAMPLERS[cls.name] = cls()
-    return cls
+def register_sampler(name: str):
+    """Class decorator: ``@register_sampler("llada")`` on a :class:`Sampler` subclass (one instance serves every
+    call: a sampler keeps no state between calls)."""
+
+    def add(cls: type) -> type:
+        cls.name = name
+        SAMPLERS.add(name, cls())
+        return cls
+
+    return add
 
 
 def get_sampler(name: str) -> Sampler:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; registered samplers: {', '.join(sorted(SAMPLERS))}") from None
+    return SAMPLERS.lookup(name)
 
 
 def make_options(name: str, values: dict[str, Any]):

@@ -239,11 +239,10 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return finish()
 
 
-@register_sampler
+@register_sampler("block_diffusion")
 class BlockDiffusionSampler(Sampler):
     """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
 
-    name = "block_diffusion"
     options_class = BlockDiffusionOptions
 
     def left_to_right(self, policy, gen_length: int) -> dict:

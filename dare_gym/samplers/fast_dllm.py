@@ -152,11 +152,10 @@ class DualCache:
 FORWARDS = {"none": FullForward, "prefix": PrefixCache, "dual": DualCache}
 
 
-@register_sampler
+@register_sampler("fast_dllm")
 class FastDLLMSampler(Sampler):
     """LLaDA's block loop with Fast-dLLM's caches, parallel commit rules and early exit."""
 
-    name = "fast_dllm"
     options_class = FastDLLMOptions
 
     def left_to_right(self, policy, gen_length: int) -> dict:

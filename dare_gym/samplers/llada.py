@@ -238,11 +238,10 @@ def continue_denoising(policy, x: torch.Tensor, attention_mask: torch.Tensor, pr
     return calls
 
 
-@register_sampler
+@register_sampler("llada")
 class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
 
-    name = "llada"
     options_class = LLaDAOptions
 
     def left_to_right(self, policy, gen_length: int) -> dict:
