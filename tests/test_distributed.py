@@ -81,17 +81,15 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path, how, message
 
 
 def test_an_algorithm_that_cannot_be_distributed_is_refused_with_its_reason():
-    """PPO declares why it cannot run on several processes; the trainer refuses before wrapping anything."""
-    from types import SimpleNamespace
-
+    """PPO declares why it cannot run on several processes; the configuration is refused with that reason before
+    anything is launched (the command line checks it before starting torchrun), as are uneven shares."""
     from dare_gym.algorithms import get_algorithm
     from dare_gym.core.config import ConfigError
-    from dare_gym.train.trainer import Trainer
+    from dare_gym.train.config import TrainConfig, resolve
 
-    entry = get_algorithm("ppo")
-    ppo = entry.algorithm_class(entry.config_class(), mask_token_id=3)
-    trainer = SimpleNamespace(algorithm=ppo)
-    config = SimpleNamespace(strategy="ddp", lora=None)
     with pytest.raises(ConfigError, match="ppo: its value model has an optimizer of its own .*one process"):
-        Trainer._distribute(trainer, config, torch.device("cpu"), torch.float32)
+        resolve(TrainConfig(algorithm={"name": "ppo"}), processes=2)
+    with pytest.raises(ConfigError, match="prompts_per_step=8 must be divisible by the number of processes \\(3\\)"):
+        resolve(TrainConfig(prompts_per_step=8), processes=3)
+    resolve(TrainConfig(algorithm={"name": "ppo"}))  # one process: fine
     assert all(get_algorithm(name).algorithm_class.distributed_unsupported is None for name in ("d1", "bgpo", "dpo", "ebpo", "dtreerpo"))

@@ -13,7 +13,7 @@ from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.core.buffer import RolloutBuffer
 from dare_gym.core.config import ConfigError, load_config
 from dare_gym.core.policy import Completion
-from dare_gym.train.trainer import TrainConfig, Trainer, mean_completion_length
+from dare_gym.train.trainer import TrainConfig, Trainer, mean_completion_length, resolve
 
 
 def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
@@ -166,7 +166,7 @@ def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
 )
 def test_config_errors_name_the_field_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, None, overrides)
+        resolve(load_config(TrainConfig, None, overrides))  # what the values alone show, at load; the rest here
 
 
 def test_yaml_config_file_errors(tmp_path):
@@ -244,7 +244,7 @@ def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(
     assert saved["env_kwargs"]["reward"].endswith(
         "test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps.<locals>.always_fails")
     with pytest.raises(ConfigError, match="lambda or a function defined inside another function"):
-        load_config(TrainConfig, tmp_path / "run" / "config.json")
+        resolve(load_config(TrainConfig, tmp_path / "run" / "config.json"))
 
 
 def test_sft_on_demonstrations_clones_the_envs_gold_answers(tmp_path):

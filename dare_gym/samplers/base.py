@@ -82,6 +82,12 @@ class Sampler:
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
         raise NotImplementedError
 
+    def data_dependent_steps(self, options) -> str | None:
+        """Why the number of forwards this sampler makes depends on the data (a confidence threshold, an early
+        exit), in words that say which options to change, or None when it is fixed by the options: a sharded
+        (FSDP) run needs every rank to make the same number."""
+        return None
+
     def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
         """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,
         whose exact likelihood is the autoregressive one); a sampler that cannot says why."""

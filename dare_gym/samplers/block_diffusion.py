@@ -245,6 +245,12 @@ class BlockDiffusionSampler(Sampler):
 
     options_class = BlockDiffusionOptions
 
+    def data_dependent_steps(self, options) -> str | None:
+        if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:
+            return "decides how many tokens a step commits, or when to stop, from the data: set options " \
+                   "{remasking_strategy: low_confidence_static, early_exit: false}"
+        return None
+
     def left_to_right(self, policy, gen_length: int) -> dict:
         # one token per step of each block (SDAR's schedule: block size / steps), the leftmost masked first
         return {"steps_per_block": policy.block_size, "remasking_strategy": "sequential"}

@@ -158,6 +158,12 @@ class FastDLLMSampler(Sampler):
 
     options_class = FastDLLMOptions
 
+    def data_dependent_steps(self, options) -> str | None:
+        if options.threshold is not None or options.factor is not None or options.early_exit:
+            return "decides how many tokens a step commits, or when to stop, from the data: set options " \
+                   "{threshold: null, factor: null, early_exit: false}"
+        return None
+
     def left_to_right(self, policy, gen_length: int) -> dict:
         return {"block_length": 1, "steps": gen_length}  # one-token blocks: the threshold cannot commit more
 

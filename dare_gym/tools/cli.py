@@ -101,15 +101,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dare_gym.envs.data import DataFormatError
     from dare_gym.train.trainer import TrainConfig, Trainer
 
+    from dare_gym.train.config import resolve
+
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
+    config = dataclass_from_dict(TrainConfig, data)
+    check_policy_name(config.policy, "policy")
+    # the whole configuration is checked before anything is launched or loaded, once, in this process
+    resolve(config, processes=args.nproc or int(os.environ.get("WORLD_SIZE", "1")))
     if args.nproc and args.nproc > 1:
         return _launch_torchrun(args)
     from dare_gym.core import distributed
 
-    data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
-    config = dataclass_from_dict(TrainConfig, data)
-    check_policy_name(config.policy, "policy")
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
