@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "dare_gym"]
-
-
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env=dict(os.environ, TQDM_DISABLE="1"))
+from helpers import run_cli as run
 
 
 def test_console_script_is_installed():

@@ -20,7 +20,7 @@ from dare_gym.core.buffer import CORRECT, ENDED
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
 from dare_gym.core.policy import DiffusionPolicy
-from test_algorithm_losses import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
+from helpers import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
 
 EOT = 11  # an end-of-turn id of the scripted vocabulary (not a stop token of the scripted policies)
 
