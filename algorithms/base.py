@@ -3,14 +3,16 @@
 An algorithm is one file: a config dataclass (hyper-parameters with the official recipe's defaults) and a
 class the trainer drives on each batch of rollouts:
 
+    rollout = algorithm.rollout(policy, prompts, ..., context)  # sample; the env scores rollout.completions
+    buffer = rollout.buffer(rewards, group_ids, correct)        # the rows (the algorithm's own columns too)
     buffer = algorithm.advantages(buffer, group_size)          # fill buffer.advantage; may drop rows
     algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)   # score π_old, π_ref
     for iteration, minibatches in algorithm.update_plan(buffer, ...):   # one optimizer step each
         for minibatch in minibatches:                                   # (default: num_iterations passes)
             loss, metrics = algorithm.backward(policy, minibatch, iteration, weight)
 
-:class:`Algorithm` is the contract, with its defaults: what a rollout must record (``rollout_needs``), the sampler
-settings it requires, whether a reference is needed, the minibatch unit, hooks after the optimizer step, and
+:class:`Algorithm` is the contract, with its defaults: how it samples and what its rows hold (``rollout``), the
+sampler settings it requires, whether a reference is needed, its optimizer steps, hooks after them, and
 state for checkpoints. ``backward`` defaults to ``(weight · loss(...)).backward()``; algorithms that must call
 backward themselves (BGPO, once per Monte-Carlo sample) override it. Registering is the
 ``@register_algorithm`` line on the class; every module in ``algorithms/`` is imported by the package, so a new
@@ -22,11 +24,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
 from dare_gym.algorithms.options import (
     Clip,
     ClipHigher,
@@ -34,17 +36,17 @@ from dare_gym.algorithms.options import (
     GroupAdvantages,
     KLPenalty,
     Likelihood,
-    OptionGroup,
     ResponseMask,
     RolloutCorrection,
     SequenceRatio,
     TokenAggregation,
     Updates,
 )
-from dare_gym.buffer import CORRECT, RolloutBuffer, SequenceBatch
-from dare_gym.distributed import active_rows, discard_rows, global_sum
-from dare_gym.estimators import TokenScores, make_estimator
-from dare_gym.losses import (
+from dare_gym.core.buffer import CORRECT, RolloutBuffer, SequenceBatch
+from dare_gym.registries import Registry
+from dare_gym.core.distributed import global_sum
+from dare_gym.core.estimators import TokenScores, make_estimator
+from dare_gym.core.losses import (
     aggregate,
     clipped_surrogate,
     kl_penalty,
@@ -63,12 +65,24 @@ class AlgorithmConfig(Updates):
 
 
 @dataclass
+class RolloutContext:
+    """What the trainer hands an algorithm's rollout beside the policy: which problem each prompt is and the
+    env's own scoring, for algorithms whose rows need more than the completions' rewards (MDPO scores the
+    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers)."""
+
+    indices: Sequence[int]  # the record index of each prompt's problem
+    score_texts: Callable[[int, Sequence[str]], list[float]]  # the env's rewards of texts for record i
+    demonstrations: Callable[[Sequence[int]], list[str]]  # the env's gold completions of records
+    env_id: str = ""
+
+
+@dataclass
 class Rollout:
     """One step's samples: ``completions`` holds one completion per prompt the trainer passed, in order (what the
     env scores); :meth:`buffer` turns them and their rewards into buffer rows, here one row per completion."""
 
     prompts: list[str]
-    completions: list  # dare_gym.policy.Completion
+    completions: list  # dare_gym.core.policy.Completion
     policy: Any
     response_mask: str = "through_stop"  # the algorithm's rule for which completion positions a loss scores
 
@@ -88,17 +102,15 @@ class Rollout:
 class Algorithm:
     """The contract between an algorithm and the trainer, with the defaults most algorithms need.
 
-    What a rollout must record and how it is sampled:
-        ``rollout_needs``: extra columns the trainer adds to the buffer — ``"step_predictions"`` (the sampler's
-        x̂₀ at every step, scored by the env: ``step_reward``, MDPO) and ``"demonstrations"`` (the env's gold
-        answers, tokenised: ``demonstration_ids``, SFT on demonstrations).
+    How a step is sampled and what its rows hold:
         ``rollout_settings``: sampler settings the algorithm requires, over the config's (MDPO's tempered
         confidence). ``rollout_order = "left_to_right"``: decode one token per step, left to right, with whatever
         options the rollout's sampler needs for that (JustGRPO; :meth:`Sampler.left_to_right`).
-        ``rollout(policy, prompts, ...)``: how a step's completions are sampled and turned into buffer rows. The
-        default samples each prompt independently with the policy's sampler, one row per completion; an
-        algorithm that samples otherwise (d-TreeRPO's tree of partial states) overrides it and returns its own
-        :class:`Rollout`, whose ``completions`` the env scores and whose ``buffer`` makes the rows.
+        ``rollout(policy, prompts, ..., context)``: how a step's completions are sampled and turned into buffer
+        rows. The default samples each prompt independently with the policy's sampler, one row per completion;
+        an algorithm that samples otherwise (d-TreeRPO's tree of partial states) or whose rows need more (MDPO's
+        step rewards, SFT's gold answers, from the :class:`RolloutContext`) returns its own :class:`Rollout`,
+        whose ``completions`` the env scores and whose ``buffer`` makes the rows.
     The update:
         ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
         ``update_plan``: the optimizer steps and the minibatches of each (``num_iterations`` passes by default).
@@ -112,7 +124,6 @@ class Algorithm:
 
     config: AlgorithmConfig
     name: str  # set by @register_algorithm
-    rollout_needs: tuple[str, ...] = ()
     rollout_settings: dict[str, Any] = {}
     rollout_order: str | None = None  # "left_to_right": one token per step (JustGRPO)
     minibatch_unit: str | None = None
@@ -146,12 +157,11 @@ class Algorithm:
         return self.config.response_mask if isinstance(self.config, ResponseMask) else "all"
 
     def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None,
-                batch_size: int, settings: dict[str, Any]) -> Rollout:
+                batch_size: int, settings: dict[str, Any], context: RolloutContext | None = None) -> Rollout:
         """Sample this step's completions: ``prompts`` as the vector env laid them out (``group_size``
         consecutive copies of each problem), ``settings`` the sampler's (the config's ``rollout:`` section with
         ``rollout_settings`` applied). The default: one independent completion per prompt."""
-        completions = policy.generate(list(prompts), generator=generator, batch_size=batch_size,
-                                      record_predictions="step_predictions" in self.rollout_needs, **settings)
+        completions = policy.generate(list(prompts), generator=generator, batch_size=batch_size, **settings)
         return Rollout(list(prompts), completions, policy, self.response_mask)
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
@@ -210,7 +220,7 @@ class AlgorithmEntry:
         return [f.name for f in dataclasses.fields(self.config_class) if f.init]
 
 
-ALGORITHMS: dict[str, AlgorithmEntry] = {}
+ALGORITHMS: Registry = Registry("algorithm")
 PRESET = "preset"  # the key of an algorithm section that names a preset
 
 
@@ -227,7 +237,7 @@ def register_algorithm(name: str, config_class: type, *, presets: dict[str, dict
             if unknown:
                 raise ValueError(f"{name}: preset {preset!r} sets {', '.join(unknown)}, which are not fields of "
                                  f"{config_class.__name__}")
-        ALGORITHMS[name] = entry
+        ALGORITHMS.add(name, entry, overwrite=True)
         cls.name = name
         return cls
 
@@ -235,14 +245,11 @@ def register_algorithm(name: str, config_class: type, *, presets: dict[str, dict
 
 
 def list_algorithms() -> list[str]:
-    return sorted(ALGORITHMS)
+    return ALGORITHMS.names()
 
 
 def get_algorithm(name: str) -> AlgorithmEntry:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(list_algorithms())}") from None
+    return ALGORITHMS.lookup(name)
 
 
 def expand_preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +268,7 @@ def expand_preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def build_config(name: str, options: dict[str, Any], *, where: str = "algorithm") -> Any:
     """Algorithm ``name``'s config from its defaults, an optional ``preset`` and ``options``, with errors that
     name the bad field and the algorithm's fields."""
-    from dare_gym.config import ConfigError, dataclass_from_dict
+    from dare_gym.core.config import ConfigError, dataclass_from_dict
 
     entry = get_algorithm(name)
     try:
@@ -307,9 +314,10 @@ class GRPOConfig(RolloutCorrection, ResponseMask, Likelihood, SequenceRatio, Tok
 
 
 class PolicyGradient(Algorithm):
-    """Group advantages, an estimator scored on shared noise for π_θ, π_old and π_ref, and a clipped
-    surrogate with a KL penalty, aggregated by ``loss_type``. Subclasses choose defaults and may replace
-    ``loss`` (how the per-token terms are combined) or ``backward``."""
+    """What the GRPO-style algorithms share: group advantages, an estimator scored on shared noise for π_θ,
+    π_old and π_ref (``prepare``, ``score``), the per-token clipped surrogate with a KL penalty (``token_loss``),
+    the rollout/train correction and ``loss_type``'s aggregation. Each algorithm writes its own ``loss`` from
+    these pieces (d1's is the plainest: ``algorithms/d1.py``)."""
 
     config: GRPOConfig
     population_std = False  # TraceRL z-scores with the population std
@@ -330,7 +338,7 @@ class PolicyGradient(Algorithm):
         )
         if self.config.drop_zero_variance_groups:
             flat = zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size)
-            buffer = discard_rows(buffer, flat)
+            buffer = buffer.discard(flat)
         return buffer
 
     # score π_old and π_ref on each iteration's noise --------------------------------------------------------
@@ -348,7 +356,7 @@ class PolicyGradient(Algorithm):
         and including the first EOS), so that any minibatch's rows sum to its share of the batch's total:
         ``loss_type: dapo`` divides by it, and the weighted minibatch losses add up to Σ_batch ℓ / N_batch
         (TRL's normaliser over the whole accumulated batch) however the batch is split."""
-        rows = active_rows(buffer)
+        rows = buffer.active_rows()
         mean = global_sum(buffer.completion_mask.sum().float()) / global_sum(rows.sum().float()).clamp(min=1)
         buffer.columns[BATCH_TOKENS] = torch.where(rows, mean, torch.zeros_like(mean))
 
@@ -420,13 +428,6 @@ class PolicyGradient(Algorithm):
         metrics["scored_tokens"] = float(mask.sum())
         return per_token, metrics
 
-    def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
-        mask = inputs.completion_mask.bool() & scores.scored
-        per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
-        per_token = self.correct_for_rollout(per_token, old_logp, batch, mask, metrics)
-        return self.aggregate(per_token, mask, batch), metrics
-
     def correct_for_rollout(self, per_token: torch.Tensor, old_logp: torch.Tensor, batch: RolloutBuffer,
                             mask: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
         """Where this estimator scores each token in the state the sampler committed it in (trajectory replay),
@@ -453,5 +454,5 @@ class PolicyGradient(Algorithm):
                                  "batch before the loss of its minibatches")
             share = float(batch.columns[BATCH_TOKENS].sum())
         return aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1],
-                         num_active_tokens=share, rows=active_rows(batch))
+                         num_active_tokens=share, rows=batch.active_rows())
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Clip, DualClip, GroupAdvantages, Likelihood, ResponseMask
-from dare_gym.distributed import gradient_sync
-from dare_gym.losses import bgpo_sample_loss
+from dare_gym.core.distributed import global_mean, gradient_sync
+from dare_gym.core.losses import importance_ratio
 
 
 @dataclass
@@ -46,6 +47,22 @@ class BGPOConfig(ResponseMask, Likelihood, GroupAdvantages, DualClip, Clip, Algo
 def sample_elbo(draw, length: torch.Tensor) -> torch.Tensor:
     """[B] one sample 𝓑_j = Σ_masked ℓ · L/x_j, divided by the padded length (DARE's normalisation)."""
     return (draw.logp * draw.masked).sum(dim=1) * draw.weight / length
+
+
+def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor, *,
+                     epsilon: float, dual_clip: float | None, log_ratio_clamp: float | None = None) -> torch.Tensor:
+    """BGPO's loss for one Monte-Carlo sample: the ELBO-ratio objective replaced by a bound linear in the
+    sample (A > 0: A(1 + d) from eˣ ≥ 1 + x; A < 0: A·e^d by Jensen), d = 𝓑_j − 𝓑_old,j on identical masks,
+    through PPO clipping (and dual-clip for A < 0). DARE spreads each sequence's loss over its tokens and takes
+    the token mean, so sequences weigh by their length: Σ_i |o_i| loss_i / Σ_i |o_i| (``lengths`` = |o_i|)."""
+    d = elbo - old_elbo
+    ratio = torch.where(advantages > 0, 1 + d, importance_ratio(d, log_ratio_clamp))
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+    if dual_clip is not None:
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    lengths = lengths.to(surrogate.dtype)
+    return global_mean(-(surrogate * lengths).sum(), lengths.sum())
+
 
 
 @register_algorithm("bgpo", BGPOConfig)

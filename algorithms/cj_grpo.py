@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import (
     Clip,
@@ -28,7 +30,6 @@ from dare_gym.algorithms.options import (
     ResponseMask,
     RolloutCorrection,
 )
-from dare_gym.losses import step_mean_loss
 
 
 @dataclass
@@ -41,6 +42,14 @@ class CJGRPOConfig(RolloutCorrection, ResponseMask, Likelihood, GroupAdvantages,
     estimator: str = "trajectory"
     """likelihood estimator (trajectory with shrink 1: every denoising step of the rollout replayed)"""
     response_mask: str = "all"
+
+
+def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> torch.Tensor:
+    """CJ-GRPO's aggregation: a token mean over the batch within each denoising step, then the mean over
+    steps, so every step weighs the same whatever it unmasks: (1/S) Σ_s Σ U_s ℓ / Σ U_s."""
+    losses = [(per_token * mask).sum() / mask.sum().clamp(min=1) for mask in step_masks if mask.any()]
+    return torch.stack(losses).mean()
+
 
 
 @register_algorithm("cj_grpo", CJGRPOConfig)

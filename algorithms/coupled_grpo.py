@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dare_gym.algorithms.base import GRPOConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.base import GRPOConfig, register_algorithm
+from dare_gym.algorithms.d1 import DiffuGRPO
 
 
 @dataclass
@@ -29,5 +30,5 @@ class CoupledGRPOConfig(GRPOConfig):
 
 
 @register_algorithm("coupled_grpo", CoupledGRPOConfig)
-class CoupledGRPO(PolicyGradient):
-    """The shared clipped surrogate over the coupled estimator with RLOO advantages."""
+class CoupledGRPO(DiffuGRPO):
+    """d1's loss over the coupled estimator with RLOO advantages (DiffuCoder builds on d1's trainer)."""

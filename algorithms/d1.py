@@ -51,5 +51,15 @@ PRESETS = {
 
 @register_algorithm("d1", DiffuGRPOConfig, presets=PRESETS)
 class DiffuGRPO(PolicyGradient):
-    """The GRPO skeleton exactly: group advantages, the estimator on shared noise, the clipped surrogate plus
-    β·KL aggregated by ``loss_type`` (:class:`~dare_gym.algorithms.base.PolicyGradient`)."""
+    """Steps 1–2 are the shared pieces (``advantages``: group advantages; ``prepare``: π_old and π_ref scored on
+    each iteration's noise); the loss of step 3 is written out here."""
+
+    def loss(self, policy, batch, iteration):
+        # this iteration's estimate of log π_θ on its noise, with π_old's and π_ref's on the very same noise
+        inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
+        mask = inputs.completion_mask.bool() & scores.scored  # the response tokens the estimator scored
+        advantages = batch.advantage.to(scores.logp.device)
+        # per token: −min(ρA, clip(ρ, 1 − ε, 1 + ε)A) + β·k3(π_θ‖π_ref), with ρ = exp(log π_θ − log π_old)
+        per_token, metrics = self.token_loss(scores, old_logp, ref_logp, advantages, mask)
+        per_token = self.correct_for_rollout(per_token, old_logp, batch, mask, metrics)  # off unless asked
+        return self.aggregate(per_token, mask, batch), metrics  # bnpo: Σ m·ℓ / Σ m over the micro-batch

@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Likelihood, ResponseMask, is_number
 
-from dare_gym.distributed import active_rows, discard_rows, global_mean
-from dare_gym.losses import dpo_pair_losses
+from dare_gym.core.distributed import global_mean
 
 
 @dataclass
@@ -50,6 +51,20 @@ def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[
     return chosen, rejected, informative
 
 
+def dpo_pair_losses(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """[pairs] −log σ(β[(𝓑θ(y_w) − 𝓑ref(y_w)) − (𝓑θ(y_l) − 𝓑ref(y_l))]), DPO with (ELBO) log-likelihoods."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's loss, the mean of :func:`dpo_pair_losses` over the pairs."""
+    return dpo_pair_losses(policy_chosen, reference_chosen, policy_rejected, reference_rejected, beta).mean()
+
+
+
 @register_algorithm("dpo", DPOConfig)
 class DPO(PolicyGradient):
     minibatch_unit = "pair_id"  # a chosen row and its rejected row always share a minibatch
@@ -67,7 +82,7 @@ class DPO(PolicyGradient):
         buffer.columns["pair_id"] = torch.arange(len(order)) // 2
         buffer.columns["chosen"] = (torch.arange(len(order)) % 2 == 0)
         buffer.advantage = torch.zeros(len(order))
-        return discard_rows(buffer, ~torch.tensor(informative, dtype=torch.bool).repeat_interleave(2))
+        return buffer.discard(~torch.tensor(informative, dtype=torch.bool).repeat_interleave(2))
 
     def loss(self, policy, batch, iteration):
         inputs, scores, _, ref_logp = self.score(policy, batch, iteration)
@@ -81,7 +96,7 @@ class DPO(PolicyGradient):
         elbo, ref_elbo, chosen = elbo[order], ref_elbo[order], chosen[order]
         pair_losses = dpo_pair_losses(elbo[chosen], ref_elbo[chosen], elbo[~chosen], ref_elbo[~chosen],
                                       self.config.beta)
-        active = active_rows(batch).to(elbo.device)[order][chosen]  # pairs kept for distributed runs score nothing
+        active = batch.active_rows().to(elbo.device)[order][chosen]  # pairs kept for distributed runs score nothing
         loss = global_mean((pair_losses * active).sum(), active.sum())
         margin = (elbo[chosen] - ref_elbo[chosen]) - (elbo[~chosen] - ref_elbo[~chosen])
         return loss, {"reward_margin": float(self.config.beta * margin.detach().mean()),

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Clip, GroupAdvantages, Likelihood, ResponseMask, is_number
-from dare_gym.losses import espo_loss
+from dare_gym.core.losses import importance_ratio
 
 
 @dataclass
@@ -40,6 +42,22 @@ class ESPOConfig(ResponseMask, Likelihood, GroupAdvantages, Clip, AlgorithmConfi
             raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
         if self.kl_clamp is not None and not (is_number(self.kl_clamp) and self.kl_clamp > 0):
             raise ValueError(f"kl_clamp must be a number > 0 or null, got {self.kl_clamp!r}")
+
+
+def espo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, ref_elbo: torch.Tensor | None, advantages: torch.Tensor,
+              length: torch.Tensor, *, epsilon: float, beta: float, log_ratio_clamp: float | None = None,
+              kl_clamp: float | None = None) -> torch.Tensor:
+    """ESPO: a sequence ratio ρ = exp((𝓑 − 𝓑_old)/L) through PPO clipping, mean over sequences, plus
+    β · Σ ½(𝓑 − 𝓑_ref)² / (B·L) (k2 on the raw ELBO, then divided by L; with ``kl_clamp`` each sequence's term
+    is clamped to it)."""
+    length = length.to(elbo.dtype)
+    ratio = importance_ratio((elbo - old_elbo) / length, log_ratio_clamp)
+    policy = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages).mean()
+    if ref_elbo is None or beta == 0:
+        return policy
+    kl = 0.5 * (elbo - ref_elbo).square() / length
+    return policy + beta * (kl if kl_clamp is None else kl.clamp(max=kl_clamp)).mean()
+
 
 
 @register_algorithm("espo", ESPOConfig)

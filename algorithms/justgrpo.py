@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import Clip, ClipHigher, DualClip, GroupAdvantages, ResponseMask
-from dare_gym.estimators import make_estimator
+from dare_gym.core.estimators import make_estimator
 
 
 @dataclass

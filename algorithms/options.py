@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dare_gym.advantages import BASELINE_CHOICES, SCALE_CHOICES
-from dare_gym.losses import KL_ESTIMATORS, LOSS_TYPES
+from dare_gym.core.advantages import BASELINE_CHOICES, SCALE_CHOICES
+from dare_gym.core.losses import KL_ESTIMATORS, LOSS_TYPES
 
 RESPONSE_MASKS = ("all", "through_eos", "through_stop", "before_eos")
 """Which completion positions a loss scores: every position (EOS padding included: DARE's LLaDA/Dream actors),
@@ -164,7 +164,7 @@ class Likelihood(OptionGroup):
     """the estimator's options, e.g. {p_mask_prompt: 0.15}, {mc_num: 8}, {shrink: 1}"""
 
     def check(self):
-        from dare_gym.estimators import ESTIMATORS
+        from dare_gym.core.estimators import ESTIMATORS
 
         _choice("estimator", self.estimator, sorted(ESTIMATORS))
         if not isinstance(self.estimator_kwargs, dict):

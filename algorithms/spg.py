@@ -29,7 +29,6 @@ import torch
 
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import GroupAdvantages, Likelihood, ResponseMask
-from dare_gym.losses import reinforce_loss, spg_elbo, spg_eubo
 
 
 @dataclass
@@ -49,6 +48,35 @@ class SPGConfig(ResponseMask, Likelihood, GroupAdvantages, AlgorithmConfig):
             raise ValueError(f"negative_bound must be 'eubo', 'elbo' or 'mix', got {self.negative_bound!r}")
         if not 0 <= self.mix_weight <= 1 or self.eubo_beta <= 0:
             raise ValueError(f"need 0 <= mix_weight <= 1 and eubo_beta > 0, got {self.mix_weight!r}, {self.eubo_beta!r}")
+
+
+def reinforce_loss(sequence_scores: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """SPG's surrogate, no ratio and no clipping, weighted by length: Σ_i −A_i ℓ̂_i |o_i| / Σ_i |o_i|."""
+    lengths = lengths.to(sequence_scores.dtype)
+    return (-advantages * sequence_scores * lengths).sum() / lengths.sum().clamp(min=1)
+
+
+def spg_elbo(draw_logp: list[torch.Tensor], draw_masks: list[torch.Tensor]) -> torch.Tensor:
+    """SPG's lower bound per sequence: the mean over draws of the mean log-prob of the masked tokens
+    (t = |𝓜|/|o| absorbs the 1/t weight)."""
+    values = [(logp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1) for logp, mask in zip(draw_logp, draw_masks)]
+    return torch.stack(values).mean(dim=0)
+
+
+def spg_eubo(draw_logp: list[torch.Tensor], draw_masks: list[torch.Tensor], valid: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """SPG's upper bound per sequence: (1/β) · mean over tokens seen of log mean_j[1[k∈𝓜_j] p_j^β / t_j],
+    with t_j the draw's empirical mask ratio |𝓜_j| / |o|. Computed in log space."""
+    length = valid.sum(dim=1, keepdim=True).clamp(min=1).to(draw_logp[0].dtype)
+    terms = []
+    for logp, mask in zip(draw_logp, draw_masks):
+        ratio = mask.sum(dim=1, keepdim=True).clamp(min=1) / length
+        terms.append(torch.where(mask, beta * logp - torch.log(ratio), torch.full_like(logp, float("-inf"))))
+    log_mean = torch.logsumexp(torch.stack(terms), dim=0) - torch.log(torch.tensor(float(len(terms))))
+    seen = torch.stack(draw_masks).any(dim=0) & valid.bool()
+    per_token = torch.where(seen, log_mean, torch.zeros_like(log_mean))
+    return per_token.sum(dim=1) / seen.sum(dim=1).clamp(min=1) / beta
+
 
 
 @register_algorithm("spg", SPGConfig)

@@ -42,9 +42,9 @@ from dare_gym.algorithms.options import (
     ResponseMask,
     RolloutCorrection,
 )
-from dare_gym.buffer import CORRECT, ENDED
-from dare_gym.distributed import discard_rows, global_max
-from dare_gym.losses import clipped_surrogate, kl_penalty, tracerl_loss
+from dare_gym.core.buffer import CORRECT, ENDED
+from dare_gym.core.distributed import global_max
+from dare_gym.core.losses import clipped_surrogate, kl_penalty, trace_rows
 
 LONGEST_RESPONSE = "tracerl.longest_response"  # buffer column: L₁ of the step's batch, on every row
 
@@ -76,6 +76,23 @@ def row_normaliser(policy, longest_response: int) -> int | None:
     return max(int(longest_response), 1) if policy.block_size is not None else None
 
 
+def tracerl_loss(surrogate: torch.Tensor, kl: torch.Tensor | None, step_masks: list[torch.Tensor], *, beta: float,
+                 padded_length: float | None) -> torch.Tensor:
+    """TraceRL's loss over its rows (``surrogate``: the per-token −clipped surrogate; ``kl``: per-token k3).
+
+    Block-causal models (dLLM-RL ``rl_sdar.py``, ``padded_length`` = L₁): mean_rows [(Σ −s + β Σ k3) / L₁].
+    Full attention (``rl_llada.py``, ``padded_length=None``): each row normalised by its own number of targets
+    and the KL summed per row, mean_rows [Σ −s / n_row + β Σ k3] (ALGORITHMS.md J)."""
+    sums, counts = trace_rows(surrogate, step_masks)
+    policy = sums / (counts.clamp(min=1) if padded_length is None else padded_length)
+    if kl is None or beta == 0:
+        return policy.mean()
+    kl_sums, _ = trace_rows(kl, step_masks)
+    kl_rows = kl_sums if padded_length is None else kl_sums / padded_length
+    return (policy + beta * kl_rows).mean()
+
+
+
 @register_algorithm("tracerl", TraceRLConfig)
 class TraceRL(PolicyGradient):
     population_std = True
@@ -99,7 +116,7 @@ class TraceRL(PolicyGradient):
             low, high = config.accuracy_filter
             accuracy = buffer.columns[CORRECT].float().view(-1, group_size).mean(dim=1)
             outside = (accuracy < low) | (accuracy > high)
-            buffer = discard_rows(buffer, outside.repeat_interleave(group_size))
+            buffer = buffer.discard(outside.repeat_interleave(group_size))
         return buffer
 
     @torch.no_grad()

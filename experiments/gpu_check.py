@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from update_probe import one_update, parameter_count, random_llada  # noqa: E402
 
 import dare_gym  # noqa: E402
-from dare_gym.device import resolve_device  # noqa: E402
-from dare_gym.lora import LoraSettings  # noqa: E402
+from dare_gym.core.device import resolve_device  # noqa: E402
+from dare_gym.core.lora import LoraSettings  # noqa: E402
 from dare_gym.samplers import get_sampler, make_options  # noqa: E402
 
 SAMPLER_SETTINGS = {  # name -> (sampler, its options beyond the shared schedule)
@@ -77,8 +77,8 @@ def tiny_parity(device: torch.device, quick: bool) -> dict:
 
 
 def tiny_training(device: torch.device, quick: bool) -> dict:
-    from dare_gym.config import load_config
-    from dare_gym.trainer import TrainConfig, Trainer
+    from dare_gym.core.config import load_config
+    from dare_gym.train.trainer import TrainConfig, Trainer
 
     steps = 1 if quick else 20
     size = ["prompts_per_step=4", "group_size=4", "eval_size=16"] if quick else ["eval_size=500"]

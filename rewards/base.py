@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
+from dare_gym.registries import Registry
 from dare_gym.rewards.worker import Call, Outcome, describe_error, run_calls
 
 RewardFn = Callable[[str, Mapping], float]
@@ -45,7 +46,7 @@ DEFAULT_RANGE = (0.0, 1.0)
 LINEAR_CHARS_PER_S = 1_000_000
 """Characters per second a ``linear_time`` reward is trusted to score at least (see experiments/bench_reward_limits.py)."""
 
-_REWARDS: dict[str, RewardFn] = {}
+REWARDS: Registry = Registry("reward")
 
 
 def batched(fn: Callable) -> Callable:
@@ -77,26 +78,22 @@ def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = 
     def add(f: RewardFn) -> RewardFn:
         if not callable(f):
             raise TypeError(f"reward {name!r} must be callable, got {type(f).__name__}")
-        if name in _REWARDS and not overwrite and _REWARDS[name] is not f:
+        if name in REWARDS and not overwrite and REWARDS[name] is not f:
             raise ValueError(f"a reward named {name!r} is already registered; pass overwrite=True to replace it")
         f.reward_name = name
         f.value_range = tuple(value_range)
         f.linear_time = bool(linear_time)
-        _REWARDS[name] = f
-        return f
+        return REWARDS.add(name, f, overwrite=True)
 
     return add if fn is None else add(fn)
 
 
 def get_reward(name: str) -> RewardFn:
-    try:
-        return _REWARDS[name]
-    except KeyError:
-        raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(list_rewards())}") from None
+    return REWARDS.lookup(name)
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 @dataclass

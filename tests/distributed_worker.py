@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dare_gym import distributed
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.core import distributed
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
 ALGORITHMS = {  # the default recipe, BGPO, DPO, EBPO and d-TreeRPO, each at μ = 1: one update is one optimizer step
     "d1": {},

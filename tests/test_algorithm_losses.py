@@ -1,10 +1,8 @@
 """Each algorithm's whole loss through its real code path (``advantages`` → ``prepare`` → ``loss``/``backward``),
 on hand-computed cases (reference/ALGORITHMS.md's worked numbers where they exist).
 
-The policy here is *scripted*: its forward returns logits whose log-softmax at each completion position's
-target token is a value the test chooses (from the row, the position and which positions the input masks),
-so every estimate, ratio and loss is computable by hand. Everything else — buffer, estimators, noise,
-advantages, losses — is the library's own code. Every forward sees all rows of the test batch, in order.
+The policy here is *scripted* (tests/helpers.py): the log-probability of every completion token is a value the
+test chooses, so every estimate, ratio and loss is computable by hand; the rest is the library's own code.
 """
 
 from __future__ import annotations
@@ -14,81 +12,15 @@ import math
 import pytest
 import torch
 
-from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
+from dare_gym.algorithms import build_config, make_algorithm, mdpo
+from helpers import EOS, MASK, ScriptedPolicy, clipped, constant, k3, make_buffer
 
-MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 ELL = [[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]]  # the toy log-prob matrices of ALGORITHMS.md §0
 ELL_OLD = [[-0.6, -1.0, -0.4], [-1.0, -0.3, -2.5]]
 ELL_REF = [[-0.7, -0.9, -0.2], [-1.2, -0.5, -2.0]]
 
-
-class ScriptedPolicy:
-    """What an algorithm uses of a policy — ``logits``, ``device``, ``block_size`` — with a scripted forward:
-    the log-softmax at each completion position's target token is ``rule(masked)`` ([N, L], < 0; ``masked``:
-    the completion positions that are MASK in this input), the rest of the mass spread evenly over the other
-    tokens. ``rule`` may return a tensor that requires grad, so gradients reach the test's leaves."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, targets, rule, *, block_size: int | None = None):
-        self.targets = torch.as_tensor(targets)
-        self.rule = rule
-        self.block_size = block_size
-        self.calls = 0
-
-    def logits(self, input_ids, attention_mask, logits_to_keep=0, **_):
-        rows, length = self.targets.shape
-        assert input_ids.shape[0] == rows, "every forward sees all rows of the test batch"
-        self.calls += 1
-        masked = input_ids[:, -length:] == MASK
-        value = torch.as_tensor(self.rule(masked), dtype=torch.float64).expand(rows, length)
-        assert (value < 0).all(), "a log-probability must be negative"
-        rest = torch.log1p(-value.exp()) - math.log(VOCAB - 1)
-        target = torch.nn.functional.one_hot(self.targets, VOCAB).bool()
-        completion = torch.where(target, value[..., None], rest[..., None])
-        prompt = torch.zeros(rows, input_ids.shape[1] - length, VOCAB, dtype=torch.float64)
-        logits = torch.cat([prompt, completion], dim=1)
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
-
-
-def constant(values):
-    """A rule that ignores the mask: each (row, position) has one log-prob."""
-    table = torch.as_tensor(values, dtype=torch.float64)
-    return lambda masked: table
-
-
-def make_buffer(completions, *, completion_mask=None, unmask_step=None, rewards=None, group_size=2,
-                prompts=None) -> RolloutBuffer:
-    completion_ids = torch.as_tensor(completions)
-    rows, length = completion_ids.shape
-    prompts = prompts or [[5 + (i % 4), 9] for i in range(rows)]
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])  # left-padded, as samplers do
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return RolloutBuffer(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=torch.ones(rows, length, dtype=torch.long) if completion_mask is None
-        else torch.as_tensor(completion_mask),
-        unmask_step=torch.zeros(rows, length, dtype=torch.long) if unmask_step is None else torch.as_tensor(unmask_step),
-        reward=torch.tensor([1.0, 0.0] * (rows // 2) if rewards is None else rewards, dtype=torch.float32),
-        group_id=torch.arange(rows) // group_size, prompts=[f"prompt {i}" for i in range(rows)],
-        completions=[f"completion {i}" for i in range(rows)], pad_token_id=PAD,
-    )
-
-
 def algorithm(name: str, **options):
     return make_algorithm(name, build_config(name, options), mask_token_id=MASK)
-
-
-def clipped(ratio: float, advantage: float, low: float, high: float | None = None) -> float:
-    """min(ρA, clip(ρ, 1 − ε_lo, 1 + ε_hi)A), by hand."""
-    high = low if high is None else high
-    return min(ratio * advantage, min(max(ratio, 1 - low), 1 + high) * advantage)
-
-
-def k3(logp: float, ref: float) -> float:
-    return math.exp(ref - logp) - (ref - logp) - 1
 
 
 # ------------------------------------------------------------------------------------------- TraceRL
@@ -226,18 +158,18 @@ def test_mdpo_whole_loss():
     at steps (0, 1, 2), so x_t masks 3, 2, 1 tokens (λ_t = 3/(n + 1e-4)); on-policy (ρ = 1) the loss of step t
     is Σ −A·λ_t·conf / #masked, and step 1's is section H's −0.053022 (conf (0.9, 0.6) and (0.8, 0.5))."""
     buffer = make_buffer([[7, 8, 9], [9, 8, 7]], unmask_step=[[0, 1, 2], [0, 1, 2]])
-    buffer.columns["step_reward"] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    buffer.columns["step_prediction"] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
+    buffer.columns[mdpo.STEP_REWARD] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    buffer.columns[mdpo.STEP_PREDICTION] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
     confidence = torch.tensor([[[0.7, 0.4, 0.3], [1.0, 0.9, 0.6], [1.0, 1.0, 0.95]],
                                [[0.2, 0.6, 0.5], [1.0, 0.8, 0.5], [1.0, 1.0, 0.85]]])
-    buffer.columns["step_confidence"] = confidence
+    buffer.columns[mdpo.STEP_CONFIDENCE] = confidence
     method = algorithm("mdpo", train_steps=3)
     buffer = method.advantages(buffer, 2)
-    advantages = buffer.columns["step_advantage"]
+    advantages = buffer.columns[mdpo.STEP_ADVANTAGE]
     assert advantages.tolist()[0] == pytest.approx([0.706907, 0.707007, -0.707007], abs=1e-6)
     policy = ScriptedPolicy(buffer.completion_ids, lambda masked: -0.3 - 0.1 * masked.double())
     method.prepare(policy, None, buffer, None, micro_batch_size=8)
-    assert sorted(buffer.columns["train_steps"][0].tolist()) == [0, 1, 2]
+    assert sorted(buffer.columns[mdpo.TRAIN_STEPS][0].tolist()) == [0, 1, 2]
     loss = method.loss(policy, buffer, 0)[0].item()
     step_losses = []
     for t in range(3):
@@ -403,7 +335,7 @@ def test_clamp_options_keep_todays_loss_by_default_and_bound_it_when_set():
 
 
 def test_clamp_options_are_documented_and_validated():
-    from dare_gym.config import describe_fields
+    from dare_gym.core.config import describe_fields
     from dare_gym.algorithms import get_algorithm
 
     lines = "\n".join(describe_fields(get_algorithm("tracerl").config_class))

@@ -19,10 +19,10 @@ import pytest
 
 from dare_gym.algorithms import ALGORITHMS, register_algorithm
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, GRPOConfig
-from dare_gym.cli import build_parser, default_config_path, main
-from dare_gym.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
-from dare_gym.compare_report import algorithm_style, plot_curves
-from dare_gym.config import ConfigError
+from dare_gym.tools.cli import build_parser, default_config_path, main
+from dare_gym.tools.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
+from dare_gym.tools.compare.report import algorithm_style, plot_curves
+from dare_gym.core.config import ConfigError
 
 COMPARE_DEFAULT = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
 
@@ -55,7 +55,7 @@ def comparison(tmp_path_factory):
     # The plugin is found in the current directory, not through PYTHONPATH, by the parent and by every run.
     env = dict(os.environ, TQDM_DISABLE="1")
     env.pop("PYTHONPATH", None)
-    command = [sys.executable, "-m", "dare_gym.cli", "compare", "--algorithms", "d1", "broken_for_test",
+    command = [sys.executable, "-m", "dare_gym", "compare", "--algorithms", "d1", "broken_for_test",
                "--import", "compare_test_plugin", "--seeds", "0", "1", "--budget-rollouts", str(BUDGET),
                "--sft-baseline", "--output", str(output), "--threshold", "0.3", *TINY]
     process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
@@ -290,7 +290,7 @@ def test_a_new_algorithm_is_one_short_file_that_compare_picks_up():
     from pathlib import Path
 
     from dare_gym.algorithms import list_algorithms
-    from dare_gym.compare import plan_comparison
+    from dare_gym.tools.compare import plan_comparison
 
     source = Path(__file__).resolve().parents[1] / "algorithms" / "reinforce.py"
     assert len(source.read_text().splitlines()) <= 40
@@ -385,6 +385,6 @@ def test_import_by_file_path_registers_for_the_plan_and_is_recorded_for_every_ru
 
 
 def test_compare_does_not_import_the_command_line():
-    code = "import sys, dare_gym.compare; assert 'dare_gym.cli' not in sys.modules, 'compare imports cli'"
+    code = "import sys, dare_gym.tools.compare; assert 'dare_gym.tools.cli' not in sys.modules, 'compare imports cli'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

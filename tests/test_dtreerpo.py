@@ -17,11 +17,11 @@ from dare_gym.algorithms.dtreerpo import (
     sibling_advantages,
     tree_values,
 )
-from dare_gym.config import ConfigError
-from dare_gym.lora import LoraSettings
+from dare_gym.core.config import ConfigError
+from dare_gym.core.lora import LoraSettings
 from dare_gym.samplers.llada import continue_denoising, denoise_blocks
-from dare_gym.tree_rollout import NOT_YET, branch_points, grow_trees
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.algorithms.dtreerpo.rollout import NOT_YET, branch_points, grow_trees
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer, resolve
 
 
 def _algorithm(policy, **options):
@@ -227,7 +227,7 @@ def test_tree_settings_that_do_not_fit_are_named(tiny_policy):
         algorithm.rollout(tiny_policy, ["sort 1\n"] * 16, group_size=16, generator=generator, batch_size=8,
                           settings={"sampler": "fast_dllm"})
     with pytest.raises(ConfigError, match="tree_branch_factor must be an integer >= 1, got 0"):
-        TrainConfig(algorithm={"name": "dtreerpo", "tree_branch_factor": 0})
+        resolve(TrainConfig(algorithm={"name": "dtreerpo", "tree_branch_factor": 0}))
 
 
 # ------------------------------------------------------------------------------------------ training steps

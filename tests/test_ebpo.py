@@ -13,21 +13,25 @@ import pytest
 import torch
 
 import dare_gym
-from dare_gym.advantages import group_advantages
+from dare_gym.core.advantages import group_advantages
 from dare_gym.algorithms import build_config, list_algorithms, make_algorithm
-from dare_gym.algorithms.ebpo import MASKED, WEIGHT, noised_logp, scoring_mask
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.compare import plan_comparison
-from dare_gym.estimators import (
+from dare_gym.algorithms.ebpo import (
+    MASKED,
+    WEIGHT,
     block_elbo_noise,
     block_elbo_row,
     block_mask_counts,
+    ebpo_loss,
+    noised_logp,
     response_blocks,
+    scoring_mask,
+    sequence_kl,
     stratified_block_levels,
 )
-from dare_gym.losses import ebpo_loss, sequence_kl
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.tools.compare import plan_comparison
 from dare_gym.models.standin import build_standin
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 from test_block_training import tiny_block_policy  # the block-causal (or, with None, bidirectional) random tiny model
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.estimators import OneStepMaskedPrompt, RandomRatio, make_estimator, token_log_probs
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.estimators import OneStepMaskedPrompt, RandomRatio, make_estimator, token_log_probs
 
 MASK, PAD, VOCAB = 3, 0, 12
 

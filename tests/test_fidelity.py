@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import CORRECT, ENDED
+from dare_gym.algorithms import build_config, make_algorithm, mdpo
+from dare_gym.core.buffer import CORRECT, ENDED
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
-from test_algorithm_losses import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
+from dare_gym.core.policy import DiffusionPolicy
+from helpers import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
 
 EOT = 11  # an end-of-turn id of the scripted vocabulary (not a stop token of the scripted policies)
 
@@ -156,7 +156,7 @@ def test_random_mask_estimators_score_each_noised_block_given_the_clean_blocks_b
     first token), every draw of every random-mask estimator equals the block-by-block computation above:
     the noised block conditioned on the clean earlier blocks, as DARE's SDAR actors and block-by-block decoding
     do, not on the noised ones a plain block-causal forward would show it."""
-    from dare_gym.estimators import make_estimator
+    from dare_gym.core.estimators import make_estimator
 
     policy = random_tiny(block_size=4, seed=1)
     prompt = torch.tensor(policy.tokenizer("ab\n", add_special_tokens=False)["input_ids"])
@@ -189,9 +189,9 @@ def test_mdpo_trains_on_logits_divided_by_the_rollout_temperature():
     from dare_gym.algorithms.mdpo import ROLLOUT_TEMPERATURE
 
     buffer = make_buffer([[7, 8, 9], [9, 8, 7]], unmask_step=[[0, 1, 2], [0, 1, 2]])
-    buffer.columns["step_reward"] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    buffer.columns["step_prediction"] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
-    buffer.columns["step_confidence"] = torch.full((2, 3, 3), 0.5)
+    buffer.columns[mdpo.STEP_REWARD] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    buffer.columns[mdpo.STEP_PREDICTION] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
+    buffer.columns[mdpo.STEP_CONFIDENCE] = torch.full((2, 3, 3), 0.5)
     buffer.columns[ROLLOUT_TEMPERATURE] = torch.tensor([0.5, 0.5])
     method = algorithm("mdpo", train_steps=3)
     buffer = method.advantages(buffer, 2)
@@ -200,7 +200,7 @@ def test_mdpo_trains_on_logits_divided_by_the_rollout_temperature():
     method.prepare(policy, None, buffer, None, micro_batch_size=8)
     loss, _ = method.loss(policy, buffer, 0)
     loss.backward()
-    advantages = buffer.columns["step_advantage"]
+    advantages = buffer.columns[mdpo.STEP_ADVANTAGE]
     expected, gradient = 0.0, torch.zeros(2, 3, dtype=torch.float64)
     # the scripted logits: the target's logit is v = −1, the other 11 share log(1 − e^v) − log 11; tempered at
     # T = 0.5 the target's log-prob is l_T = v/T − logsumexp(all logits / T), and d l_T / d v by hand:

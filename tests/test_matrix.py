@@ -21,10 +21,10 @@ import pytest
 
 from dare_gym.algorithms import list_algorithms
 from dare_gym.algorithms.base import resolved_section
-from dare_gym.cli import main, support_table
+from dare_gym.tools.cli import main, support_table
 from dare_gym.models.families import FAMILIES, ModelFamily
 from dare_gym.models.standin import build_standin
-from dare_gym.user_code import import_module
+from dare_gym.train.user_code import import_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = '''
@@ -63,12 +63,12 @@ def policies(tmp_path_factory):
     from dare_gym import registry
     from dare_gym.rewards import base as reward_registry
 
-    saved = (dict(registry._REGISTERED), dict(reward_registry._REWARDS), dict(gymnasium.registry))
+    saved = (dict(registry._REGISTERED), dict(reward_registry.REWARDS), dict(gymnasium.registry))
     root = tmp_path_factory.mktemp("matrix")
     (root / "matrix_plugin.py").write_text(PLUGIN)
     import_module(str(root / "matrix_plugin.py"))
     yield {name: (folder or str(build_standin(name, root / name)), extra) for name, (folder, extra) in STANDINS.items()}
-    for live, before in zip((registry._REGISTERED, reward_registry._REWARDS, gymnasium.registry), saved):
+    for live, before in zip((registry._REGISTERED, reward_registry.REWARDS, gymnasium.registry), saved):
         live.clear()
         live.update(before)
 

@@ -304,7 +304,7 @@ def test_a_linear_time_reward_runs_in_this_thread_only_when_it_must_finish_in_ti
         results = resolve_reward("test_linear_length", timeout_s=0.1).score_many(["x" * budget, "x" * (budget + 1)],
                                                                                [{}, {}])
     finally:
-        reward_base._REWARDS.pop("test_linear_length")
+        reward_base.REWARDS.pop("test_linear_length")
     assert [r.total for r in results] == [1.0, 1.0] and not any(r.errors for r in results)
     assert seen == [budget]  # the longer one ran in a helper process
 

@@ -10,7 +10,7 @@ import dare_gym
 import dare_gym.models
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
+from dare_gym.core.policy import DiffusionPolicy
 from dare_gym.samplers import SAMPLERS, make_options
 from dare_gym.samplers.block_diffusion import commit_by_rule, filter_logits
 from dare_gym.samplers.fast_dllm import FactorCommit, ThresholdCommit

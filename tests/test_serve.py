@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import select
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from dare_gym.serve import ServerThread, fit_schedule, plan_generation, render_plain, RequestError
+from dare_gym.tools.serve import ServerThread, fit_schedule, plan_generation, render_plain, RequestError
 
 PROMPT = "sort 583920\n"
 
@@ -173,7 +172,7 @@ def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
 
 
 def test_the_command_serves_on_a_free_loopback_port_and_stops_on_ctrl_c():
-    process = subprocess.Popen([sys.executable, "-m", "dare_gym.cli", "serve", "tiny", "--port", "0",
+    process = subprocess.Popen([sys.executable, "-m", "dare_gym", "serve", "tiny", "--port", "0",
                                 "--gen", "steps=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(process, 120)
@@ -205,7 +204,7 @@ def test_the_command_serves_on_a_free_loopback_port_and_stops_on_ctrl_c():
     (["--gen", "steps=abc"], "--gen.steps: expected an integer, got 'abc'"),
 ])
 def test_serve_errors_are_one_line(argv, message, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err.strip()
@@ -213,7 +212,7 @@ def test_serve_errors_are_one_line(argv, message, capsys):
 
 
 def test_serve_names_a_taken_port(tiny_policy, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     with ServerThread(tiny_policy, model_name="tiny") as running:
         assert main(["serve", "tiny", "--port", str(running.port)]) == 2
@@ -225,7 +224,7 @@ def test_serve_names_a_taken_port(tiny_policy, capsys):
                                            ("opencompass", ["--datasets", "--custom-dataset", "--venv"]),
                                            ("eval", ["--suite", "--samples", "--k", "pass@k"])])
 def test_the_new_commands_have_help(command, words):
-    out = subprocess.run([sys.executable, "-m", "dare_gym.cli", command, "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dare_gym", command, "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and all(word in out.stdout for word in words)
 
@@ -327,10 +326,9 @@ from dare_gym.samplers import register_sampler
 from dare_gym.samplers.llada import LLaDASampler
 
 
-@register_sampler
+@register_sampler("deadly")
 class Deadly(LLaDASampler):
     """A sampler with a bug that kills the thread it runs in (what a BaseException does)."""
-    name = "deadly"
 
     def __call__(self, *args, **kwargs):
         raise SystemExit("a bug in a plugin sampler")
@@ -340,7 +338,7 @@ class Deadly(LLaDASampler):
 def test_a_dead_worker_fails_health_and_the_server_exits(tmp_path):
     plugin = tmp_path / "deadly_sampler.py"
     plugin.write_text(DEADLY_SAMPLER)
-    process = subprocess.Popen([sys.executable, "-m", "dare_gym.cli", "serve", "tiny", "--port", "0", "--import",
+    process = subprocess.Popen([sys.executable, "-m", "dare_gym", "serve", "tiny", "--port", "0", "--import",
                                 str(plugin)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(process, 120)

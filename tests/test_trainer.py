@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 import dare_gym
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.config import ConfigError, load_config
-from dare_gym.policy import Completion
-from dare_gym.trainer import TrainConfig, Trainer, mean_completion_length
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.core.config import ConfigError, load_config
+from dare_gym.core.policy import Completion
+from dare_gym.train.trainer import TrainConfig, Trainer, mean_completion_length, resolve
 
 
 def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
@@ -165,7 +166,7 @@ def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
 )
 def test_config_errors_name_the_field_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, None, overrides)
+        resolve(load_config(TrainConfig, None, overrides))  # what the values alone show, at load; the rest here
 
 
 def test_yaml_config_file_errors(tmp_path):
@@ -200,7 +201,7 @@ def test_estimator_noise_lines_up_with_minibatches_of_shorter_prompts(tiny_polic
 
 
 def test_the_default_config_is_the_cli_default_run():
-    from dare_gym.config import default_config_path
+    from dare_gym.core.config import default_config_path
 
     assert TrainConfig() == load_config(TrainConfig, default_config_path())
 
@@ -212,7 +213,7 @@ def half(completion, sample):
 
 
 def test_a_reward_callable_is_saved_as_a_reference_that_re_creates_it(tmp_path):
-    from dare_gym.user_code import import_module, resolve_env_kwargs
+    from dare_gym.train.user_code import import_module, resolve_env_kwargs
 
     path = tmp_path / "reward_file_for_test.py"
     path.write_text(REWARD_FILE)
@@ -243,4 +244,20 @@ def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(
     assert saved["env_kwargs"]["reward"].endswith(
         "test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps.<locals>.always_fails")
     with pytest.raises(ConfigError, match="lambda or a function defined inside another function"):
-        load_config(TrainConfig, tmp_path / "run" / "config.json")
+        resolve(load_config(TrainConfig, tmp_path / "run" / "config.json"))
+
+
+def test_sft_on_demonstrations_clones_the_envs_gold_answers(tmp_path):
+    """SFT's own rollout asks the env (through the trainer's RolloutContext) for each prompt's gold answer: the
+    row of "sort 583920" carries "023589" then EOS padding, and an update trains on it."""
+    from dare_gym.algorithms.sft import DEMONSTRATION_IDS
+
+    trainer = Trainer(small_config(tmp_path, algorithm={"name": "sft", "source": "demonstrations"}, eval_size=0))
+    buffer, _ = trainer.collect()
+    tokenizer = trainer.policy.tokenizer
+    for prompt, ids in zip(buffer.prompts, buffer.columns[DEMONSTRATION_IDS]):
+        digits = prompt.split()[1]
+        assert trainer.policy.decode(ids) == "".join(sorted(digits))
+        assert ids[len(digits):].eq(tokenizer.eos_token_id).all()
+    update = trainer.update(buffer)
+    assert update["rows_trained"] == len(buffer) and math.isfinite(update["loss"])

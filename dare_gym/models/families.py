@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dare_gym.registries import Registry
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -213,20 +215,17 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: Registry = Registry("model family")
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Add a family (a new dLLM architecture is one registration plus, if transformers lacks it, a model)."""
-    FAMILIES[family.name] = family
-    return family
+    """Add a family (a new dLLM architecture is one registration plus, if transformers lacks it, a model); a
+    family is a value, so it is registered by a call rather than a decorator."""
+    return FAMILIES.add(family.name, family)
 
 
 def get_family(name: str) -> ModelFamily:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+    return FAMILIES.lookup(name)
 
 
 def describe_families() -> str:

@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.registries import Registry
+
+from dare_gym.core.device import uniform
 
 
 @dataclass
@@ -80,26 +82,35 @@ class Sampler:
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
         raise NotImplementedError
 
+    def data_dependent_steps(self, options) -> str | None:
+        """Why the number of forwards this sampler makes depends on the data (a confidence threshold, an early
+        exit), in words that say which options to change, or None when it is fixed by the options: a sharded
+        (FSDP) run needs every rank to make the same number."""
+        return None
+
     def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
         """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,
         whose exact likelihood is the autoregressive one); a sampler that cannot says why."""
         raise ValueError(f"sampler {self.name!r} cannot decode left to right, one token per step")
 
 
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry = Registry("sampler")
 
 
-def register_sampler(cls: type) -> type:
-    """Class decorator: ``@register_sampler`` on a :class:`Sampler` subclass with a ``name``."""
-    SAMPLERS[cls.name] = cls()
-    return cls
+def register_sampler(name: str):
+    """Class decorator: ``@register_sampler("llada")`` on a :class:`Sampler` subclass (one instance serves every
+    call: a sampler keeps no state between calls)."""
+
+    def add(cls: type) -> type:
+        cls.name = name
+        SAMPLERS.add(name, cls())
+        return cls
+
+    return add
 
 
 def get_sampler(name: str) -> Sampler:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; registered samplers: {', '.join(sorted(SAMPLERS))}") from None
+    return SAMPLERS.lookup(name)
 
 
 def make_options(name: str, values: dict[str, Any]):

@@ -239,12 +239,17 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return finish()
 
 
-@register_sampler
+@register_sampler("block_diffusion")
 class BlockDiffusionSampler(Sampler):
     """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
 
-    name = "block_diffusion"
     options_class = BlockDiffusionOptions
+
+    def data_dependent_steps(self, options) -> str | None:
+        if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:
+            return "decides how many tokens a step commits, or when to stop, from the data: set options " \
+                   "{remasking_strategy: low_confidence_static, early_exit: false}"
+        return None
 
     def left_to_right(self, policy, gen_length: int) -> dict:
         # one token per step of each block (SDAR's schedule: block size / steps), the leftmost masked first

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.core.device import uniform
 from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
@@ -238,11 +238,10 @@ def continue_denoising(policy, x: torch.Tensor, attention_mask: torch.Tensor, pr
     return calls
 
 
-@register_sampler
+@register_sampler("llada")
 class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
 
-    name = "llada"
     options_class = LLaDAOptions
 
     def left_to_right(self, policy, gen_length: int) -> dict:

@@ -1,7 +1,7 @@
 """Running a comparison's runs: each (algorithm, seed) in a child process of its own.
 
 The parent (:func:`launch`) writes the run's spec to ``spec.json`` and starts ``python -m
-dare_gym.compare_run SPEC.json``; the child trains, then writes ``result.json``: its held-out curve, steps,
+dare_gym.tools.compare.run SPEC.json``; the child trains, then writes ``result.json``: its held-out curve, steps,
 training seconds and any error. Peak memory is the child's peak resident set size as ``wait4`` reports it
 (its ``ru_maxrss``). A run that raises, crashes or times out is recorded with its error.
 
@@ -45,9 +45,9 @@ def learning_curve(records: Sequence[dict], rollouts_per_step: int) -> tuple[lis
 
 
 def _train_rl(spec: dict, result: dict) -> None:
-    from dare_gym.config import dataclass_from_dict
-    from dare_gym.metrics import METRICS_FILE
-    from dare_gym.trainer import Trainer, TrainConfig
+    from dare_gym.core.config import dataclass_from_dict
+    from dare_gym.train.metrics import METRICS_FILE
+    from dare_gym.train.trainer import Trainer, TrainConfig
 
     config = dataclass_from_dict(TrainConfig, spec["config"])
     metrics = Path(config.output_dir) / METRICS_FILE
@@ -66,12 +66,12 @@ def _train_sft(spec: dict, result: dict) -> None:
     import torch
 
     import dare_gym
-    from dare_gym.console import quiet_library_warnings
-    from dare_gym.device import make_generator, resolve_device, resolve_dtype
-    from dare_gym.evaluation import evaluate
-    from dare_gym.sft import train_on_demonstrations
-    from dare_gym.trainer import GenerationConfig, seed_everything
-    from dare_gym.user_code import resolve_env_kwargs
+    from dare_gym.train.console import quiet_library_warnings
+    from dare_gym.core.device import make_generator, resolve_device, resolve_dtype
+    from dare_gym.train.evaluation import evaluate
+    from dare_gym.core.sft import train_on_demonstrations
+    from dare_gym.train.trainer import GenerationConfig, seed_everything
+    from dare_gym.train.user_code import resolve_env_kwargs
 
     config = spec["config"]
     if config.get("torch_threads"):  # as the trainer does, so that SFT gets the same cores as the RL runs
@@ -122,7 +122,7 @@ def run_single(spec_path: str | Path) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict[str, Any] = {"algorithm": spec["algorithm"], "seed": spec["seed"], "error": None}
     try:
-        from dare_gym.user_code import import_module
+        from dare_gym.train.user_code import import_module
 
         for module in dict.fromkeys([*spec.get("imports", []), *spec["config"].get("imports", [])]):
             import_module(module, where=f"--import {module}")
@@ -151,7 +151,7 @@ def launch(spec: dict, run_dir: Path, timeout: float | None) -> dict:
     started = time.perf_counter()
     timed_out = False
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dare_gym.compare_run", str(spec_path.resolve())],
+        process = subprocess.Popen([sys.executable, "-m", "dare_gym.tools.compare.run", str(spec_path.resolve())],
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
         usage = None
         try:
@@ -234,5 +234,5 @@ def describe(result: dict) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m dare_gym.compare_run SPEC.json (started by dare-gym compare)")
+        sys.exit("usage: python -m dare_gym.tools.compare.run SPEC.json (started by dare-gym compare)")
     sys.exit(run_single(sys.argv[1]))

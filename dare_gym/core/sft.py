@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.device import uniform
-from dare_gym.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.device import uniform
+from dare_gym.core.logprobs import token_log_probs
 
 P_MASK_EPS = 1e-3
 
@@ -152,3 +152,44 @@ def train_on_demonstrations(
     bar.close()
     policy.model.eval()
     return step
+
+
+def masked_diffusion_sft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    answer_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """LLaDA's SFT objective (the masked-diffusion ELBO on the answer):
+    ``(1/B) Σ_b Σ_{k masked} CE_k / (p_b · L_b^ans)``.
+
+    Args:
+        logits: [B, L, V] at the answer positions; targets: [B, L] the clean answer tokens.
+        masked: [B, L] bool, the answer positions that were masked in the input.
+        p_mask: [B] each row's masking probability; answer_lengths: [B] answer length with EOS padding.
+    """
+    ce = -token_log_probs(logits, targets)  # float32 cross-entropy in chunks (no full-vocabulary copy)
+    per_row = (ce * masked.float()).sum(dim=1) / (p_mask * answer_lengths.float())
+    return per_row.mean()
+
+
+def block_diffusion_sft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    p_mask: torch.Tensor,
+    answer_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """Block-diffusion SFT (SDAR, ALGORITHMS.md §B): ``Σ_b Σ_{k masked} CE_k / p_b``, divided by the number of
+    answer tokens in the whole (micro-)batch ``Σ_b L_b^ans`` rather than row by row as in §A.
+
+    Args:
+        logits: [B, L, V] the noisy copy's logits at the answer positions (the doubled [x_t ; x_0] forward of
+            :meth:`~dare_gym.models.families.ModelFamily.noisy_clean_forward`); targets: [B, L] the clean answer.
+        masked: [B, L] bool, the answer positions masked in x_t.
+        p_mask: [B] each row's masking probability; answer_lengths: [B] answer length with EOS padding.
+    """
+    ce = -token_log_probs(logits, targets)
+    weighted = (ce * masked.float()).sum(dim=1) / p_mask
+    return weighted.sum() / answer_lengths.sum().clamp(min=1).float()

@@ -15,7 +15,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,230 +23,44 @@ import numpy as np
 import torch
 
 import dare_gym
-from dare_gym import distributed
-from dare_gym.advantages import zero_variance_groups
-from dare_gym.algorithms import build_config, get_algorithm, make_algorithm
-from dare_gym.algorithms.base import resolved_section
-from dare_gym.buffer import RolloutBuffer, right_pad
-from dare_gym.checkpoints import (
+from dare_gym.core import distributed
+from dare_gym.core.advantages import zero_variance_groups
+from dare_gym.algorithms import make_algorithm
+from dare_gym.algorithms.base import RolloutContext
+from dare_gym.core.buffer import RolloutBuffer, right_pad
+from dare_gym.train.checkpoints import (
     CHECKPOINT_DIR,
     atomic_write_text,
     latest_checkpoint,
     read_checkpoint,
     write_checkpoint,
 )
-from dare_gym.config import ConfigError
-from dare_gym.console import (
+from dare_gym.core.config import ConfigError
+from dare_gym.train.console import (
     RewardFailureMonitor,
     TrainingProgress,
     quiet_library_warnings,
     rollout_reward_errors,
 )
-from dare_gym.device import make_generator, resolve_device, resolve_dtype
-from dare_gym.distributed import STRATEGIES
+from dare_gym.core.device import make_generator, resolve_device, resolve_dtype
 from dare_gym.envs.splits import SplitOverlapError, guard_held_out
-from dare_gym.evaluation import evaluate
-from dare_gym.loading import policy_family
-from dare_gym.lora import (
-    LoraSettings,
+from dare_gym.train.evaluation import evaluate
+from dare_gym.core.lora import (
     adapter_disabled_reference,
     apply_lora,
     load_lora_weights,
     save_lora_policy,
 )
-from dare_gym.metrics import METRICS_FILE, MetricsLogger, plot_metrics
-from dare_gym.models.families import get_family
-from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.train.metrics import METRICS_FILE, MetricsLogger, plot_metrics
+from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
-from dare_gym.samplers.llada import REMASKING_RULES
-from dare_gym.user_code import (
-    import_module,
+from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, GenerationConfig, RunConfig, TrainConfig, resolve
+from dare_gym.train.user_code import (
     jsonable,
-    normalize_module_spec,
-    resolve_env_kwargs,
 )
 
-DEFAULT_ALGORITHM = "d1"
 SAMPLERS_FILE = "samplers.json"  # the resolved sampler settings of a run's rollouts and evaluations
 RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run seeds its streams with seed + r * stride
-# The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
-# d1 at its paper's defaults, which learns slowly at the tiny model's scale.
-DEFAULT_RECIPE = {"name": DEFAULT_ALGORITHM, "preset": "digitsort"}
-
-
-@dataclass
-class GenerationConfig:
-    """Sampler settings (a ``rollout:`` or ``evaluation:`` section); None takes the policy's default (the tiny
-    policy: 64 tokens in 64 steps, blocks of 32, greedy, low-confidence remasking)."""
-
-    gen_length: int | None = None
-    """completion length in tokens"""
-    steps: int | None = None
-    """denoising steps over the whole completion (fewer: several tokens committed per step)"""
-    block_length: int | None = None
-    """semi-autoregressive block length in tokens (gen_length: one block)"""
-    temperature: float | None = None
-    """sampling temperature; 0 is greedy"""
-    remasking: str | None = None
-    """which masked tokens are committed first: low_confidence or random"""
-    sampler: str | None = None
-    """llada | fast_dllm | block_diffusion (null: block_diffusion for block-causal models, else llada)"""
-    options: dict = field(default_factory=dict)
-    """the sampler's own options, e.g. {cache: dual, threshold: 0.9} for fast_dllm"""
-
-    def __post_init__(self):
-        for name in ("gen_length", "steps", "block_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or null, got {value!r}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 or null, got {self.temperature!r}")
-        if self.remasking is not None and self.remasking not in REMASKING_RULES:
-            raise ValueError(f"remasking must be one of {', '.join(REMASKING_RULES)} or null, got {self.remasking!r}")
-        if self.sampler is not None:
-            get_sampler(self.sampler)  # an unknown name is an error now, listing the registered ones
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """``policy.generate`` keyword arguments: the set fields, then the sampler's own options."""
-        settings = {k: v for k, v in asdict(self).items() if v is not None and k != "options"}
-        return {**settings, **self.options}
-
-
-@dataclass
-class TrainConfig:
-    """One training run. ``TrainConfig()`` is the run of ``dare-gym train`` with no arguments (the packaged
-    ``dare_gym/configs/default.yaml``): d1's ``digitsort`` preset on digit sorting with the tiny policy, for
-    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
-    at its own defaults, ``{"name": X, "beta": 0}`` those defaults with one field changed; a section without a
-    name keeps d1. On the command line ``algorithm.<field>=value`` changes one field, and
-    ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.config.load_config_dict`)."""
-
-    env: str = "digitsort-v0"
-    """registered env id to train on (`dare-gym envs`)"""
-    env_kwargs: dict = field(default_factory=dict)
-    """arguments for the training env, e.g. {split: train, reward: my_rewards:exact}"""
-    eval_env_kwargs: dict = field(default_factory=lambda: {"split": "test"})
-    """arguments for the held-out env"""
-    allow_eval_overlap: bool = False
-    """train even where the training split shares records with the held-out set (refused by default)"""
-    policy: str = "tiny"
-    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; built in: tiny, tiny-long, tiny-block)"""
-    policy_family: str | None = None
-    """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N (auto: the GPU when one is visible)"""
-    dtype: str = "float32"
-    """float32 | bfloat16 | auto for the weights and forward; log-probs, losses and optimizer state stay float32"""
-    strategy: str = "ddp"
-    """with several processes (torchrun, --nproc): ddp (a whole model per rank) or fsdp (FSDP2: parameters,
-    gradients and optimizer state sharded per transformer block)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: much less memory for real models, about a third slower"""
-    algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
-    """algorithm name, an optional preset and options: fields not set take the algorithm's own defaults
-    (`dare-gym algorithms` lists each one's fields and presets)"""
-    imports: list[str] = field(default_factory=list)
-    """modules or .py files imported first, to register rewards, envs or algorithms (--import)"""
-    prompts_per_step: int = 32
-    """prompts sampled per step (GRPO groups)"""
-    group_size: int = 8
-    """completions sampled per prompt"""
-    max_steps: int = 100_000
-    """stop after this many steps"""
-    time_limit_minutes: float | None = 5.0
-    """stop after this much wall time (null: no limit)"""
-    learning_rate: float = 1e-4
-    """AdamW learning rate"""
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    """AdamW betas"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradients are clipped to this global norm"""
-    micro_batch_size: int = 256
-    """rows per forward/backward in the update; gradients accumulate over the whole batch (one optimizer step
-    per iteration), so lowering it saves memory and leaves the update the same"""
-    rollout_batch_size: int = 256
-    """prompts per sampler call for rollouts and evaluation"""
-    rollout: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.7))
-    """sampler settings for training rollouts"""
-    evaluation: GenerationConfig = field(default_factory=lambda: GenerationConfig(temperature=0.0))
-    """sampler settings for held-out evaluation"""
-    eval_every: int = 10
-    """evaluate on the held-out set every this many steps (and after the last)"""
-    eval_size: int = 500
-    """held-out records scored, the first of the eval split (0: no evaluation)"""
-    save_every: int = 25
-    """write a checkpoint every this many steps (and after the last)"""
-    keep_checkpoints: int = 2
-    """checkpoints kept on disk, newest first"""
-    output_dir: str = "runs/default"
-    """folder for metrics.jsonl, curves.png, checkpoints/ and final_policy/"""
-    seed: int = 0
-    """seed of every random draw (problems, sampling, estimator noise)"""
-    torch_threads: int | None = None
-    """CPU threads for torch (null: torch's default)"""
-    tensorboard: bool = False
-    """also write TensorBoard scalars to output_dir/tensorboard"""
-    progress: bool = True
-    """show progress: a bar on a terminal, else a plain line every log_every steps"""
-    log_every: int = 10
-    """steps between plain progress lines, and between reports of the same failing reward"""
-    lora: LoraSettings | None = None
-    """train LoRA adapters (e.g. {r: 8, alpha: 16}); the reference is the base with the adapters off"""
-
-    def __post_init__(self):
-        # user modules first: they may register the env, the algorithm or the rewards named below
-        self.imports = [normalize_module_spec(spec) for spec in self.imports]
-        for i, spec in enumerate(self.imports):
-            import_module(spec, where=f"imports[{i}]")
-        positive = ("prompts_per_step", "group_size", "max_steps", "micro_batch_size", "rollout_batch_size",
-                    "eval_every", "save_every", "keep_checkpoints", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
-        if self.eval_size < 0:
-            raise ConfigError(f"eval_size must be >= 0, got {self.eval_size!r}")
-        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
-            raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
-        try:
-            resolve_dtype(self.dtype)
-            if self.device.strip().lower() not in ("auto", "cpu"):
-                resolve_device(self.device)  # a GPU that is not there is an error now, not at the first step
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.policy_family is not None:
-            try:
-                get_family(self.policy_family)
-            except ValueError as error:
-                raise ConfigError(f"policy_family: {error}") from None
-        if self.env not in dare_gym.list_envs():
-            raise ConfigError(f"env: unknown env {self.env!r}; registered: {', '.join(dare_gym.list_envs())}")
-        for name in ("env_kwargs", "eval_env_kwargs"):  # a reward reference that does not import fails now
-            resolve_env_kwargs(getattr(self, name), where=name)
-        self.algorithm = {"name": DEFAULT_ALGORITHM, **self.algorithm}  # `algorithm.beta=0` alone keeps d1
-        try:
-            self.algorithm_config()  # validate now, with field names in the error
-        except ConfigError:
-            raise
-        except ValueError as error:
-            raise ConfigError(f"algorithm: {error}") from None
-
-    def algorithm_config(self):
-        options = {k: v for k, v in self.algorithm.items() if k != "name"}
-        return build_config(self.algorithm["name"], options, where="algorithm")
-
-    def resolved(self) -> dict[str, Any]:
-        """This config as a run records it (``config.json``): the algorithm section with every field's value,
-        so that the record says exactly what ran and resumes as the same run."""
-        data = jsonable(asdict(self))
-        options = {k: v for k, v in self.algorithm.items() if k != "name"}
-        data["algorithm"] = jsonable(resolved_section(self.algorithm["name"], options))
-        return data
 
 
 def _sampler_arguments(settings: dict[str, Any]) -> dict[str, Any]:
@@ -262,18 +76,6 @@ def mean_completion_length(policy, completions) -> float:
     return float((policy.completion_mask(ids) * present).sum(dim=1).float().mean())
 
 
-def refuse_unsupported_family(config: TrainConfig) -> None:
-    """A :class:`ConfigError` with the algorithm's reason where it cannot train the policy's family (read from the
-    policy's files, before any weight is loaded)."""
-    try:
-        family = policy_family(config.policy, config.policy_family)
-    except (OSError, ValueError):
-        return  # the policy cannot be read without loading it (a hub id offline): load_policy will say why
-    reason = get_algorithm(config.algorithm["name"]).algorithm_class.refusal(family)
-    if reason:
-        raise ConfigError(f"algorithm {config.algorithm['name']} cannot train policy {config.policy!r}: {reason}")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -284,16 +86,12 @@ class Trainer:
     """Runs one algorithm on one env with one policy, as a :class:`TrainConfig` says."""
 
     def __init__(self, config: TrainConfig, policy=None):
-        self.config = config
+        self.group = distributed.setup(config.device)  # one process unless launched by torchrun
+        run = resolve(config, processes=self.group.world_size, policy_files=policy is None)
+        self.config = config = run.config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         seed_everything(config.seed)
-        self.group = distributed.setup(config.device)  # one process unless launched by torchrun
-        if config.prompts_per_step % self.group.world_size:
-            raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be divisible by the number of "
-                              f"processes ({self.group.world_size}): each rank rolls out whole groups")
-        if policy is None:
-            refuse_unsupported_family(config)
         device = resolve_device(distributed.rank_device(config.device, self.group))
         compute_dtype = resolve_dtype(config.dtype, device)
         fsdp = self.group.world_size > 1 and config.strategy == "fsdp"
@@ -311,9 +109,7 @@ class Trainer:
             self.policy.sampler_settings(**_sampler_arguments(config.evaluation.as_kwargs()))
         except ValueError as error:
             raise ConfigError(f"rollout/evaluation: {error}") from None
-        self.algorithm = make_algorithm(
-            config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id
-        )
+        self.algorithm = make_algorithm(config.algorithm["name"], run.algorithm, mask_token_id=self.policy.mask_token_id)
         self.reference = None
         if self.algorithm.needs_reference:
             if config.lora is not None:  # the same weights with the adapters switched off: no second copy
@@ -325,9 +121,9 @@ class Trainer:
             self._distribute(config, device, compute_dtype)
         self.train_env = dare_gym.make_vec(
             config.env, config.prompts_per_step // self.group.world_size * config.group_size,
-            group_size=config.group_size, **resolve_env_kwargs(config.env_kwargs),
+            group_size=config.group_size, **run.env_kwargs,
         )
-        self.eval_env = dare_gym.make(config.env, **resolve_env_kwargs(config.eval_env_kwargs, where="eval_env_kwargs"))
+        self.eval_env = dare_gym.make(config.env, **run.eval_env_kwargs)
         try:  # no held-out record is ever trained on: procedural streams skip them, file splits must not share any
             guard_held_out(self.train_env.envs, self.eval_env, eval_size=config.eval_size,
                            allow_overlap=config.allow_eval_overlap)
@@ -347,22 +143,15 @@ class Trainer:
 
     def _distribute(self, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> None:
         """DDP or FSDP2 around the policy (and a full reference copy, sharded the same way under FSDP)."""
-        if self.algorithm.distributed_unsupported:
-            raise ConfigError(f"{self.algorithm.name}: {self.algorithm.distributed_unsupported}: train it with one "
-                              "process")
         if config.strategy == "ddp":
             distributed.wrap_ddp(self.policy, device)
             return
-        if config.lora is not None:
-            raise ConfigError("lora with strategy fsdp is not supported: LoRA's frozen base fits each GPU in bf16 "
-                              "(16 GB for 8B), so train LoRA with strategy ddp")
         for section, settings in (("rollout", config.rollout), ("evaluation", config.evaluation)):
             name, options = self.policy.sampler_settings(**_sampler_arguments(settings.as_kwargs()))
-            adaptive = any(getattr(options, key, None) for key in ("threshold", "factor", "early_exit"))
-            if adaptive:  # every forward is a collective under FSDP: ranks must make the same number of them
-                raise ConfigError(f"{section}: strategy fsdp needs a fixed number of sampler forwards on every rank; "
-                                  f"{name} with threshold/factor/early_exit decides it from the data: set "
-                                  "options {threshold: null, factor: null, early_exit: false} or use strategy ddp")
+            why = get_sampler(name).data_dependent_steps(options)
+            if why:  # every forward is a collective under FSDP: ranks must make the same number of them
+                raise ConfigError(f"{section}: strategy fsdp needs a fixed number of sampler forwards on every rank, "
+                                  f"but {name} {why}; or use strategy ddp")
         distributed.wrap_fsdp(self.policy, compute_dtype)
         if self.reference is not None and self.reference.model is not self.policy.model:
             distributed.shard_fsdp(self.reference.model, compute_dtype)
@@ -373,21 +162,18 @@ class Trainer:
         a buffer."""
         timings = {}
         start = time.perf_counter()
-        needs = set(self.algorithm.rollout_needs)
         prompts, infos = self.train_env.reset()
+        context = RolloutContext(indices=infos["index"].tolist(), score_texts=self.train_env.score_texts,
+                                 demonstrations=self.train_env.demonstrations, env_id=self.config.env)
         rollout = self.algorithm.rollout(self.policy, list(prompts), group_size=self.config.group_size,
                                          generator=self.generator, batch_size=self.config.rollout_batch_size,
-                                         settings=self.rollout_kwargs())
+                                         settings=self.rollout_kwargs(), context=context)
         completions = rollout.completions
         timings["time_rollout"] = time.perf_counter() - start
         start = time.perf_counter()
         _, rewards, _, _, step_infos = self.train_env.step([c.text for c in completions])
         step_infos = step_infos["final_info"]  # the scored episodes' infos (the top level is the autoreset's)
         buffer = rollout.buffer(rewards.tolist(), infos["group_id"].tolist(), correct=step_infos["correct"].tolist())
-        if "step_predictions" in needs:
-            self._add_step_rewards(buffer, completions, infos["index"])
-        if "demonstrations" in needs:
-            self._add_demonstrations(buffer, infos["index"])
         timings["time_reward"] = time.perf_counter() - start
         generated = sum(len(c.completion_ids) for c in completions)
         self.last_reward_errors = rollout_reward_errors(step_infos, len(completions))
@@ -426,27 +212,6 @@ class Trainer:
             settings.update(get_sampler(name).left_to_right(self.policy, gen_length))
         return settings
 
-    def _add_step_rewards(self, buffer: RolloutBuffer, completions, indices) -> None:
-        """MDPO's intermediate rewards: the env's reward of the sampler's guess x̂₀ at every step."""
-        step_rewards = [self.train_env.score_texts(index, [self.policy.decode(guess) for guess in c.step_predictions])
-                        for c, index in zip(completions, indices)]
-        buffer.columns["step_reward"] = torch.tensor(step_rewards, dtype=torch.float32)
-        buffer.columns["step_prediction"] = torch.stack([c.step_predictions for c in completions])
-        buffer.columns["step_confidence"] = torch.stack([c.step_confidence for c in completions])
-
-    def _add_demonstrations(self, buffer: RolloutBuffer, indices) -> None:
-        """Gold answers for behaviour cloning, tokenised and EOS-padded like the completions."""
-        try:
-            answers = self.train_env.demonstrations(indices)
-        except NotImplementedError as error:
-            raise ValueError(f"{self.config.env}: {error}; use sft's source: rollouts") from None
-        tokenizer, width = self.policy.tokenizer, buffer.completion_ids.shape[1]
-        rows = []
-        for answer in answers:
-            ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: width - 1]
-            rows.append(ids + [tokenizer.eos_token_id] * (width - len(ids)))
-        buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
-
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts.
 
@@ -456,7 +221,7 @@ class Trainer:
         config = self.config
         rows_collected = len(buffer)
         buffer = self.algorithm.advantages(buffer, config.group_size)
-        active = float(distributed.global_sum(distributed.active_rows(buffer).sum()))
+        active = float(distributed.global_sum(buffer.active_rows().sum()))
         stats: dict[str, float] = {"rows_trained": active / self.group.world_size,
                                    "rows_collected": float(rows_collected)}
         if active == 0:
@@ -468,9 +233,9 @@ class Trainer:
         for iteration, minibatches in self.algorithm.update_plan(buffer, config.micro_batch_size, self.generator):
             self.optimizer.zero_grad()
             minibatches = list(minibatches)
-            step_rows = float(distributed.global_sum(sum(distributed.active_rows(m).sum() for m in minibatches)))
+            step_rows = float(distributed.global_sum(sum(m.active_rows().sum() for m in minibatches)))
             for number, minibatch in enumerate(minibatches):
-                share = float(distributed.global_sum(distributed.active_rows(minibatch).sum())) / max(step_rows, 1.0)
+                share = float(distributed.global_sum(minibatch.active_rows().sum())) / max(step_rows, 1.0)
                 weight = share * self.group.world_size  # DDP and FSDP average the ranks' gradients
                 with self.policy.gradient_sync(number == len(minibatches) - 1):
                     loss, metrics = self.algorithm.backward(self.policy, minibatch, iteration, weight)
@@ -675,3 +440,6 @@ class Trainer:
         }
         atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+__all__ = ["DEFAULT_ALGORITHM", "DEFAULT_RECIPE", "GenerationConfig", "RunConfig", "TrainConfig", "Trainer", "resolve"]

@@ -1,7 +1,7 @@
 """d-TreeRPO (Pan et al., 2025; official code THU-BPM/d-TreeRPO): tree rollouts with verifiable step advantages
 (``reference/ALGORITHMS.md`` section Q).
 
-Rollout. Each prompt grows a tree of partial denoising states (:mod:`dare_gym.tree_rollout`): LLaDA's semi-AR
+Rollout. Each prompt grows a tree of partial denoising states (:mod:`dare_gym.algorithms.dtreerpo.rollout`): LLaDA's semi-AR
 low-confidence sampler is cut at the branch points T − ⌊kT/s⌋ into s levels (``tree_contraction_factor``); the
 root has ``num_tree_samples`` children, every other inner node ``tree_branch_factor``, each child an independent
 continuation of its parent. A tree has num_tree_samples · tree_branch_factor^(s−1) leaves and that is the
@@ -66,12 +66,12 @@ from dare_gym.algorithms.base import (
     register_algorithm,
 )
 from dare_gym.algorithms.options import ResponseMask
-from dare_gym.buffer import RolloutBuffer, random_order
-from dare_gym.distributed import gather_objects
-from dare_gym.logprobs import token_entropy, token_log_probs
-from dare_gym.losses import clipped_surrogate, kl_penalty
-from dare_gym.policy import Completion, eval_mode
-from dare_gym.tree_rollout import TreeNodes, grow_trees, segment_buffer
+from dare_gym.core.buffer import RolloutBuffer, random_order
+from dare_gym.core.distributed import gather_objects
+from dare_gym.core.logprobs import token_entropy, token_log_probs
+from dare_gym.core.losses import clipped_surrogate, kl_penalty
+from dare_gym.core.policy import Completion, eval_mode
+from dare_gym.algorithms.dtreerpo.rollout import TreeNodes, grow_trees, segment_buffer
 
 SD_EPS = 1e-8  # in q / (Σw + ε) and log(q + ε), as the official trainer
 UPDATE_SCHEDULES = ("per_parent", "all_segments")
@@ -337,7 +337,7 @@ class DTreeRPO(Algorithm):
         return [root] + [config.tree_branch_factor] * (config.tree_contraction_factor - 1)
 
     def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator, batch_size: int,
-                settings: dict[str, Any]) -> TreeRollout:
+                settings: dict[str, Any], context=None) -> TreeRollout:
         fan_out = self.fan_out(group_size)
         settings = dict(settings)
         sampler = settings.pop("sampler", None)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dare_gym.policy import POLICY_META_FILE, TINY_CHECKPOINT, DiffusionPolicy, eval_mode
+from dare_gym.core.policy import POLICY_META_FILE, TINY_CHECKPOINT, DiffusionPolicy, eval_mode
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"

@@ -1,6 +1,6 @@
 """Training on many processes with PyTorch's own engine: ``torchrun``, ``torch.distributed``, DDP and FSDP2.
 
-    torchrun --nproc-per-node 8 -m dare_gym.cli train strategy=fsdp ...   # or: dare-gym train --nproc 8 ...
+    torchrun --nproc-per-node 8 -m dare_gym train strategy=fsdp ...   # or: dare-gym train --nproc 8 ...
 
 What stays the same at any number of processes N:
 
@@ -12,7 +12,7 @@ What stays the same at any number of processes N:
   one a single process computes on the union of the ranks' batches, micro-batch by micro-batch.
 * **The calls.** Every rank makes the same forward/backward calls whatever its data: rows without signal
   (zero-variance groups, groups without a preference pair) are kept with nothing to score instead of being
-  dropped (:func:`discard_rows`); gradient synchronisation happens once per optimizer step, on the last
+  dropped (:meth:`RolloutBuffer.discard`); gradient synchronisation happens once per optimizer step, on the last
   backward (:meth:`GradientSync`; BGPO's per-sample backward passes skip it but for the last).
 
 Strategies: ``ddp`` (each rank holds the whole model; gradients all-reduced) and ``fsdp`` (FSDP2
@@ -102,20 +102,6 @@ def raise_if_any(problem: str | None) -> None:
     problems = [(r, p) for r, p in enumerate(gather_objects(problem)) if p]
     if problems:
         raise RuntimeError("; ".join(f"rank {r}: {p}" for r, p in problems))
-
-
-def discard_rows(buffer, drop: torch.Tensor):
-    """Rows that carry no signal. One process: dropped (less work). Several: kept with nothing to score
-    (completion mask zeroed), so every rank runs the same calls on the same number of rows."""
-    if not is_distributed():
-        return buffer.select(~drop)
-    buffer.completion_mask = buffer.completion_mask.masked_fill(drop[:, None].to(buffer.completion_mask.device), 0)
-    return buffer
-
-
-def active_rows(buffer) -> torch.Tensor:
-    """[B] bool: rows with a token to score (padding rows and discarded rows have none)."""
-    return buffer.completion_mask.bool().any(dim=1)
 
 
 def _collective_device() -> torch.device:
@@ -276,6 +262,6 @@ def barrier() -> None:
 
 
 __all__ = ["STRATEGIES", "is_distributed", "world_size", "rank", "global_sum", "global_mean", "global_max",
-           "gather_objects", "mean_metrics", "raise_if_any", "discard_rows", "active_rows", "setup", "rank_device",
+           "gather_objects", "mean_metrics", "raise_if_any", "setup", "rank_device",
            "teardown", "GradientSync", "gradient_sync", "wrap_ddp", "wrap_fsdp", "shard_fsdp", "full_state_dict",
            "full_optimizer_state", "load_full_state", "barrier"]

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
-from dare_gym.config import ConfigError, default_config_path
+from dare_gym.core.config import ConfigError, default_config_path
 
 __all__ = ["build_parser", "default_config_path", "main"]
 
@@ -44,7 +44,7 @@ def check_policy_name(name: str, where: str) -> None:
     """Fail at once on a policy that names no local folder and cannot be a hub id (``org/name``), instead of
     after the hub's retries: ``tiny`` and existing folders pass, and so does ``org/name`` unless ``org`` is a
     local folder (then a folder was meant)."""
-    from dare_gym.policy import BUILTIN_POLICIES
+    from dare_gym.core.policy import BUILTIN_POLICIES
 
     path = Path(name).expanduser()
     if name in BUILTIN_POLICIES or path.exists():
@@ -57,7 +57,7 @@ def check_policy_name(name: str, where: str) -> None:
 
 
 def _import_modules(specs: list[str]) -> None:
-    from dare_gym.user_code import import_module
+    from dare_gym.train.user_code import import_module
 
     for spec in specs:
         import_module(spec, where=f"--import {spec}")
@@ -67,8 +67,8 @@ def _import_modules(specs: list[str]) -> None:
 
 
 def _train_fields_help() -> str:
-    from dare_gym.config import describe_fields
-    from dare_gym.trainer import TrainConfig
+    from dare_gym.core.config import describe_fields
+    from dare_gym.train.trainer import TrainConfig
 
     return "\n".join([
         "config fields (set in --config's YAML or as field=value; the defaults are the packaged default.yaml):",
@@ -81,8 +81,8 @@ def _train_fields_help() -> str:
 def train_config_data(config: Path | None, overrides: list[str], imports: list[str], resume: bool) -> tuple[dict, str]:
     """The config dict of ``dare-gym train`` and where it came from. ``--resume`` without ``--config``
     continues the run as its output_dir's config.json recorded it (overrides still apply)."""
-    from dare_gym.config import load_config_dict
-    from dare_gym.trainer import TrainConfig
+    from dare_gym.core.config import load_config_dict
+    from dare_gym.train.trainer import TrainConfig
 
     source = config or default_config_path()
     data = load_config_dict(source, overrides)
@@ -97,19 +97,23 @@ def train_config_data(config: Path | None, overrides: list[str], imports: list[s
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dare_gym.config import dataclass_from_dict
+    from dare_gym.core.config import dataclass_from_dict
     from dare_gym.envs.data import DataFormatError
-    from dare_gym.trainer import TrainConfig, Trainer
+    from dare_gym.train.trainer import TrainConfig, Trainer
+
+    from dare_gym.train.config import resolve
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc and args.nproc > 1:
-        return _launch_torchrun(args)
-    from dare_gym import distributed
-
     data, source = train_config_data(args.config, args.overrides, args.imports, args.resume)
     config = dataclass_from_dict(TrainConfig, data)
     check_policy_name(config.policy, "policy")
+    # the whole configuration is checked before anything is launched or loaded, once, in this process
+    resolve(config, processes=args.nproc or int(os.environ.get("WORLD_SIZE", "1")))
+    if args.nproc and args.nproc > 1:
+        return _launch_torchrun(args)
+    from dare_gym.core import distributed
+
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         print(f"config: {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
@@ -142,7 +146,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     import subprocess
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "-m", "dare_gym.cli"]
+               "-m", "dare_gym"]
     command += [flag for spec in args.imports for flag in ("--import", spec)] + ["train"]
     if args.config is not None:
         command += ["--config", str(args.config)]
@@ -158,7 +162,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
 
 def _parse_key_values(items: list[str], what: str) -> dict:
     """``key=value`` items (values parsed as YAML; dotted keys nest: ``options.threshold=0.9``)."""
-    from dare_gym.config import parse_overrides, set_dotted
+    from dare_gym.core.config import parse_overrides, set_dotted
 
     try:
         values: dict = {}
@@ -202,7 +206,7 @@ def make_env(env_id: str, split: str, kwargs: dict, where: str = "--env"):
     import gymnasium
 
     import dare_gym
-    from dare_gym.user_code import resolve_env_kwargs
+    from dare_gym.train.user_code import resolve_env_kwargs
 
     if env_id not in dare_gym.list_envs():
         raise ConfigError(f"{where}: unknown env {env_id!r}; registered: {', '.join(dare_gym.list_envs())}")
@@ -223,8 +227,8 @@ def load_cli_policy(name: str, device: str, dtype: str, family: str | None, wher
     """``dare_gym.load_policy`` for the command line: a bad name, folder, device or dtype is a
     :class:`ConfigError` naming it."""
     import dare_gym
-    from dare_gym.console import quiet_library_warnings
-    from dare_gym.device import resolve_device, resolve_dtype
+    from dare_gym.train.console import quiet_library_warnings
+    from dare_gym.core.device import resolve_device, resolve_dtype
 
     check_policy_name(name, where)
     try:
@@ -241,14 +245,14 @@ def load_cli_policy(name: str, device: str, dtype: str, family: str | None, wher
 
 def generation_settings(items: list[str]) -> dict:
     """``--gen key=value`` items as ``policy.generate`` keyword arguments (validated, bad values named)."""
-    from dare_gym.config import dataclass_from_dict
-    from dare_gym.trainer import GenerationConfig
+    from dare_gym.core.config import dataclass_from_dict
+    from dare_gym.train.trainer import GenerationConfig
 
     return dataclass_from_dict(GenerationConfig, _parse_key_values(items, "--gen"), where="--gen").as_kwargs()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dare_gym.evaluation import evaluate
+    from dare_gym.train.evaluation import evaluate
 
     _import_modules(args.imports)
     if args.limit is not None and args.limit < 1:
@@ -281,8 +285,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
-    """``dare-gym eval --suite``: every policy on every env, greedy accuracy and pass@k (:mod:`dare_gym.suite`)."""
-    from dare_gym.suite import (
+    """``dare-gym eval --suite``: every policy on every env, greedy accuracy and pass@k (:mod:`dare_gym.tools.suite`)."""
+    from dare_gym.tools.suite import (
         DEFAULT_SUITE,
         BenchmarkSpec,
         SuiteConfig,
@@ -320,7 +324,7 @@ def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from dare_gym.serve import WorkerDied, is_loopback, serve
+    from dare_gym.tools.serve import WorkerDied, is_loopback, serve
 
     _import_modules(args.imports)
     for name in ("max_batch_size", "max_n", "max_prompts"):
@@ -353,7 +357,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_opencompass(args: argparse.Namespace) -> int:
-    from dare_gym.opencompass import (
+    from dare_gym.tools.opencompass import (
         OpenCompassError,
         OpenCompassFailed,
         OpenCompassInputError,
@@ -447,7 +451,7 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     import inspect
 
     from dare_gym.algorithms import get_algorithm, list_algorithms
-    from dare_gym.config import describe_fields
+    from dare_gym.core.config import describe_fields
 
     _import_modules(args.imports)
     if args.table:
@@ -514,7 +518,7 @@ def _followed(doc: str) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from dare_gym.compare import run_comparison
+    from dare_gym.tools.compare import run_comparison
 
     # `--seeds 0 1 eval_size=16`: nargs="+" swallows trailing overrides; give them back
     overrides = list(args.overrides)

@@ -29,7 +29,7 @@ ignored, with a note, for the others (an override that matches no compared algor
 typo). Other dotted overrides (``eval_size=100``) set shared fields; ``max_steps``, ``time_limit_minutes``, ``seed``, ``output_dir`` and
 ``algorithm.name`` are set by the comparison itself. Checkpoints are written only at the end of each run.
 
-Isolation. Each (algorithm, seed) run is a separate process (``python -m dare_gym.compare_run
+Isolation. Each (algorithm, seed) run is a separate process (``python -m dare_gym.tools.compare.run
 SPEC.json``), run one after the other, seed by seed (all algorithms for seed 0, then seed 1, ...), so that
 drift in machine speed spreads over algorithms. Peak memory is the child's peak resident set size as
 ``wait4`` reports it (its ``ru_maxrss``). A run that raises, crashes or times out is recorded with its
@@ -37,11 +37,11 @@ error and the comparison goes on.
 
 Timing. ``train_seconds`` is the trainer's wall time minus the time spent in held-out evaluation (the same
 work for every algorithm, and not part of learning), at every point of the curve (see
-:func:`dare_gym.compare_run.learning_curve`); ``seconds_per_step = train_seconds / steps``;
+:func:`dare_gym.tools.compare.run.learning_curve`); ``seconds_per_step = train_seconds / steps``;
 ``total_seconds`` is the child process's whole wall time (start-up, model loading, evaluation, checkpoint).
 
 SFT baseline (``--sft-baseline``). For each seed, continued masked-diffusion SFT on gold demonstrations of
-the training split (``dare_gym.sft.train_on_demonstrations``) from the same starting policy, with the
+the training split (``dare_gym.core.sft.train_on_demonstrations``) from the same starting policy, with the
 shared learning rate, for a wall time equal to the mean ``train_seconds`` of that seed's successful RL
 runs (evaluation excluded on both sides: the SFT callback's time is not counted either). The choice of the
 mean matches the baseline to a typical RL run's compute; per-algorithm times are in results.csv. It is
@@ -64,8 +64,8 @@ Outputs (in ``--output``, default runs/compare):
 * ``compare.json``: settings, per-algorithm options, notes, every run with its curve, and the summary;
 * ``runs/<algorithm>-seed<k>/``: each run's spec, log, result and trainer output (metrics.jsonl...).
 
-The code is in three modules: :mod:`dare_gym.compare_plan` (names, budgets, per-algorithm options),
-:mod:`dare_gym.compare_run` (one process per run, timing) and :mod:`dare_gym.compare_report` (table, CSV,
+The code is in three modules: :mod:`dare_gym.tools.compare.plan` (names, budgets, per-algorithm options),
+:mod:`dare_gym.tools.compare.run` (one process per run, timing) and :mod:`dare_gym.tools.compare.report` (table, CSV,
 plot). Python API: :func:`run_comparison` (everything above), :func:`plan_comparison` (the run configs without
 running them), :func:`filter_algorithm_options`, :func:`summarize`, :func:`markdown_table`,
 :func:`plot_curves`.
@@ -82,7 +82,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dare_gym.compare_plan import (
+from dare_gym.tools.compare.plan import (
     ALL,
     RESERVED,
     ComparisonPlan,
@@ -91,7 +91,7 @@ from dare_gym.compare_plan import (
     plan_comparison,
     resolve_algorithms,
 )
-from dare_gym.compare_report import (
+from dare_gym.tools.compare.report import (
     CSV_COLUMNS,
     SFT_NAME,
     markdown_table,
@@ -101,8 +101,8 @@ from dare_gym.compare_report import (
     summary_markdown,
     write_csv,
 )
-from dare_gym.compare_run import complete, describe, launch, learning_curve, run_name
-from dare_gym.config import ConfigError
+from dare_gym.tools.compare.run import complete, describe, launch, learning_curve, run_name
+from dare_gym.core.config import ConfigError
 
 __all__ = [
     "ALL", "CSV_COLUMNS", "RESERVED", "SFT_NAME", "ComparisonPlan", "config_fields", "filter_algorithm_options",

@@ -2,7 +2,7 @@
 loaded with this project's own classes, special ids from the checkpoint's files; LoRA adapter folders as base
 plus adapter. ``dare_gym.load_policy`` is :func:`load_policy`.
 
-This module sits above :mod:`dare_gym.policy` and :mod:`dare_gym.lora` (it imports both, neither imports it).
+This module sits above :mod:`dare_gym.core.policy` and :mod:`dare_gym.core.lora` (it imports both, neither imports it).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from dare_gym.device import resolve_device, resolve_dtype
-from dare_gym.lora import ADAPTER_CONFIG_FILE, LoraSettings
+from dare_gym.core.device import resolve_device, resolve_dtype
+from dare_gym.core.lora import ADAPTER_CONFIG_FILE, LoraSettings
 from dare_gym.models.families import ModelFamily, family_for_model_type, get_family
-from dare_gym.policy import BUILTIN_POLICIES, POLICY_META_FILE, DiffusionPolicy
+from dare_gym.core.policy import BUILTIN_POLICIES, POLICY_META_FILE, DiffusionPolicy
 
 
 def load_policy(

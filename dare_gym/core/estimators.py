@@ -36,8 +36,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from dare_gym.device import uniform
-from dare_gym.logprobs import token_entropy, token_log_probs
+from dare_gym.core.device import uniform
+from dare_gym.core.logprobs import token_entropy, token_log_probs
+from dare_gym.registries import Registry
 
 LogitsFn = Callable[..., torch.Tensor]
 """``logits_fn(input_ids, attention_mask, *, logits_to_keep=0, clean_ids=None) -> logits`` aligned so that
@@ -74,6 +75,14 @@ class LikelihoodEstimator(Protocol):
     def sample_noise(self, batch, generator: torch.Generator | None) -> dict[str, torch.Tensor]: ...
 
     def token_logp(self, logits_fn: LogitsFn, batch, noise: dict[str, torch.Tensor]) -> TokenScores: ...
+
+
+ESTIMATORS: Registry = Registry("likelihood estimator")
+
+
+def register_estimator(name: str):
+    """Class decorator: ``@register_estimator("elbo")``; algorithms choose an estimator by this name."""
+    return ESTIMATORS.decorator(name)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -122,6 +131,7 @@ def _ones(batch) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- one forward
 
 
+@register_estimator("d1")
 @dataclass
 class OneStepMaskedPrompt:
     """d1 (diffu-GRPO): one forward with the whole completion masked and each real prompt token masked with
@@ -145,6 +155,7 @@ class OneStepMaskedPrompt:
         return TokenScores(logp, scored, entropy, [Draw(logp, scored, _ones(batch))])
 
 
+@register_estimator("random_ratio")
 @dataclass
 class RandomRatio:
     """MMaDA's UniGRPO estimator: draw t ~ U(t_min, 1] per row, mask each completion token with probability
@@ -174,6 +185,7 @@ class RandomRatio:
 # ----------------------------------------------------------------------------------- several forwards
 
 
+@register_estimator("coupled")
 @dataclass
 class CoupledComplementary:
     """coupled-GRPO (DiffuCoder): three passes on the same completion: fully masked (p0), the tokens with
@@ -223,6 +235,7 @@ def stratified_mask_counts(length: torch.Tensor, draws: int, generator=None) -> 
     return (counts - 1) % length[:, None] + 1
 
 
+@register_estimator("elbo")
 @dataclass
 class StratifiedELBO:
     """The masked-diffusion ELBO by stratified Monte Carlo (LLaDA's ``get_log_likelihood``): ``mc_num`` draws,
@@ -271,6 +284,7 @@ def _combine(draws: list[Draw], batch) -> TokenScores:
     return TokenScores(logp, scored, None, draws)
 
 
+@register_estimator("elbo_pair")
 @dataclass
 class PairedELBO:
     """ESPO's sequence ELBO: k₀ ~ U{0..L} once per call, row j masks k_j = round(k₀ + j(L+1)/B) mod (L+1)
@@ -322,6 +336,7 @@ class PairedELBO:
         return TokenScores(logp, present, None, draws)
 
 
+@register_estimator("block")
 @dataclass
 class BlockwiseMask:
     """SPG's block-wise masking ("block_random"): pick a block m of the completion; blocks before it stay
@@ -395,6 +410,7 @@ def shrink_steps(unmask_step: torch.Tensor, shrink: int) -> torch.Tensor:
     return groups
 
 
+@register_estimator("trajectory")
 @dataclass
 class TrajectoryReplay:
     """Replay the rollout's own denoising trajectory (CJ-GRPO; TraceRL with ``shrink`` > 1). The state before
@@ -451,108 +467,18 @@ class TrajectoryReplay:
         return TokenScores(logp, group >= 0, entropy, draws)
 
 
-ESTIMATORS: dict[str, type] = {
-    "d1": OneStepMaskedPrompt,
-    "random_ratio": RandomRatio,
-    "coupled": CoupledComplementary,
-    "elbo": StratifiedELBO,
-    "elbo_pair": PairedELBO,
-    "block": BlockwiseMask,
-    "trajectory": TrajectoryReplay,
-}
-
-
 def make_estimator(name: str, *, mask_token_id: int, **options) -> LikelihoodEstimator:
     """Build a registered estimator by name with its options (e.g. ``p_mask_prompt=0.15``)."""
-    try:
-        cls = ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown likelihood estimator {name!r}; known: {sorted(ESTIMATORS)}") from None
-    if name == "exact_ar":
-        options = {"order": "left_to_right", **options}
+    cls = ESTIMATORS.lookup(name)
+    options = {**getattr(cls, "fixed_options", {}), **options}
     try:
         return cls(mask_token_id=mask_token_id, **options)
     except TypeError as error:
         raise ValueError(f"bad options {options!r} for estimator {name!r}: {error}") from None
 
 
-ESTIMATORS["exact_ar"] = TrajectoryReplay  # JustGRPO: trajectory replay in exact left-to-right order
+@register_estimator("exact_ar")
+class ExactLeftToRight(TrajectoryReplay):
+    """JustGRPO's exact likelihood: trajectory replay in left-to-right order, one token per forward."""
 
-
-# ------------------------------------------------------------------- EBPO's all-block ELBO (section P)
-
-
-def response_blocks(attention_mask: torch.Tensor, valid: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """[B, L] the response block of each completion position, numbered 0, 1, … from the row's first response
-    block (−1 where ``valid`` [B, L] is false). ``attention_mask`` [B, P + L] is the packed prompt + response
-    (left padding, then the L completion columns). Blocks lie on the grid of the whole sequence: block id =
-    ⌊position / block_size⌋, positions counted from the row's first real token, as the block-causal mask
-    counts them, so the first and last response blocks may be partial. ``block_size=None`` (full attention):
-    the whole response is one block."""
-    valid = valid.bool()
-    if block_size is None:
-        return torch.where(valid, 0, -1)
-    length = valid.shape[1]
-    positions = (attention_mask.long().cumsum(dim=1) - 1)[:, -length:]
-    grid = torch.div(positions, block_size, rounding_mode="floor")
-    first = torch.where(valid, grid, torch.iinfo(grid.dtype).max).min(dim=1, keepdim=True).values
-    return torch.where(valid, grid - first, -1)
-
-
-def stratified_block_levels(u: torch.Tensor, rows: int, blocks: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """[B, rows, K] EBPO's noise levels: sample b has ``rows`` × K_b cells, and cell c = n·K_b + j (row-major)
-    gets t = (u_b + c/(rows·K_b)) mod 1, so row n's blocks share the strip [u + n/N, u + (n+1)/N): one
-    level per row, stratified across rows and jittered across blocks. ``u`` [B] in [0, 1), ``blocks`` [B]
-    the K_b; cells past K_b (up to ``width``, default max K_b) are 0. Example: u = 0.3, N = 2, K = 2 gives
-    (0.3, 0.55 | 0.8, 0.05)."""
-    blocks = blocks.long()
-    width = int(blocks.max().clamp(min=1)) if width is None else width
-    n = torch.arange(rows, device=u.device, dtype=torch.float64)[None, :, None]
-    j = torch.arange(width, device=u.device, dtype=torch.float64)[None, None, :]
-    count = blocks.to(torch.float64).clamp(min=1)[:, None, None]
-    levels = (u.to(torch.float64)[:, None, None] + (n * count + j) / (rows * count)) % 1.0
-    return torch.where(j < blocks[:, None, None], levels, torch.zeros_like(levels))
-
-
-def block_mask_counts(levels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """m = min(⌊t·len⌋ + 1, len) tokens to mask in a block of ``len`` valid tokens at level t (so m ~ U{1..len}
-    for t ~ U[0, 1)); 0 for an empty block. ``levels`` and ``lengths`` broadcast."""
-    lengths = lengths.long()
-    return torch.minimum(torch.floor(levels * lengths).long() + 1, lengths)
-
-
-def block_elbo_noise(blocks: torch.Tensor, rows: int, generator: torch.Generator | None = None,
-                     u: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """EBPO's masks for N = ``rows`` noise rows per sample (one set per sample, shared by π_old, π_θ, π_ref).
-
-    ``blocks`` [B, L] from :func:`response_blocks`. Each sample draws u ~ U[0, 1) (or takes ``u`` [B]); block j
-    of row n is at level t from :func:`stratified_block_levels` and masks exactly m = min(⌊t·len_j⌋ + 1, len_j)
-    of its len_j valid tokens, chosen uniformly. Returns ``masked`` [B, N, L] bool and ``weight`` [B, N, L]
-    (len_j/m on masked tokens, 0 elsewhere), so that Σ_k masked·weight·ℓ^k is one row's 𝓑_n."""
-    samples, length = blocks.shape
-    device = blocks.device
-    valid = blocks >= 0
-    width = int(blocks.max().clamp(min=0)) + 1
-    index = blocks.clamp(min=0)
-    lengths = torch.zeros(samples, width, dtype=torch.long, device=device).scatter_add_(1, index, valid.long())
-    if u is None:
-        u = _uniform(samples, generator, device)
-    levels = stratified_block_levels(u.to(device), rows, (lengths > 0).sum(dim=1), width)  # [B, N, K]
-    counts = block_mask_counts(levels, lengths[:, None, :])  # [B, N, K]
-    # A uniform subset of m tokens in each block: sort by (block, random key) and keep each block's first m.
-    keys = _uniform((samples, rows, length), generator, device).to(torch.float64)
-    order = torch.where(valid, blocks.to(torch.float64), float("inf"))[:, None, :] + keys
-    rank = order.argsort(dim=2).argsort(dim=2)
-    starts = (lengths.cumsum(dim=1) - lengths)[:, None, :].expand(-1, rows, -1)  # valid tokens before block j
-    expand = index[:, None, :].expand(-1, rows, -1)
-    within = rank - starts.gather(2, expand)
-    masked = (within < counts.gather(2, expand)) & valid[:, None, :]
-    block_weight = (lengths[:, None, :] / counts.clamp(min=1)).to(torch.float32)
-    weight = torch.where(masked, block_weight.gather(2, expand), torch.zeros((), device=device))
-    return {"masked": masked, "weight": weight}
-
-
-def block_elbo_row(logp: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[B] one noise row's all-block ELBO 𝓑_n = Σ_j Σ_{k∈𝓜_{n,j}} ℓ^k · len_j/m_{n,j} (tokens summed, no length
-    normaliser), from the token log-probs ``logp`` [B, L] of that row's forward."""
-    return torch.where(masked, logp * weight, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(dim=1)
+    fixed_options = {"order": "left_to_right"}

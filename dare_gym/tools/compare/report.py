@@ -164,7 +164,7 @@ def plot_curves(runs: Sequence[dict], path: Path, title: str = "") -> Path:
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.80 if handles else 1, 1))
-    from dare_gym.metrics import save_figure
+    from dare_gym.train.metrics import save_figure
 
     return save_figure(figure, path)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from dare_gym.config import ConfigError
+from dare_gym.core.config import ConfigError
 
 _FILE_MODULES: dict[str, str] = {}  # module name -> absolute path, for modules imported from a .py file
 

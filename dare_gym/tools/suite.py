@@ -115,7 +115,7 @@ def metric_names(config: SuiteConfig) -> list[str]:
 
 def score_benchmark(policy, env, config: SuiteConfig, *, progress: bool = False, label: str = "") -> dict:
     """One policy on one env: ``{"records", "greedy", "greedy_mean_reward", "pass@k"..., "per_record"}``."""
-    from dare_gym.evaluation import record_indices, sample_and_score
+    from dare_gym.train.evaluation import record_indices, sample_and_score
 
     limit = config.limit if config.limit is not None else (None if env.num_records is not None else 500)
     indices = record_indices(env, limit)

@@ -1,7 +1,7 @@
 """Score a policy on an env split: accuracy and mean reward of (by default greedy) completions.
 
 :func:`evaluate` completes each record once; :func:`sample_and_score` completes each record ``n`` times (the
-samples of a record are rows of the same sampler call) and is what pass@k (:mod:`dare_gym.suite`) counts.
+samples of a record are rows of the same sampler call) and is what pass@k (:mod:`dare_gym.tools.suite`) counts.
 Completions are scored in one reward batch per call (:func:`score_completions`), so rewards that run programs
 (HumanEval, MBPP) check them in parallel.
 """

@@ -3,7 +3,7 @@
 With ``dtype: bfloat16`` the weights, activations and logits are bf16, so a forward costs half the memory and
 runs on tensor cores. What loses too much in bf16 stays float32:
 
-* token log-probabilities, entropies and sampler confidences (:mod:`dare_gym.logprobs`, the samplers): a
+* token log-probabilities, entropies and sampler confidences (:mod:`dare_gym.core.logprobs`, the samplers): a
   ratio exp(log π − log π_old) of two bf16 log-probs carries only ~3 significant digits;
 * every loss, advantage and KL (computed from those float32 log-probs);
 * the optimizer: :class:`MasterWeightAdamW` keeps a float32 master copy of every trainable bf16 parameter and

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from dare_gym.algorithms import get_algorithm, list_algorithms
 from dare_gym.algorithms.base import expand_preset
-from dare_gym.config import (
+from dare_gym.core.config import (
     ConfigError,
     dataclass_from_dict,
     default_config_path,
@@ -25,8 +25,8 @@ from dare_gym.config import (
     parse_overrides,
     set_dotted,
 )
-from dare_gym.trainer import DEFAULT_ALGORITHM, TrainConfig
-from dare_gym.user_code import import_module, normalize_module_spec
+from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, TrainConfig, resolve
+from dare_gym.train.user_code import import_module, normalize_module_spec
 
 ALL = "all"
 RESERVED = {
@@ -133,6 +133,8 @@ def plan_comparison(
     for key in ("max_steps", "time_limit_minutes", "seed", "output_dir"):
         data.pop(key, None)
     recipe = data.pop("algorithm", None) or {}
+    if not recipe and Path(config_path) == default_config_path():  # the packaged default: `dare-gym train`'s recipe
+        recipe = dict(DEFAULT_RECIPE)
     if not isinstance(recipe, dict):
         raise ConfigError(f"{config_path}: algorithm must be a mapping, got {recipe!r}")
     recipe_name = recipe.get("name", DEFAULT_ALGORITHM)
@@ -151,6 +153,7 @@ def plan_comparison(
                               f"{_config_class_name(name)}; valid: {', '.join(sorted(config_fields(name)))}")
     # shared fields are validated once, with the first algorithm at its own defaults
     probe = dataclass_from_dict(TrainConfig, {**data, "algorithm": {"name": names[0]}})
+    resolve(probe, policy_files=False)
     rollouts_per_step = probe.prompts_per_step * probe.group_size
     if budget_rollouts < rollouts_per_step:
         raise ConfigError(
@@ -189,7 +192,7 @@ def plan_comparison(
 
         def invalid(section: dict) -> str | None:
             try:
-                dataclass_from_dict(TrainConfig, {**data, "algorithm": section})
+                resolve(dataclass_from_dict(TrainConfig, {**data, "algorithm": section}), policy_files=False)
             except (ConfigError, ValueError, TypeError) as error:
                 return str(error)
             return None

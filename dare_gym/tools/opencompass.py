@@ -7,7 +7,7 @@ environment of its own and nothing of it is imported here. The command
    this environment's version first (so no multi-GB CUDA build is pulled onto a CPU machine), then
    ``opencompass==0.5.4`` with ``pyarrow<22`` (newer pyarrow needs numpy 2). A marker file records a finished
    install, so the next run starts at once;
-2. serves the policy on a free loopback port in this process (:class:`dare_gym.serve.ServerThread`);
+2. serves the policy on a free loopback port in this process (:class:`dare_gym.tools.serve.ServerThread`);
 3. writes an OpenCompass config (:func:`config_source`): OpenCompass's own dataset configs by name (``gsm8k`` is
    ``gsm8k_gen``, ``math500`` is ``math_prm800k_500_gen``; any config file name of its ``configs/datasets`` works)
    and local files in OpenCompass's custom QA format (``--custom-dataset x.jsonl``, records
@@ -335,7 +335,7 @@ def evaluate_with_opencompass(policy, *, model_name: str, tokenizer_path: str, d
                               timeout_s: float | None = None, log: Callable[[str], None] = print) -> OpenCompassResult:
     """Score ``policy`` with OpenCompass (see the module docstring). Raises :class:`OpenCompassFailed` naming every
     task without a score, :class:`OpenCompassError` when OpenCompass cannot run at all."""
-    from dare_gym.serve import ServerThread
+    from dare_gym.tools.serve import ServerThread
 
     if not datasets and not custom_datasets:
         raise OpenCompassInputError("give --datasets or --custom-dataset")
@@ -387,7 +387,7 @@ def evaluate_with_opencompass(policy, *, model_name: str, tokenizer_path: str, d
 def tokenizer_source(policy_name: str) -> str:
     """Where OpenCompass loads the tokenizer that counts prompt tokens: the checkpoint folder (``tiny``: the
     built-in one), else the hub id."""
-    from dare_gym.policy import TINY_CHECKPOINT
+    from dare_gym.core.policy import TINY_CHECKPOINT
 
     if policy_name == "tiny":
         return str(TINY_CHECKPOINT)

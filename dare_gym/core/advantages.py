@@ -1,4 +1,5 @@
-"""Advantages from rewards: small pure functions over tensors.
+"""Group advantages from rewards, which every GRPO-style algorithm shares: small pure functions over tensors
+(MDPO's step advantages and PPO's GAE live in their algorithms' files).
 
 Rows are laid out group by group: rewards ``[G*n]`` hold ``n`` groups of ``G`` consecutive completions of the
 same prompt (the layout ``make_vec(..., group_size=G)`` produces).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dare_gym.distributed import global_sum
+from dare_gym.core.distributed import global_sum
 
 STD_EPS = 1e-4
 SCALE_CHOICES = ("group", "batch", "none")
@@ -69,43 +70,3 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     """[n_groups] bool: groups whose members all scored the same (they carry no GRPO signal)."""
     grouped = _grouped(rewards, group_size)
     return (grouped == grouped[:, :1]).all(dim=1)
-
-
-def mdpo_step_advantages(step_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """MDPO's step advantages ("adv-v4"): per step t of each rollout, â_t = (R_t − R_{t−1}) + 1 +
-    mean(R_{t+1..T−1}) with R_{−1} := 0 (the official code's first difference is R_0 itself) and the last
-    step's tail term R_{T−1}; then a z-score per step across each group (the +1 cancels). ``step_rewards`` is
-    [N, T]; returns [N, T]."""
-    rewards = step_rewards.double()
-    previous = torch.cat([torch.zeros_like(rewards[:, :1]), rewards[:, :-1]], dim=1)
-    steps = rewards.shape[1]
-    tails = torch.stack(
-        [rewards[:, t + 1 :].mean(dim=1) if t + 1 < steps else rewards[:, -1] for t in range(steps)], dim=1
-    )
-    raw = (rewards - previous) + 1 + tails
-    grouped = raw.view(-1, group_size, steps)
-    normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + STD_EPS)
-    return normalised.view_as(raw).to(step_rewards.dtype)
-
-
-def step_gae(step_rewards: torch.Tensor, step_values: torch.Tensor, step_present: torch.Tensor,
-             gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over denoising steps (TraceRL's value path): with r*_s and V*_s the
-    step-level reward and value ([N, S], steps beyond a rollout's last marked absent),
-    R*_s = r*_s + γR*_{s+1}, δ*_s = r*_s − V*_s + γV*_{s+1}, A*_s = δ*_s + γλA*_{s+1}. Returns (A*, R*)."""
-    advantages = torch.zeros_like(step_rewards)
-    returns = torch.zeros_like(step_rewards)
-    next_value = torch.zeros_like(step_rewards[:, 0])
-    next_advantage = torch.zeros_like(next_value)
-    next_return = torch.zeros_like(next_value)
-    for s in reversed(range(step_rewards.shape[1])):
-        present = step_present[:, s]
-        delta = step_rewards[:, s] - step_values[:, s] + gamma * next_value
-        advantage = delta + gamma * lam * next_advantage
-        ret = step_rewards[:, s] + gamma * next_return
-        advantages[:, s] = torch.where(present, advantage, torch.zeros_like(advantage))
-        returns[:, s] = torch.where(present, ret, torch.zeros_like(ret))
-        next_value = torch.where(present, step_values[:, s], next_value)
-        next_advantage = torch.where(present, advantage, next_advantage)
-        next_return = torch.where(present, ret, next_return)
-    return advantages, returns

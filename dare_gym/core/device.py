@@ -3,7 +3,7 @@
 ``device``: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 ``dtype``: ``float32`` or ``bfloat16`` (``auto``: bfloat16 on CUDA, float32 on CPU, where bfloat16 matmuls are
 about 100x slower). The weights and the forward run in that dtype; log-probabilities, confidences, losses and
-the optimizer's state stay float32 (see :mod:`dare_gym.precision`).
+the optimizer's state stay float32 (see :mod:`dare_gym.core.precision`).
 """
 
 from __future__ import annotations

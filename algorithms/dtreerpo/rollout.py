@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.policy import eval_mode
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.core.policy import eval_mode
 from dare_gym.samplers.llada import continue_denoising
 
 NOT_YET = -1  # unmask_step of a position its node has not committed

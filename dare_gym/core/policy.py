@@ -12,16 +12,17 @@ from typing import Sequence
 
 import torch
 
-from dare_gym.distributed import GradientSync
+from dare_gym.core.distributed import GradientSync
 from dare_gym.models.families import ModelFamily, get_family
 from dare_gym.samplers import get_sampler, make_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
-TINY_CHECKPOINT = Path(__file__).parent / "models" / "tiny_checkpoint"
+MODELS = Path(__file__).resolve().parent.parent / "models"
+TINY_CHECKPOINT = MODELS / "tiny_checkpoint"
 BUILTIN_POLICIES = {
     "tiny": TINY_CHECKPOINT,  # digit sorting (the default task), bidirectional
-    "tiny-long": Path(__file__).parent / "models" / "tiny_long_checkpoint",  # group sorting: 67-token answers
-    "tiny-block": Path(__file__).parent / "models" / "tiny_block_checkpoint",  # group sorting, block-causal (4)
+    "tiny-long": MODELS / "tiny_long_checkpoint",  # group sorting: 67-token answers
+    "tiny-block": MODELS / "tiny_block_checkpoint",  # group sorting, block-causal (4)
 }
 """Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py``."""
 
@@ -78,7 +79,7 @@ class DiffusionPolicy:
     ):
         self.model = model
         self.forward_module = None  # what forwards call instead of the model (a DDP wrapper in distributed runs)
-        self.gradient_sync = GradientSync()  # a no-op switch with one process (see dare_gym.distributed)
+        self.gradient_sync = GradientSync()  # a no-op switch with one process (see dare_gym.core.distributed)
         self.tokenizer = tokenizer
         self.family = get_family(family) if isinstance(family, str) else family
         self.block_size = self.family.block_size(model.config) if hasattr(model, "config") else None

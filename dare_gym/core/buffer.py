@@ -41,6 +41,10 @@ class SequenceBatch:
     def prompt_attention(self) -> torch.Tensor:
         return self.attention_mask[:, : self.prompt_length]
 
+    def active_rows(self) -> torch.Tensor:
+        """[B] bool: rows with a token to score (padding rows and discarded rows have none)."""
+        return self.completion_mask.bool().any(dim=1)
+
 
 def _pad(rows: Sequence[torch.Tensor], pad_value, dtype, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
@@ -89,13 +93,13 @@ class RolloutBuffer:
         if mask.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
             row = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
             raise ValueError(f"prompt row {row} is not left-padded (mask {mask[row].tolist()}): the buffer keeps "
-                             "prompts as the samplers lay them out; build them with dare_gym.buffer.left_pad")
+                             "prompts as the samplers lay them out; build them with dare_gym.core.buffer.left_pad")
 
     @classmethod
     def from_rollouts(
         cls,
         prompts: Sequence[str],
-        completions: Sequence,  # dare_gym.policy.Completion
+        completions: Sequence,  # dare_gym.core.policy.Completion
         rewards: Sequence[float],
         group_ids: Sequence[int],
         *,
@@ -185,6 +189,21 @@ class RolloutBuffer:
             completions=[self.completions[i] for i in rows],
             columns={name: value[index] for name, value in self.columns.items()},
         )
+
+    def active_rows(self) -> torch.Tensor:
+        """[N] bool: rows with a token to score (rows discarded in a distributed run have none)."""
+        return self.completion_mask.bool().any(dim=1)
+
+    def discard(self, drop: torch.Tensor) -> "RolloutBuffer":
+        """Without the rows ``drop`` [N] marks (no signal). One process: they are dropped (less work); several:
+        they stay with nothing to score (completion mask zeroed), so that every rank runs the same calls on the
+        same number of rows."""
+        from dare_gym.core.distributed import is_distributed
+
+        if not is_distributed():
+            return self.select(~drop)
+        self.completion_mask = self.completion_mask.masked_fill(drop[:, None].to(self.completion_mask.device), 0)
+        return self
 
     def groups(self) -> list[torch.Tensor]:
         """Row indices of each group, in order of first appearance."""
