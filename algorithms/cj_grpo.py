@@ -45,6 +45,9 @@ class CJGRPOConfig(RolloutCorrection, ResponseMask, Likelihood, GroupAdvantages,
 
 @register_algorithm("cj_grpo", CJGRPOConfig)
 class CJGRPO(PolicyGradient):
+    # uniform noise (DiffusionGemma): the replay becomes uniform_trajectory (the entropy-bound sampler's canvases)
+    supported_noise = ("mask", "uniform")
+
     def loss(self, policy, batch, iteration):
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
         mask = inputs.completion_mask.bool() & scores.scored

@@ -53,3 +53,6 @@ PRESETS = {
 class DiffuGRPO(PolicyGradient):
     """The GRPO skeleton exactly: group advantages, the estimator on shared noise, the clipped surrogate plus
     β·KL aggregated by ``loss_type`` (:class:`~dare_gym.algorithms.base.PolicyGradient`)."""
+
+    # uniform noise (DiffusionGemma): the one-pass estimator becomes uniform_corruption (dare_gym.uniform_estimators)
+    supported_noise = ("mask", "uniform")

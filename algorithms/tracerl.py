@@ -79,6 +79,8 @@ def row_normaliser(policy, longest_response: int) -> int | None:
 @register_algorithm("tracerl", TraceRLConfig)
 class TraceRL(PolicyGradient):
     population_std = True
+    # uniform noise (DiffusionGemma): the replay becomes uniform_trajectory (shrink 1 only)
+    supported_noise = ("mask", "uniform")
 
     @property
     def needs_reference(self) -> bool:

@@ -130,7 +130,8 @@ class TrainConfig:
     allow_eval_overlap: bool = False
     """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; built in: tiny, tiny-long, tiny-block)"""
+    """policy name or checkpoint folder (LLaDA, Dream, SDAR, DiffusionGemma checkpoints; built in: tiny, tiny-long,
+    tiny-block, tiny-gemma)"""
     policy_family: str | None = None
     """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
     device: str = "auto"
@@ -312,7 +313,8 @@ class Trainer:
         except ValueError as error:
             raise ConfigError(f"rollout/evaluation: {error}") from None
         self.algorithm = make_algorithm(
-            config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id
+            config.algorithm["name"], config.algorithm_config(), mask_token_id=self.policy.mask_token_id,
+            noise=self.policy.family.noise, vocab_size=self.policy.family.vocab_size(self.policy.model.config),
         )
         self.reference = None
         if self.algorithm.needs_reference:
@@ -365,7 +367,7 @@ class Trainer:
                                   "options {threshold: null, factor: null, early_exit: false} or use strategy ddp")
         distributed.wrap_fsdp(self.policy, compute_dtype)
         if self.reference is not None and self.reference.model is not self.policy.model:
-            distributed.shard_fsdp(self.reference.model, compute_dtype)
+            distributed.shard_fsdp(self.reference.model, compute_dtype, self.reference.family)
 
     # ---------------------------------------------------------------------------------- one GRPO step
     def collect(self) -> tuple[RolloutBuffer, dict[str, float]]:
@@ -446,6 +448,11 @@ class Trainer:
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: width - 1]
             rows.append(ids + [tokenizer.eos_token_id] * (width - len(ids)))
         buffer.columns["demonstration_ids"] = torch.tensor(rows, dtype=torch.long)
+
+    def after_update(self) -> None:
+        """Tell the rollout sampler the policy changed (a served backend, ``vllm``, syncs its weights)."""
+        name, options = self.policy.sampler_settings(**_sampler_arguments(self.rollout_kwargs()))
+        get_sampler(name).after_update(self.policy, options)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts.
@@ -638,6 +645,7 @@ class Trainer:
                 for message in failures.check(self.step + 1, self.last_reward_errors):
                     progress.message(message)
                 stats.update(self.update(buffer))
+                self.after_update()
                 stats = distributed.mean_metrics(stats)
                 self.step += 1
                 is_last = self.step >= config.max_steps or out_of_time()
