@@ -90,7 +90,8 @@ class GenerationConfig:
     remasking: str | None = None
     """which masked tokens are committed first: low_confidence or random"""
     sampler: str | None = None
-    """llada | fast_dllm | block_diffusion (null: block_diffusion for block-causal models, else llada)"""
+    """llada | fast_dllm | block_diffusion | diffusion_gemma | vllm (null: the family's own: diffusion_gemma for
+    DiffusionGemma, block_diffusion for block-causal models, else llada)"""
     options: dict = field(default_factory=dict)
     """the sampler's own options, e.g. {cache: dual, threshold: 0.9} for fast_dllm"""
 
