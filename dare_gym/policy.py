@@ -24,8 +24,8 @@ BUILTIN_POLICIES = {
     "tiny-block": Path(__file__).parent / "models" / "tiny_block_checkpoint",  # group sorting, block-causal (4)
     "tiny-gemma": Path(__file__).parent / "models" / "tiny_gemma_checkpoint",  # digit sorting, DiffusionGemma
 }
-"""Built-in CPU policies, each trained in a few minutes by ``experiments/train_tiny.py`` (``tiny-gemma``: a
-native DiffusionGemma, by ``experiments/train_tiny_gemma.py``)."""
+"""Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py`` (``tiny-gemma``, a
+native DiffusionGemma: by ``experiments/train_tiny_gemma.py``)."""
 
 
 @dataclass
