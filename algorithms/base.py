@@ -45,7 +45,8 @@ from dare_gym.algorithms.options import (
 from dare_gym.core.buffer import CORRECT, RolloutBuffer, SequenceBatch
 from dare_gym.registries import Registry
 from dare_gym.core.distributed import global_sum
-from dare_gym.core.estimators import TokenScores, make_estimator
+from dare_gym.core.estimators import TokenScores
+from dare_gym.core.uniform_estimators import make_noise_estimator  # also registers the uniform-noise estimators
 from dare_gym.core.losses import (
     aggregate,
     clipped_surrogate,
@@ -116,7 +117,10 @@ class Algorithm:
         ``update_plan``: the optimizer steps and the minibatches of each (``num_iterations`` passes by default).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
         ``distributed_unsupported``: None, or the reason the trainer gives for refusing ``strategy`` ddp/fsdp.
-        ``refusal(family)``: why it cannot train a family at all (``supported_noise``), asked before loading.
+        ``refusal(family)``: why it cannot train a family at all (``supported_noise``), asked before loading;
+        ``use_noise(noise, vocab_size=)``: train a model of that noise (``make_algorithm(..., noise=)``): an
+        algorithm whose ``supported_noise`` holds ``uniform`` scores DiffusionGemma with the uniform-noise
+        counterpart of its estimator (:mod:`dare_gym.core.uniform_estimators`).
         ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
         ``after_optimizer_step`` (PPO steps its value model there).
     Checkpoints: ``state_dict`` / ``load_state_dict`` carry any state of the algorithm's own (PPO's value model).
@@ -131,18 +135,31 @@ class Algorithm:
     distributed_unsupported: str | None = None  # why this algorithm cannot train on several processes, if it cannot
 
     supported_noise: tuple[str, ...] = ("mask",)  # the model families' corruptions its estimators handle
+    model_noise: str = "mask"  # the corruption of the model it trains (use_noise)
+    vocab_size: int | None = None  # the ids uniform noise draws from (uniform-noise models)
 
     def __init__(self, config: Any, *, mask_token_id: int):
         self.config = config
         self.mask_token_id = mask_token_id
+
+    def use_noise(self, noise: str, *, vocab_size: int | None = None) -> None:
+        """Train a model that undoes ``noise`` (its family's); an unsupported one is the refusal's error."""
+        if noise not in self.supported_noise:
+            raise ValueError(f"{self.name} cannot train a model trained to undo {noise} noise: it estimates "
+                             f"likelihoods with {', '.join(self.supported_noise)} noise")
+        self.model_noise, self.vocab_size = noise, vocab_size
 
     @classmethod
     def refusal(cls, family) -> str | None:
         """Why this algorithm cannot train a model of ``family`` (a :class:`ModelFamily`), or None: asked before
         the model is loaded, so that an impossible pairing stops at once with the reason."""
         if family.noise not in cls.supported_noise:
-            return (f"{cls.name} estimates likelihoods by replacing tokens with [MASK] ({', '.join(cls.supported_noise)} "
-                    f"noise), but {family.name} models are trained to undo {family.noise} noise")
+            # one reason for every algorithm it applies to: the README's table numbers it once
+            able = sorted(name for name, entry in ALGORITHMS.items()
+                          if family.noise in entry.algorithm_class.supported_noise)
+            return (f"its likelihood estimators replace tokens with [MASK] ({', '.join(cls.supported_noise)} noise), "
+                    f"but {family.name} models are trained to undo {family.noise} noise"
+                    + (f" (algorithms with {family.noise}-noise estimators: {', '.join(able)})" if able else ""))
         return None
 
     @property
@@ -291,11 +308,17 @@ def resolved_section(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**section, **dataclasses.asdict(config)}
 
 
-def make_algorithm(name: str, config: Any, *, mask_token_id: int) -> Algorithm:
+def make_algorithm(name: str, config: Any, *, mask_token_id: int | None, noise: str = "mask",
+                   vocab_size: int | None = None) -> Algorithm:
+    """Algorithm ``name`` with ``config``, for a model that undoes ``noise`` (its family's ``noise``; uniform noise
+    draws from ``vocab_size`` ids)."""
     entry = get_algorithm(name)
     if not isinstance(config, entry.config_class):
         raise TypeError(f"algorithm {name!r} takes a {entry.config_class.__name__}, got {type(config).__name__}")
-    return entry.algorithm_class(config, mask_token_id=mask_token_id)
+    algorithm = entry.algorithm_class(config, mask_token_id=mask_token_id)
+    if noise != "mask":
+        algorithm.use_noise(noise, vocab_size=vocab_size)
+    return algorithm
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -327,8 +350,14 @@ class PolicyGradient(Algorithm):
         self.estimator = self.build_estimator(mask_token_id)
 
     def build_estimator(self, mask_token_id: int):
-        """The config's likelihood estimator; an algorithm with a fixed one (JustGRPO) overrides this."""
-        return make_estimator(self.config.estimator, mask_token_id=mask_token_id, **self.config.estimator_kwargs)
+        """The config's likelihood estimator (for a uniform-noise model, its uniform counterpart); an algorithm
+        with a fixed one (JustGRPO) overrides this."""
+        return make_noise_estimator(self.config.estimator, mask_token_id=mask_token_id, noise=self.model_noise,
+                                    vocab_size=self.vocab_size, **self.config.estimator_kwargs)
+
+    def use_noise(self, noise: str, *, vocab_size: int | None = None) -> None:
+        super().use_noise(noise, vocab_size=vocab_size)
+        self.estimator = self.build_estimator(self.mask_token_id)
 
     # advantages ---------------------------------------------------------------------------------------
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:

@@ -54,6 +54,9 @@ def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> t
 
 @register_algorithm("cj_grpo", CJGRPOConfig)
 class CJGRPO(PolicyGradient):
+    # uniform noise (DiffusionGemma): the replay becomes uniform_trajectory (the entropy-bound sampler's canvases)
+    supported_noise = ("mask", "uniform")
+
     def loss(self, policy, batch, iteration):
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
         mask = inputs.completion_mask.bool() & scores.scored

@@ -32,3 +32,5 @@ class CoupledGRPOConfig(GRPOConfig):
 @register_algorithm("coupled_grpo", CoupledGRPOConfig)
 class CoupledGRPO(DiffuGRPO):
     """d1's loss over the coupled estimator with RLOO advantages (DiffuCoder builds on d1's trainer)."""
+
+    supported_noise = ("mask",)  # complementary [MASK] pairs have no uniform-noise counterpart

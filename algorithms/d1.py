@@ -54,6 +54,9 @@ class DiffuGRPO(PolicyGradient):
     """Steps 1–2 are the shared pieces (``advantages``: group advantages; ``prepare``: π_old and π_ref scored on
     each iteration's noise); the loss of step 3 is written out here."""
 
+    # uniform noise (DiffusionGemma): the one-pass estimator becomes uniform_corruption (core/uniform_estimators.py)
+    supported_noise = ("mask", "uniform")
+
     def loss(self, policy, batch, iteration):
         # this iteration's estimate of log π_θ on its noise, with π_old's and π_ref's on the very same noise
         inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)

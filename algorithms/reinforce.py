@@ -21,6 +21,9 @@ class ReinforceConfig(ResponseMask, Likelihood, TokenAggregation, GroupAdvantage
 
 @register_algorithm("reinforce", ReinforceConfig)
 class Reinforce(PolicyGradient):
+    # uniform noise (DiffusionGemma): random_ratio becomes uniform_corruption (dare_gym.core.uniform_estimators)
+    supported_noise = ("mask", "uniform")
+
     def loss(self, policy, batch, iteration):
         inputs = self.model_inputs(batch, policy.device)
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))

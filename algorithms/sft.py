@@ -5,7 +5,9 @@ completions with the group's top reward, if it reaches ``min_reward``); ``source
 env's gold answers for the same prompts. Each row draws t ~ U(0, 1], masks each answer token (EOS padding
 included) with probability p = (1 − ε)t + ε and scores Σ_masked CE / (p · L_ans); no reference, no ratio.
 Followed: LLaDA's SFT objective (its paper's Eq. 5 and guidelines); block-causal policies use block
-diffusion's doubled forward (SDAR).
+diffusion's doubled forward (SDAR). A uniform-noise model (DiffusionGemma) is cloned with its own SFT objective
+instead (:func:`dare_gym.core.uniform_estimators.uniform_sft_loss`: answers corrupted with uniform tokens at
+t ~ U(ε, 1), mean cross-entropy over every answer position, two-pass self-conditioning for half the rows).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Any, Sequence
 import torch
 
 from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, Rollout, RolloutContext, register_algorithm
+from dare_gym.core.buffer import TRACE_PREFIX
 from dare_gym.core.sft import masked_answer_loss, sample_answer_masks
+from dare_gym.core.uniform_estimators import sft_noise, uniform_sft_loss
 
 # Buffer columns this algorithm writes and reads.
 DEMONSTRATION_IDS = "sft.demonstration_ids"  # [N, L] the env's gold answer, tokenised and EOS-padded
 P_MASK, MASKED = "sft.p_mask", "sft.masked"  # [N, μ] and [N, μ, L]: each iteration's masking level and mask
+UNIFORM_PREFIX = "sft_uniform."  # [N, μ, ...] each iteration's uniform corruption (uniform-noise models)
 
 
 @dataclass
@@ -60,6 +65,8 @@ class DemonstrationRollout(Rollout):
 
 @register_algorithm("sft", SFTConfig)
 class SFT(Algorithm):
+    supported_noise = ("mask", "uniform")  # uniform: DiffusionGemma's own SFT objective (prepare/loss below)
+
     def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator, batch_size: int,
                 settings: dict[str, Any], context: RolloutContext | None = None) -> Rollout:
         rollout = super().rollout(policy, prompts, group_size=group_size, generator=generator,
@@ -78,6 +85,13 @@ class SFT(Algorithm):
         return buffer.discard(~((buffer.reward >= best) & (buffer.reward >= self.config.min_reward)))
 
     def prepare(self, policy, reference, buffer, generator, micro_batch_size=64):
+        if self.model_noise == "uniform":  # one corruption of the cloned answers per iteration, kept with the rows
+            answers = buffer.columns.get(DEMONSTRATION_IDS, buffer.completion_ids)
+            present = buffer.unmask_step >= 0
+            draws = [sft_noise(answers, present, self.vocab_size, generator) for _ in range(self.config.num_iterations)]
+            for name in draws[0]:
+                buffer.columns[f"{UNIFORM_PREFIX}{name}"] = torch.stack([d[name] for d in draws], dim=1)
+            return
         draws = [sample_answer_masks(*buffer.completion_ids.shape, generator) for _ in range(self.config.num_iterations)]
         buffer.columns[P_MASK] = torch.stack([p for p, _ in draws], dim=1)
         buffer.columns[MASKED] = torch.stack([m for _, m in draws], dim=1)
@@ -87,6 +101,16 @@ class SFT(Algorithm):
         cloned = batch.columns.get(DEMONSTRATION_IDS)
         answers = inputs.completion_ids if cloned is None else cloned.to(policy.device)
         present = inputs.attention_mask[:, inputs.prompt_length:].bool()  # EOS padding is a target too
+        if self.model_noise == "uniform":
+            column = {name: batch.columns[f"{UNIFORM_PREFIX}{name}"][:, iteration].to(policy.device)
+                      for name in ("noisy", "self_conditioning")}
+            present = present & inputs.active_rows()[:, None]
+            if cloned is None and f"{TRACE_PREFIX}filled" in batch.columns:
+                # what the sampler wrote without the model (pad, or canvases after every row stopped): no target
+                present = present & ~batch.columns[f"{TRACE_PREFIX}filled"].to(policy.device).bool()
+            loss = uniform_sft_loss(policy, inputs.prompt_ids, inputs.prompt_attention, answers, present,
+                                    column["noisy"], column["self_conditioning"])
+            return loss, {"cloned_rows": float(len(batch))}
         masked = batch.columns[MASKED][:, iteration].to(policy.device) & present & inputs.active_rows()[:, None]
         p_mask = batch.columns[P_MASK][:, iteration].to(policy.device)
         loss = masked_answer_loss(policy, inputs, answers, masked, p_mask, present.sum(dim=1))

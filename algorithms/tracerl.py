@@ -96,6 +96,8 @@ def tracerl_loss(surrogate: torch.Tensor, kl: torch.Tensor | None, step_masks: l
 @register_algorithm("tracerl", TraceRLConfig)
 class TraceRL(PolicyGradient):
     population_std = True
+    # uniform noise (DiffusionGemma): the replay becomes uniform_trajectory (shrink 1 only)
+    supported_noise = ("mask", "uniform")
 
     @property
     def needs_reference(self) -> bool:

@@ -31,8 +31,8 @@ itself ever answers (a reward that forks and returns in both processes has the c
 completion gets another's score. After every call the helper, a child subreaper, kills whatever processes the
 call left running (but the code sandbox's checker server, declared with :func:`keep_child`).
 
-Cleanup: helpers are started from one long-lived thread and, on Linux, ask the kernel to kill them when that
-thread, so this process, ends (``PR_SET_PDEATHSIG``: it fires when the *thread* that started a process
+Cleanup: helpers are started from the main thread (or, when asked from another, from one long-lived thread)
+and, on Linux, ask the kernel to kill them when that thread, so this process, ends (``PR_SET_PDEATHSIG``: it fires when the *thread* that started a process
 exits, so helpers started from a short-lived pool thread would die with it); an ``atexit`` hook kills them on a
 normal exit. A hung reward never delays this process's exit.
 """
@@ -392,7 +392,8 @@ def _fork_helper(resolve: Callable[[Hashable], Callable]) -> _Helper:
 
 
 class _Launcher:
-    """Starts helper processes from one long-lived daemon thread (see the module docstring: PR_SET_PDEATHSIG)."""
+    """Starts helper processes from the main thread, or from one long-lived daemon thread when asked from another
+    (see the module docstring: PR_SET_PDEATHSIG)."""
 
     def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -400,6 +401,12 @@ class _Launcher:
         self._lock = threading.Lock()
 
     def start(self, make: Callable[[], _Helper]) -> _Helper:
+        if threading.current_thread() is threading.main_thread():
+            # The main thread outlives the others, so it anchors PR_SET_PDEATHSIG as well as the launcher does,
+            # and a copy forked from it keeps its thread-local state. A copy forked from another thread destroys
+            # the main thread's thread-locals on the way, and after an FSDP2 step those hold torch's DTensor
+            # caches, whose process groups wait forever in their destructors for threads the copy lacks.
+            return make()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="dare_gym-reward-launcher", daemon=True)

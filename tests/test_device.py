@@ -116,7 +116,7 @@ def test_the_rollout_sampler_is_chosen_in_the_config_and_checked_early(tmp_path)
     trainer = Trainer(TrainConfig(output_dir=str(tmp_path), **dict(TINY_RUN, rollout=rollout)))
     buffer, stats = trainer.collect()
     assert len(buffer) == 8 and stats["completion_length"] > 0
-    with pytest.raises(ValueError, match="sampler 'unknown'.*block_diffusion, fast_dllm, llada"):
+    with pytest.raises(ValueError, match="sampler 'unknown'.*block_diffusion, diffusion_gemma, fast_dllm, llada, vllm"):
         GenerationConfig(sampler="unknown")
     bad = GenerationConfig(sampler="fast_dllm", options={"cach": "dual"})
     with pytest.raises(ConfigError, match="no option.*cach"):

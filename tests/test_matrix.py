@@ -2,8 +2,10 @@
 defaults: one training step each, or a refusal up front with the reason; and the README's table is the one the
 registries give.
 
-The stand-ins: the built-in ``tiny`` (full attention) and ``tiny-block`` (block-causal, blocks of 4), and LLaDA,
-Dream and SDAR in their real formats at tiny sizes (``build_standin``). The env is digit sorting with a reward
+The stand-ins: the built-in ``tiny`` (full attention) and ``tiny-block`` (block-causal, blocks of 4), LLaDA,
+Dream and SDAR in their real formats at tiny sizes (``build_standin``), and DiffusionGemma (uniform noise) written
+through transformers' config classes, rolled out with 2 denoising steps per canvas so that its trajectory
+replays stay within seconds; algorithms that cannot train it are refused with their reason. The env is digit sorting with a reward
 that varies with the completion's characters (the parity of their codes; ``correct`` where it is 1), so that even a random
 stand-in's groups carry a learning signal for every algorithm.
 """
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from dare_gym.algorithms import list_algorithms
+from dare_gym.algorithms import get_algorithm, list_algorithms
 from dare_gym.algorithms.base import resolved_section
 from dare_gym.tools.cli import main, support_table
+from dare_gym.core.loading import policy_family
 from dare_gym.models.families import FAMILIES, ModelFamily
 from dare_gym.models.standin import build_standin
 from dare_gym.train.user_code import import_module
@@ -51,7 +54,8 @@ register_env("matrix-digitsort-v0", f"{__name__}:VariedDigitSort")
 '''
 FULL_ATTENTION = ["rollout.block_length=8", "rollout.steps=8"]
 STANDINS = {"tiny": ("tiny", FULL_ATTENTION), "tiny-block": ("tiny-block", []), "llada": (None, FULL_ATTENTION),
-            "dream": (None, FULL_ATTENTION), "sdar": (None, [])}
+            "dream": (None, FULL_ATTENTION), "sdar": (None, []),
+            "diffusion_gemma": (None, ["rollout.options={max_denoising_steps: 2}"])}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,10 @@ def test_every_algorithm_trains_one_step_on_every_family_with_its_own_defaults(p
                            "max_steps=1", "prompts_per_step=2", "group_size=4", "eval_size=0", "progress=false",
                            "time_limit_minutes=null", "rollout.gen_length=8", "rollout.temperature=1.0",
                            f"output_dir={tmp_path}", *extra])
+    reason = get_algorithm(algorithm).algorithm_class.refusal(policy_family(folder))
+    if reason is not None:  # refused before anything loads, with the reason the README's table shows
+        assert code == 2 and reason in printed and not (tmp_path / "config.json").exists(), printed
+        return
     assert code == 0, printed
     saved = json.loads((tmp_path / "config.json").read_text())["algorithm"]
     assert saved == resolved_section(algorithm, {})  # every field the command did not set: the defaults
@@ -103,21 +111,23 @@ def test_every_algorithm_trains_one_step_on_every_family_with_its_own_defaults(p
 
 
 def test_a_family_an_algorithm_cannot_train_is_refused_before_loading(tmp_path, monkeypatch):
-    """A family whose models undo uniform (not [MASK]) noise: every algorithm here estimates by masking, so each
-    refuses it with that reason, before a weight is read (the folder holds only a config.json, so a later
-    refusal would have failed on the missing weights instead), and the table shows the refusal."""
+    """A family whose models undo uniform (not [MASK]) noise: an algorithm that estimates only by masking refuses it
+    with that reason, before a weight is read (the folder holds only a config.json, so a later refusal would have
+    failed on the missing weights instead), and the table shows the refusal; d1, with a uniform-noise estimator,
+    trains it."""
     monkeypatch.setitem(FAMILIES, "uniform_test", ModelFamily("uniform_test", ("uniform_test",), noise="uniform"))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "uniform_test"}))
-    for algorithm in ("d1", "spg"):
+    for algorithm in ("spg", "dpo"):
         code, printed = train([f"policy={tmp_path / 'model'}", f"algorithm.name={algorithm}",
                                f"output_dir={tmp_path / 'run'}"])
         assert code == 2, printed
         assert (f"algorithm {algorithm} cannot train policy" in printed and "[MASK]" in printed
                 and "uniform_test models are trained to undo uniform noise" in printed), printed
     assert not (tmp_path / "run").exists()
-    table = support_table(["d1"])
-    assert "| `d1` | ✓ | ✓ | ✓ | ✓ | ✗ (1) |" in table and "(1) d1 estimates likelihoods" in table
+    table = support_table(["spg", "d1"])
+    assert "| `spg` | ✓ | ✓ | ✓ | ✓ | ✗ (1) | ✗ (2) |" in table and "| `d1` | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in table
+    assert "(2) its likelihood estimators replace tokens with [MASK]" in table and "uniform_test models are" in table
 
 
 def test_the_readme_table_is_the_one_the_registries_give():

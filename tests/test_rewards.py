@@ -250,3 +250,42 @@ def test_pathological_answers_are_judged_without_parsing_them():
     assert extract_final_answer("9" * 100_000) == "9" * 100_000
     assert not answers_match("9" * 100_000, "9" * 100_000 + "0")  # longer than MAX_ANSWER_CHARS: not equal
     assert math_verify_reward("<answer>" + "{" * 50_000 + "</answer>", {"gold": "1"}) == 0.0
+
+
+
+MAIN_THREAD_STATE = r'''
+import os, sys, threading
+from dare_gym.rewards.worker import Call, run_calls
+
+
+class Held:
+    """Stands in for torch's DTensor caches: state of the main thread whose destructor must not run in a copy."""
+
+    def __del__(self):
+        if os.getpid() != PARENT:
+            open(sys.argv[1], "a").write(f"destroyed in copy {os.getpid()}\\n")
+
+
+PARENT = os.getpid()
+local = threading.local()
+local.held = Held()
+offset = 0.5  # a closure: only a forked copy of this process can run it
+outcomes = run_calls([Call(lambda x: x + offset, (float(i),)) for i in range(3)], timeout=20)
+print([(o.value, o.error) for o in outcomes])
+'''
+
+
+def test_a_reward_copy_keeps_the_main_threads_state(tmp_path):
+    """A reward that only a forked copy can run (a closure) is forked from the main thread, so the copy keeps that
+    thread's thread-local state. Forked from another thread, the copy destroyed it on the way, and after an FSDP2
+    step that state holds torch's DTensor caches, whose process group hung the copy inside ``fork`` until the start
+    limit (60 s) and scored the batch 0; here a thread-local object notes where it is destroyed."""
+    import subprocess
+    import sys
+
+    script, notes = tmp_path / "main_thread_state.py", tmp_path / "destroyed.txt"
+    script.write_text(MAIN_THREAD_STATE)
+    done = subprocess.run([sys.executable, str(script), str(notes)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[(0.5, None), (1.5, None), (2.5, None)]", done.stdout
+    assert not notes.exists(), notes.read_text()

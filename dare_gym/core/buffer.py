@@ -17,6 +17,7 @@ import torch
 CORRECT = "correct"  # [N] bool: the env's verdict (info["correct"])
 ENDED = "ended"  # [N] bool: the completion holds a stop token (it did not run to the length limit)
 COMMIT_LOGP = "commit_logp"  # [N, L] log-prob of each token in the sampler's forward that committed it
+TRACE_PREFIX = "trace."  # columns of a sampler's replay record (Completion.trace), e.g. "trace.canvas" [N, G, C]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class SequenceBatch:
     prompt_length: int  # P: the completion starts at this column
     completion_mask: torch.Tensor  # [B, L] tokens a loss counts (up to and including the first EOS)
     unmask_step: torch.Tensor | None = None  # [B, L] denoising step that committed each token (-1: none)
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)  # the sampler's replay record (DiffusionGemma's)
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -120,6 +122,9 @@ class RolloutBuffer:
         if all(getattr(c, "commit_logp", None) is not None for c in completions):
             # what the rollout's own forward gave each token when it committed it (rollout/train mismatch)
             columns[COMMIT_LOGP] = right_pad([c.commit_logp for c in completions], 0.0, torch.float32)[0]
+        if all(getattr(c, "trace", None) for c in completions):
+            for name in completions[0].trace:  # rows of different sampler calls may differ in steps: zero-padded
+                columns[TRACE_PREFIX + name] = pad_stack([c.trace[name] for c in completions])
         if ended_fn is not None:
             columns[ENDED] = ended_fn(completion_ids).bool()
         return cls(
@@ -247,6 +252,7 @@ class RolloutBuffer:
             prompt_length=self.prompt_ids.shape[1],
             completion_mask=self.completion_mask,
             unmask_step=self.unmask_step,
+            trace={k[len(TRACE_PREFIX):]: v for k, v in self.columns.items() if k.startswith(TRACE_PREFIX)},
         )
         if device is not None:
             batch = replace(
@@ -255,8 +261,19 @@ class RolloutBuffer:
                 attention_mask=batch.attention_mask.to(device),
                 completion_mask=batch.completion_mask.to(device),
                 unmask_step=batch.unmask_step.to(device),
+                trace={k: v.to(device) for k, v in batch.trace.items()},
             )
         return batch
+
+
+def pad_stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack tensors of one rank whose sizes may differ, each zero-padded (False for bool) at the end of every
+    dimension to the largest size."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = torch.zeros((len(tensors), *shape), dtype=tensors[0].dtype)
+    for row, tensor in enumerate(tensors):
+        out[(row, *(slice(0, n) for n in tensor.shape))] = tensor
+    return out
 
 
 def random_order(count: int, generator: torch.Generator | None) -> torch.Tensor:

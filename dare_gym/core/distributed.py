@@ -196,10 +196,18 @@ def wrap_ddp(policy, device: torch.device) -> None:
     policy.gradient_sync = GradientSync(wrapper=wrapper)
 
 
-def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` every transformer block (the model's ``_no_split_modules``) and the root, with
-    float32 sharded parameters, forwards in ``compute_dtype`` and float32 gradient reduction."""
+def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype, family=None) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every transformer block (the model's ``_no_split_modules``; or the ``family``'s own
+    units, DiffusionGemma's encoder/decoder layer pairs, whose shared weights must be sharded in one unit) and the
+    root, with float32 sharded parameters, forwards in ``compute_dtype`` and float32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if getattr(family, "fsdp_units", None) is not None:
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for unit in family.fsdp_units(model):
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
 
     names = set(getattr(model, "_no_split_modules", None) or [])
     base = getattr(model, "get_base_model", lambda: model)()
@@ -216,7 +224,7 @@ def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.M
 
 
 def wrap_fsdp(policy, compute_dtype: torch.dtype) -> None:
-    shard_fsdp(policy.model, compute_dtype)
+    shard_fsdp(policy.model, compute_dtype, policy.family)
     policy.gradient_sync = GradientSync(fsdp_root=policy.model)
 
 

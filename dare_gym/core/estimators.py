@@ -27,6 +27,8 @@ and weights for algorithms that need them one by one (BGPO's per-sample backward
 | ``block`` | num_t | SPG's clean prefix / partly masked block / masked suffix |
 | ``trajectory`` | steps (÷ shrink) | the rollout's own denoising states, each token at the step that committed it (CJ-GRPO, TraceRL) |
 | ``exact_ar`` | L | exact left-to-right factorisation, one token per forward (JustGRPO) |
+| ``uniform_corruption`` | 1 | uniform-noise models (DiffusionGemma): completion corrupted with uniform tokens at t ~ U, clean tokens scored (:mod:`dare_gym.core.uniform_estimators`) |
+| ``uniform_trajectory`` | steps | uniform-noise models: the DiffusionGemma sampler's recorded canvases replayed, each token at its acceptance step |
 """
 
 from __future__ import annotations
@@ -468,7 +470,8 @@ class TrajectoryReplay:
 
 
 def make_estimator(name: str, *, mask_token_id: int, **options) -> LikelihoodEstimator:
-    """Build a registered estimator by name with its options (e.g. ``p_mask_prompt=0.15``)."""
+    """Build a registered estimator by name with its options (e.g. ``p_mask_prompt=0.15``). For a model of a
+    given noise (a uniform-noise family), :func:`dare_gym.core.uniform_estimators.make_noise_estimator`."""
     cls = ESTIMATORS.lookup(name)
     options = {**getattr(cls, "fixed_options", {}), **options}
     try:
@@ -482,3 +485,7 @@ class ExactLeftToRight(TrajectoryReplay):
     """JustGRPO's exact likelihood: trajectory replay in left-to-right order, one token per forward."""
 
     fixed_options = {"order": "left_to_right"}
+
+
+# The uniform-noise estimators (dare_gym.core.uniform_estimators, built on this module's Draw and TokenScores) add
+# themselves to ESTIMATORS when that module is imported (the algorithms import it).

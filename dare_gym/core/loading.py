@@ -229,7 +229,22 @@ def load_lora_policy(
         raise ValueError(f"{path / ADAPTER_CONFIG_FILE} names no base model and {POLICY_META_FILE} records none")
     base = load_policy(base_name, device=device, dtype=dtype, family=family or meta.get("family"),
                        chat_template=chat_template, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True).to(base.device)
+    if getattr(base.family, "tie_adapters", None) is not None:
+        # A family whose encoder and decoder share their adapters (DiffusionGemma) saved each shared adapter once,
+        # under one of its paths: inject, share, then load, so that every saved key finds its module.
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        from dare_gym.core.lora import tie_adapters
+
+        lora_config = LoraConfig.from_pretrained(str(path))
+        lora_config.inference_mode = False
+        model = get_peft_model(base.model, lora_config)
+        tie_adapters(base.family, model)
+        set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(base.device)))
+        model = model.to(base.device)
+    else:
+        model = PeftModel.from_pretrained(base.model, str(path), is_trainable=True).to(base.device)
     tokenizer = load_tokenizer(path, base.family, trust_remote_code=trust_remote_code)
     defaults = dict(base.generation_defaults)
     defaults.update(meta.get("generation_defaults", {}))

@@ -127,9 +127,13 @@ def block_linear_modules(model: nn.Module) -> list[str]:
     return inside
 
 
-def resolve_target_modules(model: nn.Module, settings: LoraSettings) -> list[str] | str:
-    """The ``target_modules`` that peft is given, after checking each named module exists in ``model``."""
+def resolve_target_modules(model: nn.Module, settings: LoraSettings, family=None) -> list[str] | str:
+    """The ``target_modules`` that peft is given, after checking each named module exists in ``model``. By
+    default the family's own (``family.lora_targets``: DiffusionGemma's decoder layers, whose adapters its encoder
+    shares), else the transformer blocks' Linear layers."""
     if settings.target_modules is None:
+        if getattr(family, "lora_targets", None) is not None:
+            return family.lora_targets(model)
         return block_linear_modules(model)
     if settings.target_modules == ALL_LINEAR:
         return ALL_LINEAR
@@ -161,6 +165,14 @@ def _base_name_or_path(model: nn.Module) -> str | None:
     return str(name)
 
 
+def tie_adapters(family, model: nn.Module) -> None:
+    """Let a family whose layers share weights across module paths share their adapters too (DiffusionGemma's
+    encoder and decoder, :meth:`DiffusionGemmaFamily.tie_adapters`); nothing for the others."""
+    tie = getattr(family, "tie_adapters", None)
+    if tie is not None:
+        tie(model)
+
+
 def trainable_parameters(policy_or_model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     model = getattr(policy_or_model, "model", policy_or_model)
@@ -188,12 +200,13 @@ def apply_lora(policy: DiffusionPolicy, settings: LoraSettings | None = None, *,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=resolve_target_modules(model, settings),
+        target_modules=resolve_target_modules(model, settings, policy.family),
         bias=settings.bias,
         # no task_type: a plain PeftModel forwards input_ids/attention_mask to any custom masked LM
     )
     base_name = _base_name_or_path(model)
     policy.model = get_peft_model(model, config)
+    tie_adapters(policy.family, policy.model)
     policy.lora_settings = settings
     policy.lora_base_model = base_name
     if verbose:
@@ -263,6 +276,7 @@ def save_lora_policy(policy: DiffusionPolicy, path: str | os.PathLike, *, merged
     if merged:
         merged_policy = copy.copy(policy)
         merged_policy.model = copy.deepcopy(policy.model).merge_and_unload()
+        tie_adapters(policy.family, merged_policy.model)  # paths that still point at a merged adapter get its base
         merged_policy.save_pretrained(path)
     else:
         policy.save_pretrained(path)  # PeftModel.save_pretrained writes the adapter only

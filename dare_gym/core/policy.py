@@ -23,8 +23,10 @@ BUILTIN_POLICIES = {
     "tiny": TINY_CHECKPOINT,  # digit sorting (the default task), bidirectional
     "tiny-long": MODELS / "tiny_long_checkpoint",  # group sorting: 67-token answers
     "tiny-block": MODELS / "tiny_block_checkpoint",  # group sorting, block-causal (4)
+    "tiny-gemma": MODELS / "tiny_gemma_checkpoint",  # digit sorting, DiffusionGemma (uniform noise)
 }
-"""Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py``."""
+"""Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py`` (``tiny-gemma``, a
+native DiffusionGemma: by ``experiments/train_tiny_gemma.py``)."""
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Completion:
     commit_logp: torch.Tensor | None = None  # [gen_length] log-prob of each token in the forward that committed it
     step_predictions: torch.Tensor | None = None  # [steps, gen_length] x̂₀ at each step (record_predictions)
     step_confidence: torch.Tensor | None = None  # [steps, gen_length] probability of each guess
+    trace: dict[str, torch.Tensor] | None = None  # the sampler's replay record for this row (DiffusionGemma's)
 
 
 @contextlib.contextmanager
@@ -108,7 +111,7 @@ class DiffusionPolicy:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
                logits_to_keep: int = 0, position_ids: torch.Tensor | None = None,
-               clean_ids: torch.Tensor | None = None) -> torch.Tensor:
+               clean_ids: torch.Tensor | None = None, **family_inputs) -> torch.Tensor:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
         the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
         see :meth:`ModelFamily.forward`.
@@ -117,15 +120,12 @@ class DiffusionPolicy:
         A block-causal model then scores every noised block given the *clean* blocks before it, in one doubled
         forward (:meth:`ModelFamily.noisy_clean_forward`): what block-by-block decoding conditions on, and how
         block-diffusion models are trained. A plain block-causal forward would condition each block on the
-        noised earlier blocks instead. Full-attention models ignore it."""
-        model = self.forward_module or self.model
-        if clean_ids is not None and self.block_size is not None:
-            if cache is not None or position_ids is not None:
-                raise ValueError("the noisy/clean forward takes no cache or position_ids")
-            return self.family.noisy_clean_forward(model, input_ids, clean_ids, attention_mask,
-                                                   block_size=self.block_size, logits_to_keep=logits_to_keep)
-        return self.family.forward(model, input_ids, attention_mask, block_size=self.block_size, cache=cache,
-                                   logits_to_keep=logits_to_keep, position_ids=position_ids)
+        noised earlier blocks instead. Full-attention models ignore it. ``family_inputs``: what a family's forward
+        takes beyond these (DiffusionGemma's ``self_conditioning``); the family owns the dispatch
+        (:meth:`ModelFamily.logits`)."""
+        return self.family.logits(self.forward_module or self.model, input_ids, attention_mask,
+                                  block_size=self.block_size, cache=cache, logits_to_keep=logits_to_keep,
+                                  position_ids=position_ids, clean_ids=clean_ids, **family_inputs)
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model reads for an env's prompt: through the chat template as one user message for
@@ -234,6 +234,7 @@ class DiffusionPolicy:
                             commit_logp=out.commit_logp[row].cpu(),
                             step_predictions=None if out.step_predictions is None else out.step_predictions[row].cpu(),
                             step_confidence=None if out.step_confidence is None else out.step_confidence[row].cpu(),
+                            trace=None if out.trace is None else {k: v[row].cpu() for k, v in out.trace.items()},
                         )
                     )
         return (completions, stats) if return_stats else completions
@@ -255,7 +256,10 @@ class DiffusionPolicy:
 
     @property
     def default_sampler(self) -> str:
-        """``block_diffusion`` for block-causal models, ``llada`` otherwise."""
+        """The family's own sampler where it names one (DiffusionGemma's), ``block_diffusion`` for block-causal
+        models, ``llada`` otherwise."""
+        if self.family.default_sampler is not None:
+            return self.family.default_sampler
         return "llada" if self.block_size is None else "block_diffusion"
 
     # ------------------------------------------------------------------------------------ save/load

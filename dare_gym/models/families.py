@@ -49,6 +49,8 @@ class ModelFamily:
             code (Dream's ``DreamTokenizer`` is a Qwen2 BPE tokenizer); None: ``AutoTokenizer``.
         noise: the corruption the model was trained to undo: ``mask`` (a [MASK] token: every family here so far),
             or ``uniform`` (random tokens); algorithms whose estimators mask tokens refuse the others.
+        default_sampler: the sampler a policy of this family uses when none is named (None: ``llada``, or
+            ``block_diffusion`` for block-causal models).
     """
 
     name: str
@@ -59,6 +61,12 @@ class ModelFamily:
     auto_class: str = "AutoModelForMaskedLM"
     tokenizer_class: str | None = None
     noise: str = "mask"
+    default_sampler: str | None = None
+
+    def vocab_size(self, config) -> int:
+        """The model's vocabulary size (the ids uniform noise draws from, special tokens included)."""
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        return int(text.vocab_size)
 
     # ------------------------------------------------------------------------------------ attention
     def block_size(self, config) -> int | None:
@@ -112,6 +120,20 @@ class ModelFamily:
             if logits_to_keep:
                 logits = logits[:, -logits_to_keep:]
         return logits
+
+    def logits(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+               block_size: int | None = None, cache=None, logits_to_keep: int = 0,
+               position_ids: torch.Tensor | None = None, clean_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """What ``DiffusionPolicy.logits`` computes: with ``clean_ids`` on a block-causal model the doubled
+        noisy/clean forward, else :meth:`forward` (full-attention models ignore ``clean_ids``). A family whose
+        model is not one stack over one sequence (DiffusionGemma's encoder and decoder) overrides this."""
+        if clean_ids is not None and block_size is not None:
+            if cache is not None or position_ids is not None:
+                raise ValueError("the noisy/clean forward takes no cache or position_ids")
+            return self.noisy_clean_forward(model, input_ids, clean_ids, attention_mask, block_size=block_size,
+                                            logits_to_keep=logits_to_keep)
+        return self.forward(model, input_ids, attention_mask, block_size=block_size, cache=cache,
+                            logits_to_keep=logits_to_keep, position_ids=position_ids)
 
     def noisy_clean_forward(self, model: torch.nn.Module, noisy_ids: torch.Tensor, clean_ids: torch.Tensor,
                             attention_mask: torch.Tensor | None, *, block_size: int,

@@ -56,6 +56,11 @@ SMALL_CONFIGS = {
 }
 
 
+# Families whose stand-in is written through their transformers config classes (name -> builder(folder, seed)):
+# DiffusionGemma registers its own (dare_gym.models.diffusion_gemma.build_standin).
+BUILDERS: dict = {}
+
+
 def shrink_config(config: dict, family: str) -> dict:
     """The real config with its sizes replaced by :data:`SHRINK`'s; every other key is kept."""
     if family not in SHRINK:
@@ -90,6 +95,8 @@ def build_standin(family: str, folder: str | Path, *, source: str | Path | None 
     Without ``source``: the project's small config of the family and the character tokenizer.
     """
     model_family = get_family(family)
+    if source is None and model_family.name in BUILDERS:
+        return BUILDERS[model_family.name](folder, seed=seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:

@@ -43,6 +43,8 @@ class SamplerOutput:
     step_predictions: torch.Tensor | None = None  # [B, steps, G] x̂₀ at every step (record_predictions)
     step_confidence: torch.Tensor | None = None  # [B, steps, G] its probability; committed positions hold 1
     # (the sampler's own confidence, or with ``tempered_confidence`` the probability under softmax(logits / T))
+    trace: dict[str, torch.Tensor] | None = None  # sampler-specific replay record, rows first (DiffusionGemma's
+    # canvases and acceptance masks per step); each row's slice travels with its completion into the buffer
 
     @property
     def num_forward_passes(self) -> int:
@@ -87,6 +89,9 @@ class Sampler:
         exit), in words that say which options to change, or None when it is fixed by the options: a sharded
         (FSDP) run needs every rank to make the same number."""
         return None
+
+    def after_update(self, policy, options) -> None:
+        """Called by the trainer after each update of the policy (a served backend syncs weights); nothing here."""
 
     def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
         """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,

@@ -344,7 +344,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         serve(policy, model_name=args.served_model_name or args.policy, host=args.host, port=args.port,
               max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_model_len=args.max_model_len,
               max_n=args.max_n, max_prompts=args.max_prompts, api_key=args.api_key, seed=args.seed,
-              announce=lambda line: print(line, flush=True))
+              allow_weight_loading=args.allow_weight_loading, announce=lambda line: print(line, flush=True))
     except OSError as error:  # the address is taken or cannot be bound
         raise ConfigError(f"--host {args.host} --port {args.port}: {error.strerror or error}") from None
     except WorkerDied as error:  # it failed /health and shut down: exit non-zero, so a supervisor restarts it
@@ -647,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompts", type=int, default=64, help="the most prompts a request may send (default: 64)")
     srv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on /v1/ routes")
     srv.add_argument("--seed", type=int, default=0, help="seed of unseeded sampled requests (default: 0)")
+    srv.add_argument("--allow-weight-loading", action="store_true",
+                     help="accept POST /dare/load_weights {path}: a training run's weight sync (trusted clients only)")
     _add_import(srv, "to register model families or samplers")
     srv.set_defaults(func=_cmd_serve)
 

@@ -10,7 +10,11 @@ Endpoints (FastAPI, served by uvicorn on 127.0.0.1 unless told otherwise):
   A policy without a template (the tiny model, base checkpoints) uses a plain fallback, :func:`render_plain`: a
   conversation of one user message is that message's text unchanged (exactly what the envs send a base model);
   anything longer is rendered as ``"System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\nAssistant:"``;
-* ``GET /health`` and ``GET /stats`` (sampler calls and rows so far: how well requests were batched).
+* ``GET /health`` and ``GET /stats`` (sampler calls and rows so far: how well requests were batched);
+* ``POST /dare/load_weights`` -- ``{"path": folder}``: the weights of a checkpoint folder of the same architecture
+  (``model.safetensors``, as ``save_pretrained`` writes it) replace the served ones between two sampler calls: the
+  weight sync of a training run that rolls out through this server (``dare_gym.samplers.vllm_rollout``). Off
+  unless the app is created with ``allow_weight_loading=True`` (``dare-gym serve --allow-weight-loading``).
 
 **Sampler settings** ride on the request as extra JSON fields (``extra_body`` in the ``openai`` client):
 ``sampler`` (``llada``, ``fast_dllm``, ``block_diffusion``) and any option of that sampler -- ``steps``,
@@ -327,6 +331,7 @@ class Batcher:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._active: list[_Job] = []
         self._thread: threading.Thread | None = None
+        self.model_lock = threading.Lock()  # held by each sampler call, and by a weight load between calls
 
     @property
     def alive(self) -> bool:
@@ -437,8 +442,9 @@ class Batcher:
                 generator = job.generator
             else:
                 generator = self.generator
-            completions = self.policy.generate(prompts, sampler=plan.sampler, generator=generator,
-                                               batch_size=self.max_batch_size, **dataclasses.asdict(plan.options))
+            with self.model_lock:
+                completions = self.policy.generate(prompts, sampler=plan.sampler, generator=generator,
+                                                   batch_size=self.max_batch_size, **dataclasses.asdict(plan.options))
             self.stats.calls.append(len(prompts))
             start = 0
             for job, rows in chunks:
@@ -516,6 +522,11 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+
+
+class LoadWeightsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
 
 
 def longest_token_chars(tokenizer) -> int:
@@ -607,7 +618,7 @@ def _body_problem(body: bytes) -> str | None:
 def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
                batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_model_len: int | None = None,
                max_n: int = DEFAULT_MAX_N, max_prompts: int = DEFAULT_MAX_PROMPTS, max_body_bytes: int | None = None,
-               api_key: str | None = None, seed: int = 0):
+               api_key: str | None = None, seed: int = 0, allow_weight_loading: bool = False):
     """The FastAPI app serving ``policy`` as ``model_name``. Every field is bounded before any work: ``max_model_len``
     (default: the model config's ``max_position_embeddings``) bounds prompt + generated tokens, and through the
     longest token of the vocabulary the characters of a prompt (checked before tokenizing, which runs off the
@@ -623,7 +634,10 @@ def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BAT
     from starlette.exceptions import HTTPException
 
     if max_model_len is None:
-        max_model_len = getattr(getattr(policy.model, "config", None), "max_position_embeddings", None)
+        config = getattr(policy.model, "config", None)
+        max_model_len = getattr(config, "max_position_embeddings", None)
+        if max_model_len is None and hasattr(config, "get_text_config"):  # composite configs (DiffusionGemma)
+            max_model_len = getattr(config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(max_model_len, int) or max_model_len < 1:
         raise ValueError("the model's config has no max_position_embeddings: pass max_model_len (--max-model-len)")
     max_prompt_chars = max_model_len * longest_token_chars(policy.tokenizer)
@@ -675,7 +689,7 @@ def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BAT
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
+        if api_key is not None and request.url.path.startswith(("/v1/", "/dare/")):
             if request.headers.get("authorization") != f"Bearer {api_key}":
                 return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
                                       kind="authentication_error")
@@ -692,6 +706,18 @@ def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BAT
     @app.get("/stats")
     async def stats():
         return batcher.stats.as_dict()
+
+    @app.post("/dare/load_weights")
+    async def load_weights(body: LoadWeightsRequest):
+        if not allow_weight_loading:
+            raise RequestError("weight loading is off on this server (start it with --allow-weight-loading)",
+                               status=403, kind="permission_error")
+        path = body.path
+        try:
+            loaded = await asyncio.to_thread(_load_weights, batcher, path)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise RequestError(f"cannot load weights from {path!r}: {error}", param="path") from None
+        return {"status": "ok", "tensors": loaded}
 
     @app.get("/v1/models")
     async def models():
@@ -768,6 +794,30 @@ def create_app(policy, *, model_name: str, max_batch_size: int = DEFAULT_MAX_BAT
 
     app.add_middleware(_BodyGuard, max_bytes=max_body_bytes)
     return app
+
+
+def _load_weights(batcher: Batcher, path: str) -> int:
+    """Copy the tensors of ``path``/model.safetensors into the served model (same names and shapes: a checkpoint
+    of the same architecture), between two sampler calls; returns how many were loaded."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise OSError(f"{file} does not exist")
+    state = load_file(str(file))
+    model = batcher.policy.model
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"tensors the served model does not have: {unknown[:5]}")
+    with batcher.model_lock, torch.no_grad():
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} differs from the served {tuple(own[name].shape)}")
+            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+    return len(state)
 
 
 # ------------------------------------------------------------------------------------------ running it

@@ -51,7 +51,8 @@ class GenerationConfig:
     remasking: str | None = None
     """which masked tokens are committed first: low_confidence or random"""
     sampler: str | None = None
-    """llada | fast_dllm | block_diffusion (null: block_diffusion for block-causal models, else llada)"""
+    """llada | fast_dllm | block_diffusion | diffusion_gemma | vllm (null: the family's own: diffusion_gemma for
+    DiffusionGemma, block_diffusion for block-causal models, else llada)"""
     options: dict = field(default_factory=dict)
     """the sampler's own options, e.g. {cache: dual, threshold: 0.9} for fast_dllm"""
 
@@ -91,7 +92,8 @@ class TrainConfig:
     allow_eval_overlap: bool = False
     """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    """policy name or checkpoint folder (LLaDA, Dream, SDAR checkpoints; built in: tiny, tiny-long, tiny-block)"""
+    """policy name or checkpoint folder (LLaDA, Dream, SDAR, DiffusionGemma checkpoints; built in: tiny, tiny-long,
+    tiny-block, tiny-gemma)"""
     policy_family: str | None = None
     """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
     device: str = "auto"

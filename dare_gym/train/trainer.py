@@ -109,7 +109,10 @@ class Trainer:
             self.policy.sampler_settings(**_sampler_arguments(config.evaluation.as_kwargs()))
         except ValueError as error:
             raise ConfigError(f"rollout/evaluation: {error}") from None
-        self.algorithm = make_algorithm(config.algorithm["name"], run.algorithm, mask_token_id=self.policy.mask_token_id)
+        self.algorithm = make_algorithm(
+            config.algorithm["name"], run.algorithm, mask_token_id=self.policy.mask_token_id,
+            noise=self.policy.family.noise, vocab_size=self.policy.family.vocab_size(self.policy.model.config),
+        )
         self.reference = None
         if self.algorithm.needs_reference:
             if config.lora is not None:  # the same weights with the adapters switched off: no second copy
@@ -154,7 +157,7 @@ class Trainer:
                                   f"but {name} {why}; or use strategy ddp")
         distributed.wrap_fsdp(self.policy, compute_dtype)
         if self.reference is not None and self.reference.model is not self.policy.model:
-            distributed.shard_fsdp(self.reference.model, compute_dtype)
+            distributed.shard_fsdp(self.reference.model, compute_dtype, self.reference.family)
 
     # ---------------------------------------------------------------------------------- one GRPO step
     def collect(self) -> tuple[RolloutBuffer, dict[str, float]]:
@@ -211,6 +214,11 @@ class Trainer:
             gen_length = settings.get("gen_length", self.policy.generation_defaults["gen_length"])
             settings.update(get_sampler(name).left_to_right(self.policy, gen_length))
         return settings
+
+    def after_update(self) -> None:
+        """Tell the rollout sampler the policy changed (a served backend, ``vllm``, syncs its weights)."""
+        name, options = self.policy.sampler_settings(**_sampler_arguments(self.rollout_kwargs()))
+        get_sampler(name).after_update(self.policy, options)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """Advantages, scoring and ``num_iterations`` optimizer steps on one batch of rollouts.
@@ -403,6 +411,7 @@ class Trainer:
                 for message in failures.check(self.step + 1, self.last_reward_errors):
                     progress.message(message)
                 stats.update(self.update(buffer))
+                self.after_update()
                 stats = distributed.mean_metrics(stats)
                 self.step += 1
                 is_last = self.step >= config.max_steps or out_of_time()
