@@ -290,3 +290,283 @@ def test_every_mask_convention_gives_the_block_causal_forward(mini):
         policy.model(row, attention_mask=allowed[..., :39])
     with pytest.raises(ValueError, match="3D mask"):
         policy.model(row, attention_mask=allowed[0])
+
+
+# ------------------------------------------------------------------------------- block diffusion, cache
+
+
+def test_noisy_clean_training_forward_scores_each_block_as_decoding_sees_it(small):
+    """The doubled [x_0 ; x_t] forward (MODEL_FAMILIES §6 / ALGORITHMS.md §B) on a left-padded batch: noisy block i
+    of every row equals the reference on [clean blocks < i ; noisy block i]."""
+    folder, weights, config = small
+    policy = _policy(folder)
+    block, mask_id = policy.block_size, policy.mask_token_id
+    generator = torch.Generator().manual_seed(0)
+    clean_rows = [torch.randint(5, 100, (n,), generator=generator).tolist() for n in (11, 6, 9)]
+    noisy_rows = [[mask_id if torch.rand(1, generator=generator) < 0.5 else t for t in row] for row in clean_rows]
+    width = max(map(len, clean_rows))
+
+    def padded(rows):
+        return torch.tensor([[0] * (width - len(r)) + r for r in rows])
+
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in clean_rows])
+    with torch.no_grad():
+        doubled = policy.family.noisy_clean_forward(policy.model, padded(noisy_rows), padded(clean_rows), mask,
+                                                    block_size=block)
+    checked = 0
+    for b, (clean, noisy) in enumerate(zip(clean_rows, noisy_rows)):
+        for start in range(0, len(clean), block):
+            end = min(start + block, len(clean))
+            ids = clean[:start] + noisy[start:end]
+            positions = list(range(len(ids)))
+            expected = reference_logits(weights, config, ids, positions, block_causal(positions, block))[start:]
+            ours = doubled[b, width - len(clean) + start:width - len(clean) + end].double()
+            assert float((ours - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+            checked += 1
+    assert checked == 3 + 2 + 3
+
+
+def test_the_cache_of_finished_blocks_is_exact(small):
+    from transformers import DynamicCache
+
+    folder, weights, config = small
+    policy = _policy(folder)
+    ids = torch.tensor([list(range(20, 32))])  # three blocks of 4
+    cache = DynamicCache()
+    with torch.no_grad():
+        policy.logits(ids[:, :8], cache=cache)
+        step = policy.logits(ids[:, 8:], torch.ones_like(ids), cache=cache)
+    assert cache.get_seq_length() == 12
+    positions = list(range(12))
+    expected = reference_logits(weights, config, ids[0].tolist(), positions, block_causal(positions, 4))[8:]
+    assert float((step[0].double() - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+
+
+def test_block_diffusion_decodes_from_the_cache_what_a_full_forward_predicts(small):
+    """Greedy block_diffusion, one token a step: its first commit is the most confident masked position of the
+    first block under a plain forward of [prompt ; masks] (no cache), and decoding is deterministic; sampling at
+    temperature 1 varies."""
+    folder, _, _ = small
+    policy = _policy(folder)
+    prompt = "sort 583920\n"
+    settings = dict(gen_length=8, steps_per_block=4, remasking_strategy="low_confidence_static", temperature=0.0)
+    out, stats = policy.generate([prompt], return_stats=True, **settings)
+    assert out[0].completion_ids.shape == (8,) and stats["model_calls"] >= 2
+    prompt_ids, _ = policy.encode_prompts([prompt])
+    length = prompt_ids.shape[1]
+    first_block_end = (length // 4 + 1) * 4
+    x = torch.cat([prompt_ids, torch.full((1, first_block_end - length), policy.mask_token_id)], dim=1)
+    with torch.no_grad():
+        probs = torch.softmax(policy.logits(x)[0, length:].double(), dim=-1)
+    probs[:, policy.mask_token_id] = 0
+    best = probs.max(dim=-1)
+    first = int(best.values.argmax())
+    committed_first = int((out[0].unmask_step == out[0].unmask_step.min()).nonzero()[0])
+    assert committed_first == first and int(out[0].completion_ids[first]) == int(best.indices[first])
+    assert policy.generate([prompt], **settings)[0].completion_ids.tolist() == out[0].completion_ids.tolist()
+    samples = {tuple(policy.generate([prompt], **dict(settings, temperature=1.0), seed=s)[0].completion_ids.tolist())
+               for s in range(4)}
+    assert len(samples) > 1
+
+
+# ------------------------------------------------------------------------------------------ routing
+
+
+def _loss(policy, ids):
+    return policy.logits(ids).float().logsumexp(-1).mean()
+
+
+def test_routing_is_the_same_in_the_rollout_and_the_update(mini):
+    """bf16 weights, float32 router: the no-grad eval forward of a rollout and the train-mode forward of an
+    update (with gradient checkpointing) choose the same experts for every token of every MoE layer."""
+    from dare_gym.precision import enable_activation_checkpointing
+
+    folder, _, config = mini
+    policy = dare_gym.load_policy(folder, dtype="bfloat16")
+    ids = torch.tensor([[(13 * i + 1) % config["vocab_size"] for i in range(24)]])
+    policy.model.eval()
+    with torch.no_grad():
+        rollout = policy.model(ids, output_router_indices=True).router_indices
+    policy.model.train()
+    enable_activation_checkpointing(policy.model)
+    update = policy.model(ids, output_router_indices=True)
+    update.logits.float().mean().backward()
+    assert len(rollout) == 2 and all(torch.equal(a, b) for a, b in zip(rollout, update.router_indices))
+    assert all(r.shape == (1, 24, 4) for r in rollout)
+
+
+def test_every_expert_gets_a_gradient_and_the_expert_bias_is_not_trained(small):
+    """Under autograd every expert runs (unused ones on an empty slice: a zero gradient, so data-parallel ranks
+    reduce the same tensors); an optimizer step changes the router's weight, never its expert-bias buffer."""
+    from dare_gym.precision import MasterWeightAdamW
+
+    folder, _, _ = small
+    policy = _policy(folder)
+    policy.model.train()
+    ids = torch.tensor([[20, 21, 22]])  # 3 tokens × 2 choices: most of the 8 experts get none
+    used = set()
+    with torch.no_grad():
+        for chosen in policy.model(ids, output_router_indices=True).router_indices:
+            used.add(len(set(chosen.flatten().tolist())))
+    optimizer = MasterWeightAdamW(policy.model.parameters(), lr=1e-2)
+    _loss(policy, ids).backward()
+    block = policy.model.model.layers[1].mlp
+    grads = [p.grad for expert in block.experts for p in expert.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) == 0 for g in grads)
+    assert max(used) < 8
+    bias, weight = block.gate.expert_bias.clone(), block.gate.weight.detach().clone()
+    assert "model.layers.1.mlp.gate.expert_bias" not in dict(policy.model.named_parameters())
+    optimizer.clip_and_step(1.0)
+    assert torch.equal(block.gate.expert_bias, bias) and not torch.equal(block.gate.weight, weight)
+
+
+def test_expert_bias_balancing_moves_towards_under_used_experts_only_when_asked(small):
+    folder, _, _ = small
+    policy = _policy(folder)
+    model = policy.model
+    with pytest.raises(ValueError, match="track_expert_load"):
+        model.update_expert_bias(0.01)
+    model.track_expert_load()
+    with torch.no_grad():
+        model(torch.tensor([list(range(30, 60))]))
+    block = model.model.layers[2].mlp
+    load, before = block.expert_load.clone(), block.gate.expert_bias.clone()
+    assert load.sum() == 30 * 2
+    model.update_expert_bias(0.01)
+    step = block.gate.expert_bias - before
+    assert torch.equal(step > 0, load < load.mean()) and torch.equal(step < 0, load > load.mean())
+    assert block.expert_load.sum() == 0
+    with pytest.raises(ValueError, match="rate must be > 0, got 0"):
+        model.update_expert_bias(0)
+
+
+# ------------------------------------------------------------------------------------- training parts
+
+
+def test_lora_targets_attention_and_dense_mlps_by_default_and_experts_on_request(small, tmp_path):
+    from dare_gym.lora import LoraSettings, apply_lora, save_lora_policy
+
+    folder, _, _ = small
+    policy = apply_lora(_policy(folder), LoraSettings(r=4, alpha=8), verbose=False)
+    adapted = {"layers." + name.rsplit(".lora_A", 1)[0].split(".layers.", 1)[-1]
+               for name, _ in policy.model.named_parameters() if ".lora_A" in name}
+    assert "layers.0.attention.query_key_value" in adapted and "layers.2.attention.dense" in adapted
+    assert "layers.0.mlp.gate_proj" in adapted and "layers.1.mlp.shared_experts.down_proj" in adapted
+    assert not any(".experts." in name for name in adapted) and not any("lm_head" in n for n in adapted)
+    assert len(adapted) == 3 * 2 + 3 + 2 * 3
+    with torch.no_grad():  # a trained adapter (B ≠ 0) that the saved checkpoints must reproduce
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    ids = torch.tensor([[40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        trained = policy.logits(ids)
+    for merged in (False, True):
+        saved = save_lora_policy(policy, tmp_path / f"merged{merged}", merged=merged)
+        with torch.no_grad():
+            torch.testing.assert_close(_policy(saved).logits(ids), trained, atol=1e-5, rtol=1e-4)
+    everything = apply_lora(_policy(folder), LoraSettings(r=4, alpha=8, target_modules="all-linear"), verbose=False)
+    assert any(".experts.7.up_proj.lora_A" in name for name, _ in everything.model.named_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(small):
+    from dare_gym.precision import enable_activation_checkpointing
+
+    folder, _, _ = small
+    ids = torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27, 28]])
+    gradients = []
+    for checkpointing in (False, True):
+        policy = _policy(folder)
+        policy.model.train()
+        if checkpointing:
+            enable_activation_checkpointing(policy.model)
+        _loss(policy, ids).backward()
+        gradients.append({n: p.grad.clone() for n, p in policy.model.named_parameters()})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bfloat16_updates_go_through_float32_master_weights(mini):
+    from dare_gym.precision import MasterWeightAdamW
+
+    folder, _, config = mini
+    policy = dare_gym.load_policy(folder, dtype="bfloat16")
+    policy.model.train()
+    optimizer = MasterWeightAdamW(policy.model.parameters(), lr=1e-3)
+    attention = policy.model.model.layers[1].attention.query_key_value.weight
+    before = attention.detach().clone()
+    ids = torch.tensor([[(5 * i + 2) % config["vocab_size"] for i in range(10)]])
+    _loss(policy, ids).backward()
+    optimizer.clip_and_step(1.0)
+    copies = [m for m, p in zip(optimizer.masters, optimizer.parameters) if m is not p]
+    assert copies and all(m.dtype == torch.float32 for m in copies)
+    assert attention.dtype == torch.bfloat16 and not torch.equal(attention, before)
+    router = policy.model.model.layers[1].mlp.gate.weight
+    assert any(m is router for m in optimizer.masters)  # float32 already: its own master
+
+
+def test_fsdp2_shards_per_decoder_layer_with_float32_routers(small, tmp_path):
+    """One process (gloo): every decoder layer and every router is its own FSDP2 unit; under bf16 compute the
+    router still computes from float32 parameters; the sharded forward is the plain one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from dare_gym.distributed import shard_fsdp
+
+    folder, _, _ = small
+    ids = torch.tensor([[20, 21, 22, 23, 24, 25, 26]])
+    plain = _policy(folder).model
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for compute in (torch.float32, torch.bfloat16):
+            model = _policy(folder).model
+            shard_fsdp(model, compute)
+            units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
+            assert units.count("FSDPLLaDA2MoeDecoderLayer") == 3 and units.count("FSDPLLaDA2MoeGate") == 2
+            seen = []
+            hook = model.model.layers[1].mlp.gate.register_forward_pre_hook(
+                lambda module, args: seen.append((module.weight.dtype, args[0].dtype)))
+            with torch.no_grad():
+                logits = model(ids).logits
+            hook.remove()
+            assert seen == [(torch.float32, torch.float32)]
+            if compute == torch.float32:
+                with torch.no_grad():
+                    torch.testing.assert_close(logits, plain(ids).logits, atol=1e-6, rtol=1e-5)
+            model.train()
+            model(ids).logits.float().mean().backward()
+            assert all(p.grad is not None for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_fsdp_training_runs(small, tmp_path):
+    """`dare-gym train --nproc 2 strategy=fsdp` on the MoE stand-in: ranks route different tokens to different
+    experts, yet reduce the same gradients (every expert runs under autograd), so two EBPO steps complete.
+    FSDP needs fixed sampler schedules: the static rule with threshold null and no early exit."""
+    import os
+    import subprocess
+    import sys
+
+    folder, _, _ = small
+    fixed = "options: {remasking_strategy: low_confidence_static, threshold: null, early_exit: false}"
+    done = subprocess.run(
+        [sys.executable, "-m", "dare_gym.cli", "train", "--nproc", "2", "strategy=fsdp", f"policy={folder}",
+         "env=digitsort-v0", "algorithm={name: ebpo, estimator_kwargs: {mc_num: 2}}", "max_steps=2",
+         "time_limit_minutes=null", "prompts_per_step=2", "group_size=4", "eval_size=2", "eval_every=2",
+         "progress=false", f"output_dir={tmp_path / 'run'}", f"rollout={{temperature: 1.0, gen_length: 8, {fixed}}}",
+         f"evaluation={{gen_length: 8, {fixed}}}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 processes (fsdp)" in done.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["processes"] == 2
+
+
+def test_block_sampler_threshold_may_be_null_only_with_a_fixed_rule():
+    from dare_gym.samplers import make_options
+
+    assert make_options("block_diffusion", {"remasking_strategy": "low_confidence_static", "threshold": None})
+    with pytest.raises(ValueError, match="low_confidence_dynamic, got None"):
+        make_options("block_diffusion", {"threshold": None})
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 1.5"):
+        make_options("block_diffusion", {"threshold": 1.5})

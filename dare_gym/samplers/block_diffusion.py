@@ -45,8 +45,9 @@ class BlockDiffusionOptions(SamplerOptions):
     """denoising steps per block (SDAR's denoising_steps; its evaluations use block 4 with 4 steps)"""
     remasking_strategy: str = "low_confidence_dynamic"
     """low_confidence_static | low_confidence_dynamic | sequential (SDAR's name for it)"""
-    threshold: float = 0.9
-    """the dynamic rule's confidence threshold τ"""
+    threshold: float | None = 0.9
+    """the dynamic rule's confidence threshold τ (null with the static and sequential rules: a fixed number of
+    forwards, which strategy fsdp needs)"""
     top_k: int = 0
     """sample among the k most probable tokens (0: all)"""
     top_p: float = 1.0
@@ -60,7 +61,11 @@ class BlockDiffusionOptions(SamplerOptions):
             raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
         if self.remasking_strategy not in BLOCK_REMASKING:
             raise ValueError(f"remasking_strategy must be one of {BLOCK_REMASKING}, got {self.remasking_strategy!r}")
-        if not 0 < self.threshold <= 1:
+        if self.threshold is None:
+            if self.remasking_strategy == "low_confidence_dynamic":
+                raise ValueError("threshold must be in (0, 1] for remasking_strategy low_confidence_dynamic, got None")
+        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or \
+                not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
