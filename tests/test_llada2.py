@@ -570,3 +570,38 @@ def test_block_sampler_threshold_may_be_null_only_with_a_fixed_rule():
         make_options("block_diffusion", {"threshold": None})
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 1.5"):
         make_options("block_diffusion", {"threshold": 1.5})
+
+
+# ------------------------------------------------------------------------------------------ memory on paper
+
+
+def _memory_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "llada2_memory.py"
+    spec = importlib.util.spec_from_file_location("llada2_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_counts_from_the_config_equal_the_shrunk_model_on_cpu(families_dir):
+    """experiments/llada2_memory.py counts parameters, gradient, AdamW and saved-activation bytes from config.json
+    alone; on the shrunk stand-in they equal what runs (bf16 and float32, with and without checkpointing)."""
+    memory = _memory_script()
+    rows = memory.check(families_dir / MINI / "config.json",
+                        combinations=((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)))
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, tuple):
+                assert value[0] == value[1], (row["dtype"], row["checkpointing"], key, value)
+    real = memory.table(json.loads((families_dir / MINI / "config.json").read_text()))
+    index = json.loads((families_dir / MINI / "model.safetensors.index.json").read_text())
+    # the real checkpoint's bytes: every parameter and expert-bias buffer the count finds, in bf16
+    parameters = real["parameters"]
+    assert index["metadata"]["total_size"] == 2 * (parameters["total"] + parameters["expert_bias_buffers"])
+    assert 1.40e9 < real["parameters"]["active"] < 1.45e9  # the model card's "1.4B activated"
+    assert sum(real["lora_one_card"].values()) < 80e9 and sum(real["fsdp_per_card"].values()) < 80e9

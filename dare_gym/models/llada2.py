@@ -205,8 +205,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        dtype, xf = x.dtype, x.float()  # one float32 copy (autograd keeps it once)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(dtype)
 
 
@@ -349,7 +349,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
                 outputs.append(expert(grouped[start:start + count]))
             start += count
         stacked = torch.cat(outputs) if outputs else grouped.new_zeros(0, width)
-        per_slot = torch.index_copy(stacked.new_empty(stacked.shape), 0, order, stacked)  # back to slot order
+        per_slot = stacked[order.argsort()]  # back to slot order (a gather: autograd keeps the indices only)
         routed = (per_slot.view(-1, top_k, width).float() * weights[..., None]).sum(dim=1).to(x.dtype)
         out = routed.view(batch, length, width)
         if hasattr(self, "shared_experts"):
