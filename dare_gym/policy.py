@@ -22,6 +22,7 @@ BUILTIN_POLICIES = {
     "tiny": TINY_CHECKPOINT,  # digit sorting (the default task), bidirectional
     "tiny-long": Path(__file__).parent / "models" / "tiny_long_checkpoint",  # group sorting: 67-token answers
     "tiny-block": Path(__file__).parent / "models" / "tiny_block_checkpoint",  # group sorting, block-causal (4)
+    "tiny-moe": Path(__file__).parent / "models" / "tiny_moe_checkpoint",  # tiny-block's task, LLaDA2 MoE architecture
 }
 """Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py``."""
 
