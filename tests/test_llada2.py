@@ -192,6 +192,22 @@ def test_forward_equals_the_reference_with_and_without_left_padding(request, whi
     assert scale > 1 and worst < 1e-5 * scale
 
 
+def test_right_padding_and_logits_to_keep(small):
+    folder, _, config = small
+    policy = _policy(folder)
+    rows = _rows(config["vocab_size"])
+    width = max(map(len, rows))
+    right = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        batched = policy.logits(right, mask)
+        kept = policy.logits(right, mask, logits_to_keep=3)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(batched[b, :len(row)], policy.logits(torch.tensor([row]))[0], atol=2e-5,
+                                       rtol=1e-4)
+    torch.testing.assert_close(kept, batched[:, -3:], atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_of_32_under_a_two_block_prompt_and_the_block_size_key(mini):
     """The real config has no block_size key: the family reads 32; a 40-token row spans two blocks and the
     reference agrees only with block-causal attention on blocks of 32."""

@@ -32,9 +32,10 @@ The network: embedding → N pre-norm decoder layers → RMSNorm → untied head
   sum. Under autograd every expert runs (those without tokens on an empty slice), so every expert's parameters
   get a gradient (zero where unused) and data-parallel ranks reduce the same tensors.
 
-**Routing is part of the policy.** The router always runs in float32 from the same inputs, so a rollout
-(no grad, eval mode) and the update's forward (grad, train mode) route every token the same way; the per-token
-sum over choices is in a fixed order (no atomics), so nothing differs between the two. ``expert_bias`` is a
+**Routing is part of the policy.** The router always runs in float32 (float32 weights, float32 scores), so a
+rollout (no grad, eval mode) and the update's forward (grad, train mode) route the same hidden states the same
+way; the per-token sum over choices is in a fixed order (no atomics), so nothing differs between the two.
+(Forwards of other shapes can differ in the last bits, as any matmul does, and flip a near tie.) ``expert_bias`` is a
 buffer: no optimizer sees it (RL leaves it as trained); :meth:`LLaDA2MoeModelLM.update_expert_bias` applies the
 auxiliary-loss-free balancing rule where a recipe asks for it.
 
