@@ -3,14 +3,16 @@
 An algorithm is one file: a config dataclass (hyper-parameters with the official recipe's defaults) and a
 class the trainer drives on each batch of rollouts:
 
+    rollout = algorithm.rollout(policy, prompts, ..., context)  # sample; the env scores rollout.completions
+    buffer = rollout.buffer(rewards, group_ids, correct)        # the rows (the algorithm's own columns too)
     buffer = algorithm.advantages(buffer, group_size)          # fill buffer.advantage; may drop rows
     algorithm.prepare(policy, reference, buffer, generator, micro_batch_size)   # score π_old, π_ref
-    for iteration in range(num_iterations):                     # one optimizer step each
-        for minibatch in buffer.minibatches(...):
+    for iteration, minibatches in algorithm.update_plan(buffer, ...):   # one optimizer step each
+        for minibatch in minibatches:                                   # (default: num_iterations passes)
             loss, metrics = algorithm.backward(policy, minibatch, iteration, weight)
 
-:class:`Algorithm` is the contract, with its defaults: what a rollout must record (``rollout_needs``), the sampler
-settings it requires, whether a reference is needed, the minibatch unit, hooks after the optimizer step, and
+:class:`Algorithm` is the contract, with its defaults: how it samples and what its rows hold (``rollout``), the
+sampler settings it requires, whether a reference is needed, its optimizer steps, hooks after them, and
 state for checkpoints. ``backward`` defaults to ``(weight · loss(...)).backward()``; algorithms that must call
 backward themselves (BGPO, once per Monte-Carlo sample) override it. Registering is the
 ``@register_algorithm`` line on the class; every module in ``algorithms/`` is imported by the package, so a new
@@ -19,24 +21,32 @@ algorithm is one new file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from dare_gym.advantages import (
-    BASELINE_CHOICES,
-    SCALE_CHOICES,
-    group_advantages,
-    zero_variance_groups,
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
+from dare_gym.algorithms.options import (
+    Clip,
+    ClipHigher,
+    DualClip,
+    GroupAdvantages,
+    KLPenalty,
+    Likelihood,
+    ResponseMask,
+    RolloutCorrection,
+    SequenceRatio,
+    TokenAggregation,
+    Updates,
 )
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.distributed import active_rows, discard_rows, global_sum
-from dare_gym.estimators import TokenScores, make_estimator
-from dare_gym.losses import (
-    KL_ESTIMATORS,
-    LOSS_TYPES,
+from dare_gym.core.buffer import CORRECT, RolloutBuffer, SequenceBatch
+from dare_gym.registries import Registry
+from dare_gym.core.distributed import global_sum
+from dare_gym.core.estimators import TokenScores, make_estimator
+from dare_gym.core.losses import (
     aggregate,
     clipped_surrogate,
     kl_penalty,
@@ -49,13 +59,21 @@ BATCH_TOKENS = "batch_tokens_per_row"  # the batch's active tokens / rows, on ev
 
 
 @dataclass
-class AlgorithmConfig:
-    """Fields every algorithm has."""
+class AlgorithmConfig(Updates):
+    """What every algorithm's config has: ``num_iterations``. An algorithm adds the option groups of
+    :mod:`dare_gym.algorithms.options` its loss reads, and its own fields."""
 
-    num_iterations: int = 1
-    """μ: optimizer updates per batch of rollouts"""
-    beta: float = 0.0
-    """KL weight towards the frozen reference (0: no reference model is kept)"""
+
+@dataclass
+class RolloutContext:
+    """What the trainer hands an algorithm's rollout beside the policy: which problem each prompt is and the
+    env's own scoring, for algorithms whose rows need more than the completions' rewards (MDPO scores the
+    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers)."""
+
+    indices: Sequence[int]  # the record index of each prompt's problem
+    score_texts: Callable[[int, Sequence[str]], list[float]]  # the env's rewards of texts for record i
+    demonstrations: Callable[[Sequence[int]], list[str]]  # the env's gold completions of records
+    env_id: str = ""
 
 
 @dataclass
@@ -64,33 +82,41 @@ class Rollout:
     env scores); :meth:`buffer` turns them and their rewards into buffer rows, here one row per completion."""
 
     prompts: list[str]
-    completions: list  # dare_gym.policy.Completion
+    completions: list  # dare_gym.core.policy.Completion
     policy: Any
+    response_mask: str = "through_stop"  # the algorithm's rule for which completion positions a loss scores
 
-    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int]) -> RolloutBuffer:
-        return RolloutBuffer.from_rollouts(
-            self.prompts, self.completions, rewards, group_ids, completion_mask_fn=self.policy.completion_mask,
-            pad_token_id=self.policy.tokenizer.pad_token_id,
+    def buffer(self, rewards: Sequence[float], group_ids: Sequence[int],
+               correct: Sequence[bool] | None = None) -> RolloutBuffer:
+        """Buffer rows from the scored completions (``correct``: the env's verdicts, kept as a column)."""
+        buffer = RolloutBuffer.from_rollouts(
+            self.prompts, self.completions, rewards, group_ids,
+            completion_mask_fn=lambda ids: self.policy.response_mask(ids, self.response_mask),
+            pad_token_id=self.policy.tokenizer.pad_token_id, ended_fn=self.policy.ended,
         )
+        if correct is not None:
+            buffer.columns[CORRECT] = torch.as_tensor(list(correct), dtype=torch.bool)
+        return buffer
 
 
 class Algorithm:
     """The contract between an algorithm and the trainer, with the defaults most algorithms need.
 
-    What a rollout must record and how it is sampled:
-        ``rollout_needs``: extra columns the trainer adds to the buffer — ``"step_predictions"`` (the sampler's
-        x̂₀ at every step, scored by the env: ``step_reward``, MDPO) and ``"demonstrations"`` (the env's gold
-        answers, tokenised: ``demonstration_ids``, SFT on demonstrations).
-        ``rollout_settings``: sampler settings the algorithm requires, over the config's (``"gen_length"`` as a
-        value means the rollout's completion length: JustGRPO decodes left to right, one token per step).
-        ``rollout(policy, prompts, ...)``: how a step's completions are sampled and turned into buffer rows. The
-        default samples each prompt independently with the policy's sampler, one row per completion; an
-        algorithm that samples otherwise (d-TreeRPO's tree of partial states) overrides it and returns its own
-        :class:`Rollout`, whose ``completions`` the env scores and whose ``buffer`` makes the rows.
+    How a step is sampled and what its rows hold:
+        ``rollout_settings``: sampler settings the algorithm requires, over the config's (MDPO's tempered
+        confidence). ``rollout_order = "left_to_right"``: decode one token per step, left to right, with whatever
+        options the rollout's sampler needs for that (JustGRPO; :meth:`Sampler.left_to_right`).
+        ``rollout(policy, prompts, ..., context)``: how a step's completions are sampled and turned into buffer
+        rows. The default samples each prompt independently with the policy's sampler, one row per completion;
+        an algorithm that samples otherwise (d-TreeRPO's tree of partial states) or whose rows need more (MDPO's
+        step rewards, SFT's gold answers, from the :class:`RolloutContext`) returns its own :class:`Rollout`,
+        whose ``completions`` the env scores and whose ``buffer`` makes the rows.
     The update:
         ``needs_reference``: whether a frozen reference model is scored (the trainer keeps one only then).
+        ``update_plan``: the optimizer steps and the minibatches of each (``num_iterations`` passes by default).
         ``minibatch_unit``: a buffer column whose rows must share a minibatch (DPO's pairs), or None.
         ``distributed_unsupported``: None, or the reason the trainer gives for refusing ``strategy`` ddp/fsdp.
+        ``refusal(family)``: why it cannot train a family at all (``supported_noise``), asked before loading.
         ``advantages`` → ``prepare`` → ``backward`` per minibatch (see the module docstring), then
         ``after_optimizer_step`` (PPO steps its value model there).
     Checkpoints: ``state_dict`` / ``load_state_dict`` carry any state of the algorithm's own (PPO's value model).
@@ -98,34 +124,67 @@ class Algorithm:
 
     config: AlgorithmConfig
     name: str  # set by @register_algorithm
-    rollout_needs: tuple[str, ...] = ()
     rollout_settings: dict[str, Any] = {}
+    rollout_order: str | None = None  # "left_to_right": one token per step (JustGRPO)
     minibatch_unit: str | None = None
+    scores_response_only = False  # hide the positions after the response from the scoring forward (DARE's DPO)
     distributed_unsupported: str | None = None  # why this algorithm cannot train on several processes, if it cannot
+
+    supported_noise: tuple[str, ...] = ("mask",)  # the model families' corruptions its estimators handle
 
     def __init__(self, config: Any, *, mask_token_id: int):
         self.config = config
         self.mask_token_id = mask_token_id
 
+    @classmethod
+    def refusal(cls, family) -> str | None:
+        """Why this algorithm cannot train a model of ``family`` (a :class:`ModelFamily`), or None: asked before
+        the model is loaded, so that an impossible pairing stops at once with the reason."""
+        if family.noise not in cls.supported_noise:
+            return (f"{cls.name} estimates likelihoods by replacing tokens with [MASK] ({', '.join(cls.supported_noise)} "
+                    f"noise), but {family.name} models are trained to undo {family.noise} noise")
+        return None
+
     @property
     def needs_reference(self) -> bool:
-        return self.config.beta > 0
+        """A frozen reference is kept only where the loss has a per-token KL term towards it."""
+        return isinstance(self.config, KLPenalty) and self.config.beta > 0
+
+    @property
+    def response_mask(self) -> str:
+        """Which completion positions the loss scores (``options.RESPONSE_MASKS``): the config's
+        ``response_mask`` where it has one, else every position (EOS padding included)."""
+        return self.config.response_mask if isinstance(self.config, ResponseMask) else "all"
 
     def rollout(self, policy, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None,
-                batch_size: int, settings: dict[str, Any]) -> Rollout:
+                batch_size: int, settings: dict[str, Any], context: RolloutContext | None = None) -> Rollout:
         """Sample this step's completions: ``prompts`` as the vector env laid them out (``group_size``
         consecutive copies of each problem), ``settings`` the sampler's (the config's ``rollout:`` section with
         ``rollout_settings`` applied). The default: one independent completion per prompt."""
-        completions = policy.generate(list(prompts), generator=generator, batch_size=batch_size,
-                                      record_predictions="step_predictions" in self.rollout_needs, **settings)
-        return Rollout(list(prompts), completions, policy)
+        completions = policy.generate(list(prompts), generator=generator, batch_size=batch_size, **settings)
+        return Rollout(list(prompts), completions, policy, self.response_mask)
 
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         raise NotImplementedError
 
+    def model_inputs(self, buffer: RolloutBuffer, device) -> SequenceBatch:
+        """The scoring forward's inputs for ``buffer``'s rows (``scores_response_only``: see
+        :meth:`RolloutBuffer.model_inputs`)."""
+        return buffer.model_inputs(device, response_only=self.scores_response_only)
+
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator: torch.Generator | None,
                 micro_batch_size: int) -> None:
         """Score what the loss compares against (π_old, π_ref) before the optimizer steps; nothing by default."""
+
+    def update_plan(self, buffer: RolloutBuffer, micro_batch_size: int,
+                    generator: torch.Generator | None) -> Iterator[tuple[int, Iterator[RolloutBuffer]]]:
+        """The optimizer steps of one update, in order: each an (iteration index, its minibatches) pair; the
+        trainer accumulates the minibatches' gradients (each weighted by its share of the step's rows) and steps.
+        By default ``num_iterations`` passes over the whole batch, shuffled into minibatches of about
+        ``micro_batch_size`` rows (``minibatch_unit`` rows kept together); d-TreeRPO's official schedule trains
+        one parent's segments at a time instead."""
+        for iteration in range(self.config.num_iterations):
+            yield iteration, buffer.minibatches(micro_batch_size, generator=generator, unit=self.minibatch_unit)
 
     def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -148,21 +207,37 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class AlgorithmEntry:
+    """A registered algorithm: its config class, its class, and its presets (named sets of field values, e.g.
+    d1's ``digitsort``, the recipe of the embedded default)."""
+
     name: str
     config_class: type
     algorithm_class: type
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_class) if f.init]
 
 
-ALGORITHMS: dict[str, AlgorithmEntry] = {}
+ALGORITHMS: Registry = Registry("algorithm")
+PRESET = "preset"  # the key of an algorithm section that names a preset
 
 
-def register_algorithm(name: str, config_class: type):
-    """Class decorator: ``@register_algorithm("d1", DiffuGRPOConfig)``."""
+def register_algorithm(name: str, config_class: type, *, presets: dict[str, dict[str, Any]] | None = None):
+    """Class decorator: ``@register_algorithm("d1", DiffuGRPOConfig, presets={"digitsort": {...}})``. Every
+    preset is checked now: a preset naming a field the config lacks is a bug of the algorithm's file."""
 
     def add(cls: type) -> type:
         if name in ALGORITHMS and ALGORITHMS[name].algorithm_class is not cls:
             raise ValueError(f"an algorithm named {name!r} is already registered")
-        ALGORITHMS[name] = AlgorithmEntry(name, config_class, cls)
+        entry = AlgorithmEntry(name, config_class, cls, dict(presets or {}))
+        for preset, values in entry.presets.items():
+            unknown = sorted(set(values) - set(entry.fields))
+            if unknown:
+                raise ValueError(f"{name}: preset {preset!r} sets {', '.join(unknown)}, which are not fields of "
+                                 f"{config_class.__name__}")
+        ALGORITHMS.add(name, entry, overwrite=True)
         cls.name = name
         return cls
 
@@ -170,21 +245,50 @@ def register_algorithm(name: str, config_class: type):
 
 
 def list_algorithms() -> list[str]:
-    return sorted(ALGORITHMS)
+    return ALGORITHMS.names()
 
 
 def get_algorithm(name: str) -> AlgorithmEntry:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(list_algorithms())}") from None
+    return ALGORITHMS.lookup(name)
+
+
+def expand_preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``preset`` key replaced by the preset's field values (the options' own values win)."""
+    options = dict(options)
+    preset = options.pop(PRESET, None)
+    if preset is None:
+        return options
+    entry = get_algorithm(name)
+    if preset not in entry.presets:
+        known = ", ".join(sorted(entry.presets)) or "none"
+        raise ValueError(f"{name} has no preset {preset!r}; its presets: {known}")
+    return {**copy.deepcopy(entry.presets[preset]), **options}
 
 
 def build_config(name: str, options: dict[str, Any], *, where: str = "algorithm") -> Any:
-    """The algorithm's config dataclass from a dict, with errors that name the bad field and value."""
-    from dare_gym.config import dataclass_from_dict
+    """Algorithm ``name``'s config from its defaults, an optional ``preset`` and ``options``, with errors that
+    name the bad field and the algorithm's fields."""
+    from dare_gym.core.config import ConfigError, dataclass_from_dict
 
-    return dataclass_from_dict(get_algorithm(name).config_class, options, where=where)
+    entry = get_algorithm(name)
+    try:
+        options = expand_preset(name, options)
+    except ValueError as error:
+        raise ConfigError(f"{where}.{PRESET}: {error}") from None
+    unknown = sorted(set(options) - set(entry.fields))
+    if unknown:
+        raise ConfigError(f"{', '.join(f'{where}.{u}' for u in unknown)}: {name} has no such field; the fields of "
+                          f"{name} are {', '.join(sorted(entry.fields))} (`dare-gym algorithms {name}`)")
+    return dataclass_from_dict(entry.config_class, options, where=where)
+
+
+def resolved_section(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The algorithm section a run records: its name, its preset if any, and every field's value."""
+    config = build_config(name, options)
+    section = {"name": name}
+    if options.get(PRESET) is not None:
+        section[PRESET] = options[PRESET]
+    return {**section, **dataclasses.asdict(config)}
 
 
 def make_algorithm(name: str, config: Any, *, mask_token_id: int) -> Algorithm:
@@ -192,18 +296,6 @@ def make_algorithm(name: str, config: Any, *, mask_token_id: int) -> Algorithm:
     if not isinstance(config, entry.config_class):
         raise TypeError(f"algorithm {name!r} takes a {entry.config_class.__name__}, got {type(config).__name__}")
     return entry.algorithm_class(config, mask_token_id=mask_token_id)
-
-
-def config_as_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def check_clamps(config, names=("log_ratio_clamp", "kl_clamp")) -> None:
-    """The config's clamp fields ``names`` are positive numbers or null."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{name} must be a number > 0 or null, got {value!r}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -215,96 +307,44 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 @dataclass
-class PolicyGradientConfig(AlgorithmConfig):
-    """GRPO options with the names TRL users know. Subclasses set their paper's defaults."""
-
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
-    """ratio clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]"""
-    epsilon_high: float | None = None
-    """upper clip range (DAPO's clip-higher); null: same as epsilon"""
-    dual_clip: float | None = None
-    """cap the loss of negative-advantage tokens at -c·A (c > 1); null: no cap"""
-    kl_estimator: str = "k3"
-    """KL estimator towards the reference: k1, k2 or k3"""
-    loss_type: str = "bnpo"
-    """token-loss reduction: grpo (mean of sequence means), bnpo (token mean of each minibatch), dr_grpo
-    (sum / B·L), dapo (sum / the active tokens of the whole batch, across minibatches)"""
-    scale_rewards: str = "group"
-    """advantage scaling: divide by the group's std (group), the batch's (batch), or none"""
-    baseline: str = "mean"
-    """advantage baseline: the group mean, or rloo (leave-one-out mean)"""
-    importance_sampling_level: str = "token"
-    """token ratios, or sequence (GSPO's length-normalised sequence ratio)"""
-    drop_zero_variance_groups: bool = True
-    """skip groups whose rewards are all equal (they carry no signal)"""
-    estimator: str = "d1"
-    """likelihood estimator: d1, random_ratio, coupled, elbo, elbo_pair, block, trajectory, exact_ar"""
-    estimator_kwargs: dict = field(default_factory=dict)
-    """the estimator's options, e.g. {p_mask_prompt: 0.15}, {mc_num: 8}, {shrink: 1}"""
-    log_ratio_clamp: float | None = None
-    """clamp log(π_θ/π_old) to [-c, c] before exponentiating it (verl uses 20); null: no clamp"""
-    kl_clamp: float | None = None
-    """clamp each token's KL estimate to [-c, c] (verl clamps k3 to 10); null: no clamp"""
-    rollout_is_cap: float | None = None
-    """weight each token's loss by min(π_old/π_rollout, cap), the truncated importance weight that corrects
-    rollouts from approximate caches (fast_dllm); needs the trajectory estimator; null: off"""
-
-    def __post_init__(self):
-        if self.rollout_is_cap is not None:
-            if not self.rollout_is_cap > 0:
-                raise ValueError(f"rollout_is_cap must be > 0 or null, got {self.rollout_is_cap!r}")
-            if self.estimator != "trajectory":
-                raise ValueError("rollout_is_cap compares each token's log-prob in the state that committed it: it "
-                                 f"needs estimator 'trajectory', got {self.estimator!r}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations!r}")
-        check_clamps(self)
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
-        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
-            raise ValueError(f"epsilon must be >= 0, got {self.epsilon!r} / epsilon_high {self.epsilon_high!r}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 or null, got {self.dual_clip!r}")
-        for name, value, choices in (
-            ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
-            ("loss_type", self.loss_type, LOSS_TYPES),
-            ("scale_rewards", self.scale_rewards, SCALE_CHOICES),
-            ("baseline", self.baseline, BASELINE_CHOICES),
-            ("importance_sampling_level", self.importance_sampling_level, ("token", "sequence")),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+class GRPOConfig(RolloutCorrection, ResponseMask, Likelihood, SequenceRatio, TokenAggregation, GroupAdvantages,
+                 KLPenalty, DualClip, ClipHigher, Clip, AlgorithmConfig):
+    """Every option of the GRPO skeleton below, with the names TRL users know: the config of the GRPO variants
+    whose loss is exactly the skeleton's (d1, coupled-GRPO). Other algorithms compose only the groups they read."""
 
 
 class PolicyGradient(Algorithm):
-    """Group advantages, an estimator scored on shared noise for π_θ, π_old and π_ref, and a clipped
-    surrogate with a KL penalty, aggregated by ``loss_type``. Subclasses choose defaults and may replace
-    ``loss`` (how the per-token terms are combined) or ``backward``."""
+    """What the GRPO-style algorithms share: group advantages, an estimator scored on shared noise for π_θ,
+    π_old and π_ref (``prepare``, ``score``), the per-token clipped surrogate with a KL penalty (``token_loss``),
+    the rollout/train correction and ``loss_type``'s aggregation. Each algorithm writes its own ``loss`` from
+    these pieces (d1's is the plainest: ``algorithms/d1.py``)."""
 
-    config: PolicyGradientConfig
+    config: GRPOConfig
     population_std = False  # TraceRL z-scores with the population std
 
-    def __init__(self, config: PolicyGradientConfig, *, mask_token_id: int):
+    def __init__(self, config, *, mask_token_id: int):
         super().__init__(config, mask_token_id=mask_token_id)
-        self.estimator = make_estimator(config.estimator, mask_token_id=mask_token_id, **config.estimator_kwargs)
+        self.estimator = self.build_estimator(mask_token_id)
+
+    def build_estimator(self, mask_token_id: int):
+        """The config's likelihood estimator; an algorithm with a fixed one (JustGRPO) overrides this."""
+        return make_estimator(self.config.estimator, mask_token_id=mask_token_id, **self.config.estimator_kwargs)
 
     # advantages ---------------------------------------------------------------------------------------
     def advantages(self, buffer: RolloutBuffer, group_size: int) -> RolloutBuffer:
         buffer.advantage = group_advantages(
             buffer.reward, group_size, scale_rewards=self.config.scale_rewards, baseline=self.config.baseline,
-            population_std=self.population_std,
+            population_std=self.population_std, std_eps=self.config.advantage_std_eps,
         )
         if self.config.drop_zero_variance_groups:
             flat = zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size)
-            buffer = discard_rows(buffer, flat)
+            buffer = buffer.discard(flat)
         return buffer
 
     # score π_old and π_ref on each iteration's noise --------------------------------------------------------
     def store_noise(self, policy, buffer: RolloutBuffer, generator) -> list[dict[str, torch.Tensor]]:
         """Draw the estimator's noise for each inner iteration and keep it in the buffer (rows first)."""
-        inputs = buffer.model_inputs(policy.device)
+        inputs = self.model_inputs(buffer, policy.device)
         noises = [self.estimator.sample_noise(inputs, generator) for _ in range(self.config.num_iterations)]
         for name in noises[0]:
             buffer.columns[NOISE_PREFIX + name] = torch.stack([n[name] for n in noises], dim=1).cpu()
@@ -316,7 +356,7 @@ class PolicyGradient(Algorithm):
         and including the first EOS), so that any minibatch's rows sum to its share of the batch's total:
         ``loss_type: dapo`` divides by it, and the weighted minibatch losses add up to Σ_batch ℓ / N_batch
         (TRL's normaliser over the whole accumulated batch) however the batch is split."""
-        rows = active_rows(buffer)
+        rows = buffer.active_rows()
         mean = global_sum(buffer.completion_mask.sum().float()) / global_sum(rows.sum().float()).clamp(min=1)
         buffer.columns[BATCH_TOKENS] = torch.where(rows, mean, torch.zeros_like(mean))
 
@@ -330,7 +370,7 @@ class PolicyGradient(Algorithm):
         if self.needs_reference:
             scorers.append(("ref_logp", reference))
         chunks = buffer.row_chunks(micro_batch_size)
-        chunk_inputs = [buffer.select(rows).model_inputs(policy.device) for rows in chunks]
+        chunk_inputs = [self.model_inputs(buffer.select(rows), policy.device) for rows in chunks]
         # A noise-free estimator (trajectory replay) gives every iteration the same inputs: score them once.
         distinct = noises[:1] if getattr(self.estimator, "deterministic", False) else noises
         for column, scorer in scorers:
@@ -353,7 +393,7 @@ class PolicyGradient(Algorithm):
 
     def score(self, policy, batch: RolloutBuffer, iteration: int):
         """This iteration's estimate under π_θ, with π_old's and π_ref's on the same noise."""
-        inputs = batch.model_inputs(policy.device)
+        inputs = self.model_inputs(batch, policy.device)
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
         device = scores.logp.device
         old = batch.columns["old_logp"][:, iteration].to(device) if "old_logp" in batch.columns else scores.logp.detach()
@@ -366,14 +406,17 @@ class PolicyGradient(Algorithm):
         """Per-token −clipped surrogate (+ β·KL) and the diagnostics every GRPO variant logs."""
         config = self.config
         logp = scores.logp
-        if config.importance_sampling_level == "sequence":
+        # the optional groups: an algorithm without ClipHigher, DualClip, SequenceRatio or KLPenalty has none
+        if isinstance(config, SequenceRatio) and config.importance_sampling_level == "sequence":
             logp = old_logp + sequence_log_ratio(logp, old_logp, mask)
         per_token, clip_active = clipped_surrogate(
-            logp, old_logp, advantages[:, None], epsilon_low=config.epsilon, epsilon_high=config.epsilon_high,
-            dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
+            logp, old_logp, advantages[:, None], epsilon_low=config.epsilon,
+            epsilon_high=config.epsilon_high if isinstance(config, ClipHigher) else None,
+            dual_clip=config.dual_clip if isinstance(config, DualClip) else None,
+            log_ratio_clamp=config.log_ratio_clamp,
         )
         metrics: dict[str, float] = {}
-        if config.beta > 0 and ref_logp is not None:
+        if isinstance(config, KLPenalty) and config.beta > 0 and ref_logp is not None:
             kl = kl_penalty(scores.logp, ref_logp, config.kl_estimator, clamp=config.kl_clamp)
             per_token = per_token + config.beta * kl
             metrics["kl_ref"] = masked_mean(kl.detach(), mask)
@@ -385,13 +428,6 @@ class PolicyGradient(Algorithm):
         metrics["scored_tokens"] = float(mask.sum())
         return per_token, metrics
 
-    def loss(self, policy, batch: RolloutBuffer, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs, scores, old_logp, ref_logp = self.score(policy, batch, iteration)
-        mask = inputs.completion_mask.bool() & scores.scored
-        per_token, metrics = self.token_loss(scores, old_logp, ref_logp, batch.advantage.to(scores.logp.device), mask)
-        per_token = self.correct_for_rollout(per_token, old_logp, batch, mask, metrics)
-        return self.aggregate(per_token, mask, batch), metrics
-
     def correct_for_rollout(self, per_token: torch.Tensor, old_logp: torch.Tensor, batch: RolloutBuffer,
                             mask: torch.Tensor, metrics: dict[str, float]) -> torch.Tensor:
         """Where this estimator scores each token in the state the sampler committed it in (trajectory replay),
@@ -402,7 +438,7 @@ class PolicyGradient(Algorithm):
             return per_token
         gap = (old_logp - batch.columns["commit_logp"].to(old_logp.device)).detach()
         metrics["rollout_logp_gap"] = masked_mean(gap.abs(), mask)
-        if self.config.rollout_is_cap is None:
+        if not isinstance(self.config, RolloutCorrection) or self.config.rollout_is_cap is None:
             return per_token
         weight = truncated_importance_weight(gap, self.config.rollout_is_cap)
         metrics["rollout_is_weight"] = masked_mean(weight, mask)
@@ -418,5 +454,5 @@ class PolicyGradient(Algorithm):
                                  "batch before the loss of its minibatches")
             share = float(batch.columns[BATCH_TOKENS].sum())
         return aggregate(per_token, mask, self.config.loss_type, max_completion_length=per_token.shape[1],
-                         num_active_tokens=share, rows=active_rows(batch))
+                         num_active_tokens=share, rows=batch.active_rows())
 

@@ -6,10 +6,14 @@ d_j = 𝓑_j − 𝓑_old,j on identical masks, the exact objective A·exp(𝓑�
 BGPO optimises a lower bound that is a sum over samples — A(1 + d_j) for A > 0 (eˣ ≥ 1 + x), A·e^{d_j} for
 A < 0 (Jensen) — through PPO clipping (ε) and dual-clip c for A < 0, so ``backward`` runs after each sample.
 Each sequence's loss is aggregated as DARE does (``compute_policy_loss_bgpo``, ``loss_agg_mode: token-mean``):
-spread over its |o_i| tokens (up to and including the first EOS) and averaged over the batch's tokens, i.e. a
-length-weighted mean Σ_i |o_i| loss_i / Σ_i |o_i|; then / n per sample.
-Value and gradient match the original on-policy. z-score advantages; no KL.
-DARE's recipe: mc_num 16, lr 5e-7, G = 8, ε = 0.2, dual-clip 3, rollout temperature 0.6.
+spread over its |o_i| response tokens and averaged over the batch's tokens, i.e. a length-weighted mean
+Σ_i |o_i| loss_i / Σ_i |o_i|; then / n per sample. DARE's LLaDA/Dream rollouts mark every response position
+(an all-ones response mask), so there every |o_i| is the generation length and the mean is over sequences
+(``response_mask: all``); its SDAR/LLaDA2 rollouts stop at the first EOS (set ``response_mask: through_eos``).
+Value and gradient match the original on-policy. verl's z-score advantages (std + 1e-6), uniform groups kept
+with A = 0; no KL.
+Followed: DARE (``dllm_core_algos.py``, ``*_dp_actor_bgpo.py``), since BGPO's own repository was not
+available to read. DARE's recipe: mc_num 16, lr 5e-7, G = 8, ε = 0.2, dual-clip 3, rollout temperature 0.6.
 """
 
 from __future__ import annotations
@@ -17,38 +21,48 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from dare_gym.algorithms.base import (
-    PolicyGradient,
-    PolicyGradientConfig,
-    register_algorithm,
-)
 
-from dare_gym.distributed import gradient_sync
-from dare_gym.losses import bgpo_sample_loss
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.options import Clip, DualClip, GroupAdvantages, Likelihood, ResponseMask
+from dare_gym.core.distributed import global_mean, gradient_sync
+from dare_gym.core.losses import importance_ratio
 
 
 @dataclass
-class BGPOConfig(PolicyGradientConfig):
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
+class BGPOConfig(ResponseMask, Likelihood, GroupAdvantages, DualClip, Clip, AlgorithmConfig):
     dual_clip: float | None = 3.0
+    advantage_std_eps: float = 1e-6
     estimator: str = "elbo"
+    """fixed: BGPO's bound is over stratified ELBO samples"""
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
+    response_mask: str = "all"
     per_sample_backward: bool = True
     """one backward per Monte-Carlo sample (constant memory); false: one over all samples (memory grows with n)"""
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check(self):
         if self.estimator != "elbo":
             raise ValueError(f"BGPO's bound is over stratified ELBO samples: estimator must be 'elbo', got {self.estimator!r}")
-        if self.beta != 0:
-            raise ValueError(f"this BGPO has no KL term (DARE's recipe): beta must be 0, got {self.beta!r}")
 
 
 def sample_elbo(draw, length: torch.Tensor) -> torch.Tensor:
     """[B] one sample 𝓑_j = Σ_masked ℓ · L/x_j, divided by the padded length (DARE's normalisation)."""
     return (draw.logp * draw.masked).sum(dim=1) * draw.weight / length
+
+
+def bgpo_sample_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, lengths: torch.Tensor, *,
+                     epsilon: float, dual_clip: float | None, log_ratio_clamp: float | None = None) -> torch.Tensor:
+    """BGPO's loss for one Monte-Carlo sample: the ELBO-ratio objective replaced by a bound linear in the
+    sample (A > 0: A(1 + d) from eˣ ≥ 1 + x; A < 0: A·e^d by Jensen), d = 𝓑_j − 𝓑_old,j on identical masks,
+    through PPO clipping (and dual-clip for A < 0). DARE spreads each sequence's loss over its tokens and takes
+    the token mean, so sequences weigh by their length: Σ_i |o_i| loss_i / Σ_i |o_i| (``lengths`` = |o_i|)."""
+    d = elbo - old_elbo
+    ratio = torch.where(advantages > 0, 1 + d, importance_ratio(d, log_ratio_clamp))
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+    if dual_clip is not None:
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    lengths = lengths.to(surrogate.dtype)
+    return global_mean(-(surrogate * lengths).sum(), lengths.sum())
+
 
 
 @register_algorithm("bgpo", BGPOConfig)
@@ -61,7 +75,7 @@ class BGPO(PolicyGradient):
         length = float(buffer.completion_ids.shape[1])
         old = torch.zeros(len(buffer), iterations, samples)
         for rows in buffer.row_chunks(micro_batch_size):
-            sub = buffer.select(rows).model_inputs(policy.device)
+            sub = self.model_inputs(buffer.select(rows), policy.device)
             for k, noise in enumerate(noises):
                 chunk_noise = {name: value[rows] for name, value in noise.items()}
                 for j in range(samples):
@@ -71,7 +85,7 @@ class BGPO(PolicyGradient):
 
     def backward(self, policy, batch, iteration, weight):
         """One forward and one backward per Monte-Carlo sample: only one graph is alive at a time."""
-        inputs = batch.model_inputs(policy.device)
+        inputs = self.model_inputs(batch, policy.device)
         noise = self.noise(batch, iteration, policy.device)
         advantages = batch.advantage.to(policy.device)
         tokens = inputs.completion_mask.sum(dim=1)  # |o_i|: each sequence's weight in DARE's token mean

@@ -7,25 +7,49 @@ mean over steps, so every step weighs the same whatever it unmasks:
 
     loss = (1/S) Σ_s [ Σ_{i,k} U_{s,ik} (−s_ik + β·k3_ik) / Σ U_s ]
 
-A = r − mean(r). Defaults: ε = 0.5, β = 0.04, μ = 12 (8 for countdown and sudoku).
+A = r − mean(r), uniform groups kept with A = 0. Every completion position counts (the official loss masks by
+the positions each step revealed, EOS padding included: ``response_mask: all``).
+Followed: the official code (EOSER-ASS-RL ``cj-grpo/cj_grpo_trainer_eoser_ass.py``, ``compute_loss``) and the
+paper. Defaults: ε = 0.5, β = 0.04, μ = 12 (8 for countdown and sudoku); lr 3e-6, G = 6.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
-from dare_gym.losses import step_mean_loss
+import torch
+
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.options import (
+    Clip,
+    ClipHigher,
+    DualClip,
+    GroupAdvantages,
+    KLPenalty,
+    Likelihood,
+    ResponseMask,
+    RolloutCorrection,
+)
 
 
 @dataclass
-class CJGRPOConfig(PolicyGradientConfig):
+class CJGRPOConfig(RolloutCorrection, ResponseMask, Likelihood, GroupAdvantages, KLPenalty, DualClip, ClipHigher,
+                   Clip, AlgorithmConfig):
     num_iterations: int = 12
     beta: float = 0.04
     epsilon: float = 0.5
     scale_rewards: str = "none"
     estimator: str = "trajectory"
     """likelihood estimator (trajectory with shrink 1: every denoising step of the rollout replayed)"""
+    response_mask: str = "all"
+
+
+def step_mean_loss(per_token: torch.Tensor, step_masks: list[torch.Tensor]) -> torch.Tensor:
+    """CJ-GRPO's aggregation: a token mean over the batch within each denoising step, then the mean over
+    steps, so every step weighs the same whatever it unmasks: (1/S) Σ_s Σ U_s ℓ / Σ U_s."""
+    losses = [(per_token * mask).sum() / mask.sum().clamp(min=1) for mask in step_masks if mask.any()]
+    return torch.stack(losses).mean()
+
 
 
 @register_algorithm("cj_grpo", CJGRPOConfig)

@@ -6,7 +6,9 @@ Pairs come from the policy's own rollouts ranked by the verifiable reward: in ev
 differ, the best completion is chosen and the worst rejected. (Offline pairs, e.g. HH-RLHF, go through
 :meth:`RolloutBuffer.from_pairs`.) 𝓑 is the stratified ELBO (``elbo`` estimator), scored for the policy and
 the frozen reference on the same masks; like DARE, each ELBO is divided by the response length, which sets
-β's scale. Defaults (DARE): β = 0.2, lr 5e-7, one ELBO sample (VRPO, in ``vrpo.py``, uses 8).
+β's scale. Each response is scored up to and including its first EOS (DARE appends one EOS and hides the
+padding). Followed: DARE (``_forward_process_vrpo``; LLaDA 1.5's own code is not public). Defaults (DARE):
+β = 0.2, lr 5e-7, one ELBO sample (VRPO, in ``vrpo.py``, uses 8).
 """
 
 from __future__ import annotations
@@ -14,28 +16,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from dare_gym.algorithms.base import (
-    PolicyGradient,
-    PolicyGradientConfig,
-    register_algorithm,
-)
+import torch.nn.functional as F
 
-from dare_gym.distributed import active_rows, discard_rows, global_mean
-from dare_gym.losses import dpo_pair_losses
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
+from dare_gym.algorithms.options import Likelihood, ResponseMask, is_number
+
+from dare_gym.core.distributed import global_mean
 
 
 @dataclass
-class DPOConfig(PolicyGradientConfig):
-    beta: float = 0.2  # DPO's inverse temperature (not a KL weight: the reference is always used)
+class DPOConfig(ResponseMask, Likelihood, AlgorithmConfig):
+    beta: float = 0.2
+    """DPO's inverse temperature (not a KL weight: the reference is always used)"""
     estimator: str = "elbo"
     estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 1})
     length_normalize: bool = True
     """divide each ELBO by the response length (sets beta's scale)"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"DPO's beta must be > 0, got {self.beta!r}")
+    def check(self):
+        if not (is_number(self.beta) and self.beta > 0):
+            raise ValueError(f"DPO's beta must be a number > 0, got {self.beta!r}")
 
 
 def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
@@ -51,9 +51,24 @@ def best_and_worst_pairs(reward: torch.Tensor, group_id: torch.Tensor) -> tuple[
     return chosen, rejected, informative
 
 
+def dpo_pair_losses(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """[pairs] −log σ(β[(𝓑θ(y_w) − 𝓑ref(y_w)) − (𝓑θ(y_l) − 𝓑ref(y_l))]), DPO with (ELBO) log-likelihoods."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, reference_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's loss, the mean of :func:`dpo_pair_losses` over the pairs."""
+    return dpo_pair_losses(policy_chosen, reference_chosen, policy_rejected, reference_rejected, beta).mean()
+
+
+
 @register_algorithm("dpo", DPOConfig)
 class DPO(PolicyGradient):
     minibatch_unit = "pair_id"  # a chosen row and its rejected row always share a minibatch
+    scores_response_only = True  # DARE scores each response through its EOS with the padding hidden
 
     @property
     def needs_reference(self) -> bool:
@@ -67,13 +82,13 @@ class DPO(PolicyGradient):
         buffer.columns["pair_id"] = torch.arange(len(order)) // 2
         buffer.columns["chosen"] = (torch.arange(len(order)) % 2 == 0)
         buffer.advantage = torch.zeros(len(order))
-        return discard_rows(buffer, ~torch.tensor(informative, dtype=torch.bool).repeat_interleave(2))
+        return buffer.discard(~torch.tensor(informative, dtype=torch.bool).repeat_interleave(2))
 
     def loss(self, policy, batch, iteration):
         inputs, scores, _, ref_logp = self.score(policy, batch, iteration)
         present = scores.scored
         elbo, ref_elbo = scores.sequence(), (ref_logp * present).sum(dim=1)
-        if self.config.length_normalize:
+        if self.config.length_normalize:  # the response's length (its EOS included)
             length = inputs.attention_mask[:, inputs.prompt_length:].sum(dim=1).clamp(min=1)
             elbo, ref_elbo = elbo / length, ref_elbo / length
         chosen = batch.columns["chosen"].to(elbo.device)
@@ -81,7 +96,7 @@ class DPO(PolicyGradient):
         elbo, ref_elbo, chosen = elbo[order], ref_elbo[order], chosen[order]
         pair_losses = dpo_pair_losses(elbo[chosen], ref_elbo[chosen], elbo[~chosen], ref_elbo[~chosen],
                                       self.config.beta)
-        active = active_rows(batch).to(elbo.device)[order][chosen]  # pairs kept for distributed runs score nothing
+        active = batch.active_rows().to(elbo.device)[order][chosen]  # pairs kept for distributed runs score nothing
         loss = global_mean((pair_losses * active).sum(), active.sum())
         margin = (elbo[chosen] - ref_elbo[chosen]) - (elbo[~chosen] - ref_elbo[~chosen])
         return loss, {"reward_margin": float(self.config.beta * margin.detach().mean()),

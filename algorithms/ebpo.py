@@ -12,8 +12,9 @@ each term is bounded by a masked-diffusion ELBO. One forward over the doubled in
 Blocks lie on the grid of the packed prompt + response (the first and last response blocks may be partial);
 block j of row n masks exactly m = min(⌊t·len_j⌋ + 1, len_j) of its len_j valid tokens at the stratified,
 per-block-jittered level t = (u + (nK + j)/(NK)) mod 1. The masks are drawn once per sample after the rollout
-and serve π_old, π_θ and π_ref alike. "Valid" tokens are those up to and including the first EOS; the scoring
-forward hides the positions after it, as DARE's attention mask does.
+and serve π_old, π_θ and π_ref alike. "Valid" tokens are those up to and including the first EOS (DARE's
+LLaDA2/SDAR rollouts stop there; ``response_mask``); the scoring forward hides the positions after it, as DARE's
+attention mask does.
 
 A full-attention policy (LLaDA, Dream, the built-in ``tiny``: ``policy.block_size`` is None) has a single
 block, the whole completion, whose only condition is the prompt; then the plain forward on [prompt ; noised
@@ -33,66 +34,115 @@ DARE's recipes: lr 5e-7, 16 prompts × G = 8, mc_num N = 16, ε = 0.2, β = 0, �
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
-from dare_gym.algorithms.base import Algorithm, PolicyGradientConfig, register_algorithm
-from dare_gym.distributed import active_rows, discard_rows, gradient_sync
-from dare_gym.estimators import block_elbo_noise, block_elbo_row, response_blocks
-from dare_gym.logprobs import token_log_probs
-from dare_gym.losses import ebpo_loss
+from dare_gym.algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
+from dare_gym.algorithms.options import Clip, ClipHigher, GroupAdvantages, KLPenalty, ResponseMask
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.device import uniform
+from dare_gym.core.distributed import global_mean, gradient_sync
+from dare_gym.core.logprobs import token_log_probs
+from dare_gym.core.losses import KL_ESTIMATORS
 
 VERL_STD_EPS = 1e-6
 MASKED, WEIGHT = "ebpo.masked", "ebpo.weight"  # buffer columns: [rows, N, L] masks and their len/m weights
 
 
 @dataclass
-class EBPOConfig(PolicyGradientConfig):
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
-    kl_estimator: str = "k3"
-    estimator: str = "block_elbo"
-    """fixed: EBPO's all-block ELBO (its masks and forward are the algorithm's own)"""
-    estimator_kwargs: dict = field(default_factory=lambda: {"mc_num": 16})
-    """{mc_num: N}, the noise rows per sample (DARE: 16); each costs a forward for the value and one for the
-    gradient at every update, and one more for π_old (μ > 1) and π_ref (β > 0)"""
-    loss_type: str = "bnpo"
-    """ignored, as DARE ignores loss_agg_mode: the loss is a mean over sequences"""
-    importance_sampling_level: str = "sequence"
-    """fixed: one ratio per sequence, on the composite ELBO"""
-    drop_zero_variance_groups: bool = False
-    """skip groups whose rewards are all equal; DARE keeps them (they count in the mean over sequences)"""
+class EBPOConfig(ResponseMask, GroupAdvantages, KLPenalty, ClipHigher, Clip, AlgorithmConfig):
     advantage_std_eps: float = VERL_STD_EPS
-    """added to the reward std of the z-score (verl's GRPO: 1e-6)"""
+    response_mask: str = "through_eos"
+    mc_num: int = 16
+    """N, the noise rows per sample (DARE: 16); each costs a forward for the value and one for the gradient at
+    every update, and one more for π_old (μ > 1) and π_ref (β > 0)"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        fixed = {"estimator": "block_elbo", "importance_sampling_level": "sequence", "dual_clip": None,
-                 "rollout_is_cap": None}
-        for name, value in fixed.items():
-            if getattr(self, name) != value:
-                raise ValueError(f"EBPO has no {name} option: it must be {value!r}, got {getattr(self, name)!r}")
-        unknown = set(self.estimator_kwargs) - {"mc_num"}
-        if unknown:
-            raise ValueError(f"EBPO's estimator_kwargs take only mc_num, got {sorted(unknown)}")
-        mc_num = self.estimator_kwargs.get("mc_num", 16)
-        if isinstance(mc_num, bool) or not isinstance(mc_num, int) or mc_num < 1:
-            raise ValueError(f"estimator_kwargs.mc_num must be an integer >= 1, got {mc_num!r}")
+    def check(self):
+        if isinstance(self.mc_num, bool) or not isinstance(self.mc_num, int) or self.mc_num < 1:
+            raise ValueError(f"mc_num must be an integer >= 1, got {self.mc_num!r}")
         if not self.epsilon < 1:
             raise ValueError(f"epsilon must be < 1 (the log-domain clip takes log(1 - epsilon)), got {self.epsilon!r}")
-        if not self.advantage_std_eps > 0:
-            raise ValueError(f"advantage_std_eps must be > 0, got {self.advantage_std_eps!r}")
-
-    @property
-    def mc_num(self) -> int:
-        return self.estimator_kwargs.get("mc_num", 16)
 
 
 # ----------------------------------------------------------------------------- the all-block ELBO
+
+
+def response_blocks(attention_mask: torch.Tensor, valid: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """[B, L] the response block of each completion position, numbered 0, 1, … from the row's first response
+    block (−1 where ``valid`` [B, L] is false). ``attention_mask`` [B, P + L] is the packed prompt + response
+    (left padding, then the L completion columns). Blocks lie on the grid of the whole sequence: block id =
+    ⌊position / block_size⌋, positions counted from the row's first real token, as the block-causal mask
+    counts them, so the first and last response blocks may be partial. ``block_size=None`` (full attention):
+    the whole response is one block."""
+    valid = valid.bool()
+    if block_size is None:
+        return torch.where(valid, 0, -1)
+    length = valid.shape[1]
+    positions = (attention_mask.long().cumsum(dim=1) - 1)[:, -length:]
+    grid = torch.div(positions, block_size, rounding_mode="floor")
+    first = torch.where(valid, grid, torch.iinfo(grid.dtype).max).min(dim=1, keepdim=True).values
+    return torch.where(valid, grid - first, -1)
+
+
+def stratified_block_levels(u: torch.Tensor, rows: int, blocks: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """[B, rows, K] EBPO's noise levels: sample b has ``rows`` × K_b cells, and cell c = n·K_b + j (row-major)
+    gets t = (u_b + c/(rows·K_b)) mod 1, so row n's blocks share the strip [u + n/N, u + (n+1)/N): one
+    level per row, stratified across rows and jittered across blocks. ``u`` [B] in [0, 1), ``blocks`` [B]
+    the K_b; cells past K_b (up to ``width``, default max K_b) are 0. Example: u = 0.3, N = 2, K = 2 gives
+    (0.3, 0.55 | 0.8, 0.05)."""
+    blocks = blocks.long()
+    width = int(blocks.max().clamp(min=1)) if width is None else width
+    n = torch.arange(rows, device=u.device, dtype=torch.float64)[None, :, None]
+    j = torch.arange(width, device=u.device, dtype=torch.float64)[None, None, :]
+    count = blocks.to(torch.float64).clamp(min=1)[:, None, None]
+    levels = (u.to(torch.float64)[:, None, None] + (n * count + j) / (rows * count)) % 1.0
+    return torch.where(j < blocks[:, None, None], levels, torch.zeros_like(levels))
+
+
+def block_mask_counts(levels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """m = min(⌊t·len⌋ + 1, len) tokens to mask in a block of ``len`` valid tokens at level t (so m ~ U{1..len}
+    for t ~ U[0, 1)); 0 for an empty block. ``levels`` and ``lengths`` broadcast."""
+    lengths = lengths.long()
+    return torch.minimum(torch.floor(levels * lengths).long() + 1, lengths)
+
+
+def block_elbo_noise(blocks: torch.Tensor, rows: int, generator: torch.Generator | None = None,
+                     u: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """EBPO's masks for N = ``rows`` noise rows per sample (one set per sample, shared by π_old, π_θ, π_ref).
+
+    ``blocks`` [B, L] from :func:`response_blocks`. Each sample draws u ~ U[0, 1) (or takes ``u`` [B]); block j
+    of row n is at level t from :func:`stratified_block_levels` and masks exactly m = min(⌊t·len_j⌋ + 1, len_j)
+    of its len_j valid tokens, chosen uniformly. Returns ``masked`` [B, N, L] bool and ``weight`` [B, N, L]
+    (len_j/m on masked tokens, 0 elsewhere), so that Σ_k masked·weight·ℓ^k is one row's 𝓑_n."""
+    samples, length = blocks.shape
+    device = blocks.device
+    valid = blocks >= 0
+    width = int(blocks.max().clamp(min=0)) + 1
+    index = blocks.clamp(min=0)
+    lengths = torch.zeros(samples, width, dtype=torch.long, device=device).scatter_add_(1, index, valid.long())
+    if u is None:
+        u = uniform(samples, generator, device)
+    levels = stratified_block_levels(u.to(device), rows, (lengths > 0).sum(dim=1), width)  # [B, N, K]
+    counts = block_mask_counts(levels, lengths[:, None, :])  # [B, N, K]
+    # A uniform subset of m tokens in each block: sort by (block, random key) and keep each block's first m.
+    keys = uniform((samples, rows, length), generator, device).to(torch.float64)
+    order = torch.where(valid, blocks.to(torch.float64), float("inf"))[:, None, :] + keys
+    rank = order.argsort(dim=2).argsort(dim=2)
+    starts = (lengths.cumsum(dim=1) - lengths)[:, None, :].expand(-1, rows, -1)  # valid tokens before block j
+    expand = index[:, None, :].expand(-1, rows, -1)
+    within = rank - starts.gather(2, expand)
+    masked = (within < counts.gather(2, expand)) & valid[:, None, :]
+    block_weight = (lengths[:, None, :] / counts.clamp(min=1)).to(torch.float32)
+    weight = torch.where(masked, block_weight.gather(2, expand), torch.zeros((), device=device))
+    return {"masked": masked, "weight": weight}
+
+
+def block_elbo_row(logp: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B] one noise row's all-block ELBO 𝓑_n = Σ_j Σ_{k∈𝓜_{n,j}} ℓ^k · len_j/m_{n,j} (tokens summed, no length
+    normaliser), from the token log-probs ``logp`` [B, L] of that row's forward."""
+    return torch.where(masked, logp * weight, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(dim=1)
 
 
 def scoring_mask(inputs) -> torch.Tensor:
@@ -103,24 +153,12 @@ def scoring_mask(inputs) -> torch.Tensor:
 def noised_logp(policy, inputs, masked: torch.Tensor) -> torch.Tensor:
     """[B, L] log f(o^k | c, x_n) at every completion position, x_n = o with ``masked`` [B, L] replaced by the mask
     token: block-causal policies score every block given the clean blocks before it in one forward on
-    [x_n ; o]; full-attention policies (one block) a plain forward on [prompt ; x_n]."""
+    [x_n ; o] (the policy's noisy/clean forward); full-attention policies (one block) a plain forward on
+    [prompt ; x_n]."""
     completion = inputs.completion_ids
     noisy = torch.cat([inputs.prompt_ids, completion.masked_fill(masked, policy.mask_token_id)], dim=1)
-    attention, keep = scoring_mask(inputs), completion.shape[1]
-    if policy.block_size is None:
-        logits = policy.logits(noisy, attention, logits_to_keep=keep)
-    else:
-        with _adapters_off(policy):
-            logits = policy.family.noisy_clean_forward(policy.model, noisy, inputs.input_ids, attention,
-                                                       block_size=policy.block_size, logits_to_keep=keep)
+    logits = policy.logits(noisy, scoring_mask(inputs), logits_to_keep=completion.shape[1], clean_ids=inputs.input_ids)
     return token_log_probs(logits, completion)
-
-
-def _adapters_off(policy):
-    """The LoRA reference is the policy's own module with its adapters off (its ``logits`` does this itself)."""
-    from dare_gym.lora import AdapterDisabledReference
-
-    return policy.model.disable_adapter() if isinstance(policy, AdapterDisabledReference) else contextlib.nullcontext()
 
 
 def row_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -135,6 +173,60 @@ def composite_elbo(policy, inputs, masked: torch.Tensor, weight: torch.Tensor) -
     return torch.stack(rows, dim=1).mean(dim=1)
 
 
+# ------------------------------------------------------------------------------------------- the loss
+
+
+def sequence_kl(elbo: torch.Tensor, ref_elbo: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """[B] KL estimates on sequence log-likelihoods (EBPO's composite ELBOs), d = 𝓑_θ − 𝓑_ref: k1 = d,
+    k2 = d²/2, k3 = e^{−d} + d − 1 (DARE's ``compute_ebpo_kl``; no clamp). d = (0.1, −0.05) gives k3 =
+    (0.004837, 0.001271)."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = elbo - ref_elbo
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    return torch.exp(-d) + d - 1
+
+
+def ebpo_loss(elbo: torch.Tensor, old_elbo: torch.Tensor, advantages: torch.Tensor, rows: torch.Tensor | None = None,
+              *, epsilon_low: float, epsilon_high: float | None = None, ref_elbo: torch.Tensor | None = None,
+              beta: float = 0.0, kl_estimator: str = "k3", log_ratio_clamp: float | None = None,
+              kl_clamp: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """EBPO's loss on composite sequence ELBOs [B] (ALGORITHMS.md P; DARE's ``compute_policy_loss_ebpo``).
+
+    log ρ = 𝓑 − 𝓑_old is clipped *in the log domain*: min(log ρ, log(1 + ε_hi)) where A ≥ 0, max(log ρ,
+    log(1 − ε_lo)) where A < 0; each sequence's loss is −A·exp(clipped log ρ), which is −min(ρA, clip(ρ)A)
+    without ever exponentiating the clipped side (no dual clip). Mean over the sequences ``rows`` [B] bool
+    that have a valid response token (default: all), its normaliser summed over ranks; plus β · the mean
+    sequence KL (:func:`sequence_kl`) when ``ref_elbo`` is given. ``log_ratio_clamp`` / ``kl_clamp`` (off in
+    DARE) bound log ρ before the clip and each sequence's KL. Returns the loss and detached diagnostics
+    (``clip_fraction``, ``kl_ref``)."""
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    if not 0 <= epsilon_low < 1 or epsilon_high < 0:
+        raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low!r} / {epsilon_high!r}")
+    rows = torch.ones_like(elbo, dtype=torch.bool) if rows is None else rows.bool()
+    log_ratio = elbo - old_elbo
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    upper = torch.clamp(log_ratio, max=math.log1p(epsilon_high))
+    lower = torch.clamp(log_ratio, min=math.log1p(-epsilon_low))
+    clipped = torch.where(advantages >= 0, upper, lower)
+    zero = torch.zeros((), dtype=elbo.dtype, device=elbo.device)
+    per_sequence = torch.where(rows, -advantages * torch.exp(clipped), zero)
+    count = rows.sum().to(elbo.dtype)
+    loss = global_mean(per_sequence.sum(), count)
+    active = (clipped != log_ratio) & rows
+    metrics = {"clip_fraction": active.sum().detach() / count.clamp(min=1)}
+    if ref_elbo is not None and beta != 0:
+        kl = sequence_kl(elbo, ref_elbo, kl_estimator)
+        kl = torch.where(rows, kl if kl_clamp is None else kl.clamp(-kl_clamp, kl_clamp), zero)
+        loss = loss + beta * global_mean(kl.sum(), count)
+        metrics["kl_ref"] = kl.sum().detach() / count.clamp(min=1)
+    return loss, metrics
+
+
 # ----------------------------------------------------------------------------------------- EBPO
 
 
@@ -147,7 +239,7 @@ class EBPO(Algorithm):
         buffer.advantage = group_advantages(buffer.reward, group_size, scale_rewards=config.scale_rewards,
                                             baseline=config.baseline, std_eps=config.advantage_std_eps)
         if config.drop_zero_variance_groups:
-            buffer = discard_rows(buffer, zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size))
+            buffer = buffer.discard(zero_variance_groups(buffer.reward, group_size).repeat_interleave(group_size))
         return buffer
 
     @torch.no_grad()
@@ -185,7 +277,7 @@ class EBPO(Algorithm):
         config, device = self.config, elbo.device
         old = batch.columns["old_elbo"].to(device) if "old_elbo" in batch.columns else elbo.detach()
         ref = batch.columns["ref_elbo"].to(device) if "ref_elbo" in batch.columns else None
-        rows = active_rows(batch).to(device)
+        rows = batch.active_rows().to(device)
         loss, parts = ebpo_loss(elbo, old, batch.advantage.to(device), rows, epsilon_low=config.epsilon,
                                 epsilon_high=config.epsilon_high, ref_elbo=ref, beta=config.beta,
                                 kl_estimator=config.kl_estimator, log_ratio_clamp=config.log_ratio_clamp,

@@ -24,16 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dare_gym.advantages import step_gae
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
-from dare_gym.losses import clipped_surrogate, clipped_value_loss, trace_row_losses
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, masked_mean, register_algorithm
+from dare_gym.algorithms.options import Clip, Likelihood, ResponseMask
+from dare_gym.core.losses import clipped_surrogate, trace_row_losses
 
 
 @dataclass
-class PPOConfig(PolicyGradientConfig):
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
+class PPOConfig(ResponseMask, Likelihood, Clip, AlgorithmConfig):
     gamma: float = 1.0
     """γ: discount over denoising steps"""
     lam: float = 1.0
@@ -42,13 +39,13 @@ class PPOConfig(PolicyGradientConfig):
     """learning rate of the value model's own optimizer"""
     value_epsilon: float = 0.2
     """clip range of the value loss"""
-    drop_zero_variance_groups: bool = False  # the value baseline gives a signal even to uniform groups
-    normalize_advantages: bool = False  # whiten the token advantages over the batch (standard PPO practice)
+    normalize_advantages: bool = False
+    """whiten the token advantages over the batch (standard PPO practice; off in TraceRL's value path)"""
     estimator: str = "trajectory"
     estimator_kwargs: dict = field(default_factory=lambda: {"shrink": 1})
+    response_mask: str = "before_eos"
 
-    def __post_init__(self):
-        super().__post_init__()
+    def check(self):
         if self.estimator != "trajectory":
             raise ValueError(f"PPO's step-level GAE needs the trajectory estimator, got {self.estimator!r}")
 
@@ -70,9 +67,45 @@ class ValueModel(nn.Module):
         output.register_forward_hook(lambda module, args, result: setattr(self, "_hidden", args[0]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._hidden = None
         self.family.forward(self.backbone, input_ids, attention_mask, block_size=self.block_size)
+        if self._hidden is None or self._hidden.shape[:2] != input_ids.shape:
+            raise ValueError(f"PPO's value model reads the input of the model's output layer; this "
+                             f"{self.family.name} model computes its logits without calling that layer "
+                             "(a tied head?), so it cannot have a value model")
         hidden = self.family.align(self._hidden, attention_mask)  # position i: the state that predicts token i
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # values in float32 under bf16 weights
+
+
+def step_gae(step_rewards: torch.Tensor, step_values: torch.Tensor, step_present: torch.Tensor,
+             gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over denoising steps (TraceRL's value path): with r*_s and V*_s the
+    step-level reward and value ([N, S], steps beyond a rollout's last marked absent),
+    R*_s = r*_s + γR*_{s+1}, δ*_s = r*_s − V*_s + γV*_{s+1}, A*_s = δ*_s + γλA*_{s+1}. Returns (A*, R*)."""
+    advantages = torch.zeros_like(step_rewards)
+    returns = torch.zeros_like(step_rewards)
+    next_value = torch.zeros_like(step_rewards[:, 0])
+    next_advantage = torch.zeros_like(next_value)
+    next_return = torch.zeros_like(next_value)
+    for s in reversed(range(step_rewards.shape[1])):
+        present = step_present[:, s]
+        delta = step_rewards[:, s] - step_values[:, s] + gamma * next_value
+        advantage = delta + gamma * lam * next_advantage
+        ret = step_rewards[:, s] + gamma * next_return
+        advantages[:, s] = torch.where(present, advantage, torch.zeros_like(advantage))
+        returns[:, s] = torch.where(present, ret, torch.zeros_like(ret))
+        next_value = torch.where(present, step_values[:, s], next_value)
+        next_advantage = torch.where(present, advantage, next_advantage)
+        next_return = torch.where(present, ret, next_return)
+    return advantages, returns
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       epsilon: float) -> torch.Tensor:
+    """PPO's clipped value loss per token: ½ max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)."""
+    clipped = old_values + torch.clamp(values - old_values, -epsilon, epsilon)
+    return 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square())
+
 
 
 @register_algorithm("ppo", PPOConfig)
@@ -84,10 +117,6 @@ class PPO(PolicyGradient):
         self.value_model: ValueModel | None = None
         self.value_optimizer: torch.optim.Optimizer | None = None
         self._pending_state = None
-
-    @property
-    def needs_reference(self) -> bool:
-        return False
 
     def _ensure_value_model(self, policy) -> ValueModel:
         if self.value_model is None:

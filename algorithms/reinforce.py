@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, masked_mean, register_algorithm
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, masked_mean, register_algorithm
+from dare_gym.algorithms.options import GroupAdvantages, Likelihood, ResponseMask, TokenAggregation
 
 
 @dataclass
-class ReinforceConfig(PolicyGradientConfig):
+class ReinforceConfig(ResponseMask, Likelihood, TokenAggregation, GroupAdvantages, AlgorithmConfig):
     num_iterations: int = 1  # on-policy: REINFORCE has no importance correction
-    beta: float = 0.0
     estimator: str = "random_ratio"
 
 
 @register_algorithm("reinforce", ReinforceConfig)
 class Reinforce(PolicyGradient):
     def loss(self, policy, batch, iteration):
-        inputs = batch.model_inputs(policy.device)
+        inputs = self.model_inputs(batch, policy.device)
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
         mask = inputs.completion_mask.bool() & scores.scored
         advantages = batch.advantage.to(scores.logp.device)[:, None]

@@ -7,8 +7,10 @@ import importlib
 
 import gymnasium
 
+from dare_gym.registries import Registry
+
 NAMESPACE = "dare_gym"
-_REGISTERED: dict[str, str] = {}  # short id -> entry point
+_REGISTERED: Registry = Registry("env")  # short id -> entry point ("module:Class", or the class itself)
 
 
 # Families of envs registered by importing their module, on first use of one of their ids.
@@ -21,10 +23,17 @@ def gymnasium_id(env_id: str) -> str:
     return f"{NAMESPACE}/{env_id.replace('/', '.')}"
 
 
-def register_env(env_id: str, entry_point: str, **default_kwargs) -> None:
+def register_env(env_id: str, entry_point=None, **default_kwargs):
     """Register ``env_id`` (e.g. ``"gsm8k-v0"``) so that ``dare_gym.make`` and
-    ``gymnasium.make("dare_gym/<env_id>")`` both build it."""
-    _REGISTERED[env_id] = entry_point
+    ``gymnasium.make("dare_gym/<env_id>")`` both build it: ``register_env(id, "module:Class")`` (Gymnasium's
+    form, which imports the module on first use) or ``@register_env(id)`` on the env class."""
+    if entry_point is None:
+        def add(cls):
+            register_env(env_id, cls, **default_kwargs)
+            return cls
+
+        return add
+    _REGISTERED.add(env_id, entry_point, overwrite=True)
     gymnasium.register(
         id=gymnasium_id(env_id),
         entry_point=entry_point,

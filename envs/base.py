@@ -257,10 +257,12 @@ class TextTaskEnv(gymnasium.Env[str, str]):
     def step_info(self, completion: str, record: Mapping, index: int | None, result: RewardResult) -> dict:
         """The ``info`` of a step: correctness, reward components, and whatever went wrong in scoring."""
         errors = dict(result.errors)
-        default_score = result.components.get(self.default_reward) if isinstance(self.default_reward, str) else None
+        default = self.default_reward if isinstance(self.default_reward, str) else None
         try:
-            if type(self).is_correct is TextTaskEnv.is_correct and default_score is not None and not errors:
-                correct = default_score >= 1.0  # already computed: don't run the checker (a sandbox, say) twice
+            if type(self).is_correct is TextTaskEnv.is_correct and default in result.components:
+                # already computed: never run the checker (a sandbox, math-verify) twice. A default term that
+                # failed (its reason is in reward_errors) did not find the completion correct.
+                correct = default not in errors and result.components[default] >= 1.0
             else:
                 correct = bool(self.is_correct(completion, record))
         except Exception as error:  # noqa: BLE001 - a checker failure is reported, not raised

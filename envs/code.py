@@ -8,17 +8,24 @@ dataset ``openai/openai_humaneval``. ``mbpp-v0`` reads ``mbpp/mbpp.jsonl``, else
 which is also its default: the trainer refuses to train on it unless told to (``allow_eval_overlap``).
 A completion may be a function body that continues the prompt (HumanEval style) or a fenced code block.
 
-Records are checked when read: HumanEval's fields are strings; MBPP's ``task_id`` is an integer (or a
-string of digits), ``text`` and ``code`` strings, ``test_list`` a non-empty list of assert strings. A record
-that breaks this raises :class:`~dare_gym.envs.data.DataFormatError` naming its file, line and field.
+Records are checked when read, so that a record that cannot be judged is an error at once rather than a
+silent 0.0 for every completion: HumanEval's fields are strings, ``entry_point`` a name the prompt defines a
+function of, ``test`` Python that defines ``check(candidate)``; MBPP's ``task_id`` is an integer (or a string of
+digits), ``text`` and ``code`` strings, ``test_list`` a non-empty list of tests, each Python with an ``assert``
+(a test without one passes any function), that together call a function the solution must define. A record
+that breaks this raises :class:`~dare_gym.envs.data.DataFormatError` naming its file, line, record and field.
 """
 
 from __future__ import annotations
 
+import ast
+import re
+import warnings
 from typing import Mapping
 
 from dare_gym.envs.base import SplitInfo, TextTaskEnv
 from dare_gym.envs.data import DataFormatError, ListOf, hub_split, load_records, where
+from dare_gym.rewards.code import mbpp_spec
 
 MBPP_SPLITS = {"train": range(511, 975), "test": range(11, 511), "prompt": range(1, 11)}
 HUMANEVAL_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "canonical_solution": str, "test": str}
@@ -42,6 +49,8 @@ class HumanEvalEnv(TextTaskEnv):
             hub_loader=hub_split("openai/openai_humaneval", None, "test"),
             required_fields=HUMANEVAL_FIELDS,
         )
+        for position, record in enumerate(self._records):
+            _check_humaneval(record, where(self._records, position, self.source))
 
     def prompt(self, record: Mapping) -> str:
         return ("Complete the following Python function. Reply with the function body, or the whole function "
@@ -75,7 +84,9 @@ class MBPPEnv(TextTaskEnv):
             required_fields=MBPP_FIELDS, optional_fields=MBPP_OPTIONAL_FIELDS,
         )
         for position, record in enumerate(records):
-            record["task_id"] = _task_id(record["task_id"], where(records, position, self.source))
+            location = where(records, position, self.source)
+            record["task_id"] = _task_id(record["task_id"], location)
+            _check_mbpp(record, location)
         wanted = MBPP_SPLITS[split]
         self._records = sorted((r for r in records if r["task_id"] in wanted), key=lambda r: r["task_id"])
         if not self._records:
@@ -104,3 +115,41 @@ def _task_id(value: int | str, location: str) -> int:
             raise DataFormatError(f"{location}: field 'task_id' must be an integer, got str {value!r}")
         return int(value)
     return value
+
+
+def _parse(code: str, field: str, location: str) -> ast.Module:
+    try:
+        with warnings.catch_warnings():  # old escapes like "\w" in the datasets' code are not our warnings
+            warnings.simplefilter("ignore")
+            return ast.parse(code.replace("\r\n", "\n").strip())
+    except (SyntaxError, ValueError) as error:
+        line = f", line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise DataFormatError(f"{location}: field {field!r} is not Python ({getattr(error, 'msg', error)}{line}): "
+                              f"{code.strip()[:60]!r}") from None
+
+
+def _check_humaneval(record: Mapping, location: str) -> None:
+    """The record can be judged: its entry point is a function the prompt defines, its test defines check()."""
+    entry_point = record["entry_point"]
+    if not entry_point.isidentifier():
+        raise DataFormatError(f"{location}: field 'entry_point' must be a Python name, got {entry_point!r}")
+    if not re.search(rf"(?m)^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", record["prompt"]):
+        raise DataFormatError(f"{location}: field 'entry_point': the prompt defines no function {entry_point!r}")
+    test = _parse(record["test"], "test", location)
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in test.body):
+        raise DataFormatError(f"{location}: field 'test' defines no check(candidate) function: nothing would "
+                              "call the completion")
+
+
+def _check_mbpp(record: Mapping, location: str) -> None:
+    """Every test parses and asserts something, and the tests call a function the solution must define."""
+    for field in ("test_list", "challenge_test_list"):
+        for index, test in enumerate(record.get(field) or []):
+            tree = _parse(test, f"{field}[{index}]", location)
+            if not any(isinstance(node, ast.Assert) for node in ast.walk(tree)):
+                raise DataFormatError(f"{location}: field '{field}[{index}]' has no assert, so any function would "
+                                      f"pass it: {test.strip()[:60]!r}")
+    _parse(record.get("test_setup_code") or "", "test_setup_code", location)
+    if not mbpp_spec(record).functions:
+        raise DataFormatError(f"{location}: field 'test_list': the asserts call no function the solution must "
+                              "define, so any code would pass them")

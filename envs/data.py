@@ -2,7 +2,8 @@
 
 Every reader turns a bad file into a :class:`DataFormatError` that names the file, the line (or record) and
 the field: bytes that are not UTF-8, gzip data under a plain name or a ``.gz`` that is not gzip, malformed
-JSON, missing fields and fields of the wrong type. Data that cannot be found raises a
+JSON (nesting too deep, a number too long to read included), a file with no records, missing fields and fields
+of the wrong type. Data that cannot be found raises a
 :class:`DataNotFoundError` that names every place looked at and how to provide the data.
 """
 
@@ -82,19 +83,80 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise DataFormatError(f"{path}: corrupt or truncated gzip data after line {line_number} ({error})") from None
 
 
+class _LongNumber(str):
+    """An integer of a JSON line with more digits than Python converts (``sys.get_int_max_str_digits``)."""
+
+
+def _read_int(text: str):
+    try:
+        return int(text)
+    except ValueError:  # more digits than the interpreter converts: named with its field below
+        return _LongNumber(text)
+
+
+def _long_number_field(value, path: str = "") -> str | None:
+    """Where in a parsed record a :class:`_LongNumber` is (``answer``, ``meta.values[2]``), or None."""
+    if isinstance(value, _LongNumber):
+        return path
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        children = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for place, item in children:
+        found = _long_number_field(item, place)
+        if found is not None:
+            return found
+    return None
+
+
+def _deep_field(line: str) -> str:
+    """The top-level field under which a JSON line nests too deeply for the parser (a linear scan, made only
+    once parsing has failed)."""
+    depth, in_string, escaped, last_string, field, start = 0, False, False, None, None, 0
+    for position, char in enumerate(line):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string, last_string = False, line[start + 1:position]
+        elif char == '"':
+            in_string, start = True, position
+        elif char == ":" and depth == 1:
+            field = last_string
+        elif char in "[{":
+            depth += 1
+            if depth > 64:
+                break
+        elif char in "]}":
+            depth -= 1
+    return f"field {field!r}" if field is not None else "the record"
+
+
 def read_jsonl(path: str | os.PathLike) -> RecordList:
     """Every record of a JSONL file (``.gz`` too), in file order. Blank lines are skipped; a line that is
-    not a JSON object raises :class:`DataFormatError` naming the file and line number."""
+    not a JSON object (or that nests deeper, or holds a longer number, than Python reads) raises
+    :class:`DataFormatError` naming the file, line, record and, where it can, the field."""
     records, lines = [], []
     for line_number, line in text_lines(path):
         if not line.strip():
             continue
+        location = f"{path}:{line_number}: record {len(records) + 1}"
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_int=_read_int)
         except json.JSONDecodeError as error:
             raise DataFormatError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise DataFormatError(f"{location}: {_deep_field(line)} is nested too deeply to read") from None
         if not isinstance(record, dict):
             raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        long_number = _long_number_field(record)
+        if long_number is not None:
+            raise DataFormatError(f"{location}: field {long_number!r} holds a number of more digits than can be "
+                                  "read (is it meant to be text? then quote it)")
         records.append(record)
         lines.append(line_number)
     return RecordList(records, source=str(path), lines=lines)
@@ -230,6 +292,8 @@ def load_records(
             raise DataNotFoundError(f"no local {relative_path} and {error}. {local_lookup(relative_path)}") \
                 from error.__cause__
         source = getattr(records, "source", "hub")
+    if not records:  # an env over no records would fail at reset() with a baffling index range
+        raise DataFormatError(f"{source}: no records (the file is empty or holds only blank lines)")
     require_fields(records, required_fields, source, optional=optional_fields)
     return records, source
 

@@ -12,7 +12,7 @@ from typing import Mapping
 
 from dare_gym.envs.base import SplitInfo, TextTaskEnv
 from dare_gym.envs.data import DataFormatError, hub_split, load_records, where
-from dare_gym.rewards.math import answers_match, extract_final_answer, gsm8k_gold
+from dare_gym.rewards.math import gsm8k_gold
 
 SPLITS = ("train", "test")
 INSTRUCTION = (
@@ -53,6 +53,3 @@ class GSM8KEnv(TextTaskEnv):
     def problem_text(self, record: Mapping) -> str:
         return str(record["question"])
 
-    def is_correct(self, completion: str, record: Mapping) -> bool:
-        prediction = extract_final_answer(completion)
-        return prediction is not None and answers_match(record["gold"], prediction)

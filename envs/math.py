@@ -20,7 +20,7 @@ from typing import Mapping
 
 from dare_gym.envs.base import SplitInfo, TextTaskEnv
 from dare_gym.envs.data import DataFormatError, RecordList, hub_split, load_records, where
-from dare_gym.rewards.math import answers_match, extract_final_answer, last_boxed
+from dare_gym.rewards.math import last_boxed
 
 INSTRUCTION = "Solve the problem. Put the final answer inside \\boxed{}."
 MATH_HUB = "DigitalLearningGmbH/MATH-lighteval"
@@ -74,9 +74,6 @@ class _MathEnv(TextTaskEnv):
         pairs = (("subject", subject), ("level", record.get("level")))
         return {key: value for key, value in pairs if value is not None}
 
-    def is_correct(self, completion: str, record: Mapping) -> bool:
-        prediction = extract_final_answer(completion)
-        return prediction is not None and answers_match(record["gold"], prediction)
 
     @staticmethod
     def demonstration(record: Mapping) -> str:

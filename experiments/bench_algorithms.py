@@ -27,8 +27,8 @@ RESULTS = Path(__file__).parent / "results"
 def _measure(algorithm: str, options: dict, steps: int, queue) -> None:
     import torch
 
-    from dare_gym.config import load_config
-    from dare_gym.trainer import TrainConfig, Trainer
+    from dare_gym.core.config import load_config
+    from dare_gym.train.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as workdir:

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from dare_gym.compare import run_comparison
+from dare_gym.tools.compare import run_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 import dare_gym
-from dare_gym.cli import default_config_path
-from dare_gym.config import load_config
-from dare_gym.evaluation import evaluate
-from dare_gym.sft import train_on_demonstrations
-from dare_gym.trainer import Trainer, TrainConfig
+from dare_gym.tools.cli import default_config_path
+from dare_gym.core.config import load_config
+from dare_gym.train.evaluation import evaluate
+from dare_gym.core.sft import train_on_demonstrations
+from dare_gym.train.trainer import Trainer, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -9,7 +9,7 @@ Configurations:
 * ``previous log-probs``: the code path before this change, restored for the measurement: logits over the whole
   sequence and a full-vocabulary float32 log-softmax for the entropy;
 * ``chunked log-probs``: logits only at the completion's positions (``logits_to_keep``), log-probs and entropy in
-  float32 chunks (:mod:`dare_gym.logprobs`);
+  float32 chunks (:mod:`dare_gym.core.logprobs`);
 * ``+ gradient checkpointing``: the same with activation checkpointing of every block.
 
     python experiments/bench_memory.py            # ~10 min on 2 CPU cores; writes experiments/results/memory.json
@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from update_probe import SHAPES, one_update, parameter_count, random_llada  # noqa: E402
 
-from dare_gym.lora import LoraSettings  # noqa: E402
+from dare_gym.core.lora import LoraSettings  # noqa: E402
 
 CONFIGURATIONS = {
     "previous log-probs": dict(previous=True, checkpointing=False),
@@ -54,9 +54,9 @@ def _previous_forward(logits_fn, batch, completion, prompt=None):
 def measure(name: str, shape: str, rows: int, prompt_length: int, gen_length: int, dtype: str) -> dict:
     setting = CONFIGURATIONS[name]
     if setting["previous"]:
-        import dare_gym.estimators
+        import dare_gym.core.estimators
 
-        dare_gym.estimators._forward = _previous_forward
+        dare_gym.core.estimators._forward = _previous_forward
     policy = random_llada(shape, device="cpu", dtype=getattr(torch, dtype))
     weights_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = one_update(policy, rows=rows, prompt_length=prompt_length, gen_length=gen_length, group_size=rows,

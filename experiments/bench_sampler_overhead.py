@@ -12,6 +12,7 @@ tokens/s counts generated tokens (``gen_length`` per row) per second of sampler 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import dare_gym
-from dare_gym.sampling import generate_masked_diffusion
+from dare_gym.samplers.llada import denoise_blocks
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = {
@@ -51,11 +52,12 @@ def measure(policy, batch_size: int, settings: dict, temperature: float, repeats
         in_model[0] += time.perf_counter() - start
         return out
 
+    timed = copy.copy(policy)  # the same policy, its forward timed
+    timed.logits = timed_logits
+
     def sample():
-        return generate_masked_diffusion(
-            timed_logits, prompt_ids, prompt_mask, mask_token_id=policy.mask_token_id, generator=generator,
-            temperature=temperature, remasking="low_confidence", **settings,
-        )
+        return denoise_blocks(timed, prompt_ids, prompt_mask, generator=generator, temperature=temperature,
+                              remasking="low_confidence", record_predictions=False, **settings)
 
     out = sample()  # warm-up, and the number of forward passes
     # Each repeat times the sampler and, inside the same run, its forward passes: the ratio of the two is

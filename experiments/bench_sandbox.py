@@ -11,6 +11,13 @@ interpreters (its fallback where pidfds are unavailable). Then the code extracti
 completions made of one repeated pattern (the previous one was quadratic in repeated fences). The previous
 design runs from a temporary ``git worktree`` of ``--old-rev`` in a subprocess (this same script with
 ``--side old``), so both use this interpreter and these packages.
+
+    DARE_GYM_DATA_DIR=../shared/data python experiments/bench_sandbox.py --startup    # writes sandbox_startup.json
+
+measures what the deny-by-default isolation costs each run (an allow-listed root pivoted into, a seccomp
+filter, new cgroups made and removed per run) against ``--startup-rev`` (8f3a149: the host's tree remounted
+read-only, reused cgroups, no filter), in alternation: a trivial program run 200 times with 1 and with 2
+workers, and HumanEval's 164 canonical solutions with 2 workers; this design also without its seccomp filter.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 OLD_REV = "6d1e42d"
+STARTUP_REV = "8f3a149"  # the last commit before the allow-listed root, the seccomp filter and fresh cgroups
+STARTUP_RUNS = 200
 PATTERNS = {"openers": "```", "fences on lines": "```\n", "labelled openers": "```python", "mixed": "```py\n`` `"}
 OLD_SIZES_KIB = (16, 32, 64, 128)  # the old extraction needs ~15 s at 128 KiB and grows with the square
 NEW_SIZES_KIB = (16, 32, 64, 128, 1024)
@@ -125,11 +134,32 @@ def measure(which: str, sizes_kib, fresh_checkers: bool) -> dict:
 # ------------------------------------------------------------------------------------------------ both sides
 
 
-def run_side(tree: Path, which: str, sizes_kib=(), fresh_checkers: bool = False) -> dict:
+def measure_startup(variant: str) -> dict:
+    """Start-up cost per run of the design on ``sys.path``: a trivial program ``STARTUP_RUNS`` times with 1 and 2
+    workers, and HumanEval's canonical solutions with 2; ``variant`` ``no-filter`` turns the seccomp filter off."""
+    sandbox = importlib.import_module("dare_gym.rewards.sandbox")
+    code = importlib.import_module("dare_gym.rewards.code")
+    limits = sandbox.SandboxLimits(timeout_s=30.0)
+    sandbox.run_program("pass\n", limits)  # probe the isolation once, outside the timings
+    if variant == "no-filter":
+        sandbox._get_plan().seccomp = None
+    report = sandbox.isolation_report()
+    rows = [time_runs("trivial program", ["pass\n"] * STARTUP_RUNS, workers, True, sandbox.run_programs, limits)
+            for workers in (1, 2)]
+    records = humaneval_records()
+    canonical = [code.humaneval_check(r, r["canonical_solution"]) for r in records]
+    rows.append(time_runs("HumanEval canonical", canonical, 2, True, sandbox.check_programs, limits))
+    layers = {key: report.get(key) for key in ("allow_listed_root", "syscall_filter", "fresh_cgroups", "mount_namespace",
+                                               "memory_cgroup", "unprivileged_uid")}
+    return {"design": variant, "layers": layers, "rows": rows}
+
+
+def run_side(tree: Path, which: str, sizes_kib=(), fresh_checkers: bool = False, variant: str = "") -> dict:
     """This script in a fresh interpreter with ``tree`` first on ``sys.path``."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     command = [sys.executable, str(Path(__file__).resolve()), "--side", which,
                "--sizes", ",".join(map(str, sizes_kib))] + (["--fresh-checkers"] if fresh_checkers else [])
+    command += ["--variant", variant] if variant else []
     output = subprocess.run(command, env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -155,18 +185,61 @@ def print_tables(runs: list[dict], extraction: list[dict]) -> None:
             print(f"| {run['design']} | {row['pattern']} | {row['kib']} | {row['seconds']:.4f} |")
 
 
+def startup(args) -> None:
+    """Before (``--startup-rev``) against after, alternated three times so that a busy spell hits both."""
+    old = old_worktree(args.startup_rev)
+    load_before = os.getloadavg()
+    runs = []
+    try:
+        for _ in range(3):
+            runs.append(run_side(old, "startup", variant=f"before ({args.startup_rev})"))
+            runs.append(run_side(ROOT, "startup", variant="now"))
+            runs.append(run_side(ROOT, "startup", variant="no-filter"))
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], capture_output=True)
+    print("| design | case | workers | passed | seconds | sandbox CPU s | ms/program |\n|---|---|---|---|---|---|---|")
+    for run in runs:
+        for row in run["rows"]:
+            print(f"| {run['design']} | {row['case']} | {row['workers']} | {row['passed']}/{row['programs']} | "
+                  f"{row['seconds']:.2f} | {row['cpu_s']:.2f} | {row['ms_per_program']:.1f} |")
+    medians = {}
+    for run in runs:
+        for row in run["rows"]:
+            medians.setdefault((run["design"], row["case"], row["workers"]), []).append(row["ms_per_program"])
+    print("\nmedian of 3, ms per program:")
+    for (design, case, workers), values in sorted(medians.items()):
+        print(f"  {design:20s} {case:20s} {workers} worker(s): {sorted(values)[1]:.1f}")
+    report = {"startup_rev": args.startup_rev, "cpus": os.cpu_count(), "load_before": load_before,
+              "load_after": os.getloadavg(), "runs": runs,
+              "median_ms_per_program": {" | ".join(map(str, key)): sorted(values)[1] for key, values in medians.items()}}
+    output = RESULTS / "sandbox_startup.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nload average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          f"wrote {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old-rev", default=OLD_REV, help="the commit of the previous design")
     parser.add_argument("--output", type=Path, default=RESULTS / "sandbox.json")
-    parser.add_argument("--side", choices=("humaneval", "mbpp", "extraction"), help=argparse.SUPPRESS)
+    parser.add_argument("--startup", action="store_true", help="measure the start-up cost of the isolation instead")
+    parser.add_argument("--startup-rev", default=STARTUP_REV, help="the commit to compare the start-up cost with")
+    parser.add_argument("--side", choices=("humaneval", "mbpp", "extraction", "startup"), help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="", help=argparse.SUPPRESS)
     parser.add_argument("--fresh-checkers", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side == "startup":
+        print(json.dumps(measure_startup(args.variant)))
+        return
     if args.side:  # one measurement of the design on sys.path, as one JSON line
         print(json.dumps(measure(args.side, [int(s) for s in args.sizes.split(",") if s], args.fresh_checkers)))
         return
     data_dir()
+    if args.startup:
+        startup(args)
+        return
     old = old_worktree(args.old_rev)
     load_before = os.getloadavg()
     try:

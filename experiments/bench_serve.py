@@ -24,7 +24,7 @@ import httpx
 import torch
 
 import dare_gym
-from dare_gym.serve import ServerThread
+from dare_gym.tools.serve import ServerThread
 
 SETTINGS = {"no batching": dict(max_batch_size=1, batch_wait_ms=0.0),
             "batching": dict(max_batch_size=32, batch_wait_ms=5.0)}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from dare_gym.cli import default_config_path
-from dare_gym.config import load_config
-from dare_gym.trainer import Trainer, TrainConfig
+from dare_gym.tools.cli import default_config_path
+from dare_gym.core.config import load_config
+from dare_gym.train.trainer import Trainer, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 PHASES = ("time_rollout", "time_reward", "time_update")

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from update_probe import one_update, parameter_count, random_llada, random_llada2  # noqa: E402
 
 import dare_gym  # noqa: E402
-from dare_gym.device import resolve_device  # noqa: E402
-from dare_gym.lora import LoraSettings  # noqa: E402
+from dare_gym.core.device import resolve_device  # noqa: E402
+from dare_gym.core.lora import LoraSettings  # noqa: E402
 from dare_gym.samplers import get_sampler, make_options  # noqa: E402
 
 SAMPLER_SETTINGS = {  # name -> (sampler, its options beyond the shared schedule)
@@ -81,8 +81,8 @@ def tiny_parity(device: torch.device, quick: bool) -> dict:
 
 
 def tiny_training(device: torch.device, quick: bool) -> dict:
-    from dare_gym.config import load_config
-    from dare_gym.trainer import TrainConfig, Trainer
+    from dare_gym.core.config import load_config
+    from dare_gym.train.trainer import TrainConfig, Trainer
 
     steps = 1 if quick else 20
     size = ["prompts_per_step=4", "group_size=4", "eval_size=16"] if quick else ["eval_size=500"]
@@ -205,7 +205,7 @@ def llada2_update(device: torch.device, shape: str, layers: int, schedule: dict)
         result = one_update(policy, algorithm="ebpo", rows=schedule["rows"], prompt_length=schedule["prompt_length"],
                             gen_length=schedule["gen_length"], group_size=schedule["rows"],
                             micro_batch_size=schedule["rows"], lora=LoraSettings(r=8, alpha=16),
-                            gradient_checkpointing=True, options={"estimator_kwargs": {"mc_num": 2}})
+                            gradient_checkpointing=True, options={"mc_num": 2})
     except torch.cuda.OutOfMemoryError as error:
         return {"out_of_memory": str(error).splitlines()[0][:300]}
     s = Shape.from_config(config)

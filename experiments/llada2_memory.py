@@ -264,8 +264,8 @@ def measure(folder: Path, *, dtype: torch.dtype, checkpointing: bool, rows: int,
     """One block-diffusion training forward and backward of the model in ``folder`` on CPU: parameter, gradient and
     AdamW bytes of the model itself, and the bytes autograd saved (forward and, with checkpointing, the recompute)."""
     import dare_gym
-    from dare_gym.logprobs import token_log_probs
-    from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing, optimizer_state_bytes
+    from dare_gym.core.logprobs import token_log_probs
+    from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing, optimizer_state_bytes
 
     policy = dare_gym.load_policy(folder, dtype=dtype)
     model = policy.model.train()

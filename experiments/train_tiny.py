@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 import dare_gym
-from dare_gym.evaluation import evaluate
 from dare_gym.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
+from dare_gym.train.evaluation import evaluate
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, count_parameters
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import BUILTIN_POLICIES, DiffusionPolicy
-from dare_gym.sft import train_on_demonstrations
+from dare_gym.core.policy import BUILTIN_POLICIES, DiffusionPolicy
+from dare_gym.core.sft import train_on_demonstrations
 
 GENERATION = dict(gen_length=8, steps=8, block_length=8, temperature=0.0, remasking="low_confidence")
 LONG_GENERATION = dict(gen_length=72, steps=72, block_length=8, temperature=0.0, remasking="low_confidence")

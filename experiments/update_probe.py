@@ -15,11 +15,11 @@ import time
 import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.lora import LoraSettings, adapter_disabled_reference, apply_lora
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.core.lora import LoraSettings, adapter_disabled_reference, apply_lora
 from dare_gym.models.llada import LLaDAConfig, LLaDAModelLM
-from dare_gym.policy import Completion, DiffusionPolicy
-from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.core.policy import Completion, DiffusionPolicy
+from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
 
 LLADA_VOCAB, LLADA_MASK, LLADA_EOS = 126464, 126336, 126081
 SHAPES = {  # d_model, heads, layers, MLP width of LLaDA's "llama" block

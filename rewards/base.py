@@ -7,8 +7,11 @@ list[float | None]`` plug in too (detected by their first two parameter names, o
 per-sample reward may also carry ``fn.batch_fn(completions, samples) -> list[float]``, a faster way to score
 many at once (the code rewards run their programs in parallel through it).
 
-Rewards know nothing of models or tensors. A reward that raises, returns something that is not a finite
-number, or runs past its time limit scores 0 and the reason is reported: a bad reward never stops a run.
+Rewards know nothing of models or tensors. A reward that raises (``SystemExit`` included), returns something
+that is not a finite number (text is not a number, even ``"1.0"``; ``10**400`` is beyond a float), or runs past
+its time limit scores 0 and the reason is reported: a bad reward never stops a run. Under a time limit the
+returned value is turned into a float in the helper process too, since that runs the reward's code
+(``__float__``).
 
 Where a reward runs (:class:`CombinedReward`):
 
@@ -34,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence, Union
 
+from dare_gym.registries import Registry
 from dare_gym.rewards.worker import Call, Outcome, describe_error, run_calls
 
 RewardFn = Callable[[str, Mapping], float]
@@ -42,7 +46,7 @@ DEFAULT_RANGE = (0.0, 1.0)
 LINEAR_CHARS_PER_S = 1_000_000
 """Characters per second a ``linear_time`` reward is trusted to score at least (see experiments/bench_reward_limits.py)."""
 
-_REWARDS: dict[str, RewardFn] = {}
+REWARDS: Registry = Registry("reward")
 
 
 def batched(fn: Callable) -> Callable:
@@ -74,26 +78,22 @@ def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = 
     def add(f: RewardFn) -> RewardFn:
         if not callable(f):
             raise TypeError(f"reward {name!r} must be callable, got {type(f).__name__}")
-        if name in _REWARDS and not overwrite and _REWARDS[name] is not f:
+        if name in REWARDS and not overwrite and REWARDS[name] is not f:
             raise ValueError(f"a reward named {name!r} is already registered; pass overwrite=True to replace it")
         f.reward_name = name
         f.value_range = tuple(value_range)
         f.linear_time = bool(linear_time)
-        _REWARDS[name] = f
-        return f
+        return REWARDS.add(name, f, overwrite=True)
 
     return add if fn is None else add(fn)
 
 
 def get_reward(name: str) -> RewardFn:
-    try:
-        return _REWARDS[name]
-    except KeyError:
-        raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(list_rewards())}") from None
+    return REWARDS.lookup(name)
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REWARDS)
+    return REWARDS.names()
 
 
 @dataclass
@@ -112,16 +112,52 @@ def _term_name(fn: Callable) -> str:
 
 def check_score(value, *, none_allowed: bool = False) -> tuple[float | None, str | None]:
     """``(score, None)`` for a usable score (None for "not applicable" where ``none_allowed``), else ``(0.0,
-    why)``: a value that is not a finite number scores 0 with the reason."""
+    why)``: a value that is not a finite number scores 0 with the reason. Text is not a number, even text that
+    reads as one (``"1.0"``); a number beyond a float's range (``10**400``, a huge ``Fraction``) is not a score.
+    Under a time limit this runs in the reward's helper process (see :func:`checked_score`): converting a
+    returned object calls its code."""
     if value is None:
         return (None, None) if none_allowed else (0.0, "returned None (a per-sample reward must return a number)")
+    if isinstance(value, (str, bytes, bytearray)):
+        return 0.0, f"returned {type(value).__name__} {_preview(value)}, which is not a number"
     try:
         number = float(value)
+    except OverflowError:
+        return 0.0, f"returned a {type(value).__name__} too large for a float score"
     except (TypeError, ValueError):
-        return 0.0, f"returned {type(value).__name__} {str(value)[:60]!r}, which is not a number"
+        return 0.0, f"returned {type(value).__name__} {_preview(value)}, which is not a number"
     if not math.isfinite(number):
         return 0.0, f"returned a non-finite score {number!r}"
     return number, None
+
+
+def _preview(value) -> str:
+    """The start of ``repr(value)`` for a message; never fails (a returned object's ``__repr__`` is its code)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - an object whose repr fails (or an int too long to print)
+        return "(unprintable)"
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def checked_score(value) -> tuple[float | None, str | None]:
+    """:func:`check_score` of a per-sample reward's result, made where the reward ran (``Call.post``)."""
+    return check_score(value)
+
+
+def checked_scores(values, none_allowed: bool = False) -> list[tuple[float | None, str | None]] | str:
+    """:func:`check_score` of each score of a batch call's result, made where the reward ran; a reason string
+    for a result that is not a list of scores."""
+    try:
+        values = list(values)
+    except Exception:  # noqa: BLE001 - not iterable, or an iterator of the reward's that raised
+        return f"returned {type(values).__name__}, not a list of scores"
+    return [check_score(value, none_allowed=none_allowed) for value in values]
+
+
+def checked_scores_or_none(values) -> list[tuple[float | None, str | None]] | str:
+    """:func:`checked_scores` for TRL-style batched rewards, whose ``None`` means "does not apply"."""
+    return checked_scores(values, none_allowed=True)
 
 
 class _Scores:
@@ -132,23 +168,23 @@ class _Scores:
         self.values: dict[str, list[float | None]] = {name: [0.0] * count for name in names}
         self.errors: list[dict[str, str]] = [{} for _ in range(count)]
 
-    def set(self, name: str, index: int, value, *, none_allowed: bool) -> None:
-        self.values[name][index], error = check_score(value, none_allowed=none_allowed)
+    def set(self, name: str, index: int, checked: tuple[float | None, str | None]) -> None:
+        """A score checked by :func:`check_score`, with its error if any."""
+        self.values[name][index], error = checked
         if error is not None:
             self.errors[index][name] = error
 
-    def set_all(self, name: str, values, *, none_allowed: bool) -> None:
-        """One call's scores for the whole batch, each checked on its own; the wrong count fails them all."""
-        try:
-            values = list(values)
-        except TypeError:
-            self.fail(name, range(self.count), f"returned {type(values).__name__}, not a list of scores")
+    def set_all(self, name: str, checked: list | str) -> None:
+        """One call's scores for the whole batch, checked by :func:`checked_scores`; the wrong count, or a
+        result that is not a list, fails them all."""
+        if isinstance(checked, str):
+            self.fail(name, range(self.count), checked)
             return
-        if len(values) != self.count:
-            self.fail(name, range(self.count), f"returned {len(values)} scores for {self.count} completions")
+        if len(checked) != self.count:
+            self.fail(name, range(self.count), f"returned {len(checked)} scores for {self.count} completions")
             return
-        for index, value in enumerate(values):
-            self.set(name, index, value, none_allowed=none_allowed)
+        for index, pair in enumerate(checked):
+            self.set(name, index, pair)
 
     def fail(self, name: str, indices, reason: str) -> None:
         for index in indices:
@@ -174,7 +210,6 @@ class _Job:
     name: str
     call: Call
     index: int | None
-    none_allowed: bool = False
     per_sample: Callable | None = None
 
 
@@ -228,22 +263,25 @@ class CombinedReward:
             columns = {key: [s.get(key) for s in samples] for key in set().union(*samples)} if samples else {}
             columns.pop("prompts", None)
             columns.pop("completions", None)
+            call = Call(fn, (prompts, completions), columns, post=checked_scores_or_none)
             if limited:
-                return [_Job(name, Call(fn, (prompts, completions), columns), None, none_allowed=True)]
-            self._here(name, None, scores, Call(fn, (prompts, completions), columns), none_allowed=True)
+                return [_Job(name, call, None)]
+            self._here(name, None, scores, call)
             return []
         batch_fn = getattr(fn, "batch_fn", None)
         if batch_fn is not None and count > 1:
+            call = Call(batch_fn, (completions, samples), post=checked_scores)
             if limited:
-                return [_Job(name, Call(batch_fn, (completions, samples)), None, per_sample=fn)]
-            self._here(name, None, scores, Call(batch_fn, (completions, samples)), none_allowed=False)
+                return [_Job(name, call, None, per_sample=fn)]
+            self._here(name, None, scores, call)
             return []
         jobs = []
         for i in range(count):
+            call = Call(fn, (completions[i], samples[i]), post=checked_score)
             if limited and not self._fits_here(fn, completions[i]):
-                jobs.append(_Job(name, Call(fn, (completions[i], samples[i])), i))
+                jobs.append(_Job(name, call, i))
             else:
-                self._here(name, i, scores, Call(fn, (completions[i], samples[i])), none_allowed=False)
+                self._here(name, i, scores, call)
         return jobs
 
     def _fits_here(self, fn: Callable, completion: str) -> bool:
@@ -251,17 +289,20 @@ class CombinedReward:
         return getattr(fn, "linear_time", False) and len(completion) <= self.timeout_s * LINEAR_CHARS_PER_S
 
     @staticmethod
-    def _here(name: str, index: int | None, scores: _Scores, call: Call, *, none_allowed: bool) -> None:
-        """Make ``call`` in this thread and record its score (for the sample ``index``, or for the batch)."""
+    def _here(name: str, index: int | None, scores: _Scores, call: Call) -> None:
+        """Make ``call`` in this thread and record its score (for the sample ``index``, or for the batch). A
+        reward that raises, ``SystemExit`` included, scores 0 with the reason; only Ctrl-C gets through."""
         try:
-            value = call.fn(*call.args, **call.kwargs)
-        except Exception as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
+            checked = call.post(call.fn(*call.args, **call.kwargs))
+        except KeyboardInterrupt:  # the user stopping the run
+            raise
+        except BaseException as error:  # noqa: BLE001 - a failing reward scores 0, with the reason
             scores.fail(name, range(scores.count) if index is None else [index], describe_error(error))
             return
         if index is None:
-            scores.set_all(name, value, none_allowed=none_allowed)
+            scores.set_all(name, checked)
         else:
-            scores.set(name, index, value, none_allowed=none_allowed)
+            scores.set(name, index, checked)
 
     @staticmethod
     def _take(job: _Job, outcome: Outcome, completions: list[str], samples: list[Mapping],
@@ -269,13 +310,14 @@ class CombinedReward:
         """Record a helper's outcome; a ``batch_fn`` that overran comes back as one job per completion."""
         indices = range(scores.count) if job.index is None else [job.index]
         if outcome.timed_out and job.per_sample is not None:
-            return [_Job(job.name, Call(job.per_sample, (completions[i], samples[i])), i) for i in indices]
+            return [_Job(job.name, Call(job.per_sample, (completions[i], samples[i]), post=checked_score), i)
+                    for i in indices]
         if outcome.error is not None:
             scores.fail(job.name, indices, outcome.error)
         elif job.index is None:
-            scores.set_all(job.name, outcome.value, none_allowed=job.none_allowed)
+            scores.set_all(job.name, outcome.value)
         else:
-            scores.set(job.name, job.index, outcome.value, none_allowed=job.none_allowed)
+            scores.set(job.name, job.index, outcome.value)
         return []
 
     def __call__(self, completion: str, sample: Mapping, prompt: str = "") -> RewardResult:

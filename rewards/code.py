@@ -45,8 +45,6 @@ from __future__ import annotations
 import ast
 import builtins
 import collections
-import dataclasses
-import os
 import re
 import sys
 import warnings
@@ -71,8 +69,9 @@ __all__ = [
 ]
 
 DEFAULT_LIMITS = SandboxLimits(timeout_s=10.0)
-"""Limits of every reward run. The folder named by ``DARE_GYM_DATA_DIR`` (the benchmarks' answer keys) is added
-to ``hidden_paths`` at call time, so a completion cannot read the canonical solutions."""
+"""Limits of every reward run. No answer key needs hiding: the program sees only the sandbox's allow-list
+(:func:`dare_gym.rewards.sandbox.allow_list`), never ``DARE_GYM_DATA_DIR``, a ``data_files=`` copy of a
+benchmark or any other file of the host, whatever limits are passed."""
 
 MAX_COMPLETION_CHARS = 1 << 20
 """Longer completions score 0.0 without running, with the reason. Extraction is linear, so this is not about
@@ -227,22 +226,24 @@ def _free_and_bound(source: str) -> tuple[set[str], list[str]]:
     return loaded - bound, top_level
 
 
-def _reference_definitions(code: str) -> set[str]:
-    """Names the (trusted) reference solution defines at top level (functions, classes, assignments); empty
-    if it does not parse."""
+def _reference_definitions(code: str) -> tuple[set[str], set[str]]:
+    """Names the (trusted) reference solution defines at top level (functions, classes, assignments), and which
+    of them are classes; empty if it does not parse."""
     try:
         with warnings.catch_warnings():  # old escapes like "\w" in the dataset's code are not our warnings
             warnings.simplefilter("ignore")
             tree = ast.parse(code)
     except (SyntaxError, ValueError):
-        return set()
-    names = set()
+        return set(), set()
+    names, classes = set(), set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                classes.add(node.name)
         elif isinstance(node, ast.Assign):
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return names
+    return names, classes
 
 
 def mbpp_spec(record: Mapping, include_challenge: bool = False) -> CheckSpec:
@@ -258,7 +259,7 @@ def mbpp_spec(record: Mapping, include_challenge: bool = False) -> CheckSpec:
     uses_solution = any(n not in _BUILTIN_NAMES and n not in sys.stdlib_module_names for n in setup_free)
     remote = tuple(setup_bound) if uses_solution else ()
     checker_side = set(remote) if uses_solution else set(setup_bound)
-    reference = _reference_definitions(_normalize(record.get("code") or ""))
+    reference, classes = _reference_definitions(_normalize(record.get("code") or ""))
     functions, modules = [], []
     for name in sorted(_free_and_bound(test)[0] - checker_side):
         if name in reference:  # the solution's function, even under a builtin's name (task 126's sum)
@@ -268,7 +269,8 @@ def mbpp_spec(record: Mapping, include_challenge: bool = False) -> CheckSpec:
         elif name not in _BUILTIN_NAMES:  # the solution must define it
             functions.append(name)
     return CheckSpec(test=test, prelude="" if uses_solution else setup, functions=tuple(functions),
-                     modules=tuple(modules), program_setup=setup, remote_names=remote)
+                     modules=tuple(modules), program_setup=setup, remote_names=remote,
+                     constructors=tuple(name for name in functions if name in classes))
 
 
 def mbpp_check(record: Mapping, completion: str, *, include_challenge: bool = False) -> tuple[str, CheckSpec]:
@@ -278,13 +280,6 @@ def mbpp_check(record: Mapping, completion: str, *, include_challenge: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------------ rewards
-
-
-def _limits() -> SandboxLimits:
-    data_dir = os.environ.get("DARE_GYM_DATA_DIR")
-    if data_dir and os.path.isdir(data_dir) and data_dir not in DEFAULT_LIMITS.hidden_paths:
-        return dataclasses.replace(DEFAULT_LIMITS, hidden_paths=(*DEFAULT_LIMITS.hidden_paths, data_dir))
-    return DEFAULT_LIMITS
 
 
 def _record(sample: Mapping) -> Mapping:
@@ -307,7 +302,7 @@ def _execute(build, completion: str, sample: Mapping, limits: SandboxLimits | No
     refusal = _refusal(completion)
     if refusal is not None:
         return ExecutionResult(False, "failed", None, "", "", 0.0, refusal)
-    return check_program(*build(_record(sample), completion), limits or _limits())
+    return check_program(*build(_record(sample), completion), limits or DEFAULT_LIMITS)
 
 
 def execute_humaneval(completion: str, sample: Mapping, limits: SandboxLimits | None = None) -> ExecutionResult:
@@ -349,7 +344,7 @@ def _batch(build, completions: Sequence[str], samples: Sequence[Mapping], worker
             jobs.append(None)
     runnable = [job for job in jobs if job is not None]
     try:
-        results = iter(check_programs(runnable, _limits(), workers=workers))
+        results = iter(check_programs(runnable, DEFAULT_LIMITS, workers=workers))
     except Exception:
         return [0.0] * len(jobs)
     return [0.0 if job is None else (1.0 if next(results).passed else 0.0) for job in jobs]

@@ -55,6 +55,7 @@ class Channel:
         self.failure: tuple[str, str] | None = None  # (verdict kind, reason)
         self.checker_error: str | None = None
         self.calls = 0
+        self.handles: dict[int, protocol.Handle] = {}  # one handle per object of the program's
 
     def fail(self, kind: str, reason: str) -> ProgramFailure:
         if self.failure is None:
@@ -92,11 +93,14 @@ class Channel:
             raise self.fail("error", message["setup_error"])
         raise self.fail("died", "the program broke the protocol while it loaded: unexpected first message")
 
-    def call(self, name: str, args: tuple, kwargs: dict):
+    def call(self, name: str, args: tuple, kwargs: dict, *, constructor: bool = False):
+        """``name(*args, **kwargs)`` in the program; a ``constructor`` (a class of the program's) may answer with
+        an object that stays there, which comes back as a :class:`~dare_gym.rewards.sandbox_protocol.Handle`."""
         self._check_alive()
         self.calls += 1
         ident, during = self.calls, f"in call {self.calls} ({name})"
-        request = {"op": "call", "id": ident, "function": name, "args": list(args), "kwargs": dict(kwargs)}
+        request = {"op": "call", "id": ident, "function": name, "args": list(args), "kwargs": dict(kwargs),
+                   "handle": constructor}
         try:
             self.send(request, during)
         except protocol.Unencodable as error:
@@ -107,6 +111,11 @@ class Channel:
             raise self.fail("died", f"the program broke the protocol {during}: a reply to another call")
         if "ok" in reply:
             return reply["ok"]
+        if "handle" in reply:
+            number = reply["handle"]
+            if not constructor or type(number) is not int:
+                raise self.fail("died", f"the program broke the protocol {during}: a handle it was not asked for")
+            return self.handles.setdefault(number, protocol.Handle(number))
         if "raise" in reply:
             raise self._exception(name, reply["raise"], during)
         if type(reply.get("bad")) is str:
@@ -145,14 +154,15 @@ class Channel:
 class ProgramFunction:
     """Stands for a function of the sandboxed program: calling it is a round trip of plain data."""
 
-    __slots__ = ("_channel", "__name__")
+    __slots__ = ("_channel", "__name__", "_constructor")
 
-    def __init__(self, channel: Channel, name: str):
+    def __init__(self, channel: Channel, name: str, constructor: bool = False):
         self._channel = channel
         self.__name__ = name
+        self._constructor = constructor
 
     def __call__(self, *args, **kwargs):
-        return self._channel.call(self.__name__, args, kwargs)
+        return self._channel.call(self.__name__, args, kwargs, constructor=self._constructor)
 
     def __repr__(self) -> str:
         return f"<function {self.__name__} of the sandboxed program>"
@@ -193,8 +203,9 @@ def run_check(spec: dict, channel: Channel) -> tuple[str, str]:
     failure = None
     try:
         channel.wait_until_loaded()
+        constructors = set(spec.get("constructors", ()))
         for name in spec["functions"]:
-            namespace[name] = ProgramFunction(channel, name)
+            namespace[name] = ProgramFunction(channel, name, constructor=name in constructors)
         for name in spec["remote_names"]:
             namespace[name] = protocol.Reference(name)
         exec(test, namespace)
@@ -293,11 +304,16 @@ def serve(payload: dict) -> None:
 
 
 def _run_forked(payload_fd: int, call_fd: int, reply_fd: int, verdict_fd: int, output_fd: int) -> None:
-    """In the fork: its own session, the run's output pipe as stdout and stderr, then the check."""
+    """In the fork: its own session, fresh random state, the run's output pipe as stdout and stderr, then the
+    check."""
     import marshal
 
     try:
         os.setsid()
+        # every fork starts with the server's memory: without this, generators the preloaded modules hold would
+        # give every check the same "random" draws (the random module reseeds its own at fork; this makes sure)
+        if "random" in sys.modules:
+            sys.modules["random"].seed()
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)

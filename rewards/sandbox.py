@@ -26,40 +26,46 @@ crosses (objects are not plain data); a program that dies, hangs, breaks the pro
 plain data, raises ``SystemExit`` in a call, or leaves threads or processes running FAILS the whole run (the
 checker raises a ``BaseException`` that a test's ``except Exception`` cannot swallow and records it anyway).
 What remains: the program can learn the expected answers only by computing them (the test code never enters
-its process; the benchmark's files are hidden with ``hidden_paths``; it cannot see or trace the checker,
-which runs under another uid outside its pid namespace); trusted test code that accepts wrong answers stays
-weak; a kernel exploit breaks any sandbox; and in the weakest fallback (not root: no per-run uid and no pid
-namespace) the program runs as the same user as the parent and the checker and can reach them through
-``ptrace`` or ``/proc`` where the kernel allows it: :func:`isolation_report` then says
-``verdict_isolated: False``.
+its process; no file of the host but the interpreter and its libraries exists for it, so no copy of a
+benchmark, wherever it lies and whatever limits a caller passes; no kernel state it can write survives its run,
+so it cannot learn across runs either; it cannot see or trace the checker, which runs under another uid outside
+its pid namespace); trusted test code that accepts wrong answers stays weak; a kernel exploit breaks any
+sandbox; and in the weakest fallback (not root: no per-run uid and no pid namespace) the program runs as the
+same user as the parent and the checker and can reach them through ``ptrace`` or ``/proc`` where the kernel
+allows it: :func:`isolation_report` then says ``verdict_isolated: False``.
 
 ``run_program(source)`` is the degenerate check with no test: it passes if the program runs to its end and
 says goodbye. That verdict is the program's own word (a program can claim it falsely), which is right for
 running a program, never for judging untrusted code: the code rewards always use :func:`check_program`.
 
-Isolation of the program, strongest layer first (what is active on this machine: :func:`isolation_report`):
+The stance is deny by default: the program sees an allow-listed file system, and every piece of state the
+kernel keeps per uid or per cgroup is either fresh for the run or out of its reach, so nothing of one run
+reaches another. Layers, strongest first (what is active on this machine: :func:`isolation_report`):
 
 * **Namespaces** (root + util-linux ``unshare``): network (only a downed loopback: no connection to the
   internet, the host's localhost or its abstract unix sockets), pid (the harness is init: when it exits the
-  kernel kills every process of the run), mount (every mount read-only, a private size-limited tmpfs working
-  directory owned by the run's uid, ``/proc`` covered by an empty tmpfs, ``SandboxLimits.hidden_paths``
-  covered; directories that the run's uid cannot traverse on the way to the interpreter are replaced by a
-  tmpfs holding only the interpreter's own directory), IPC (System V shared memory, message queues and
-  semaphores and POSIX message queues die with the run; POSIX shared memory lives in ``/dev/shm``, which is
-  read-only) and UTS (hostname). Shared on purpose: the **user** namespace (the program is an unprivileged uid
-  without capabilities there; where the kernel allows unprivileged user namespaces it may make its own, which
-  give it capabilities only over namespaces it owns: mounts it inherits stay locked, read-only and covered),
-  the **cgroup** namespace (cgroup files are read-only mounts owned by root; ``/proc/self/cgroup`` is hidden
-  with ``/proc``) and the **time** namespace (setting a clock needs ``CAP_SYS_TIME``; reading uptime leaks
-  nothing of other runs).
+  kernel kills every process of the run), IPC (System V objects and POSIX message queues die with the run)
+  and UTS (hostname), and mount, which makes:
+* **An allow-listed root**: the harness pivots into a new tmpfs holding only :func:`allow_list` (the
+  interpreter, its standard library, site-packages and the folders of the shared libraries they load), bound
+  read-only, five stateless devices, an empty ``/proc``, and two private size-limited tmpfs mounts, the
+  working directory (owned by the run's uid) and ``/dev/shm``; the host's tree is detached. Nothing else
+  exists inside: not ``DARE_GYM_DATA_DIR`` nor a ``data_files=`` copy of a benchmark, not ``/sys`` (cgroup
+  counters), ``/tmp``, ``/home`` or the project's folder. ``SandboxLimits.hidden_paths`` can cover folders
+  inside the allow-list too. Shared on purpose: the **user** namespace (the program is an unprivileged uid
+  without capabilities, and the filter below denies it namespaces of its own), the **cgroup** namespace (no
+  cgroup file is in sight) and the **time** namespace (setting a clock needs ``CAP_SYS_TIME``).
 * **An unprivileged uid/gid**, unique per concurrent run (claimed through an abstract unix socket, so two
   processes on one host never share one): ``RLIMIT_NPROC`` binds, no capabilities, ``no_new_privs``, no way to
   signal or trace the host's processes (the checker included), no write access to anything it does not own.
-* **Private keyrings**: the kernel keeps keys per uid, outside every namespace; a run gets a fresh session
-  keyring (the parent's stays out of reach) and its uid's user keyrings are emptied before the program
-  starts, so nothing stored there carries into a later run.
-* **cgroups v1** (``pids`` and ``memory``): a per-run cgroup caps the tasks of the whole tree (for root too)
-  and its memory (tmpfs included); at the end every task still in it is killed.
+* **A system-call filter** (seccomp, installed by the harness last): no key calls (the kernel keeps keyrings
+  per uid for days, a channel to the uid's next run), no ``clone``/``unshare`` with a namespace flag, no
+  mounts, ``bpf``, ``perf_event_open``, ``userfaultfd`` or ``io_uring``. Where no filter can be installed the
+  run still gets a fresh session keyring and its uid's user, user-session and persistent keyrings are emptied
+  before the program starts.
+* **Fresh cgroups v1** (``pids`` and ``memory``): new cgroups for every run, removed after it, cap the tasks
+  of the whole tree (for root too) and its memory (tmpfs included): their counters (high-water mark, failures)
+  start at zero, and at the end every task still in them is killed.
 * **rlimits**: CPU seconds, address space, processes, file size, open files, no core files.
 * **Always**: a new session/process group (SIGKILLed at the end and on timeout), an environment built from
   scratch, a private temporary working directory removed afterwards (or, if the caller was killed, by the
@@ -68,12 +74,12 @@ Isolation of the program, strongest layer first (what is active on this machine:
   ``setpriv``, the run's processes get a parent-death signal, so the kernel kills them if their caller dies (a
   reward's helper process killed at its time limit): nothing of a run outlives the process that started it.
 
-Where a layer is missing (not root, no ``unshare``, no cgroup v1 controllers) the next ones still apply and a
-ONE-TIME warning names exactly what is missing. Without a pid namespace nor cgroups, the harness is a child
-subreaper and kills what the program left when it exits; on timeout the parent stops and kills that tree
-(found through ``/proc``), and with a per-run uid every process of that uid is killed too. The hole left in
+Where a layer is missing (not root, no ``unshare``, no cgroup v1 controllers, no seccomp) the next ones still
+apply and a ONE-TIME warning names exactly what is missing. Without a pid namespace nor cgroups, the harness is
+a child subreaper and kills what the program left when it exits; on timeout the parent stops and kills that tree
+(found through ``/proc``), and with a per-run uid every process of that uid is killed too. The holes left in
 that weakest mode: a ``setsid`` daemon of a program that then leaves through ``os._exit`` survives unless a
-per-run uid is in use. Files readable by every user stay readable (hide them with ``hidden_paths``).
+per-run uid is in use, and without a mount namespace the program sees the host's files as its user may.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -101,10 +108,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol
+from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol, worker
 
 __all__ = [
     "CheckSpec",
+    "allow_list",
     "ExecutionResult",
     "SandboxLimits",
     "check_program",
@@ -126,7 +134,36 @@ _CGROUP_HEADROOM_MB = 128
 _CHECKER_MEMORY_HEADROOM_MB = 512  # decoding a large reply takes several times its size
 _EXIT_GRACE_S = 0.25  # how long the program may take to exit after the verdict (it normally has already)
 _NAMESPACES = ("--mount", "--net", "--pid", "--ipc", "--uts")
-_KEYCTL_SYSCALL = {"x86_64": 250, "amd64": 250, "aarch64": 219, "arm64": 219}
+_ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+_SYSCALLS = {  # the system calls the sandbox names, by architecture (the kernel's unistd tables)
+    "x86_64": {"keyctl": 250, "add_key": 248, "request_key": 249, "pivot_root": 155, "clone": 56, "clone3": 435,
+               "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "chroot": 161, "open_tree": 428,
+               "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+               "mount_setattr": 442, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+               "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427},
+    "aarch64": {"keyctl": 219, "add_key": 217, "request_key": 218, "pivot_root": 41, "clone": 220, "clone3": 435,
+                "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "chroot": 51, "open_tree": 428,
+                "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+                "mount_setattr": 442, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282,
+                "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427},
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_DENIED_SYSCALLS = {
+    # keys: the kernel keeps them per uid, beyond any process: a channel from one run to the next
+    "keyctl": "ENOSYS", "add_key": "ENOSYS", "request_key": "ENOSYS",
+    # mounts: the allow-listed root is all the program may see
+    "mount": "EPERM", "umount2": "EPERM", "pivot_root": "EPERM", "chroot": "EPERM", "setns": "EPERM",
+    "open_tree": "EPERM", "move_mount": "EPERM", "fsopen": "EPERM", "fsconfig": "EPERM", "fsmount": "EPERM",
+    "fspick": "EPERM", "mount_setattr": "EPERM",
+    # kernel surface no Python program needs, and the usual first step of an exploit
+    "bpf": "EPERM", "perf_event_open": "EPERM", "userfaultfd": "EPERM",
+    "io_uring_setup": "EPERM", "io_uring_enter": "EPERM", "io_uring_register": "EPERM",
+    # clone3 passes its flags in memory a filter cannot read: ENOSYS makes the C library fall back to clone
+    "clone3": "ENOSYS",
+}
+_NAMESPACE_FLAGS = 0xFE020080  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+"""clone() and unshare() with any of these fail (EPERM): a user namespace of its own would give the program
+capabilities over new mount namespaces, hence a view of cgroupfs or procfs the allow-listed root does not have."""
 _CHILD_PACKAGE = "_dare_gym_sandbox"
 _CHECKER_PRELOAD = ("typing", "re", "math", "random", "collections", "itertools", "functools", "heapq", "bisect",
                     "string", "hashlib", "copy", "fractions", "decimal", "statistics", "operator", "datetime")
@@ -140,12 +177,13 @@ class SandboxLimits:
     ``timeout_s``: wall-clock limit of the whole run (program and checker), owned by the parent.
     ``cpu_s``: CPU seconds per process (``RLIMIT_CPU``); ``None`` means ``timeout_s``.
     ``memory_mb``: address space per process (``RLIMIT_AS``); with the memory cgroup, the program's whole tree
-    may use ``memory_mb + workdir_mb + 128`` MB of RAM (tmpfs included) before the OOM killer stops it.
+    may use ``memory_mb + 2 * workdir_mb + 128`` MB of RAM (tmpfs included) before the OOM killer stops it.
     ``max_processes``: tasks (processes and threads) of the program: pids cgroup and ``RLIMIT_NPROC``.
     ``max_output_bytes``: what is kept of stdout and of stderr each; the rest is read and dropped.
-    ``workdir_mb``: size of the private working directory (tmpfs) and ``RLIMIT_FSIZE``.
-    ``hidden_paths``: directories covered by an empty read-only tmpfs inside the run (e.g. a benchmark's
-    answer key); needs the mount namespace, ignored otherwise.
+    ``workdir_mb``: size of the private working directory and of ``/dev/shm`` (tmpfs each), and ``RLIMIT_FSIZE``.
+    ``hidden_paths``: folders inside the allow-list (:func:`allow_list`) covered by an empty read-only tmpfs
+    (e.g. a package's data in site-packages); what is outside the allow-list is absent anyway. Needs the mount
+    namespace, ignored otherwise.
     """
 
     timeout_s: float = 10.0
@@ -181,8 +219,11 @@ class CheckSpec:
     solution imports). ``functions``: names bound to proxies of the program's top-level functions.
     ``program_setup``: trusted code run INSIDE the program after it loaded, for test inputs that are objects of
     the program's own classes (MBPP 367 builds trees of the solution's ``Node``); ``remote_names``: the names
-    it binds, passed to calls by reference. ``test``: the test code, run in the checker last; the run passes
-    if it completes. An empty spec checks only that the program runs to its end (:func:`run_program`).
+    it binds, passed to calls by reference. ``constructors``: the names of ``functions`` that are classes of the
+    program's (MBPP 601's ``Pair``): what a call of one returns stays in the program, and the checker gets a
+    :class:`~dare_gym.rewards.sandbox_protocol.Handle` that it can only pass back. ``test``: the test code, run
+    in the checker last; the run passes if it completes. An empty spec checks only that the program runs to its
+    end (:func:`run_program`).
     """
 
     test: str = ""
@@ -191,12 +232,13 @@ class CheckSpec:
     modules: tuple[str, ...] = ()
     program_setup: str = ""
     remote_names: tuple[str, ...] = ()
+    constructors: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("test", "prelude", "program_setup"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"CheckSpec.{name} must be a str, got {type(getattr(self, name)).__name__}")
-        for name in ("functions", "modules", "remote_names"):
+        for name in ("functions", "modules", "remote_names", "constructors"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v.isidentifier() for v in value):
                 raise ValueError(f"CheckSpec.{name} must be a sequence of identifiers, got {value!r}")
@@ -429,6 +471,7 @@ class _CheckerServer:
         finally:
             os.close(payload_fd)
             theirs.close()
+        worker.keep_child(self._proc.pid)  # in a reward's helper process: it serves the calls to come
         ours.settimeout(10.0)
         self._socket, self._owner = ours, os.getpid()
 
@@ -463,14 +506,14 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
     verdict_r = None
     uid = None
     try:
-        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's folders and (reused) cgroups
+        slot_uid, uid_sock = _UID_POOL.acquire()  # also names this run's folders and cgroups
         workdir, checker_dir = _slot_folders(slot_uid)
         if plan.drop_uid:
             uid = slot_uid
             if not plan.namespaces:
                 os.chown(workdir, uid, uid)
         if plan.cgroups:
-            cgroups = _slot_cgroups(plan, limits, slot_uid)
+            cgroups = _run_cgroups(plan, limits, slot_uid)
         oom_before = _oom_kills(cgroups)
         call_r, call_w = os.pipe()
         parent_fds += [call_r, call_w]
@@ -498,7 +541,7 @@ def _run(solution: str, spec: CheckSpec, limits: SandboxLimits, plan: _Plan) -> 
             checker.kill()
             checker.close()
         if cgroups:
-            _kill_cgroups(cgroups, budget_s=0.2)
+            _remove_cgroups(cgroups)
         for folder in (workdir, checker_dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -514,6 +557,10 @@ def _start_program(solution, spec, limits, plan, workdir, slot_uid, cgroups, cal
         "gid": slot_uid if plan.drop_uid else 0,
         "drop_uid": plan.drop_uid,
         "mount_ns": plan.namespaces,
+        "root": {"paths": list(allow_list()), "devices": [d for d in _DEVICES if os.path.exists(d)]}
+        if plan.namespaces else None,
+        "pivot_root": plan.pivot_root,
+        "seccomp": plan.seccomp,
         "hidden_paths": [str(p) for p in limits.hidden_paths],
         "cgroup_procs": [str(p / "cgroup.procs") for p in cgroups.values()],
         "workdir_mb": int(limits.workdir_mb),
@@ -556,7 +603,8 @@ def _start_checker(spec: CheckSpec, limits: SandboxLimits, plan: _Plan, folder: 
     boot, _, modules = _child_code()
     payload = {
         "spec": {"prelude": spec.prelude, "test": spec.test, "functions": list(spec.functions),
-                 "modules": list(spec.modules), "remote_names": list(spec.remote_names)},
+                 "modules": list(spec.modules), "remote_names": list(spec.remote_names),
+                 "constructors": list(spec.constructors)},
         "folder": folder,
         "rlimits": {"cpu": max(1, int(-(-limits.effective_cpu_s // 1))) + 1,
                     "as": (int(limits.memory_mb) + _CHECKER_MEMORY_HEADROOM_MB) * 1024 * 1024},
@@ -730,19 +778,33 @@ def _error(reason: str, start: float) -> ExecutionResult:
 
 @dataclass
 class _Plan:
-    namespaces: bool = False
+    namespaces: bool = False  # with them, the allow-listed root (the mount namespace is what makes it)
     drop_uid: bool = False
-    cgroups: dict = field(default_factory=dict)  # controller -> Path of this process's parent cgroup
+    cgroups: dict = field(default_factory=dict)  # controller -> Path of the parent of every run's fresh cgroup
     unshare: str | None = None
     setpriv: str | None = None  # util-linux setpriv, if it can set a parent-death signal
-    keyctl: int | None = None  # the keyctl syscall number, where known
+    arch: str | None = None  # "x86_64" or "aarch64": the system-call tables this module has
+    seccomp: bytes | None = None  # the system-call filter the harness installs
     missing: dict = field(default_factory=dict)  # layer -> why it is missing
+
+    @property
+    def keyctl(self) -> int | None:
+        """The keyctl system call's number, where known (the harness empties the run uid's keyrings with it)."""
+        return _SYSCALLS[self.arch]["keyctl"] if self.arch else None
+
+    @property
+    def pivot_root(self) -> int | None:
+        return _SYSCALLS[self.arch]["pivot_root"] if self.arch else None
 
 
 _PLAN: _Plan | None = None
 _PLAN_LOCK = threading.Lock()
 _WARNED = False
-_NAMESPACE_LAYERS = ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace")
+_NAMESPACE_LAYERS = ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace",
+                     "allow_listed_root")
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+"""The devices of the allow-listed root. None keeps what is written to it where a later read finds it: the sinks
+drop it, and the random devices hash it into the kernel's pool."""
 
 
 def _find_tool(name: str) -> str | None:
@@ -777,6 +839,117 @@ def _interpreter_reachable_by_others() -> bool:
     return True
 
 
+def _seccomp_filter(arch: str) -> bytes:
+    """The system-call filter of every program (classic BPF over ``struct seccomp_data``), installed by the
+    harness as its last act: the calls in ``_DENIED_SYSCALLS`` fail with their errno, ``clone``/``unshare``
+    with a namespace flag fail with EPERM, every call of another ABI (32-bit ``int 0x80``, x32) fails with
+    ENOSYS because its numbers name other calls, and everything else is allowed."""
+    import errno
+
+    def insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("<HBBI", code, jt, jf, k)
+
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    allow = 0x7FFF0000
+
+    def fail(name: str) -> int:
+        return 0x00050000 | getattr(errno, name)  # SECCOMP_RET_ERRNO
+
+    numbers = _SYSCALLS[arch]
+    program = [insn(load, 4), insn(jeq, _AUDIT_ARCH[arch], jt=1), insn(ret, fail("ENOSYS")), insn(load, 0)]
+    if arch == "x86_64":  # x32 system calls are the same numbers with bit 30 set
+        program += [insn(jge, 0x40000000, jf=1), insn(ret, fail("ENOSYS"))]
+    for name, error in sorted(_DENIED_SYSCALLS.items()):
+        program += [insn(jeq, numbers[name], jf=1), insn(ret, fail(error))]
+    for name in ("clone", "unshare"):  # their flags are the first argument (its low 32 bits at offset 16)
+        program += [insn(jeq, numbers[name], jf=4), insn(load, 16), insn(jset, _NAMESPACE_FLAGS, jf=1),
+                    insn(ret, fail("EPERM")), insn(ret, allow)]
+    program.append(insn(ret, allow))
+    return b"".join(program)
+
+
+def _elf_interpreter(executable: str) -> str | None:
+    """The dynamic loader an ELF executable names (its ``PT_INTERP``), which must exist for it to start again
+    inside the sandbox (a program running ``sys.executable``); None for what is not a 64-bit ELF file."""
+    try:
+        with open(executable, "rb") as f:
+            header = f.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:
+                return None
+            order = "<" if header[5] == 1 else ">"
+            phoff, = struct.unpack_from(order + "Q", header, 0x20)
+            entry_size, count = struct.unpack_from(order + "HH", header, 0x36)
+            for index in range(count):
+                f.seek(phoff + index * entry_size)
+                kind, _flags, offset, _vaddr, _paddr, size = struct.unpack(order + "IIQQQQ", f.read(40))
+                if kind == 3:  # PT_INTERP
+                    f.seek(offset)
+                    return f.read(size).rstrip(b"\0").decode()
+    except (OSError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
+_LIBRARY_PROBE = """
+import os, sys
+for folder in [p for p in sys.path if p.endswith("lib-dynload")]:
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".so"):
+            try:
+                __import__(name.split(".")[0])
+            except BaseException:
+                pass
+with open("/proc/self/maps") as maps:
+    print("\\n".join(sorted({line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6})))
+"""
+"""Imports every extension module of the standard library in a fresh interpreter and lists the files it then has
+mapped: the shared libraries the interpreter and its standard library load."""
+
+
+def _library_folders() -> set[str]:
+    """The folders of the shared libraries the interpreter loads (``libc``, ``libffi``, ``libssl``...: found by
+    ``_LIBRARY_PROBE``), and the system's multiarch library folders, where an extension module of
+    site-packages finds the libraries it links against."""
+    folders = set()
+    try:
+        mapped = subprocess.run([sys.executable, "-I", "-S", "-c", _LIBRARY_PROBE], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=60, env={"PATH": _SAFE_PATH}).stdout
+    except (OSError, subprocess.SubprocessError):
+        mapped = ""
+    for path in mapped.splitlines():
+        if path.startswith("/") and ".so" in os.path.basename(path):
+            folders.add(os.path.dirname(path))
+    multiarch = getattr(sys.implementation, "_multiarch", None)
+    if multiarch:
+        folders.update(f"{prefix}/{multiarch}" for prefix in ("/lib", "/usr/lib", "/usr/local/lib"))
+    return {folder for folder in folders if os.path.isdir(folder)}
+
+
+@functools.lru_cache(maxsize=None)
+def allow_list() -> tuple[str, ...]:
+    """What of the host a sandboxed program can see, read-only, beside its private working directory, its
+    private ``/dev/shm``, an empty ``/proc`` and the devices ``/dev/null``, ``/dev/zero``, ``/dev/full``,
+    ``/dev/random`` and ``/dev/urandom``: the interpreter (every link on the way to it and its dynamic loader),
+    its standard library and site-packages folders, the folders of the shared libraries they load, the
+    loader's cache and a virtual environment's ``pyvenv.cfg``. Ordered by real path, so that a folder comes
+    before what lies inside it. Nothing else of the host exists inside: not the benchmarks' files (wherever
+    they are), ``/sys``, ``/etc``, ``/tmp``, ``/home`` or the project's folder."""
+    import sysconfig
+
+    paths = {sys.executable, os.path.realpath(sys.executable)}
+    loader = _elf_interpreter(os.path.realpath(sys.executable))
+    if loader:
+        paths.add(loader)
+    for key in ("stdlib", "platstdlib"):
+        paths.add(sysconfig.get_path(key))
+    paths.update(p for p in sys.path if p.endswith(("lib-dynload", ".zip")) and os.path.exists(p))
+    paths.update(_site_paths())
+    paths.update(p for p in (os.path.join(sys.prefix, "pyvenv.cfg"), "/etc/ld.so.cache") if os.path.isfile(p))
+    paths.update(_library_folders())
+    existing = {os.path.normpath(p) for p in paths if p and os.path.exists(p)}
+    return tuple(sorted(existing, key=lambda p: (os.path.realpath(p), p)))
+
+
 def _cgroup_parent(controller: str) -> Path | None:
     root = _CGROUP_ROOT / controller
     if not (root / "cgroup.procs").is_file():
@@ -806,9 +979,14 @@ def _build_plan() -> _Plan:
         plan.setpriv = None
     if plan.setpriv is None:
         plan.missing["parent_death_signal"] = "util-linux setpriv with --pdeathsig is not installed"
-    plan.keyctl = _KEYCTL_SYSCALL.get(platform.machine().lower())
-    if plan.keyctl is None:
-        plan.missing["private_keyrings"] = f"keyctl's system call number is unknown on {platform.machine()}"
+    plan.arch = _ARCHES.get(platform.machine().lower())
+    if plan.arch is None:
+        why = f"this module has no system-call table for {platform.machine()}"
+        plan.missing["private_keyrings"] = plan.missing["syscall_filter"] = why
+    elif "Seccomp:" not in Path("/proc/self/status").read_text():
+        plan.missing["syscall_filter"] = "the kernel has no seccomp filters"
+    else:
+        plan.seccomp = _seccomp_filter(plan.arch)
     if not is_root:
         plan.missing["namespaces"] = "not running as root"
     elif plan.unshare is None:
@@ -859,6 +1037,10 @@ def _get_plan() -> _Plan:
         if _PLAN is None:
             plan = _build_plan()
             result = _trial(plan)
+            if not result.passed and plan.seccomp is not None:
+                plan.seccomp = None
+                plan.missing["syscall_filter"] = f"a trial run with the system-call filter failed: {result.reason}"
+                result = _trial(plan)
             if not result.passed and plan.drop_uid:
                 plan.drop_uid = False
                 plan.missing["unprivileged_uid"] = f"a trial run with a per-run uid failed: {result.reason}"
@@ -889,9 +1071,13 @@ def isolation_report() -> dict:
     """Which isolation layers are active on this machine, and why any is missing.
 
     Probes once per process (with a trial run) and caches the answer. Keys: ``root``, ``fresh_process``,
-    ``new_session``, ``network_namespace``, ``pid_namespace``, ``mount_namespace`` (read-only file system,
-    private tmpfs working directory, hidden ``/proc``), ``ipc_namespace``, ``uts_namespace``,
-    ``unprivileged_uid``, ``private_keyrings``, ``pids_cgroup``, ``memory_cgroup``, ``rlimits`` (list),
+    ``new_session``, ``network_namespace``, ``pid_namespace``, ``mount_namespace``, ``allow_listed_root`` (the
+    program's root holds only :func:`allow_list`, read-only, a private tmpfs working directory and
+    ``/dev/shm``, an empty ``/proc`` and five devices), ``allow_list`` (those paths, or None), ``ipc_namespace``,
+    ``uts_namespace``, ``unprivileged_uid``, ``private_keyrings`` (no key of one run reaches another),
+    ``syscall_filter`` (the seccomp filter: no keys, namespaces or mounts), ``pids_cgroup``, ``memory_cgroup``,
+    ``fresh_cgroups`` (every run gets new cgroups, removed after it, so their counters start at zero),
+    ``rlimits`` (list),
     ``clean_env``, ``parent_death_signal``, ``separate_checker`` (the tests run in another process than the
     program), ``checker_server`` (checkers are forked by the server rather than started fresh),
     ``verdict_isolated`` (the program can reach neither the checker nor the parent: a per-run uid or a pid
@@ -904,10 +1090,13 @@ def isolation_report() -> dict:
         "fresh_process": True,
         "new_session": True,
         **{layer: plan.namespaces for layer in _NAMESPACE_LAYERS},
+        "allow_list": list(allow_list()) if plan.namespaces else None,
         "unprivileged_uid": plan.drop_uid,
-        "private_keyrings": plan.keyctl is not None,
+        "private_keyrings": plan.seccomp is not None or plan.keyctl is not None,
+        "syscall_filter": plan.seccomp is not None,
         "pids_cgroup": "pids" in plan.cgroups,
         "memory_cgroup": "memory" in plan.cgroups,
+        "fresh_cgroups": bool(plan.cgroups),
         "rlimits": ["RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"],
         "clean_env": True,
         "parent_death_signal": plan.setpriv is not None,
@@ -915,9 +1104,12 @@ def isolation_report() -> dict:
         "checker_server": _CHECKER_SERVER.unavailable is None,
         "verdict_isolated": plan.drop_uid or plan.namespaces,
         "shared_namespaces": {
-            "user": "the program is an unprivileged uid without capabilities; user namespaces it makes give it "
+            "user": "the program is an unprivileged uid without capabilities, and the system-call filter denies "
+                    "it namespaces of its own" if plan.seccomp is not None else
+                    "the program is an unprivileged uid without capabilities; user namespaces it makes give it "
                     "power only over namespaces it owns",
-            "cgroup": "cgroup files are read-only mounts owned by root, /proc/self/cgroup is hidden",
+            "cgroup": "the allow-listed root has no /sys and an empty /proc: no cgroup file is in sight, and "
+                      "every run's cgroups are new",
             "time": "setting a clock needs CAP_SYS_TIME; nothing of one run reaches another",
         } if plan.namespaces else {},
         "unshare": plan.unshare,
@@ -938,7 +1130,7 @@ class _UidPool:
         self._lock = threading.Lock()
 
     def acquire(self) -> tuple[int, socket.socket]:
-        """The lowest free slot (so that slots, and their cgroups, get reused) and the socket that holds it."""
+        """The lowest free slot and the socket that holds it."""
         with self._lock:
             for slot in range(_UID_SLOTS):
                 uid = _UID_BASE + slot
@@ -977,36 +1169,61 @@ def _slot_folders(uid: int) -> tuple[str, str]:
     return workdir, checker_dir
 
 
-def _slot_cgroups(plan: _Plan, limits: SandboxLimits, uid: int) -> dict[str, Path]:
-    """The cgroups of a uid slot, made on first use and reused: the slot is exclusive to this run (see
-    :class:`_UidPool`), and moving a process into a reused cgroup is much cheaper than into a new one."""
+def _run_cgroups(plan: _Plan, limits: SandboxLimits, uid: int) -> dict[str, Path]:
+    """New cgroups for one run, named after its uid slot: every counter in them (memory high-water mark,
+    failures, OOM kills, task events) starts at zero, so nothing one run does to them is there for the next;
+    :func:`_remove_cgroups` deletes them after the run. Cgroups a killed caller left behind for this slot are
+    removed first (the slot is exclusive to this run, see :class:`_UidPool`)."""
     made: dict[str, Path] = {}
-    for controller, parent in plan.cgroups.items():
-        path = parent / f"slot-{uid}"
-        path.mkdir(exist_ok=True)
-        made[controller] = path
-        _kill_cgroups({controller: path}, budget_s=0.5)  # a previous holder that died mid-run
-        if controller == "pids":
-            (path / "pids.max").write_text(str(int(limits.max_processes) + 1))  # + the harness
-            continue
-        # headroom above the per-process RLIMIT_AS: one process gets a clean MemoryError; the cgroup only
-        # stops trees of processes (and the tmpfs working directory, which is charged here too)
-        limit = str((int(limits.memory_mb) + int(limits.workdir_mb) + _CGROUP_HEADROOM_MB) * 1024 * 1024)
-        memsw = path / "memory.memsw.limit_in_bytes"
-        files = [path / "memory.limit_in_bytes"] + ([memsw] if memsw.exists() else [])
-        for name in files * 2:  # memsw >= limit must hold at every step: one of the two orders works
+    try:
+        for controller, parent in plan.cgroups.items():
+            for stale in parent.glob(f"run-{uid}-*"):
+                _remove_cgroups({controller: stale})
+            path = parent / f"run-{uid}-{secrets.token_hex(6)}"
+            path.mkdir()
+            made[controller] = path
+            if controller == "pids":
+                (path / "pids.max").write_text(str(int(limits.max_processes) + 1))  # + the harness
+                continue
+            # headroom above the per-process RLIMIT_AS: one process gets a clean MemoryError; the cgroup only
+            # stops trees of processes (and the tmpfs working directory and /dev/shm, charged here too)
+            limit = str((int(limits.memory_mb) + 2 * int(limits.workdir_mb) + _CGROUP_HEADROOM_MB) * 1024 * 1024)
+            memsw = path / "memory.memsw.limit_in_bytes"
+            files = [path / "memory.limit_in_bytes"] + ([memsw] if memsw.exists() else [])
+            for name in files * 2:  # memsw >= limit must hold at every step: one of the two orders works
+                try:
+                    name.write_text(limit)
+                except OSError:
+                    pass
+            if int((path / "memory.limit_in_bytes").read_text()) != int(limit):
+                raise OSError(f"could not set the memory limit of {path}")
             try:
-                name.write_text(limit)
+                (path / "memory.swappiness").write_text("0")
             except OSError:
                 pass
-        if int((path / "memory.limit_in_bytes").read_text()) != int(limit):
-            raise OSError(f"could not set the memory limit of {path}")
-        for name, value in (("memory.failcnt", "0"), ("memory.swappiness", "0")):
-            try:
-                (path / name).write_text(value)
-            except OSError:
-                pass
+    except BaseException:
+        _remove_cgroups(made)
+        raise
     return made
+
+
+def _remove_cgroups(cgroups: dict[str, Path], budget_s: float = 1.0) -> None:
+    """Kill every task of the run's cgroups and delete them. A cgroup whose last tasks are still being torn
+    down refuses for a moment (EBUSY); one still there after ``budget_s`` is left for the next run of the slot."""
+    end = time.monotonic() + budget_s
+    for path in cgroups.values():
+        while True:
+            _kill_cgroups({"": path}, budget_s=max(0.0, end - time.monotonic()))
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    logger.warning("dare_gym sandbox: could not remove cgroup %s yet", path)
+                    break
+                time.sleep(0.002)
 
 
 def _cgroup_pids(path: Path) -> list[int]:

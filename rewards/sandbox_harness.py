@@ -3,10 +3,11 @@
 :mod:`dare_gym.rewards.sandbox` starts this module (through :mod:`dare_gym.rewards.sandbox_boot`) as the
 first code of the program's process, inside new namespaces when they are available. It
 
-1. finishes the isolation (:func:`isolate`): joins the run's cgroups, makes every mount read-only, puts the
-   working directory on a private size-limited tmpfs, covers ``/proc`` and the hidden paths, drops to the
-   run's own uid/gid, gives the run a fresh session keyring and empties its uid's keyrings, sets rlimits and
-   closes every descriptor but its two channel ends;
+1. finishes the isolation (:func:`isolate`): joins the run's fresh cgroups, pivots into an allow-listed root
+   (a new tmpfs holding only the interpreter, its libraries and a few devices, read-only, plus a private
+   size-limited working directory and ``/dev/shm``), drops to the run's own uid/gid, gives the run a fresh
+   session keyring and empties its uid's keyrings, sets rlimits, closes every descriptor but its two channel
+   ends and installs the parent's system-call filter (no keys, namespaces or mounts);
 2. runs the untrusted program as ``__main__`` (then the benchmark's setup code, if any, in its namespace);
 3. serves the checker (:mod:`dare_gym.rewards.code_checker`): each request names a top-level function and
    carries plain-data arguments; the reply is the plain-data result or the exception raised
@@ -105,6 +106,7 @@ def _load(source: str, program_path: str, setup: str, reply_fd: int) -> dict:
 
 def _serve(namespace: dict, call_fd: int, reply_fd: int) -> None:
     """Answer calls until the checker says ``finish`` or closes its end."""
+    handles = _Handles()
 
     def resolve(name: str):  # what the benchmark's setup code built here, named by the checker
         if name not in namespace:
@@ -113,7 +115,7 @@ def _serve(namespace: dict, call_fd: int, reply_fd: int) -> None:
 
     while True:
         try:
-            message = protocol.read_message(call_fd, resolve)
+            message = protocol.read_message(call_fd, resolve, handles.objects)
         except protocol.ProtocolError as error:
             _send_quietly(reply_fd, {"bad": f"the checker's request is malformed: {error}"})
             _exit_run(2)
@@ -123,30 +125,52 @@ def _serve(namespace: dict, call_fd: int, reply_fd: int) -> None:
             _send_or_exit(reply_fd, _finish())
             _exit_run(0)
         ident = message.get("id")
-        reply = _answer(namespace, message)
+        reply, value = _answer(namespace, message)
         try:
             _send_or_exit(reply_fd, reply)
-        except Exception as error:  # not plain data, too large, or an iterator of the program's that raised
+        except protocol.Unencodable as error:
+            if message.get("handle") is True and "ok" in reply:  # an object of the program's classes: it stays here
+                _send_or_exit(reply_fd, {"id": ident, "handle": handles.add(value)})
+            else:
+                _send_or_exit(reply_fd, {"id": ident, "bad": f"{message.get('function')}() returned {error}"})
+        except Exception as error:  # an iterator of the program's that raised while it was sent
             _send_or_exit(reply_fd, {"id": ident, "bad": f"{message.get('function')}() returned {error}"})
 
 
-def _answer(namespace: dict, message: dict) -> dict:
+class _Handles:
+    """Objects that calls of the program's classes made, kept here and named to the checker by number (the same
+    object always by the same number)."""
+
+    def __init__(self):
+        self.objects: dict[int, object] = {}
+        self._numbers: dict[int, int] = {}  # id(object) -> its number (the objects are kept alive above)
+
+    def add(self, value) -> int:
+        number = self._numbers.get(id(value))
+        if number is None:
+            number = self._numbers[id(value)] = len(self.objects) + 1
+            self.objects[number] = value
+        return number
+
+
+def _answer(namespace: dict, message: dict) -> tuple[dict, object]:
+    """The reply to a call, and the value it returned (None if it raised)."""
     ident, name = message.get("id"), message.get("function")
     args, kwargs = message.get("args"), message.get("kwargs")
     if type(name) is not str or type(args) is not list or type(kwargs) is not dict:
-        return {"id": ident, "bad": "the checker's request is malformed: a call needs a name, a list, a dict"}
+        return {"id": ident, "bad": "the checker's request is malformed: a call needs a name, a list, a dict"}, None
     try:
         function = namespace[name] if name in namespace else getattr(builtins, name)
     except AttributeError:
-        return {"id": ident, "raise": ["NameError", f"name {name!r} is not defined"]}
+        return {"id": ident, "raise": ["NameError", f"name {name!r} is not defined"]}, None
     try:
         value = function(*args, **kwargs)
     except BaseException as error:
         _leave_if_forked()
         _print_program_traceback(error)
-        return {"id": ident, "raise": [builtin_exception_name(error), _message(error)]}
+        return {"id": ident, "raise": [builtin_exception_name(error), _message(error)]}, None
     _leave_if_forked()
-    return {"id": ident, "ok": value}
+    return {"id": ident, "ok": value}, value
 
 
 def _finish() -> dict:
@@ -311,9 +335,7 @@ def _kill_descendants(root: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ isolation
 
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME, _MS_BIND, _MS_MOVE, _MS_REC = 32, 1024, 2048, 4096, 8192, 16384
-_MS_RELATIME = 1 << 21
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_MOVE = 1, 2, 4, 8, 32, 4096, 8192
 
 
 class _Libc:
@@ -337,8 +359,8 @@ class _Libc:
 
 
 def isolate(config: dict, source: str, keep_fds: tuple[int, ...]) -> str:
-    """Cgroups, mounts, privileges, keyrings and limits; runs as root when the parent is root. Returns the
-    path of the program's file in its working directory."""
+    """Cgroups, the allow-listed root, privileges, keyrings, limits and the system-call filter; runs as root when
+    the parent is root. Returns the path of the program's file in its working directory."""
     import resource
 
     workdir, uid, gid = config["workdir"], config["uid"], config["gid"]
@@ -347,7 +369,7 @@ def isolate(config: dict, source: str, keep_fds: tuple[int, ...]) -> str:
             f.write("0")
     libc = _Libc()
     if config["mount_ns"]:
-        _private_mounts(libc, config)
+        _allow_listed_root(libc, config)
     os.chdir(workdir)
 
     program_path = os.path.join(workdir, "program.py")
@@ -365,7 +387,7 @@ def isolate(config: dict, source: str, keep_fds: tuple[int, ...]) -> str:
         _private_keyrings(libc, config["keyctl"], clear_user=config["drop_uid"])
     c = libc.ctypes
     prctl = libc.function("prctl", c.c_int, [c.c_int, c.c_ulong, c.c_ulong, c.c_ulong, c.c_ulong])
-    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS (also what lets an unprivileged process install a filter)
     prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGKILL (reset by the uid change; set again)
     prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
     if os.getpid() != 1:
@@ -391,34 +413,76 @@ def isolate(config: dict, source: str, keep_fds: tuple[int, ...]) -> str:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 16)
+    if config["seccomp"]:  # last: the set-up above needs some of the calls it denies
+        _install_filter(libc, config["seccomp"])
     return program_path
 
 
+def _install_filter(libc: _Libc, program: bytes) -> None:
+    """Install the parent's seccomp filter (classic BPF, built by ``_seccomp_filter`` in
+    :mod:`dare_gym.rewards.sandbox`): a ``struct sock_fprog`` pointing at ``program``'s instructions."""
+    c = libc.ctypes
+    if len(program) % 8:
+        raise ValueError("a BPF program is a whole number of 8-byte instructions")
+
+    class SockFprog(c.Structure):
+        _fields_ = [("len", c.c_ushort), ("filter", c.c_void_p)]
+
+    buffer = c.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, c.addressof(buffer))
+    prctl = libc.function("prctl", c.c_int, [c.c_int, c.c_ulong, c.c_void_p, c.c_ulong, c.c_ulong])
+    libc.check(prctl(22, 2, c.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)")
+
+
+_KEYCTL_GET_PERSISTENT = 22
+_KEY_SPEC_SESSION_KEYRING = -3
+
+
 def _private_keyrings(libc: _Libc, keyctl_nr: int, clear_user: bool) -> None:
-    """A fresh session keyring (the parent's stays out of reach), and, with a per-run uid, that uid's user
-    keyrings emptied: keys are kept per uid by the kernel and would otherwise carry data into later runs.
-    Where keyrings are unavailable (a kernel without them, a seccomp policy), the program has none either."""
+    """A fresh session keyring (the parent's stays out of reach), and, with a per-run uid, that uid's user, user
+    session and persistent keyrings emptied: the kernel keeps keys per uid, beyond the life of any process.
+    The system-call filter then denies every key call to the program; this is what still holds where no filter
+    can be installed. Where keyrings are unavailable (a kernel without them, a seccomp policy), the program has
+    none either."""
     import errno
 
     c = libc.ctypes
-    syscall = libc.function("syscall", c.c_long, [c.c_long, c.c_long, c.c_long])
-    steps = [(_KEYCTL_JOIN_SESSION_KEYRING, 0, "join a new session keyring")]
-    if clear_user:
-        steps += [(_KEYCTL_CLEAR, _KEY_SPEC_USER_KEYRING, "clear the run uid's user keyring"),
-                  (_KEYCTL_CLEAR, _KEY_SPEC_USER_SESSION_KEYRING, "clear the run uid's user session keyring")]
-    for operation, argument, what in steps:
-        if syscall(keyctl_nr, operation, argument) < 0:
+    syscall = libc.function("syscall", c.c_long, [c.c_long, c.c_long, c.c_long, c.c_long])
+    tolerated = (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EOPNOTSUPP)
+
+    def call(operation: int, first: int, second: int, what: str) -> int | None:
+        result = syscall(keyctl_nr, operation, first, second)
+        if result < 0:
             err = c.get_errno()
-            if err in (errno.ENOSYS, errno.EPERM, errno.EACCES):
-                return
+            if err in tolerated:
+                return None
             raise OSError(err, f"could not {what}: {os.strerror(err)}")
+        return result
+
+    if call(_KEYCTL_JOIN_SESSION_KEYRING, 0, 0, "join a new session keyring") is None:
+        return
+    if not clear_user:
+        return
+    call(_KEYCTL_CLEAR, _KEY_SPEC_USER_KEYRING, 0, "clear the run uid's user keyring")
+    call(_KEYCTL_CLEAR, _KEY_SPEC_USER_SESSION_KEYRING, 0, "clear the run uid's user session keyring")
+    persistent = call(_KEYCTL_GET_PERSISTENT, -1, _KEY_SPEC_SESSION_KEYRING, "find the run uid's persistent keyring")
+    if persistent is not None:
+        call(_KEYCTL_CLEAR, persistent, 0, "clear the run uid's persistent keyring")
 
 
-def _private_mounts(libc: _Libc, config: dict) -> None:
-    """Inside the new mount namespace: a read-only view of the host, a private working directory, an empty
-    ``/proc``, hidden paths covered, and the interpreter reachable for the run's uid."""
+_MNT_DETACH = 2
+
+
+def _allow_listed_root(libc: _Libc, config: dict) -> None:
+    """Inside the new mount namespace, make the program's root a fresh tmpfs that holds only what the parent's
+    allow-list names (``config["root"]``: the interpreter, its standard library, site-packages and the shared
+    libraries they load, all read-only; a few devices), a private size-limited working directory, a private
+    ``/dev/shm`` and an empty ``/proc``, then pivot into it and detach the host's tree. Nothing else of the host
+    exists for the program: not the benchmark's files wherever they are, not ``/sys`` (cgroup counters), not
+    ``/tmp``, ``/home`` or the project's folder."""
     c = libc.ctypes
     mount = libc.function("mount", c.c_int, [c.c_char_p, c.c_char_p, c.c_char_p, c.c_ulong, c.c_char_p])
+    umount2 = libc.function("umount2", c.c_int, [c.c_char_p, c.c_int])
 
     def enc(text):
         return None if text is None else os.fsencode(text)
@@ -427,99 +491,108 @@ def _private_mounts(libc: _Libc, config: dict) -> None:
         libc.check(mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
                    f"mount({src!r}, {target!r}, {fstype!r})")
 
-    workdir, uid, gid = config["workdir"], config["uid"], config["gid"]
-    needed = {os.path.realpath(p) for p in
-              [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-               os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))]
-              + [p for p in sys.path if p and os.path.isdir(p)]}
-    _expose_interpreter(do_mount, needed, workdir, uid, gid)
-
-    for hidden in config["hidden_paths"]:
-        hidden = os.path.realpath(hidden)
-        if not os.path.isdir(hidden) or hidden == "/":
-            continue
-        if any(n == hidden or n.startswith(hidden + "/") for n in needed) or \
-                (workdir + "/").startswith(hidden + "/"):
-            continue
-        do_mount("tmpfs", hidden, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
-
-    do_mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
+    spec, workdir, uid, gid = config["root"], config["workdir"], config["uid"], config["gid"]
+    new_root = workdir  # the host folder made for this run: unused by anything else, so a fine mount point
+    do_mount("tmpfs", new_root, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    root = _Tree(new_root, do_mount)
+    for path in spec["paths"]:
+        root.expose(path)
+    for path in spec["devices"]:
+        root.expose(path, device=True)
+    for hidden in config["hidden_paths"]:  # what a caller hides inside the allow-list (a site-packages folder)
+        target = new_root + os.path.realpath(hidden)
+        if os.path.realpath(hidden) != "/" and os.path.isdir(target):
+            do_mount("tmpfs", target, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
+    for folder in ("/proc", "/dev/shm", workdir):
+        root.directory(folder)
+    do_mount("tmpfs", new_root + workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
              f"size={int(config['workdir_mb'])}m,mode=0700,uid={uid},gid={gid}")
-    os.chdir(workdir)
+    do_mount("tmpfs", new_root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+             f"size={int(config['workdir_mb'])}m,mode=1777")
+    do_mount(None, new_root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
 
-    with open("/proc/self/mountinfo") as f:
-        mountinfo = f.read().splitlines()
-    keep = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
-            "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME}
-    for line in mountinfo:
-        fields = line.split()
-        point, options = _unescape_mountinfo(fields[4]), fields[5].split(",")
-        if point == workdir:
-            continue
-        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-        for option in options:
-            flags |= keep.get(option, 0)
+    os.chdir(new_root)
+    pivot_nr = config.get("pivot_root")
+    syscall = libc.function("syscall", c.c_long, [c.c_long, c.c_char_p, c.c_char_p])
+    if pivot_nr is not None and syscall(pivot_nr, b".", b".") == 0:
+        # the old root is now stacked on the new one at "/": detach it, whole, from this namespace
+        libc.check(umount2(b".", _MNT_DETACH), "umount2(old root)")
+    else:  # a root pivot_root refuses (an initramfs): move the new root over "/" and enter it
+        do_mount(new_root, "/", None, _MS_MOVE)
+        os.chroot(".")
+    os.chdir("/")
+
+
+class _Tree:
+    """The new root under construction: host paths re-created in it, their leaves bind-mounted read-only.
+
+    Symbolic links on the way to a path are re-created as links (``/lib -> usr/lib``, a virtual environment's
+    ``python -> /usr/bin/python3``) and followed, so every name the interpreter and the dynamic loader use
+    resolves inside. Nothing is ever created inside a bound folder: each bind is made read-only at once."""
+
+    def __init__(self, new_root: str, do_mount):
+        self.new_root, self.do_mount = new_root, do_mount
+        self.bound: list[str] = []  # host folders bound so far (their contents exist already)
+
+    def _inside_bound(self, path: str) -> str | None:
+        return next((b for b in self.bound if path == b or path.startswith(b.rstrip("/") + "/")), None)
+
+    def directory(self, path: str) -> None:
+        """An empty folder of the new root (root-owned, traversable), with its parents."""
+        current = self.new_root
+        for part in [p for p in path.split("/") if p]:
+            current = os.path.join(current, part)
+            if not os.path.lexists(current):
+                os.mkdir(current, 0o755)
+
+    def expose(self, path: str, *, device: bool = False, hops: int = 0) -> None:
+        """Make host ``path`` (a folder or a file) appear at the same place in the new root, read-only; a
+        ``device`` keeps working (no ``nodev``: a read-only mount does not stop writes to a device, which is why
+        only devices that keep nothing readable are exposed)."""
+        import stat
+
+        if hops > 40:
+            raise OSError(f"too many symbolic links on the way to {path}")
+        parts = [p for p in os.path.normpath(path).split("/") if p]
+        resolved = "/"
+        for position, part in enumerate(parts):
+            candidate = os.path.join(resolved, part)
+            holder = self._inside_bound(candidate)
+            if holder is not None and not self._other_device(holder, path):
+                return  # visible already, through the bind of a folder above it
+            try:
+                info = os.lstat(candidate)
+            except FileNotFoundError:
+                return  # nothing to expose (an optional library folder, say)
+            if stat.S_ISLNK(info.st_mode):
+                target = os.readlink(candidate)
+                if holder is None and not os.path.lexists(self.new_root + candidate):
+                    self.directory(resolved)
+                    os.symlink(target, self.new_root + candidate)
+                rest = parts[position + 1:]
+                self.expose(os.path.join(os.path.normpath(os.path.join(resolved, target)), *rest),
+                            device=device, hops=hops + 1)
+                return
+            resolved = candidate
+        destination = self.new_root + resolved
+        if self._inside_bound(resolved) is None:
+            self.directory(os.path.dirname(resolved))
+            if stat.S_ISDIR(os.stat(resolved).st_mode):
+                if not os.path.isdir(destination):
+                    os.mkdir(destination, 0o755)
+            elif not os.path.lexists(destination):
+                open(destination, "w").close()
+        self.do_mount(resolved, destination, None, _MS_BIND)
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | (0 if device else _MS_NODEV)
+        self.do_mount(None, destination, None, flags)
+        if os.path.isdir(resolved):
+            self.bound.append(resolved)
+
+    @staticmethod
+    def _other_device(holder: str, path: str) -> bool:
+        """Whether ``path`` lies on another file system than the bound folder ``holder`` (a mount below it,
+        which a non-recursive bind does not carry: it gets a bind of its own)."""
         try:
-            do_mount(None, point, None, flags)
+            return os.stat(holder).st_dev != os.stat(path).st_dev
         except OSError:
-            if point == "/":
-                raise
-    do_mount("tmpfs", "/proc", "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0555")
-
-
-def _unescape_mountinfo(text: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
-    parts = text.split("\\")
-    out = parts[0]
-    for part in parts[1:]:
-        out += chr(int(part[:3], 8)) + part[3:] if part[:3].isdigit() else "\\" + part
-    return out
-
-
-def _expose_interpreter(do_mount, needed: set[str], workdir: str, uid: int, gid: int) -> None:
-    """Directories that the run's uid cannot traverse on the way to the interpreter (``/root`` for a pyenv
-    install) are replaced, inside the namespace only, by a tmpfs holding nothing but the needed entries."""
-
-    def traversable(path):
-        st = os.stat(path)
-        if st.st_uid == uid:
-            return bool(st.st_mode & 0o100)
-        if st.st_gid == gid:
-            return bool(st.st_mode & 0o010)
-        return bool(st.st_mode & 0o001)
-
-    stash_root = os.path.join(workdir, ".stash")
-    os.mkdir(stash_root, 0o700)
-    counter = 0
-    for _ in range(16):
-        blocker = None
-        for target in sorted(needed):
-            cur = "/"
-            for part in [p for p in target.split("/") if p]:
-                if not traversable(cur):
-                    blocker = cur
-                    break
-                cur = os.path.join(cur, part)
-            if blocker:
-                break
-        if blocker is None:
-            return
-        if blocker == "/":
-            raise OSError("the root directory is not traversable by the sandbox uid")
-        children = sorted({t[len(blocker):].lstrip("/").split("/")[0] for t in needed
-                           if t.startswith(blocker.rstrip("/") + "/")})
-        stashed = []
-        for child in children:
-            src = os.path.join(blocker, child)
-            stash = os.path.join(stash_root, str(counter))
-            counter += 1
-            is_dir = os.path.isdir(src)
-            os.mkdir(stash) if is_dir else open(stash, "w").close()
-            do_mount(src, stash, None, _MS_BIND | _MS_REC)
-            stashed.append((child, stash, is_dir))
-        do_mount("tmpfs", blocker, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
-        for child, stash, is_dir in stashed:
-            dest = os.path.join(blocker, child)
-            os.mkdir(dest) if is_dir else open(dest, "w").close()
-            do_mount(stash, dest, None, _MS_MOVE)
-    raise OSError("could not make the interpreter reachable for the sandbox uid")
+            return False

@@ -1,8 +1,8 @@
 """The wire between a sandboxed program and its trusted checker: plain data with exact types, never code.
 
 Both sides load this module (:mod:`dare_gym.rewards.sandbox_harness` in the program's process,
-:mod:`dare_gym.rewards.code_checker` in the checker's). It imports only ``struct`` and ``_collections`` (both
-cheap: two processes start per run) and nothing of ``dare_gym``, because the sandbox ships it to its child
+:mod:`dare_gym.rewards.code_checker` in the checker's). It imports only ``builtins``, ``struct`` and
+``_collections`` (all cheap: two processes start per run) and nothing of ``dare_gym``, because the sandbox ships it to its child
 processes as compiled code (see :mod:`dare_gym.rewards.sandbox_boot`).
 
 A message is a 4-byte big-endian length and that many bytes holding one encoded ``dict`` with ``str`` keys
@@ -26,8 +26,13 @@ dict views                   ``K`` / ``V`` / ``E`` + count + items: rebuilt as r
 other iterators              ``I`` + count + items (generators, ``map``, ``filter``...): materialized, read
                              back as a list iterator, so ``list(f(x))`` works and ``f(x) == [...]`` does not
 ``range``                    ``r`` + start, stop, step
+a builtin class              ``y`` + length + its name (``int``, ``str``, ``ValueError``...): MBPP 533 passes
+                             ``int`` to the function under test; a class of the program's is not plain data
 :class:`Reference`           ``R`` + length + name: only from the checker to the program (objects built by
                              a benchmark's setup code inside the program, passed back to its functions)
+:class:`Handle`              ``H`` + 8-byte id: only from the checker to the program (an object a call of one
+                             of the program's classes made, which stays in the program: MBPP 601's tests
+                             build ``Pair(5, 24)`` and pass a list of them to the function under test)
 ===========================  ==========================================================================
 
 Subclasses of these types travel as their base type (a ``namedtuple`` as a tuple, a ``Counter`` as a dict),
@@ -43,11 +48,13 @@ can build objects that run code or crash the reader.
 
 from __future__ import annotations
 
+import builtins
 import os
 import struct
 from _collections import deque
 
 __all__ = [
+    "Handle",
     "MAX_DEPTH",
     "MAX_ITEMS",
     "MAX_MESSAGE_BYTES",
@@ -97,6 +104,28 @@ class Reference:
 
     def __repr__(self) -> str:
         return f"Reference({self.name!r})"
+
+
+class Handle:
+    """Stands, in the checker, for an object that exists only in the program: what a call of one of the
+    program's classes returned (see ``CheckSpec.constructors``). The checker can only pass it back to the
+    program; it compares equal to itself alone (the checker keeps one handle per object), so it can never stand
+    in for a value a test expects."""
+
+    __slots__ = ("ident",)
+
+    def __init__(self, ident: int):
+        self.ident = ident
+
+    def __repr__(self) -> str:
+        return f"<object {self.ident} of the sandboxed program>"
+
+
+def _builtin_classes() -> dict[str, type]:
+    return {name: value for name, value in vars(builtins).items() if isinstance(value, type) and type(value) is type}
+
+
+_BUILTIN_CLASSES = _builtin_classes()
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -151,6 +180,10 @@ def _encode_other(value, parts: list, depth: int) -> None:
     kind = type(value)
     if kind is Reference:
         _encode_text(b"R", value.name.encode("utf-8"), parts)
+    elif kind is Handle:
+        parts += (b"H", _INT.pack(value.ident))
+    elif kind is type and _BUILTIN_CLASSES.get(value.__name__) is value:
+        _encode_text(b"y", value.__name__.encode("ascii"), parts)
     elif kind in _VIEW_TAGS:
         items = [tuple(pair) for pair in value] if kind is type({}.items()) else value
         _encode_items(_VIEW_TAGS[kind], items, parts, depth)
@@ -191,10 +224,10 @@ class _Reader:
     """Reads one value from ``data``; every read is bounds-checked, every count checked against the bytes
     left (so a forged count cannot make the reader allocate)."""
 
-    __slots__ = ("data", "pos", "resolve")
+    __slots__ = ("data", "pos", "resolve", "handles")
 
-    def __init__(self, data: bytes, resolve):
-        self.data, self.pos, self.resolve = data, 0, resolve
+    def __init__(self, data: bytes, resolve, handles):
+        self.data, self.pos, self.resolve, self.handles = data, 0, resolve, handles
 
     def take(self, size: int) -> bytes:
         end = self.pos + size
@@ -264,6 +297,22 @@ def _reference(reader: _Reader, depth: int):
     return reader.resolve(name)
 
 
+def _handle(reader: _Reader, depth: int):
+    ident = _INT.unpack(reader.take(8))[0]
+    if reader.handles is None:
+        raise ProtocolError("a handle where only plain data may come")
+    if ident not in reader.handles:
+        raise ProtocolError(f"a handle to no object ({ident})")
+    return reader.handles[ident]
+
+
+def _builtin_class(reader: _Reader, depth: int) -> type:
+    name = reader.text()
+    if name not in _BUILTIN_CLASSES:
+        raise ProtocolError(f"{name[:60]!r} is not a builtin class")
+    return _BUILTIN_CLASSES[name]
+
+
 def _items_view(reader: _Reader, depth: int):
     pairs = reader.items(depth)
     if any(type(pair) is not tuple or len(pair) != 2 for pair in pairs):
@@ -292,17 +341,20 @@ _BUILDERS = {
     b"V": lambda r, d: dict(enumerate(r.items(d))).values(),
     b"E": _items_view,
     b"r": _range,
+    b"y": _builtin_class,
     b"R": _reference,
+    b"H": _handle,
 }
 
 
-def decode(data: bytes, resolve=None):
+def decode(data: bytes, resolve=None, handles=None):
     """The value that :func:`encode` made ``data`` from, built from builtin types only.
 
-    ``resolve(name)`` turns a :class:`Reference` into an object (the program's side); without it a reference
-    is a :class:`ProtocolError`, as is anything :func:`encode` does not make.
+    On the program's side, ``resolve(name)`` turns a :class:`Reference` into an object and ``handles`` (id ->
+    object) a :class:`Handle`; without them either is a :class:`ProtocolError`, as is anything :func:`encode`
+    does not make.
     """
-    reader = _Reader(bytes(data), resolve)
+    reader = _Reader(bytes(data), resolve, handles)
     value = reader.value()
     if reader.pos != len(reader.data):
         raise ProtocolError(f"{len(reader.data) - reader.pos} bytes after the value")
@@ -323,8 +375,8 @@ def write_message(fd: int, message: dict) -> None:
         view = view[os.write(fd, view):]
 
 
-def _message(payload: bytes, resolve) -> dict:
-    message = decode(payload, resolve)
+def _message(payload: bytes, resolve, handles=None) -> dict:
+    message = decode(payload, resolve, handles)
     if type(message) is not dict or any(type(key) is not str for key in message):
         raise ProtocolError(f"a message that is a {type(message).__name__}, not a dict with str keys")
     return message
@@ -352,7 +404,7 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_message(fd: int, resolve=None) -> dict | None:
+def read_message(fd: int, resolve=None, handles=None) -> dict | None:
     """The next message on ``fd``; ``None`` at end of file before a message starts.
 
     Raises :class:`ProtocolError` for a cut-off, oversized or malformed message.
@@ -368,4 +420,4 @@ def read_message(fd: int, resolve=None) -> dict | None:
     payload = _read_exactly(fd, size)
     if len(payload) < size:
         raise ProtocolError(f"the channel closed after {len(payload)} of {size} message bytes")
-    return _message(payload, resolve)
+    return _message(payload, resolve, handles)

@@ -26,6 +26,11 @@ one more, so calls that hang or sleep do not queue the rest: eight hung calls wi
 second. At most ``MAX_WORKERS`` helpers of a pool run at once (more hung calls than that wait their turn), which
 also bounds how far CPU-bound long calls can oversubscribe the cores.
 
+Replies are matched to their calls: each names the call it answers and the helper's pid, and only the helper
+itself ever answers (a reward that forks and returns in both processes has the copy leave silently), so no
+completion gets another's score. After every call the helper, a child subreaper, kills whatever processes the
+call left running (but the code sandbox's checker server, declared with :func:`keep_child`).
+
 Cleanup: helpers are started from one long-lived thread and, on Linux, ask the kernel to kill them when that
 thread, so this process, ends (``PR_SET_PDEATHSIG``: it fires when the *thread* that started a process
 exits, so helpers started from a short-lived pool thread would die with it); an ``atexit`` hook kills them on a
@@ -38,6 +43,7 @@ import atexit
 import collections
 import ctypes
 import inspect
+import itertools
 import os
 import pickle
 import queue
@@ -62,6 +68,7 @@ START_LIMIT_S = 60.0  # a helper process that is not ready by then is killed
 PREPARE_LIMIT_S = 120.0  # loading a function (its module, its warm_up) in a spawned helper
 
 _HEADER = struct.Struct("<Q")
+_MESSAGE_IDS = itertools.count(1)
 _IN_HELPER = False  # set in helper processes
 _LINUX_PRCTL = None
 if sys.platform.startswith("linux"):
@@ -147,49 +154,59 @@ def _receive(fd: int) -> Any:
     return pickle.loads(_read_exactly(fd, size))
 
 
-def _failure(error: BaseException) -> tuple:
+def _failure(error: BaseException, ident: Hashable, pid: int) -> tuple:
     """The reply for a call that raised: its description, and the exception itself when it pickles."""
     try:
         blob = pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - an exception holding unpicklable state: send its description only
         blob = None
-    return ("error", describe_error(error), blob)
+    return ("error", describe_error(error), blob, ident, pid)
 
 
 def serve(read_fd: int, write_fd: int, resolve: Callable[[Hashable], Callable]) -> None:
     """A helper's loop: announce readiness, then answer messages until the pipe closes.
 
-    ``("prepare", ref)`` loads the function ``resolve(ref)`` and runs its ``warm_up``; ``("call", ref, args,
-    kwargs)`` calls it. Replies are ``("ok", value)`` or ``("error", description, pickled exception or None)``.
+    ``("prepare", ref, ident)`` loads the function ``resolve(ref)`` and runs its ``warm_up``; ``("call", ref,
+    ident, args, kwargs, post)`` calls it and, with ``post``, passes the result through ``post`` here, under
+    the call's limit (a score's ``__float__`` is the reward's code too). Replies are ``("ok", value, ident,
+    pid)`` or ``("error", description, pickled exception or None, ident, pid)``: the caller matches each to
+    its call. Only this process ever answers: a reward that forks and returns in both processes has its copy
+    leave here without a word, and whatever process a call left running is killed before the next message.
     """
     global _IN_HELPER
     import logging
 
     _IN_HELPER = True
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disabled its own timeouts
+    home = os.getpid()
     functions: dict[Hashable, Callable] = {}
-    _send(write_fd, ("ready", os.getpid()))
+    _send(write_fd, ("ready", home))
     while True:
         try:
             message = _receive(read_fd)
         except EOFError:
             return
-        kind, ref = message[0], message[1]
+        kind, ref, ident = message[:3]
         try:
             if ref not in functions:
                 functions[ref] = resolve(ref)
             if kind == "prepare":
                 warm_up = getattr(functions[ref], "warm_up", None)
-                reply = ("ok", warm_up() if callable(warm_up) else None)
+                reply = ("ok", warm_up() if callable(warm_up) else None, ident, home)
             else:
-                reply = ("ok", functions[ref](*message[2], **message[3]))
+                args, kwargs, post = message[3:]
+                value = functions[ref](*args, **kwargs)
+                reply = ("ok", post(value) if post is not None else value, ident, home)
         except BaseException as error:  # noqa: BLE001 - even sys.exit() in a reward is reported, not obeyed
-            reply = _failure(error)
+            reply = _failure(error, ident, home)
+        if os.getpid() != home:  # a copy the reward forked, returning here: the call is not its to answer
+            os._exit(0)
+        _stop_strays()
         try:
             _send(write_fd, reply)
         except Exception as error:  # noqa: BLE001 - a result that does not pickle
             reason = f"returned a value that cannot be sent back from its helper process ({describe_error(error)})"
-            _send(write_fd, ("error", reason, None))
+            _send(write_fd, ("error", reason, None, ident, home))
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()  # what the reward printed, before the next call (a forked copy never exits cleanly)
@@ -197,11 +214,55 @@ def serve(read_fd: int, write_fd: int, resolve: Callable[[Hashable], Callable]) 
                 pass
 
 
+_KEPT_CHILDREN: set[int] = set()  # processes a helper's code started to outlive calls on purpose
+
+
+def keep_child(pid: int) -> None:
+    """Declare a child process of this helper long-lived (the code sandbox's checker server): it is not
+    killed after the call that started it."""
+    _KEPT_CHILDREN.add(pid)
+
+
+def _children() -> set[int]:
+    """The child processes of every thread of this process (the kernel lists them per thread)."""
+    found = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                found.update(int(pid) for pid in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _stop_strays() -> None:
+    """Kill and reap every child process a call left running, except the kept ones. A helper is a child
+    subreaper (:func:`become_helper`), so the orphans of a killed child come back here and are found in the
+    next round. Without ``/proc/self/task/*/children`` (not Linux), nothing is done."""
+    for _ in range(100):
+        strays = _children() - _KEPT_CHILDREN
+        if not strays:
+            break
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in strays:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    _KEPT_CHILDREN.intersection_update(_children())  # forget kept ones that ended
+
+
 def become_helper(parent_pid: int) -> None:
-    """Set-up of a helper process: ignore Ctrl-C (the parent stops it) and die with the parent."""
+    """Set-up of a helper process: ignore Ctrl-C (the parent stops it), die with the parent, and adopt the
+    orphans of the processes a reward starts (so that :func:`serve` finds and kills them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _LINUX_PRCTL is not None:
         _LINUX_PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        _LINUX_PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(0)
 
@@ -544,6 +605,7 @@ def _forget_parent_state() -> None:
     global _DEFAULT_POOL, _LAUNCHER, _REAPER, _OPEN_FDS_LOCK, _DEFAULT_POOL_LOCK
     _DEFAULT_POOL, _LAUNCHER, _REAPER = None, _Launcher(), _Reaper()
     _OPEN_FDS_LOCK, _DEFAULT_POOL_LOCK = threading.Lock(), threading.Lock()
+    _KEPT_CHILDREN.clear()  # the parent's children are not this copy's (their pids may come back as its own)
 
 
 os.register_at_fork(after_in_child=_forget_parent_state)
@@ -564,11 +626,13 @@ def sends_by_reference(fn: Callable) -> bool:
 # ------------------------------------------------------------------------------------------------ scheduling
 @dataclass
 class Call:
-    """One function call to run in a helper: ``fn(*args, **kwargs)``."""
+    """One function call to run in a helper: ``fn(*args, **kwargs)``, its result passed through ``post`` (a
+    module-level function) in the helper when given."""
 
     fn: Callable
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    post: Callable | None = None
 
 
 @dataclass
@@ -592,6 +656,7 @@ class _Slot:
     phase: str  # "start" | "prepare" | "call"
     since: float
     deadline: float
+    ident: int | None = None  # what the reply must name (see serve)
 
 
 class _Scheduler:
@@ -656,7 +721,9 @@ class _Scheduler:
         """Send a ready helper its job: the function to load first if it does not have it, else the call."""
         _, ref, call = self.jobs[job]
         phase = "call" if ref in helper.prepared else "prepare"
-        message = ("call", ref, call.args, call.kwargs) if phase == "call" else ("prepare", ref)
+        ident = next(_MESSAGE_IDS)  # names the reply this message must get: anything else means a broken helper
+        message = (("call", ref, ident, call.args, call.kwargs, call.post) if phase == "call"
+                   else ("prepare", ref, ident))
         try:
             helper.send(message)
         except (BrokenPipeError, ConnectionResetError, EOFError):  # it died while idle: run the job elsewhere
@@ -670,7 +737,7 @@ class _Scheduler:
             return
         now = time.monotonic()
         limit = self.timeout if phase == "call" else PREPARE_LIMIT_S
-        self._add(_Slot(pool, helper, job, phase, now, now + limit))
+        self._add(_Slot(pool, helper, job, phase, now, now + limit, ident))
 
     def _retry(self, job: int, reason: str) -> None:
         self.retries[job] += 1
@@ -715,6 +782,12 @@ class _Scheduler:
                 self.outcomes[slot.job] = Outcome(error=f"{reason} during the call")
             else:
                 self._retry(slot.job, f"{reason} while {'starting' if slot.phase == 'start' else 'loading the reward'}")
+            return
+        expected = ("ready", slot.helper.pid) if slot.phase == "start" else (slot.ident, slot.helper.pid)
+        if tuple(message[-2:]) != expected:  # another process wrote on its pipe (a reward that forked, say)
+            slot.pool.discard(slot.helper)
+            self.outcomes[slot.job] = Outcome(error="its helper process answered for another call or process "
+                                                    "(stopped): no score can be trusted from it")
             return
         if slot.phase == "start":  # ready
             self._begin(slot.pool, slot.helper, slot.job)

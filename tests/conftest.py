@@ -21,7 +21,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 # Files whose tests are independent, long and self-contained: xdist spreads them test by test over the workers.
 # Every other file runs whole on one worker (--dist loadgroup), so its module-scoped fixtures (a comparison run,
 # a torchrun job, a server) are built once.
-SPREAD_FILES = {"test_algorithms_learn.py"}
+SPREAD_FILES = {"test_algorithms_learn.py", "test_matrix.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from dare_gym import distributed
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.core import distributed
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
 ALGORITHMS = {  # the default recipe, BGPO, DPO, EBPO and d-TreeRPO, each at μ = 1: one update is one optimizer step
     "d1": {},
     "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 2}},
     "dpo": {"name": "dpo"},
-    "ebpo": {"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+    "ebpo": {"name": "ebpo", "mc_num": 2},
     # trees of 2 levels, 2 × 2 leaves (= GROUP) and 6 segments each
     "dtreerpo": {"name": "dtreerpo", "num_iterations": 1, "tree_branch_factor": 2},
 }

@@ -1,10 +1,8 @@
 """Each algorithm's whole loss through its real code path (``advantages`` → ``prepare`` → ``loss``/``backward``),
 on hand-computed cases (reference/ALGORITHMS.md's worked numbers where they exist).
 
-The policy here is *scripted*: its forward returns logits whose log-softmax at each completion position's
-target token is a value the test chooses (from the row, the position and which positions the input masks),
-so every estimate, ratio and loss is computable by hand. Everything else — buffer, estimators, noise,
-advantages, losses — is the library's own code. Every forward sees all rows of the test batch, in order.
+The policy here is *scripted* (tests/helpers.py): the log-probability of every completion token is a value the
+test chooses, so every estimate, ratio and loss is computable by hand; the rest is the library's own code.
 """
 
 from __future__ import annotations
@@ -14,93 +12,28 @@ import math
 import pytest
 import torch
 
-from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
+from dare_gym.algorithms import build_config, make_algorithm, mdpo
+from helpers import EOS, MASK, ScriptedPolicy, clipped, constant, k3, make_buffer
 
-MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 ELL = [[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]]  # the toy log-prob matrices of ALGORITHMS.md §0
 ELL_OLD = [[-0.6, -1.0, -0.4], [-1.0, -0.3, -2.5]]
 ELL_REF = [[-0.7, -0.9, -0.2], [-1.2, -0.5, -2.0]]
-
-
-class ScriptedPolicy:
-    """What an algorithm uses of a policy — ``logits``, ``device``, ``block_size`` — with a scripted forward:
-    the log-softmax at each completion position's target token is ``rule(masked)`` ([N, L], < 0; ``masked``:
-    the completion positions that are MASK in this input), the rest of the mass spread evenly over the other
-    tokens. ``rule`` may return a tensor that requires grad, so gradients reach the test's leaves."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, targets, rule, *, block_size: int | None = None):
-        self.targets = torch.as_tensor(targets)
-        self.rule = rule
-        self.block_size = block_size
-        self.calls = 0
-
-    def logits(self, input_ids, attention_mask, logits_to_keep=0, **_):
-        rows, length = self.targets.shape
-        assert input_ids.shape[0] == rows, "every forward sees all rows of the test batch"
-        self.calls += 1
-        masked = input_ids[:, -length:] == MASK
-        value = torch.as_tensor(self.rule(masked), dtype=torch.float64).expand(rows, length)
-        assert (value < 0).all(), "a log-probability must be negative"
-        rest = torch.log1p(-value.exp()) - math.log(VOCAB - 1)
-        target = torch.nn.functional.one_hot(self.targets, VOCAB).bool()
-        completion = torch.where(target, value[..., None], rest[..., None])
-        prompt = torch.zeros(rows, input_ids.shape[1] - length, VOCAB, dtype=torch.float64)
-        logits = torch.cat([prompt, completion], dim=1)
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
-
-
-def constant(values):
-    """A rule that ignores the mask: each (row, position) has one log-prob."""
-    table = torch.as_tensor(values, dtype=torch.float64)
-    return lambda masked: table
-
-
-def make_buffer(completions, *, completion_mask=None, unmask_step=None, rewards=None, group_size=2,
-                prompts=None) -> RolloutBuffer:
-    completion_ids = torch.as_tensor(completions)
-    rows, length = completion_ids.shape
-    prompts = prompts or [[5 + (i % 4), 9] for i in range(rows)]
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])  # left-padded, as samplers do
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return RolloutBuffer(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=torch.ones(rows, length, dtype=torch.long) if completion_mask is None
-        else torch.as_tensor(completion_mask),
-        unmask_step=torch.zeros(rows, length, dtype=torch.long) if unmask_step is None else torch.as_tensor(unmask_step),
-        reward=torch.tensor([1.0, 0.0] * (rows // 2) if rewards is None else rewards, dtype=torch.float32),
-        group_id=torch.arange(rows) // group_size, prompts=[f"prompt {i}" for i in range(rows)],
-        completions=[f"completion {i}" for i in range(rows)], pad_token_id=PAD,
-    )
-
 
 def algorithm(name: str, **options):
     return make_algorithm(name, build_config(name, options), mask_token_id=MASK)
 
 
-def clipped(ratio: float, advantage: float, low: float, high: float | None = None) -> float:
-    """min(ρA, clip(ρ, 1 − ε_lo, 1 + ε_hi)A), by hand."""
-    high = low if high is None else high
-    return min(ratio * advantage, min(max(ratio, 1 - low), 1 + high) * advantage)
-
-
-def k3(logp: float, ref: float) -> float:
-    return math.exp(ref - logp) - (ref - logp) - 1
-
-
 # ------------------------------------------------------------------------------------------- TraceRL
 
 
-@pytest.mark.parametrize("block_size,expected", [(None, -0.726979), (2, -0.363505)])
+@pytest.mark.parametrize("block_size,expected", [(None, -0.726979), (2, -0.727009)])
 def test_tracerl_whole_loss_follows_the_models_attention(block_size, expected):
     """ALGORITHMS.md J through the real path: one row [a, EOS | EOS, EOS] decoded in two steps, tokens 1–2 at
     step 0 (the targets: ℓ − ℓ_old = (0.1, −0.05)), the post-EOS tokens at step 1 (no targets), A = 0.7071,
     β = 0.01 (KL against π_old). A full-attention policy (block_size None) normalises the row by its own 2
-    targets and sums the KL: −1.45408/2 + 0.01·0.006108 = −0.726979 (the L₁ path gave −0.363505 here). A
-    block-causal one (SDAR) keeps (−1.45408 + 0.01·0.006108)/L₁ with L₁ = 4: −0.363505."""
+    targets and sums the KL: −1.45408/2 + 0.01·0.006108 = −0.726979. A block-causal one (SDAR) keeps
+    (−1.45408 + 0.01·0.006108)/L₁ with L₁ the longest response of the batch, here this row's 2 tokens:
+    −0.727009 (test_fidelity has a batch where L₁ differs from every row's own count)."""
     buffer = make_buffer([[7, EOS, EOS, EOS]], completion_mask=[[1, 1, 0, 0]], unmask_step=[[0, 0, 1, 1]],
                          rewards=[1.0], group_size=1)
     buffer.advantage = torch.tensor([0.7071])
@@ -149,16 +82,17 @@ def test_espo_whole_loss():
 
 
 def test_bgpo_whole_loss_weighs_sequences_by_length():
-    """ALGORITHMS.md G's numbers through the real path (n = 2, ε = 0.2, dual-clip 3, A^std) on rows of L = 2
-    whose log-prob depends on how many tokens the draw masks (x ∈ {1, 2}: the stratified counts always use
-    both), so 𝓑_j = c(x_j): 𝓑 = [[−0.50, −0.70], [−1.0, −1.2]], 𝓑_old = [[−0.55, −0.65], [−1.1, −1.1]].
-    Row 2 ends at its first token (EOS), so the rows weigh 2 : 1 in DARE's token mean:
-    sample 1 (2·−0.742357 + 0.781364)/3, sample 2 (2·−0.671657 + 0.639726)/3, mean −0.234490; the sequence
-    mean of section G gives 0.001769."""
+    """ALGORITHMS.md G's numbers through the real path (n = 2, ε = 0.2, dual-clip 3, verl's A = (r − r̄)/(σ + 1e-6)
+    = ±0.707106) on rows of L = 2 whose log-prob depends on how many tokens the draw masks (x ∈ {1, 2}: the
+    stratified counts always use both), so 𝓑_j = c(x_j): 𝓑 = [[−0.50, −0.70], [−1.0, −1.2]], 𝓑_old =
+    [[−0.55, −0.65], [−1.1, −1.1]]. With ``response_mask: through_eos`` (DARE's SDAR/LLaDA2 rollouts) row 2 ends at
+    its first token (EOS), so the rows weigh 2 : 1 in DARE's token mean: sample 1 (2·−0.742357 + 0.781364)/3,
+    sample 2 (2·−0.671657 + 0.639726)/3, mean −0.234522 (the sequence mean of section G gives 0.001769)."""
     buffer = make_buffer([[7, 8], [EOS, EOS]], completion_mask=[[1, 1], [1, 0]])
-    method = algorithm("bgpo", estimator_kwargs={"mc_num": 2})
+    method = algorithm("bgpo", estimator_kwargs={"mc_num": 2}, response_mask="through_eos")
     buffer = method.advantages(buffer, 2)
-    assert buffer.advantage.tolist() == pytest.approx([0.707007, -0.707007], abs=1e-6)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert buffer.advantage.tolist() == pytest.approx([a, -a], abs=1e-7)
 
     def by_count(table):  # row -> {mask count: log-prob of each masked token}
         return lambda masked: torch.tensor([[table[row][int(masked[row].sum())]] for row in range(2)],
@@ -170,16 +104,16 @@ def test_bgpo_whole_loss_weighs_sequences_by_length():
     old = ScriptedPolicy(buffer.completion_ids, by_count({0: {1: -0.55, 2: -0.65}, 1: {1: -1.1, 2: -1.1}}))
     method.prepare(old, None, buffer, torch.Generator().manual_seed(0), micro_batch_size=8)
     loss, metrics = method.backward(theta, buffer, 0, 1.0)
-    sample_one = (2 * -clipped(1.05, 0.707007, 0.2) - max(clipped(math.exp(0.1), -0.707007, 0.2), 3 * -0.707007)) / 3
-    sample_two = (2 * -clipped(0.95, 0.707007, 0.2) - max(clipped(math.exp(-0.1), -0.707007, 0.2), 3 * -0.707007)) / 3
-    assert (sample_one, sample_two) == pytest.approx((-0.234450, -0.234529), abs=1e-6)
+    sample_one = (2 * -clipped(1.05, a, 0.2) - max(clipped(math.exp(0.1), -a, 0.2), 3 * -a)) / 3
+    sample_two = (2 * -clipped(0.95, a, 0.2) - max(clipped(math.exp(-0.1), -a, 0.2), 3 * -a)) / 3
+    assert (sample_one, sample_two) == pytest.approx((-0.234483, -0.234562), abs=1e-6)
     assert loss == pytest.approx((sample_one + sample_two) / 2, abs=1e-6)
-    assert loss == pytest.approx(-0.234490, abs=1e-6)
+    assert loss == pytest.approx(-0.234522, abs=1e-6)
     assert metrics["mc_samples"] == 2.0
     # one backward per sample reached every draw's log-probs; row 2's one-token draw (A < 0, unclipped; the
     # token's weight n/x = 2 over Lpad = 2 is 1) gets −A·e^d · (1/3 of the token mean) · (1/n)
     assert leaves.grad is not None and (leaves.grad != 0).all()
-    assert leaves.grad[1, 0].item() == pytest.approx(0.707007 * math.exp(0.1) * 1 / 3 / 2, abs=1e-6)
+    assert leaves.grad[1, 0].item() == pytest.approx(a * math.exp(0.1) * 1 / 3 / 2, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- SPG
@@ -224,18 +158,18 @@ def test_mdpo_whole_loss():
     at steps (0, 1, 2), so x_t masks 3, 2, 1 tokens (λ_t = 3/(n + 1e-4)); on-policy (ρ = 1) the loss of step t
     is Σ −A·λ_t·conf / #masked, and step 1's is section H's −0.053022 (conf (0.9, 0.6) and (0.8, 0.5))."""
     buffer = make_buffer([[7, 8, 9], [9, 8, 7]], unmask_step=[[0, 1, 2], [0, 1, 2]])
-    buffer.columns["step_reward"] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
-    buffer.columns["step_prediction"] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
+    buffer.columns[mdpo.STEP_REWARD] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    buffer.columns[mdpo.STEP_PREDICTION] = buffer.completion_ids[:, None, :].expand(2, 3, 3).clone()
     confidence = torch.tensor([[[0.7, 0.4, 0.3], [1.0, 0.9, 0.6], [1.0, 1.0, 0.95]],
                                [[0.2, 0.6, 0.5], [1.0, 0.8, 0.5], [1.0, 1.0, 0.85]]])
-    buffer.columns["step_confidence"] = confidence
+    buffer.columns[mdpo.STEP_CONFIDENCE] = confidence
     method = algorithm("mdpo", train_steps=3)
     buffer = method.advantages(buffer, 2)
-    advantages = buffer.columns["step_advantage"]
+    advantages = buffer.columns[mdpo.STEP_ADVANTAGE]
     assert advantages.tolist()[0] == pytest.approx([0.706907, 0.707007, -0.707007], abs=1e-6)
     policy = ScriptedPolicy(buffer.completion_ids, lambda masked: -0.3 - 0.1 * masked.double())
     method.prepare(policy, None, buffer, None, micro_batch_size=8)
-    assert sorted(buffer.columns["train_steps"][0].tolist()) == [0, 1, 2]
+    assert sorted(buffer.columns[mdpo.TRAIN_STEPS][0].tolist()) == [0, 1, 2]
     loss = method.loss(policy, buffer, 0)[0].item()
     step_losses = []
     for t in range(3):
@@ -245,42 +179,6 @@ def test_mdpo_whole_loss():
         step_losses.append(total / (2 * len(masked)))
     assert step_losses[1] == pytest.approx(-0.053022, abs=1e-6)
     assert loss == pytest.approx(sum(step_losses) / 3, abs=1e-6)
-
-
-@torch.no_grad()
-def test_mdpo_rollouts_record_the_tempered_confidence():
-    """The official MDPO sampler weighs each guess by its probability under softmax(logits / T). MDPO asks the
-    sampler for it; the committed tokens (LLaDA's remasking on softmax(logits)) do not change, and at every
-    step each masked position's recorded confidence is p_T of the recorded guess, committed ones hold 1."""
-    from dare_gym.algorithms.mdpo import MDPO
-    from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-    from dare_gym.models.tokenizer import build_char_tokenizer
-    from dare_gym.policy import DiffusionPolicy
-
-    torch.manual_seed(2)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.2, mask_token_id=tokenizer.mask_token_id)
-    policy = DiffusionPolicy(TinyDLLMForMaskedLM(config).to(torch.float64).eval(), tokenizer, family="tiny")
-    settings = dict(gen_length=8, steps=4, block_length=4, temperature=0.5, record_predictions=True)
-    plain = policy.generate(["hey"], seed=0, **settings)[0]
-    tempered = policy.generate(["hey"], seed=0, **settings, **MDPO.rollout_settings)[0]
-    assert MDPO.rollout_settings == {"tempered_confidence": True}
-    assert torch.equal(plain.completion_ids, tempered.completion_ids)
-    assert torch.equal(plain.unmask_step, tempered.unmask_step)
-    assert torch.equal(plain.step_predictions, tempered.step_predictions)
-    prompt = tempered.prompt_ids[None]
-    for step in range(tempered.step_predictions.shape[0]):
-        state = tempered.completion_ids.masked_fill(tempered.unmask_step >= step, policy.mask_token_id)[None]
-        logits = policy.logits(torch.cat([prompt, state], dim=1), torch.ones(1, prompt.shape[1] + 8, dtype=torch.long))
-        guess = tempered.step_predictions[step]
-        masked = state[0] == policy.mask_token_id
-        p_tempered = torch.softmax(logits[0, prompt.shape[1]:].double() / 0.5, dim=-1).gather(-1, guess[:, None])[:, 0]
-        p_model = torch.softmax(logits[0, prompt.shape[1]:].double(), dim=-1).gather(-1, guess[:, None])[:, 0]
-        assert torch.allclose(tempered.step_confidence[step][masked].double(), p_tempered[masked], atol=1e-6)
-        assert torch.allclose(plain.step_confidence[step][masked].double(), p_model[masked], atol=1e-6)
-        assert (tempered.step_confidence[step][~masked] == 1).all()
-    assert not torch.allclose(plain.step_confidence, tempered.step_confidence)
 
 
 # ------------------------------------------------------------------------------------------------- PPO
@@ -437,7 +335,7 @@ def test_clamp_options_keep_todays_loss_by_default_and_bound_it_when_set():
 
 
 def test_clamp_options_are_documented_and_validated():
-    from dare_gym.config import describe_fields
+    from dare_gym.core.config import describe_fields
     from dare_gym.algorithms import get_algorithm
 
     lines = "\n".join(describe_fields(get_algorithm("tracerl").config_class))
@@ -453,8 +351,8 @@ def test_clamp_options_are_documented_and_validated():
 @pytest.mark.parametrize("name, keeps", [("sft", False), ("mdpo", False), ("tracerl", False), ("dpo", True),
                                          ("d1", True), ("ebpo", True), ("dtreerpo", True)])
 def test_a_reference_model_is_kept_only_where_the_loss_uses_one(name, keeps):
-    """With a KL weight set (where the config takes one), only algorithms whose loss scores π_ref keep a
-    reference: SFT has no KL term, TraceRL's KL is against π_old, MDPO refuses β ≠ 0."""
-    options = {} if name == "mdpo" else {"beta": 0.1}
+    """With a KL weight set (where the config has one), only algorithms whose loss scores π_ref keep a
+    reference: SFT and MDPO have no KL field, TraceRL's KL is against π_old."""
+    options = {} if name in ("mdpo", "sft") else {"beta": 0.1}
     algorithm = make_algorithm(name, build_config(name, options), mask_token_id=3)
     assert algorithm.needs_reference is keeps

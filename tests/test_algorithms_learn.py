@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from dare_gym.algorithms import list_algorithms
-from dare_gym.compare import plan_comparison
-from dare_gym.config import dataclass_from_dict
-from dare_gym.trainer import Trainer, TrainConfig
+from dare_gym.tools.compare import plan_comparison
+from dare_gym.core.config import dataclass_from_dict
+from dare_gym.train.trainer import Trainer, TrainConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
 STEPS = 10
@@ -39,7 +39,7 @@ def test_preference_algorithms_fit_hh_rlhf_pairs(algorithm, data_dir, tiny_polic
     import torch
 
     from dare_gym.algorithms import build_config, make_algorithm
-    from dare_gym.buffer import RolloutBuffer
+    from dare_gym.core.buffer import RolloutBuffer
     from dare_gym.envs.preference import load_hh_rlhf
 
     with pytest.warns(UserWarning, match="skipped"):

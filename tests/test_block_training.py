@@ -8,14 +8,20 @@ import pytest
 import torch
 
 import dare_gym
-from dare_gym.buffer import left_pad
-from dare_gym.losses import block_diffusion_sft_loss, masked_diffusion_sft_loss
+from dare_gym.core.buffer import left_pad
 from dare_gym.models.families import get_family, noisy_clean_attention_inputs
 from dare_gym.models.standin import build_standin
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
-from dare_gym.sft import demonstration_batch, masked_diffusion_loss, sample_answer_masks, train_on_demonstrations
+from dare_gym.core.policy import DiffusionPolicy
+from dare_gym.core.sft import (
+    block_diffusion_sft_loss,
+    demonstration_batch,
+    masked_diffusion_loss,
+    masked_diffusion_sft_loss,
+    sample_answer_masks,
+    train_on_demonstrations,
+)
 
 ROW_LENGTHS = (13, 6, 10, 3)  # real tokens per row: different lengths, so the batch is left-padded
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dare_gym.buffer import RolloutBuffer, left_pad
-from dare_gym.policy import Completion
+from dare_gym.core.buffer import RolloutBuffer, left_pad
+from dare_gym.core.policy import Completion
 
 PAD = 0
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "dare_gym.cli"]
-
-
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env=dict(os.environ, TQDM_DISABLE="1"))
+from helpers import run_cli as run
 
 
 def test_console_script_is_installed():
@@ -43,8 +37,8 @@ def test_envs_and_algorithms_list_what_is_registered():
 
 
 def test_train_help_lists_every_config_field_with_its_doc():
-    from dare_gym.config import field_docs
-    from dare_gym.trainer import GenerationConfig, TrainConfig
+    from dare_gym.core.config import field_docs
+    from dare_gym.train.trainer import GenerationConfig, TrainConfig
 
     text = run("train", "--help").stdout
     for name, doc in field_docs(TrainConfig).items():
@@ -75,7 +69,7 @@ def test_train_help_lists_every_config_field_with_its_doc():
     (["--import", "no_such_module_y"], "--import no_such_module_y: no module named 'no_such_module_y'"),
 ])
 def test_eval_errors_are_one_line_naming_the_bad_value(argv, message, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["eval", "--limit", "2", *argv]) == 2
     captured = capsys.readouterr()

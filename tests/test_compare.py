@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from dare_gym.algorithms import ALGORITHMS, register_algorithm
-from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, PolicyGradientConfig
-from dare_gym.cli import build_parser, default_config_path, main
-from dare_gym.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
-from dare_gym.compare_report import algorithm_style, plot_curves
-from dare_gym.config import ConfigError
+from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, GRPOConfig
+from dare_gym.tools.cli import build_parser, default_config_path, main
+from dare_gym.tools.compare import CSV_COLUMNS, filter_algorithm_options, learning_curve, mean_curve, plan_comparison
+from dare_gym.tools.compare.report import algorithm_style, plot_curves
+from dare_gym.core.config import ConfigError
 
 COMPARE_DEFAULT = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
 
@@ -32,11 +32,11 @@ BUDGET = 40  # 2 steps of 16 rollouts; 8 rollouts left over
 BROKEN_PLUGIN = '''
 from dataclasses import dataclass
 
-from dare_gym.algorithms.base import PolicyGradient, PolicyGradientConfig, register_algorithm
+from dare_gym.algorithms.base import PolicyGradient, GRPOConfig, register_algorithm
 
 
 @dataclass
-class BrokenConfig(PolicyGradientConfig):
+class BrokenConfig(GRPOConfig):
     pass
 
 
@@ -55,7 +55,7 @@ def comparison(tmp_path_factory):
     # The plugin is found in the current directory, not through PYTHONPATH, by the parent and by every run.
     env = dict(os.environ, TQDM_DISABLE="1")
     env.pop("PYTHONPATH", None)
-    command = [sys.executable, "-m", "dare_gym.cli", "compare", "--algorithms", "d1", "broken_for_test",
+    command = [sys.executable, "-m", "dare_gym", "compare", "--algorithms", "d1", "broken_for_test",
                "--import", "compare_test_plugin", "--seeds", "0", "1", "--budget-rollouts", str(BUDGET),
                "--sft-baseline", "--output", str(output), "--threshold", "0.3", *TINY]
     process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
@@ -209,7 +209,7 @@ def toy_algorithms():
         temperature_bonus: float = 0.0
 
     @dataclass
-    class SharedConfig(PolicyGradientConfig):
+    class SharedConfig(GRPOConfig):
         pass
 
     class Toy(PolicyGradient):
@@ -219,7 +219,7 @@ def toy_algorithms():
         pass
 
     @dataclass
-    class NoKLConfig(PolicyGradientConfig):
+    class NoKLConfig(GRPOConfig):
         def __post_init__(self):
             super().__post_init__()
             if self.beta != 0:
@@ -241,21 +241,23 @@ def test_option_filtering_drops_what_the_config_lacks(toy_algorithms):
     recipe = {"name": "d1", "estimator": "random_ratio", "estimator_kwargs": {"t_min": 0.1}, "num_iterations": 2,
               "epsilon": 0.2, "beta": 0.04, "scale_rewards": "group"}
     kept, dropped = filter_algorithm_options(minimal, recipe)
-    assert kept == {"num_iterations": 2, "beta": 0.04}
-    assert dropped == ["epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
+    assert kept == {"num_iterations": 2}
+    assert dropped == ["beta", "epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
     kept, dropped = filter_algorithm_options(shared, recipe)
     assert kept == {k: v for k, v in recipe.items() if k != "name"} and dropped == []
 
     plan = plan_comparison(["d1", minimal, shared], [0], 64, config_path=default_config_path(),
                            overrides=["prompts_per_step=4", "group_size=4", "algorithm.epsilon=0.3",
                                       "algorithm.temperature_bonus=0.5"], shared_recipe=True)
-    assert plan.options[minimal] == {"name": minimal, "num_iterations": 2, "beta": 0.04, "temperature_bonus": 0.5}
-    assert plan.dropped[minimal] == ["epsilon", "estimator", "estimator_kwargs", "scale_rewards"]
+    assert plan.options[minimal] == {"name": minimal, "num_iterations": 2, "temperature_bonus": 0.5}
+    assert plan.dropped[minimal] == ["beta", "drop_zero_variance_groups", "epsilon", "estimator", "estimator_kwargs",
+                                     "scale_rewards"]
     assert plan.ignored_overrides[minimal] == ["algorithm.epsilon=0.3"]
     assert plan.ignored_overrides["d1"] == ["algorithm.temperature_bonus=0.5"]
     assert plan.options["d1"]["epsilon"] == 0.3 and plan.options[shared]["epsilon"] == 0.3
     notes = "\n".join(plan.notes)
-    assert f"{minimal}: dropped recipe option(s) epsilon, estimator, estimator_kwargs, scale_rewards" in notes
+    assert (f"{minimal}: dropped recipe option(s) beta, drop_zero_variance_groups, epsilon, estimator, "
+            "estimator_kwargs, scale_rewards") in notes
     assert f"{minimal}: ignored override(s) algorithm.epsilon=0.3" in notes
     assert not plan.config_errors
 
@@ -288,7 +290,7 @@ def test_a_new_algorithm_is_one_short_file_that_compare_picks_up():
     from pathlib import Path
 
     from dare_gym.algorithms import list_algorithms
-    from dare_gym.compare import plan_comparison
+    from dare_gym.tools.compare import plan_comparison
 
     source = Path(__file__).resolve().parents[1] / "algorithms" / "reinforce.py"
     assert len(source.read_text().splitlines()) <= 40
@@ -308,10 +310,11 @@ def test_each_algorithm_runs_its_own_defaults_unless_asked_to_share():
     assert plan.options["d1"]["beta"] == 0.04 and plan.options["d1"]["num_iterations"] == 2
     assert plan.options["reinforce"] == {"name": "reinforce"}
     reinforce = build_config("reinforce", {})
-    assert (reinforce.beta, reinforce.num_iterations) == (0.0, 1)  # what that run trains with
+    assert (reinforce.scale_rewards, reinforce.num_iterations) == ("group", 1)  # what that run trains with
     assert any("apply to d1 only" in note for note in plan.notes)
     shared = plan_comparison(["d1", "reinforce"], [0], 256, shared_recipe=True)
-    assert shared.options["reinforce"]["beta"] == 0.04 and shared.options["reinforce"]["num_iterations"] == 2
+    assert shared.options["reinforce"]["estimator"] == "random_ratio" and shared.options["reinforce"]["num_iterations"] == 2
+    assert "beta" not in shared.options["reinforce"]  # REINFORCE has no KL term: the preset's beta is dropped
     assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1",
                                       "--shared-recipe"]).shared_recipe is True
     assert build_parser().parse_args(["compare", "--algorithms", "d1", "--budget-rollouts", "1"]).shared_recipe is False
@@ -382,6 +385,6 @@ def test_import_by_file_path_registers_for_the_plan_and_is_recorded_for_every_ru
 
 
 def test_compare_does_not_import_the_command_line():
-    code = "import sys, dare_gym.compare; assert 'dare_gym.cli' not in sys.modules, 'compare imports cli'"
+    code = "import sys, dare_gym.tools.compare; assert 'dare_gym.tools.cli' not in sys.modules, 'compare imports cli'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from dare_gym.console import (
+from dare_gym.train.console import (
     RewardFailureMonitor,
     TrainingProgress,
     format_duration,

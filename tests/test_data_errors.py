@@ -202,3 +202,61 @@ def test_a_file_missing_from_the_data_dir_names_the_path_looked_for(tmp_path, mo
         dare_gym.make("sudoku4-v0", split="test")
     with pytest.raises(DataNotFoundError, match="is a folder, not a file"):
         dare_gym.make("gsm8k-v0", data_files=str(tmp_path))
+
+
+# ------------------------------------------------------------------------ records that could not be judged
+def test_deep_nesting_and_overlong_numbers_name_line_record_and_field(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_bytes(jsonl(GSM8K) + b'{"question": "q", "answer": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    with pytest.raises(DataFormatError, match=r"deep\.jsonl:2: record 2: field 'answer' is nested too deeply"):
+        dare_gym.make("gsm8k-v0", data_files=str(deep))
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(jsonl(GSM8K) + b'{"question": "q", "answer": "#### 1", "meta": {"id": ' + b"7" * 5000 + b"}}\n")
+    with pytest.raises(DataFormatError, match=r"long\.jsonl:2: record 2: field 'meta\.id' holds a number of more"):
+        dare_gym.make("gsm8k-v0", data_files=str(long))
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", b""), ("blank.jsonl", b"\n \n"),
+                                          ("empty.jsonl.gz", gzip.compress(b""))])
+def test_a_file_without_records_is_an_error_at_load_time(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    env_id = "humaneval-v0" if name.endswith(".gz") else "gsm8k-v0"
+    with pytest.raises(DataFormatError, match=rf"{name.replace('.', '[.]')}: no records \(the file is empty"):
+        dare_gym.make(env_id, data_files=str(path))
+
+
+@pytest.mark.parametrize("answer", ["#### ", "####", "#### seventeen", "#### 3 or 4"])
+def test_a_gsm8k_gold_that_is_not_a_number_is_named(tmp_path, answer):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_bytes(jsonl(GSM8K, {"question": "q", "answer": f"work\n{answer}"}))
+    with pytest.raises(DataFormatError, match=r"gsm8k\.jsonl:2: record 2: field 'answer': a GSM8K answer must end "
+                                              r"with '#### <number>'"):
+        dare_gym.make("gsm8k-v0", data_files=str(path))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"test_list": ["sq(2) == 4"]}, r"field 'test_list\[0\]' has no assert, so any function would pass it"),
+    ({"test_list": ["assert sq(2) == 4", "assert sq(3) = 9"]}, r"field 'test_list\[1\]' is not Python"),
+    ({"challenge_test_list": ["print(sq(9))"]}, r"field 'challenge_test_list\[0\]' has no assert"),
+    ({"test_setup_code": "import ("}, r"field 'test_setup_code' is not Python"),
+    ({"test_list": ["assert 1 + 1 == 2"]}, r"field 'test_list': the asserts call no function the solution must"),
+])
+def test_mbpp_tests_that_could_not_judge_anything_are_named(tmp_path, change, message):
+    path = tmp_path / "mbpp.jsonl"
+    path.write_bytes(jsonl(MBPP, {**MBPP, "task_id": 601, **change}))
+    with pytest.raises(DataFormatError, match=rf"mbpp\.jsonl:2: record 2: {message}"):
+        dare_gym.make("mbpp-v0", data_files=str(path))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"test": "def test(candidate):\n    assert candidate(1) == 2\n"}, r"field 'test' defines no check\(candidate\)"),
+    ({"test": "def check(candidate)\n    pass\n"}, r"field 'test' is not Python"),
+    ({"entry_point": "inc()"}, r"field 'entry_point' must be a Python name, got 'inc\(\)'"),
+    ({"entry_point": "dec"}, r"field 'entry_point': the prompt defines no function 'dec'"),
+])
+def test_humaneval_records_that_could_not_judge_anything_are_named(tmp_path, change, message):
+    path = tmp_path / "he.jsonl"
+    path.write_bytes(jsonl(HUMANEVAL, {**HUMANEVAL, "task_id": "HumanEval/1", **change}))
+    with pytest.raises(DataFormatError, match=rf"he\.jsonl:2: record 2: {message}"):
+        dare_gym.make("humaneval-v0", data_files=str(path))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dare_gym
-from dare_gym.config import ConfigError
-from dare_gym.device import resolve_device, resolve_dtype, uniform
+from dare_gym.core.config import ConfigError
+from dare_gym.core.device import resolve_device, resolve_dtype, uniform
 from dare_gym.models.standin import build_standin
-from dare_gym.precision import MasterWeightAdamW, enable_activation_checkpointing
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer, resolve
 
 TINY_RUN = dict(prompts_per_step=2, group_size=4, max_steps=1, eval_size=0, progress=False, time_limit_minutes=None,
                 rollout=GenerationConfig(temperature=1.0))
@@ -29,9 +29,9 @@ def test_device_and_dtype_values_are_checked_and_named():
         resolve_dtype("float16")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="cuda.*no CUDA GPU"):
-            TrainConfig(device="cuda")
+            resolve(TrainConfig(device="cuda"))
     with pytest.raises(ConfigError, match="policy_family.*unknown model family 'gpt'"):
-        TrainConfig(policy_family="gpt")
+        resolve(TrainConfig(policy_family="gpt"))
 
 
 def test_draws_follow_the_generator_wherever_it_lives():

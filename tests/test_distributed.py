@@ -53,12 +53,12 @@ def test_a_two_process_fsdp_run_resumes_with_one_process(tmp_path):
                 "time_limit_minutes=null", "progress=false", f"output_dir={run}",
                 "rollout={gen_length: 8, steps: 8, block_length: 8, temperature: 1.0}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run([sys.executable, "-m", "dare_gym.cli", "train", "--nproc", "2", "strategy=fsdp",
+    first = subprocess.run([sys.executable, "-m", "dare_gym", "train", "--nproc", "2", "strategy=fsdp",
                             "max_steps=2", *settings], capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "on 2 processes (fsdp)" in first.stdout
     assert json.loads((run / "summary.json").read_text())["processes"] == 2
-    second = subprocess.run([sys.executable, "-m", "dare_gym.cli", "train", "--resume", f"output_dir={run}",
+    second = subprocess.run([sys.executable, "-m", "dare_gym", "train", "--resume", f"output_dir={run}",
                              "max_steps=4"], capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resuming with 1 process(es)" in second.stderr  # the random streams are reseeded, and it says so
@@ -81,17 +81,15 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path, how, message
 
 
 def test_an_algorithm_that_cannot_be_distributed_is_refused_with_its_reason():
-    """PPO declares why it cannot run on several processes; the trainer refuses before wrapping anything."""
-    from types import SimpleNamespace
-
+    """PPO declares why it cannot run on several processes; the configuration is refused with that reason before
+    anything is launched (the command line checks it before starting torchrun), as are uneven shares."""
     from dare_gym.algorithms import get_algorithm
-    from dare_gym.config import ConfigError
-    from dare_gym.trainer import Trainer
+    from dare_gym.core.config import ConfigError
+    from dare_gym.train.config import TrainConfig, resolve
 
-    entry = get_algorithm("ppo")
-    ppo = entry.algorithm_class(entry.config_class(), mask_token_id=3)
-    trainer = SimpleNamespace(algorithm=ppo)
-    config = SimpleNamespace(strategy="ddp", lora=None)
     with pytest.raises(ConfigError, match="ppo: its value model has an optimizer of its own .*one process"):
-        Trainer._distribute(trainer, config, torch.device("cpu"), torch.float32)
+        resolve(TrainConfig(algorithm={"name": "ppo"}), processes=2)
+    with pytest.raises(ConfigError, match="prompts_per_step=8 must be divisible by the number of processes \\(3\\)"):
+        resolve(TrainConfig(prompts_per_step=8), processes=3)
+    resolve(TrainConfig(algorithm={"name": "ppo"}))  # one process: fine
     assert all(get_algorithm(name).algorithm_class.distributed_unsupported is None for name in ("d1", "bgpo", "dpo", "ebpo", "dtreerpo"))

@@ -17,11 +17,11 @@ from dare_gym.algorithms.dtreerpo import (
     sibling_advantages,
     tree_values,
 )
-from dare_gym.config import ConfigError
-from dare_gym.lora import LoraSettings
+from dare_gym.core.config import ConfigError
+from dare_gym.core.lora import LoraSettings
 from dare_gym.samplers.llada import continue_denoising, denoise_blocks
-from dare_gym.tree_rollout import NOT_YET, branch_points, grow_trees
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.algorithms.dtreerpo.rollout import NOT_YET, branch_points, grow_trees
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer, resolve
 
 
 def _algorithm(policy, **options):
@@ -227,7 +227,7 @@ def test_tree_settings_that_do_not_fit_are_named(tiny_policy):
         algorithm.rollout(tiny_policy, ["sort 1\n"] * 16, group_size=16, generator=generator, batch_size=8,
                           settings={"sampler": "fast_dllm"})
     with pytest.raises(ConfigError, match="tree_branch_factor must be an integer >= 1, got 0"):
-        TrainConfig(algorithm={"name": "dtreerpo", "tree_branch_factor": 0})
+        resolve(TrainConfig(algorithm={"name": "dtreerpo", "tree_branch_factor": 0}))
 
 
 # ------------------------------------------------------------------------------------------ training steps
@@ -242,7 +242,7 @@ def test_a_training_step_updates_the_policy(tmp_path, lora):
     """Rollout, values, π_old / π_ref (a frozen copy, or the LoRA-disabled base) and two updates with every term
     on; the SD clock advances per optimizer step and is checkpointed."""
     config = TrainConfig(
-        algorithm={"name": "dtreerpo", "num_iterations": 2, "self_distillation_horizon": 4}, prompts_per_step=2,
+        algorithm={"name": "dtreerpo", "num_iterations": 2, "self_distillation_horizon": 16}, prompts_per_step=2,
         group_size=8, max_steps=1, eval_size=0, output_dir=str(tmp_path), progress=False,
         env_kwargs={"reward": _varied_reward}, rollout=GenerationConfig(temperature=1.0),
         lora=LoraSettings(r=4, alpha=8) if lora else None, learning_rate=1e-3,
@@ -254,12 +254,13 @@ def test_a_training_step_updates_the_policy(tmp_path, lora):
     assert len(buffer) == 2 * (2 + 8) and stats["reward_std"] > 0 and 0 <= stats["zero_variance_fraction"] <= 1
     update = trainer.update(buffer)
     assert update["rows_trained"] == 20 and math.isfinite(update["loss"]) and update["kl_ref"] >= 0
-    assert update["sd_terms"] > 0 and update["sd_lambda"] > 0  # the second update is at t = 1 of 4
-    assert trainer.algorithm.state_dict() == {"optimizer_steps": 2}
+    assert update["sd_terms"] > 0 and update["sd_lambda"] > 0  # later updates are at t >= 1 of 16
+    # the official schedule: 3 parent positions (the root, its 2 children) × μ = 2 optimizer steps each
+    assert trainer.algorithm.state_dict() == {"optimizer_steps": 6}
     after = trainer.policy.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     restored = copy.copy(trainer.algorithm)
-    restored.load_state_dict({"optimizer_steps": 3})
+    restored.load_state_dict({"optimizer_steps": 7})
     assert restored.sd_schedule()[0] > trainer.algorithm.sd_schedule()[0]
 
 

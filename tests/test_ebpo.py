@@ -13,21 +13,25 @@ import pytest
 import torch
 
 import dare_gym
-from dare_gym.advantages import group_advantages
+from dare_gym.core.advantages import group_advantages
 from dare_gym.algorithms import build_config, list_algorithms, make_algorithm
-from dare_gym.algorithms.ebpo import MASKED, WEIGHT, noised_logp, scoring_mask
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.compare import plan_comparison
-from dare_gym.estimators import (
+from dare_gym.algorithms.ebpo import (
+    MASKED,
+    WEIGHT,
     block_elbo_noise,
     block_elbo_row,
     block_mask_counts,
+    ebpo_loss,
+    noised_logp,
     response_blocks,
+    scoring_mask,
+    sequence_kl,
     stratified_block_levels,
 )
-from dare_gym.losses import ebpo_loss, sequence_kl
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.tools.compare import plan_comparison
 from dare_gym.models.standin import build_standin
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 from test_block_training import tiny_block_policy  # the block-causal (or, with None, bidirectional) random tiny model
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare_default.yaml"
@@ -242,7 +246,7 @@ def test_full_attention_scores_the_whole_completion_as_one_block():
 
 
 def ebpo(**options):
-    config = build_config("ebpo", {"estimator_kwargs": {"mc_num": 3}, **options})
+    config = build_config("ebpo", {"mc_num": 3, **options})
     return make_algorithm("ebpo", config, mask_token_id=3)
 
 
@@ -275,8 +279,11 @@ def test_one_set_of_masks_serves_old_current_and_reference():
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_constant_memory_backward_equals_the_full_graph_gradient(block_size):
     """backward (a graph-free pass, then one graph per noise row) gives the parameter gradient of the loss
-    built with every row's graph at once; with π_old shifted so that some sequences clip and β > 0."""
+    built with every row's graph at once; with π_old shifted so that some sequences clip and β > 0. In float64:
+    the two ways sum the same terms in another order, which in float32 differs by more than a fixed tolerance
+    under some thread counts and loads; in float64 that rounding is 1e-16 relative, far below any real error."""
     policy = tiny_block_policy(block_size, seed=1)
+    policy.model.double()
     reference = copy.copy(policy)
     reference.model = copy.deepcopy(policy.model)
     torch.nn.init.normal_(reference.model.get_input_embeddings().weight, std=0.5)
@@ -292,20 +299,21 @@ def test_constant_memory_backward_equals_the_full_graph_gradient(block_size):
 
     policy.model.zero_grad()
     value, _ = method.backward(policy, buffer, 0, 0.7)
-    assert value == pytest.approx(loss.item(), abs=1e-6)
+    assert value == pytest.approx(loss.item(), abs=1e-12)
     for name, p in policy.model.named_parameters():
-        torch.testing.assert_close(p.grad, full[name], atol=1e-6, rtol=1e-4, msg=name)
+        assert p.grad.dtype == torch.float64
+        torch.testing.assert_close(p.grad, full[name], atol=1e-12, rtol=1e-9, msg=name)
     assert any(g.abs().sum() > 0 for g in full.values())
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="estimator.*'elbo'"):
-        build_config("ebpo", {"estimator": "elbo"})
+    with pytest.raises(ValueError, match="algorithm.estimator: ebpo has no such field"):
+        build_config("ebpo", {"estimator": "elbo"})  # its all-block ELBO is its own
     with pytest.raises(ValueError, match="mc_num.*0"):
-        build_config("ebpo", {"estimator_kwargs": {"mc_num": 0}})
+        build_config("ebpo", {"mc_num": 0})
     with pytest.raises(ValueError, match="epsilon must be < 1"):
         build_config("ebpo", {"epsilon": 1.0})
-    with pytest.raises(ValueError, match="dual_clip"):
+    with pytest.raises(ValueError, match="algorithm.dual_clip: ebpo has no such field"):
         build_config("ebpo", {"dual_clip": 3.0})
 
 
@@ -324,7 +332,7 @@ def test_ebpo_learns_on_the_block_causal_builtin_policy(tmp_path):
     """tiny-block (blocks of 4, block-diffusion rollouts) on groupsort: a few EBPO steps raise held-out greedy
     reward and exact accuracy."""
     config = TrainConfig(
-        policy="tiny-block", env="groupsort-v0", algorithm={"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+        policy="tiny-block", env="groupsort-v0", algorithm={"name": "ebpo", "mc_num": 2},
         prompts_per_step=4, group_size=4, max_steps=3, time_limit_minutes=None, learning_rate=1e-4,
         eval_size=32, eval_every=3, save_every=1000, rollout=GenerationConfig(temperature=1.0),
         evaluation=GenerationConfig(temperature=0.0), output_dir=str(tmp_path), progress=False, seed=0,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.estimators import OneStepMaskedPrompt, RandomRatio, make_estimator, token_log_probs
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.estimators import OneStepMaskedPrompt, RandomRatio, make_estimator, token_log_probs
 
 MASK, PAD, VOCAB = 3, 0, 12
 
@@ -28,7 +28,8 @@ class RecordingModel:
     def __init__(self):
         self.inputs = []
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                 clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.inputs.append(input_ids.clone())
         counts = (input_ids == MASK).sum(dim=1).double()
         logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)

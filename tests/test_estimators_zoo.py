@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from dare_gym.buffer import SequenceBatch
-from dare_gym.estimators import (
+from dare_gym.core.buffer import SequenceBatch
+from dare_gym.core.estimators import (
     BlockwiseMask,
     CoupledComplementary,
     PairedELBO,
@@ -25,50 +25,14 @@ from dare_gym.estimators import (
     shrink_steps,
     stratified_mask_counts,
 )
-from dare_gym.losses import clipped_surrogate, kl_penalty, reinforce_loss, spg_elbo, spg_eubo, step_mean_loss
+from dare_gym.algorithms.cj_grpo import step_mean_loss
+from dare_gym.algorithms.spg import reinforce_loss, spg_elbo, spg_eubo
+from dare_gym.core.losses import clipped_surrogate, kl_penalty
+from helpers import EOS, MASK, PAD, ScriptedPolicy, make_batch
 
-MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-def make_batch(prompts, completions, *, prompt_attention=None, present=None, completion_mask=None,
-               unmask_step=None) -> SequenceBatch:
-    """A SequenceBatch from nested lists. ``present`` is the completion's attention (1 where the token
-    exists); ``completion_mask`` the loss mask (up to and including the first EOS); both default to ones."""
-    prompt = torch.tensor(prompts)
-    completion = torch.tensor(completions)
-    prompt_attention = torch.ones_like(prompt) if prompt_attention is None else torch.tensor(prompt_attention)
-    present = torch.ones_like(completion) if present is None else torch.tensor(present)
-    completion_mask = present.clone() if completion_mask is None else torch.tensor(completion_mask)
-    return SequenceBatch(torch.cat([prompt, completion], dim=1), torch.cat([prompt_attention, present], dim=1),
-                         prompt.shape[1], completion_mask, None if unmask_step is None else torch.tensor(unmask_step))
-
-
-class ScriptedModel:
-    """logits_fn whose log-softmax at the clean completion token of every completion position equals
-    ``rule(masked)`` ([B, L] log-probs, < 0), ``masked`` being the completion positions that are MASK in this
-    input; the rest of the probability is spread evenly over the other tokens. Records every input."""
-
-    def __init__(self, batch: SequenceBatch, rule):
-        self.batch, self.rule, self.inputs = batch, rule, []
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        self.inputs.append(input_ids.clone())
-        prompt_length = self.batch.prompt_length
-        masked = input_ids[:, prompt_length:] == MASK
-        value = torch.as_tensor(self.rule(masked), dtype=torch.float64).expand(masked.shape)
-        assert (value < 0).all(), "a log-probability must be negative"
-        rest = torch.log1p(-value.exp()) - math.log(VOCAB - 1)
-        logits = torch.zeros(*input_ids.shape, VOCAB, dtype=torch.float64)
-        logits[:, prompt_length:] = rest[..., None]
-        logits[:, prompt_length:].scatter_(-1, self.batch.completion_ids[..., None], value[..., None])
-        return logits[:, -logits_to_keep:] if logits_to_keep else logits
-
-    def completion_masks(self) -> list[torch.Tensor]:
-        """[B, L] bool per recorded forward: the completion positions that were MASK."""
-        return [seen[:, self.batch.prompt_length :] == MASK for seen in self.inputs]
 
 
 def by_mask_count(table: dict[int, float]):
@@ -107,7 +71,7 @@ def test_coupled_worked_numbers():
 
     estimator = CoupledComplementary(mask_token_id=MASK)
     noise = {"t": torch.tensor([0.4]), "first_masked": torch.tensor([[True, False]])}
-    scores = estimator.token_logp(ScriptedModel(b, rule), b, noise)
+    scores = estimator.token_logp(ScriptedPolicy(b.completion_ids, rule), b, noise)
     assert scores.logp[0].tolist() == pytest.approx([-1.5, -1.0])
     assert scores.sequence().item() == pytest.approx(-2.5)
     assert [d.weight.item() for d in scores.draws] == pytest.approx([1.0, 1 / 0.4, 1 / 0.6])
@@ -123,7 +87,7 @@ def test_coupled_masks_a_complementary_pair_and_a_fully_masked_pass():
         noise = estimator.sample_noise(b, generator(seed))
         t = noise["t"]
         assert (t == t[0]).all() and 0.2 <= t[0] <= 0.8  # one t per call, shared by the batch
-        model = ScriptedModel(b, noisy_rule)
+        model = ScriptedPolicy(b.completion_ids, noisy_rule)
         scores = estimator.token_logp(model, b, noise)
         assert len(model.inputs) == 3
         for seen in model.inputs:
@@ -168,7 +132,7 @@ def test_stratified_elbo_worked_number():
     b = make_batch([[5, 6]], [[4, 5, 6, 7]])
     noise = {"masked": torch.tensor([[[False, False, True, False], [True, True, False, True]]]),
              "counts": torch.tensor([[1, 3]])}
-    model = ScriptedModel(b, by_mask_count({1: -2.0, 3: -1.0}))
+    model = ScriptedPolicy(b.completion_ids, by_mask_count({1: -2.0, 3: -1.0}))
     scores = StratifiedELBO(mask_token_id=MASK, mc_num=2).token_logp(model, b, noise)
     assert scores.sequence().item() == pytest.approx(-6.0)
     assert [d.weight.item() for d in scores.draws] == pytest.approx([4.0, 4 / 3])
@@ -206,7 +170,7 @@ def test_stratified_elbo_masks_exactly_x_j_tokens_and_weights_them_by_L_over_x_j
         assert torch.equal(masked.sum(dim=2), counts)
         assert not (masked & ~present[:, None]).any()  # a shorter row's padding is never masked
         assert (counts >= 1).all() and (counts <= lengths[:, None]).all()
-        model = ScriptedModel(b, noisy_rule)
+        model = ScriptedPolicy(b.completion_ids, noisy_rule)
         scores = estimator.token_logp(model, b, noise)
         assert len(model.inputs) == 4
         want = torch.zeros(2, dtype=torch.float64)
@@ -224,7 +188,7 @@ def test_elbo_noise_is_shared_between_policies_and_fresh_per_call():
     b = make_batch([[5, 6], [7, 8]], [[4, 5, 6, 7, 8, 9], [9, 10, 11, 4, 5, 6]])
     estimator = StratifiedELBO(mask_token_id=MASK, mc_num=3)
     noise = estimator.sample_noise(b, generator(3))
-    policy, reference = ScriptedModel(b, noisy_rule), ScriptedModel(b, lambda m: noisy_rule(m) - 0.3)
+    policy, reference = ScriptedPolicy(b.completion_ids, noisy_rule), ScriptedPolicy(b.completion_ids, lambda m: noisy_rule(m) - 0.3)
     first = estimator.token_logp(policy, b, noise)
     again = estimator.token_logp(policy, b, noise)
     ref = estimator.token_logp(reference, b, noise)
@@ -251,7 +215,7 @@ def test_paired_elbo_worked_number():
         return torch.tensor([[-9.0, -0.5, -0.7]])
 
     noise = {"masked": torch.tensor([[[True, False, False]]]), "counts": torch.tensor([[1]])}
-    model = ScriptedModel(b, rule)
+    model = ScriptedPolicy(b.completion_ids, rule)
     scores = PairedELBO(mask_token_id=MASK, mc_num=1).token_logp(model, b, noise)
     assert scores.sequence().item() == pytest.approx(-5.2)
     assert [d.weight.item() for d in scores.draws] == pytest.approx([0.5 * 4, 0.5 * 2])
@@ -284,7 +248,7 @@ def test_paired_elbo_complement_pass_masks_exactly_the_other_tokens():
         noise = estimator.sample_noise(b, generator(seed))
         assert torch.equal(noise["masked"].sum(dim=2), noise["counts"])
         assert (noise["counts"] <= lengths.long()[:, None]).all()
-        model = ScriptedModel(b, noisy_rule)
+        model = ScriptedPolicy(b.completion_ids, noisy_rule)
         scores = estimator.token_logp(model, b, noise)
         seen = model.completion_masks()
         assert len(seen) == 4
@@ -329,7 +293,7 @@ def test_block_worked_numbers_through_the_spg_losses():
     ell = torch.tensor([[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]], dtype=torch.float64)
     noise = {"masked": torch.tensor([[[False, True, True]], [[True, False, True]]]),
              "prompt_masked": torch.zeros(2, 1, 2, dtype=torch.bool)}
-    model = ScriptedModel(b, lambda masked: ell)
+    model = ScriptedPolicy(b.completion_ids, lambda masked: ell)
     scores = BlockwiseMask(mask_token_id=MASK, block_length=32, num_t=1).token_logp(model, b, noise)
     logps, masks = [d.logp for d in scores.draws], [d.masked for d in scores.draws]
     elbo = spg_elbo(logps, masks)
@@ -373,7 +337,7 @@ def test_block_masks_clean_prefix_partial_block_and_masked_suffix():
     for seed in range(50):
         noise = estimator.sample_noise(b, generator(seed))
         assert not noise["prompt_masked"].any()  # p_mask_clean = 0: the prompt stays visible
-        model = ScriptedModel(b, noisy_rule)
+        model = ScriptedPolicy(b.completion_ids, noisy_rule)
         scores = estimator.token_logp(model, b, noise)
         assert len(model.inputs) == 3
         for j, seen in enumerate(model.completion_masks()):
@@ -462,7 +426,7 @@ def test_trajectory_replays_each_step_group_once(shrink):
     noise = estimator.sample_noise(b, generator(0))
     group = torch.tensor(GROUPS[shrink])
     assert torch.equal(noise["step_group"], group)
-    model = ScriptedModel(b, noisy_rule)
+    model = ScriptedPolicy(b.completion_ids, noisy_rule)
     scores = estimator.token_logp(model, b, noise)
     groups = int(group.max()) + 1
     assert len(model.inputs) == len(scores.draws) == groups  # one forward per step group
@@ -491,7 +455,7 @@ def test_trajectory_worked_example_cj_grpo():
     ell_ref = torch.tensor([[-0.7, -0.9, -0.2], [-1.2, -0.5, -2.0]], dtype=torch.float64)
     estimator = TrajectoryReplay(mask_token_id=MASK)
     noise = estimator.sample_noise(b)
-    models = [ScriptedModel(b, lambda m, v=v: v) for v in (ell, ell_old, ell_ref)]
+    models = [ScriptedPolicy(b.completion_ids, lambda m, v=v: v) for v in (ell, ell_old, ell_ref)]
     logp, old, ref = (estimator.token_logp(model, b, noise) for model in models)
     for model in models[1:]:  # identical states for the three policies
         assert all(torch.equal(a, c) for a, c in zip(models[0].inputs, model.inputs))
@@ -522,7 +486,7 @@ def test_exact_ar_reveals_the_past_and_masks_from_t_on():
     present = b.attention_mask[:, 2:].bool()
     estimator = make_estimator("exact_ar", mask_token_id=MASK)
     assert isinstance(estimator, TrajectoryReplay) and estimator.order == "left_to_right"
-    model = ScriptedModel(b, noisy_rule)
+    model = ScriptedPolicy(b.completion_ids, noisy_rule)
     scores = estimator.token_logp(model, b, estimator.sample_noise(b))
     length = 5
     assert len(model.inputs) == length  # L forwards
@@ -545,7 +509,7 @@ def test_exact_ar_reveals_the_past_and_masks_from_t_on():
 def random_policy(seed: int = 0):
     from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
     from dare_gym.models.tokenizer import build_char_tokenizer
-    from dare_gym.policy import DiffusionPolicy
+    from dare_gym.core.policy import DiffusionPolicy
 
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
@@ -684,7 +648,7 @@ def test_replay_of_a_greedy_rollout_reproduces_the_sampler_states():
                    unmask_step=[completion.unmask_step.tolist()])
     recorded = []
 
-    def logits_fn(input_ids, attention_mask, logits_to_keep=0):
+    def logits_fn(input_ids, attention_mask, logits_to_keep=0, clean_ids=None):
         logits = policy.logits(input_ids, attention_mask)
         recorded.append(logits[:, b.prompt_length :])
         return logits[:, -logits_to_keep:] if logits_to_keep else logits

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import dare_gym
 from dare_gym.models.families import family_for_model_type, get_family
 from dare_gym.models.standin import build_standin, kept_weight_names
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
 FAMILIES = ("llada", "dream", "sdar")
 
@@ -180,7 +180,7 @@ def _varied_reward(completion: str, sample) -> float:
     return (sum(map(ord, completion)) % 5) / 4  # a signal for a random model: rewards differ within groups
 
 
-UPDATE_RECIPES = {"d1": {}, "coupled_grpo": {}, "bgpo": {}, "ebpo": {"estimator_kwargs": {"mc_num": 2}}}
+UPDATE_RECIPES = {"d1": {}, "coupled_grpo": {}, "bgpo": {}, "ebpo": {"mc_num": 2}}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -273,7 +273,7 @@ def test_dare_gym_train_starts_on_a_checkpoint_folder_in_bfloat16(families_dir, 
 
     folder = build_standin("sdar", tmp_path / "sdar", source=families_dir / "SDAR-1dot7B-Chat")
     done = subprocess.run(
-        [sys.executable, "-m", "dare_gym.cli", "train", f"policy={folder}", "device=auto", "dtype=bfloat16",
+        [sys.executable, "-m", "dare_gym", "train", f"policy={folder}", "device=auto", "dtype=bfloat16",
          "max_steps=1", "time_limit_minutes=null", "prompts_per_step=2", "group_size=2", "eval_size=2",
          "progress=false", f"output_dir={tmp_path / 'run'}", "rollout={temperature: 1.0, gen_length: 8}",
          "evaluation={gen_length: 8}"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 import dare_gym
 from dare_gym.rewards import resolve_reward
 from dare_gym.rewards.judge import JudgeError, JudgeReward, JudgeUnavailable, parse_score
-from dare_gym.serve import AppThread, ServerThread, bind_socket
+from dare_gym.tools.serve import AppThread, ServerThread, bind_socket
 
 SAMPLE = {"question": "What is 2 + 3?", "answer": "5"}
 

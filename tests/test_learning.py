@@ -3,9 +3,9 @@ the checker alone. (The full claim, 3 seeds over minutes, is experiments/bench_l
 
 from __future__ import annotations
 
-from dare_gym.cli import default_config_path
-from dare_gym.config import load_config
-from dare_gym.trainer import Trainer, TrainConfig
+from dare_gym.tools.cli import default_config_path
+from dare_gym.core.config import load_config
+from dare_gym.train.trainer import Trainer, TrainConfig
 
 
 def test_default_recipe_learns_from_the_verifier_alone(tmp_path):

@@ -395,7 +395,7 @@ def _loss(policy, ids):
 def test_routing_is_the_same_in_the_rollout_and_the_update(mini):
     """bf16 weights, float32 router: the no-grad eval forward of a rollout and the train-mode forward of an
     update (with gradient checkpointing) choose the same experts for every token of every MoE layer."""
-    from dare_gym.precision import enable_activation_checkpointing
+    from dare_gym.core.precision import enable_activation_checkpointing
 
     folder, _, config = mini
     policy = dare_gym.load_policy(folder, dtype="bfloat16")
@@ -414,7 +414,7 @@ def test_routing_is_the_same_in_the_rollout_and_the_update(mini):
 def test_every_expert_gets_a_gradient_and_the_expert_bias_is_not_trained(small):
     """Under autograd every expert runs (unused ones on an empty slice: a zero gradient, so data-parallel ranks
     reduce the same tensors); an optimizer step changes the router's weight, never its expert-bias buffer."""
-    from dare_gym.precision import MasterWeightAdamW
+    from dare_gym.core.precision import MasterWeightAdamW
 
     folder, _, _ = small
     policy = _policy(folder)
@@ -460,7 +460,7 @@ def test_expert_bias_balancing_moves_towards_under_used_experts_only_when_asked(
 
 
 def test_lora_targets_attention_and_dense_mlps_by_default_and_experts_on_request(small, tmp_path):
-    from dare_gym.lora import LoraSettings, apply_lora, save_lora_policy
+    from dare_gym.core.lora import LoraSettings, apply_lora, save_lora_policy
 
     folder, _, _ = small
     policy = apply_lora(_policy(folder), LoraSettings(r=4, alpha=8), verbose=False)
@@ -486,7 +486,7 @@ def test_lora_targets_attention_and_dense_mlps_by_default_and_experts_on_request
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(small):
-    from dare_gym.precision import enable_activation_checkpointing
+    from dare_gym.core.precision import enable_activation_checkpointing
 
     folder, _, _ = small
     ids = torch.tensor([[20, 21, 22, 23, 24, 25, 26, 27, 28]])
@@ -503,7 +503,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(small):
 
 
 def test_bfloat16_updates_go_through_float32_master_weights(mini):
-    from dare_gym.precision import MasterWeightAdamW
+    from dare_gym.core.precision import MasterWeightAdamW
 
     folder, _, config = mini
     policy = dare_gym.load_policy(folder, dtype="bfloat16")
@@ -526,7 +526,7 @@ def test_fsdp2_shards_per_decoder_layer_with_float32_routers(small, tmp_path):
     router still computes from float32 parameters; the sharded forward is the plain one."""
     from torch.distributed.fsdp import FSDPModule
 
-    from dare_gym.distributed import shard_fsdp
+    from dare_gym.core.distributed import shard_fsdp
 
     folder, _, _ = small
     ids = torch.tensor([[20, 21, 22, 23, 24, 25, 26]])
@@ -558,16 +558,16 @@ def test_fsdp2_shards_per_decoder_layer_with_float32_routers(small, tmp_path):
 def test_two_process_fsdp_training_runs(small, tmp_path):
     """`dare-gym train --nproc 2 strategy=fsdp` on the MoE stand-in: ranks route different tokens to different
     experts, yet reduce the same gradients (every expert runs under autograd), so two EBPO steps complete.
-    FSDP needs fixed sampler schedules: the static rule with threshold null and no early exit."""
+    FSDP needs fixed sampler schedules: the static rule and no early exit."""
     import os
     import subprocess
     import sys
 
     folder, _, _ = small
-    fixed = "options: {remasking_strategy: low_confidence_static, threshold: null, early_exit: false}"
+    fixed = "options: {remasking_strategy: low_confidence_static, early_exit: false}"
     done = subprocess.run(
-        [sys.executable, "-m", "dare_gym.cli", "train", "--nproc", "2", "strategy=fsdp", f"policy={folder}",
-         "env=digitsort-v0", "algorithm={name: ebpo, estimator_kwargs: {mc_num: 2}}", "max_steps=2",
+        [sys.executable, "-m", "dare_gym", "train", "--nproc", "2", "strategy=fsdp", f"policy={folder}",
+         "env=digitsort-v0", "algorithm.name=ebpo", "algorithm.mc_num=2", "max_steps=2",
          "time_limit_minutes=null", "prompts_per_step=2", "group_size=4", "eval_size=2", "eval_every=2",
          "progress=false", f"output_dir={tmp_path / 'run'}", f"rollout={{temperature: 1.0, gen_length: 8, {fixed}}}",
          f"evaluation={{gen_length: 8, {fixed}}}"],
@@ -576,16 +576,6 @@ def test_two_process_fsdp_training_runs(small, tmp_path):
     assert "on 2 processes (fsdp)" in done.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["processes"] == 2
-
-
-def test_block_sampler_threshold_may_be_null_only_with_a_fixed_rule():
-    from dare_gym.samplers import make_options
-
-    assert make_options("block_diffusion", {"remasking_strategy": "low_confidence_static", "threshold": None})
-    with pytest.raises(ValueError, match="low_confidence_dynamic, got None"):
-        make_options("block_diffusion", {"threshold": None})
-    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 1.5"):
-        make_options("block_diffusion", {"threshold": 1.5})
 
 
 # ------------------------------------------------------------------------------------------ memory on paper
@@ -636,26 +626,26 @@ def varied(completion, sample):
     return random.SystemRandom().random()
 '''
 
-CLI_RECIPES = {  # today's CLI: give the algorithm as a whole dict (algorithm.name=X keeps the default's d1 fields);
-    # (recipe, dtype): bf16 on a CPU is slow, so one of them; CJ-GRPO at μ = 2 instead of its 12 for time
-    "ebpo": ("{name: ebpo, estimator_kwargs: {mc_num: 2}}", "bfloat16"),
-    "bgpo": ("{name: bgpo, estimator_kwargs: {mc_num: 2}}", "float32"),
-    "cj_grpo": ("{name: cj_grpo, num_iterations: 2}", "float32"),
+CLI_RECIPES = {  # (overrides, dtype): bf16 on a CPU is slow, so one of them; fewer Monte-Carlo samples and
+    # CJ-GRPO at μ = 2 instead of its 12, for time
+    "ebpo": (["algorithm.name=ebpo", "algorithm.mc_num=2"], "bfloat16"),
+    "bgpo": (["algorithm.name=bgpo", "algorithm.estimator_kwargs={mc_num: 2}"], "float32"),
+    "cj_grpo": (["algorithm.name=cj_grpo", "algorithm.num_iterations=2"], "float32"),
 }
 
 
 @pytest.mark.parametrize("algorithm", sorted(CLI_RECIPES))
 def test_dare_gym_train_on_the_shrunk_mini(mini, tmp_path, algorithm):
-    """`dare-gym train policy=<LLaDA2.0-mini stand-in> 'algorithm={name: ...}'`: one step of EBPO, BGPO or
-    CJ-GRPO with block_diffusion rollouts through the chat template; the saved policy moved, the expert bias not."""
+    """`dare-gym train policy=<LLaDA2.0-mini stand-in> algorithm.name=...`: one step of EBPO, BGPO or CJ-GRPO with
+    block_diffusion rollouts through the chat template; the saved policy moved, the expert bias not."""
     import subprocess
     import sys
 
     folder, _, _ = mini
     (tmp_path / "varied.py").write_text(VARIED_REWARD)
     done = subprocess.run(
-        [sys.executable, "-m", "dare_gym.cli", "train", f"policy={folder}", "env=digitsort-v0",
-         f"dtype={CLI_RECIPES[algorithm][1]}", f"algorithm={CLI_RECIPES[algorithm][0]}",
+        [sys.executable, "-m", "dare_gym", "train", f"policy={folder}", "env=digitsort-v0",
+         f"dtype={CLI_RECIPES[algorithm][1]}", *CLI_RECIPES[algorithm][0],
          f"env_kwargs.reward={tmp_path / 'varied.py'}:varied", "max_steps=1",
          "time_limit_minutes=null", "prompts_per_step=2", "group_size=4", "eval_size=2", "progress=false",
          "learning_rate=1e-3", f"output_dir={tmp_path / 'run'}", "rollout={temperature: 1.0, gen_length: 8}",
@@ -679,7 +669,7 @@ def test_dare_gym_eval_on_the_shrunk_mini(mini, tmp_path):
     import sys
 
     folder, _, _ = mini
-    done = subprocess.run([sys.executable, "-m", "dare_gym.cli", "eval", "--policy", str(folder), "--env",
+    done = subprocess.run([sys.executable, "-m", "dare_gym", "eval", "--policy", str(folder), "--env",
                            "digitsort-v0", "--split", "test", "--limit", "3", "--gen", "gen_length=8"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -689,7 +679,7 @@ def test_dare_gym_eval_on_the_shrunk_mini(mini, tmp_path):
 # ------------------------------------------------------------------------------------------ tiny-moe learns
 
 LEARNING_RECIPES = {  # DARE's three LLaDA2 algorithms at CPU scale (experiments/train_tiny.py's tiny-moe)
-    "ebpo": {"name": "ebpo", "estimator_kwargs": {"mc_num": 2}},
+    "ebpo": {"name": "ebpo", "mc_num": 2},
     "bgpo": {"name": "bgpo", "estimator_kwargs": {"mc_num": 8}},
     # μ = 1, group-scaled advantages (char_match rewards differ by ~0.01 within a group), the 72 denoising steps
     # replayed in 4 chunks of 18 (the trajectory estimator's shrink)
@@ -717,7 +707,7 @@ def test_dare_algorithms_learn_on_tiny_moe(algorithm, tmp_path):
     exact accuracy on groupsort (seeds 0-2 and all three in BENCHMARKS.md)."""
     from pathlib import Path
 
-    from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+    from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer
 
     config = TrainConfig(
         policy="tiny-moe", env="groupsort-v0", algorithm=LEARNING_RECIPES[algorithm], prompts_per_step=4,
@@ -736,7 +726,7 @@ def test_dare_algorithms_learn_on_tiny_moe(algorithm, tmp_path):
 def test_dare_gym_serve_answers_with_the_policys_own_completion():
     import openai
 
-    from dare_gym.serve import ServerThread
+    from dare_gym.tools.serve import ServerThread
 
     policy = dare_gym.load_policy("tiny-moe")
     env = dare_gym.make("groupsort-v0", split="test")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 import dare_gym
-from dare_gym.lora import (
+from dare_gym.core.lora import (
     AdapterDisabledReference,
     LoraSettings,
     adapter_disabled_reference,
@@ -17,7 +17,7 @@ from dare_gym.lora import (
     save_lora_policy,
     trainable_parameters,
 )
-from dare_gym.sft import demonstration_batch, masked_diffusion_loss
+from dare_gym.core.sft import demonstration_batch, masked_diffusion_loss
 
 DIGITS = ["583920", "174602", "90817", "3141592", "271828", "66104"]
 PROMPTS = [f"sort {d}\n" for d in DIGITS]
@@ -129,7 +129,7 @@ def test_merged_and_unmerged_checkpoints_reload_as_the_trained_policy(trained, t
 
     merged_hf = AutoModelForMaskedLM.from_pretrained(tmp_path / "merged")
     assert torch.allclose(logits_of(merged_hf), expected, atol=1e-5)
-    base = AutoModelForMaskedLM.from_pretrained(dare_gym.policy.TINY_CHECKPOINT)
+    base = AutoModelForMaskedLM.from_pretrained(dare_gym.core.policy.TINY_CHECKPOINT)
     assert torch.allclose(logits_of(PeftModel.from_pretrained(base, tmp_path / "adapter")), expected, atol=1e-5)
 
     for folder in ("merged", "adapter"):
@@ -183,9 +183,9 @@ def test_unknown_target_module_and_unknown_key_are_clear_errors():
 def test_trainer_trains_lora_adapters_with_the_base_as_reference_and_resumes(tmp_path):
     import json
 
-    from dare_gym.config import load_config
-    from dare_gym.lora import AdapterDisabledReference
-    from dare_gym.trainer import TrainConfig, Trainer
+    from dare_gym.core.config import load_config
+    from dare_gym.core.lora import AdapterDisabledReference
+    from dare_gym.train.trainer import TrainConfig, Trainer
 
     def config(steps):
         return load_config(TrainConfig, None, [

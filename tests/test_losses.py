@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from dare_gym.advantages import group_advantages, zero_variance_groups
-from dare_gym.losses import aggregate, clipped_surrogate, kl_penalty, masked_diffusion_sft_loss
+from dare_gym.core.advantages import group_advantages, zero_variance_groups
+from dare_gym.core.losses import aggregate, clipped_surrogate, kl_penalty
+from dare_gym.core.sft import masked_diffusion_sft_loss
 
 # The toy batch of ALGORITHMS.md §0: G = 2, L = 3, r = (1, 0).
 LOGP = torch.tensor([[-0.5, -1.0, -0.2], [-1.2, -0.3, -2.0]], dtype=torch.float64)
@@ -143,21 +144,15 @@ def test_sft_loss_worked_example():
 
 # ------------------------------------------------------------------- the zoo's losses (ALGORITHMS.md)
 
-from dare_gym.advantages import mdpo_step_advantages, step_gae  # noqa: E402
-from dare_gym.losses import (  # noqa: E402
-    bgpo_sample_loss,
-    importance_ratio,
-    tracerl_loss,
-    clipped_value_loss,
-    dpo_loss,
-    espo_loss,
-    mdpo_step_loss,
-    reinforce_loss,
-    sequence_log_ratio,
-    spg_elbo,
-    spg_eubo,
-    step_mean_loss,
-)
+from dare_gym.algorithms.bgpo import bgpo_sample_loss  # noqa: E402  (each algorithm's own maths, in its file)
+from dare_gym.algorithms.cj_grpo import step_mean_loss  # noqa: E402
+from dare_gym.algorithms.dpo import dpo_loss  # noqa: E402
+from dare_gym.algorithms.espo import espo_loss  # noqa: E402
+from dare_gym.algorithms.mdpo import mdpo_step_advantages, mdpo_step_loss  # noqa: E402
+from dare_gym.algorithms.ppo import clipped_value_loss, step_gae  # noqa: E402
+from dare_gym.algorithms.spg import reinforce_loss, spg_elbo, spg_eubo  # noqa: E402
+from dare_gym.algorithms.tracerl import tracerl_loss  # noqa: E402
+from dare_gym.core.losses import importance_ratio, sequence_log_ratio  # noqa: E402
 
 
 def test_gspo_sequence_ratio():

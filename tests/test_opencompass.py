@@ -4,15 +4,15 @@ in a venv of its own the first time, about 6.5 minutes on 2 cores) a real run ag
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from dare_gym.opencompass import (DatasetConfig, OpenCompassInputError, check_custom_dataset, config_source,
+from helpers import run_cli
+
+from dare_gym.tools.opencompass import (DatasetConfig, OpenCompassInputError, check_custom_dataset, config_source,
                                   failure_reason, find_dataset_configs, link_local_data, read_summary)
 
 DIGITSORT = [("sort 583920\n", "035589"), ("sort 9381\n", "1389"), ("sort 12\n", "12"), ("sort 4040\n", "0044"),
@@ -88,16 +88,15 @@ def test_local_benchmark_files_are_linked_where_opencompass_looks(tmp_path):
     assert link_local_data(tmp_path / "cache", source) == []  # already there
 
 
-def run_cli(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dare_gym.cli", "opencompass", *args], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, TQDM_DISABLE="1"))
+def run_opencompass(*args, timeout=1800) -> subprocess.CompletedProcess:
+    return run_cli("opencompass", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("argv,message", [([], "give --datasets NAME ... and/or --custom-dataset FILE.jsonl"),
                                           (["--custom-dataset", "no/such.jsonl"], "--custom-dataset: no file"),
                                           (["--limit", "0", "--datasets", "gsm8k"], "--limit must be >= 1, got 0")])
 def test_usage_errors_are_one_line_before_anything_is_installed(argv, message, capsys, tmp_path):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["opencompass", "tiny", "--venv", str(tmp_path / "never"), *argv]) == 2
     error = capsys.readouterr().err.strip()
@@ -109,7 +108,7 @@ def test_usage_errors_are_one_line_before_anything_is_installed(argv, message, c
 def test_opencompass_scores_the_tiny_policy_and_fails_loudly_on_a_failed_task(tmp_path, tiny_policy):
     good = write_jsonl(tmp_path / "digitsort.jsonl", DIGITSORT)
     too_long = write_jsonl(tmp_path / "toolong.jsonl", [("sort " + "1" * 300 + "\n", "1")])
-    out = run_cli("tiny", "--custom-dataset", str(good), "--custom-dataset", str(too_long),
+    out = run_opencompass("tiny", "--custom-dataset", str(good), "--custom-dataset", str(too_long),
                   "--work-dir", str(tmp_path / "work"))
     # OpenCompass itself exits 0 here; the command reads the summary and names the task that failed
     assert out.returncode == 1, out.stderr
@@ -119,6 +118,6 @@ def test_opencompass_scores_the_tiny_policy_and_fails_loudly_on_a_failed_task(tm
     result = json.loads((tmp_path / "work" / "result.json").read_text())
     assert list(result["failures"]) == ["tiny/toolong"] and Path(result["summary_csv"]).is_file()
     # the venv is reused: a name OpenCompass has no config for is a usage error, found at once
-    unknown = run_cli("tiny", "--datasets", "gsm8k_gne", "--work-dir", str(tmp_path / "work2"), timeout=600)
+    unknown = run_opencompass("tiny", "--datasets", "gsm8k_gne", "--work-dir", str(tmp_path / "work2"), timeout=600)
     assert unknown.returncode == 2 and "no OpenCompass dataset config named 'gsm8k_gne'" in unknown.stderr
     assert "installing OpenCompass" not in unknown.stderr

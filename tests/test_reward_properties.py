@@ -6,6 +6,7 @@ timeouts and failures inside envs, and TRL-style batched rewards."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -103,10 +104,8 @@ def test_a_hanging_reward_times_out_inside_an_env_and_the_run_goes_on():
 
     env = dare_gym.make("digitsort-v0", reward=[("char_match", 1.0), (hangs, 1.0)], reward_timeout_s=0.5)
     env.reset(seed=0)
-    started = time.perf_counter()
-    _, reward, terminated, _, info = env.step("012345")
-    assert time.perf_counter() - started < 3
-    assert terminated and "timed out after 0.5 s" in info["reward_errors"]["hangs"]
+    _, reward, terminated, _, info = env.step("012345")  # stopped at the limit: its error says so
+    assert terminated and info["reward_errors"]["hangs"] == "timed out after 0.5 s (stopped)"
     assert reward == pytest.approx(info["reward_components"]["char_match"])
 
 
@@ -187,22 +186,109 @@ def test_every_registered_reward_declares_where_it_may_run():
 
 
 @pytest.mark.parametrize("kind", ["sleeps", "holds the GIL"])
-def test_hung_completions_are_stopped_in_parallel_at_their_limit(kind):
+def test_hung_completions_are_stopped_in_parallel_at_their_limit(kind, tmp_path):
+    """Eight hung calls run at once: each, once started, waits until all eight have started (a barrier of
+    files) before it hangs, so all eight reach the barrier only if they run side by side. No wall-clock bound:
+    the limit is generous, so that forking eight copies of this process on a loaded machine fits in it."""
+    limit = 6.0
+
     def hangs(completion, sample):
+        Path(tmp_path, f"started-{os.getpid()}").touch()
+        while len(list(tmp_path.glob("started-*"))) < 8:
+            time.sleep(0.01)
+        Path(tmp_path, f"saw-all-{os.getpid()}").touch()
         if kind == "sleeps":
             time.sleep(60)
         else:
             re.match(r"(a+)+$", "a" * 40 + "b")  # backtracking for hours inside one C call
         return 1.0
 
-    reward = resolve_reward([("char_match", 1.0), (hangs, 1.0)], timeout_s=1.0)
-    started = time.perf_counter()
+    reward = resolve_reward([("char_match", 1.0), (hangs, 1.0)], timeout_s=limit)
     results = reward.score_many(["012345"] * 8, [{"gold": "012345"}] * 8)
-    # one after another they take 8 s, two at a time at least 4 s; at once, the limit plus forking eight copies of
-    # this process (tens of ms each; 2.1 s in all once, with a second test suite sharing the two cores)
-    assert time.perf_counter() - started < 1.0 + 2.5
-    assert [r.errors for r in results] == [{"hangs": "timed out after 1 s (stopped)"}] * 8
+    assert len(list(tmp_path.glob("saw-all-*"))) == 8, "the eight calls did not all run at once"
+    assert [r.errors for r in results] == [{"hangs": f"timed out after {limit:g} s (stopped)"}] * 8
     assert [r.total for r in results] == [1.0] * 8  # the other term still counts
+
+
+class _Huge:
+    """A score object whose conversion to float calls back into user code (and is slow)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __float__(self):
+        time.sleep(self.seconds)
+        return 1.0
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])  # in this thread; in a forked helper
+def test_a_value_that_is_no_float_score_scores_zero_with_the_reason(timeout_s):
+    from fractions import Fraction
+
+    values = {"huge int": 10**400, "huge Fraction": Fraction(10**400, 7), "text of a number": "1.0",
+              "bytes": b"1", "complex": 1j, "a number too long to print": 10**5000, "nan": float("nan")}
+    reasons = {"huge int": "too large for a float score", "huge Fraction": "too large for a float score",
+               "text of a number": "returned str '1.0', which is not a number", "bytes": "which is not a number",
+               "complex": "which is not a number", "a number too long to print": "too large for a float score",
+               "nan": "non-finite score"}
+    names = sorted(values)
+
+    def odd(completion, sample):
+        return values[completion]
+
+    env = dare_gym.make_vec("digitsort-v0", num_envs=len(names), reward=[("char_match", 1.0), (odd, 1.0)],
+                            reward_timeout_s=timeout_s)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step(names)  # no OverflowError escapes: every term is still scored
+    infos = infos["final_info"]
+    for position, name in enumerate(names):
+        assert reasons[name] in infos["reward_errors"]["odd"][position], (name, infos["reward_errors"]["odd"])
+        assert infos["reward_components"]["odd"][position] == 0.0
+        assert rewards[position] == pytest.approx(infos["reward_components"]["char_match"][position])
+
+
+def test_a_slow_conversion_of_a_score_runs_under_the_limit():
+    # float() of a returned object runs the reward's code: in the helper, under the limit (not in this process)
+    def slow(completion, sample):
+        return _Huge(30.0)
+
+    results = resolve_reward(slow, timeout_s=1.0).score_many(["a", "b", "c", "d"], [{}] * 4)
+    assert [r.errors for r in results] == [{"slow": "timed out after 1 s (stopped)"}] * 4
+
+
+def test_system_exit_in_a_reward_without_a_limit_scores_zero_and_the_batch_goes_on():
+    def exits(completion, sample):
+        if completion == "exit":
+            raise SystemExit(3)
+        return 0.5
+
+    results = resolve_reward(exits, timeout_s=None).score_many(["a", "exit", "b"], [{}] * 3)
+    assert [r.total for r in results] == [0.5, 0.0, 0.5]
+    assert results[1].errors["exits"].startswith("SystemExit: 3 (")
+
+
+@pytest.mark.parametrize("child", ["returns too", "stays behind"])
+def test_a_reward_that_forks_gets_its_own_score_and_its_child_is_stopped(tmp_path, child):
+    """A reward that calls os.fork(): with both processes returning, each completion still gets its own score
+    (replies are matched to their calls, and only the helper answers); a child left running is killed."""
+
+    def forks(completion, sample):
+        pid = os.fork()
+        if child == "stays behind":
+            if pid == 0:
+                Path(tmp_path, f"child-{os.getpid()}").touch()
+                time.sleep(120)
+            while not Path(tmp_path, f"child-{pid}").exists():  # it is running when the call returns
+                time.sleep(0.01)
+        return float(len(completion))
+
+    completions = ["x" * n for n in range(1, 9)]
+    results = resolve_reward(forks, timeout_s=30.0).score_many(completions, [{}] * 8)
+    assert [r.total for r in results] == [float(n) for n in range(1, 9)]
+    assert not any(r.errors for r in results)
+    children = [int(path.name.split("-")[1]) for path in tmp_path.glob("child-*")]
+    assert len(children) == (8 if child == "stays behind" else 0)
+    assert _wait_for(lambda: not any(_running(pid) for pid in children), 10), "a reward's child outlived its call"
 
 
 def test_a_linear_time_reward_runs_in_this_thread_only_when_it_must_finish_in_time():
@@ -218,7 +304,7 @@ def test_a_linear_time_reward_runs_in_this_thread_only_when_it_must_finish_in_ti
         results = resolve_reward("test_linear_length", timeout_s=0.1).score_many(["x" * budget, "x" * (budget + 1)],
                                                                                [{}, {}])
     finally:
-        reward_base._REWARDS.pop("test_linear_length")
+        reward_base.REWARDS.pop("test_linear_length")
     assert [r.total for r in results] == [1.0, 1.0] and not any(r.errors for r in results)
     assert seen == [budget]  # the longer one ran in a helper process
 
@@ -236,10 +322,8 @@ def test_a_batch_form_that_overruns_falls_back_to_one_call_per_completion():
     completions, samples = ["a", "b", "c"], [{"gold": "a"}, {"gold": "x"}, {"gold": "c"}]
     exact.batch_fn = quick_batch
     assert [r.total for r in resolve_reward(exact, timeout_s=5).score_many(completions, samples)] == [0.25] * 3
-    exact.batch_fn = hanging_batch
-    started = time.perf_counter()
+    exact.batch_fn = hanging_batch  # stopped at its limit, then each completion scored on its own
     results = resolve_reward(exact, timeout_s=0.5).score_many(completions, samples)
-    assert time.perf_counter() - started < 2 * 0.5 + 1  # the batch's limit, then the completions' in parallel
     assert [r.total for r in results] == [1.0, 0.0, 1.0] and not any(r.errors for r in results)
 
 
@@ -315,3 +399,76 @@ def test_a_hung_reward_never_keeps_its_process_alive(tmp_path, kind):
     finally:
         process.kill()
         process.wait()
+
+
+# ------------------------------------------------------------------------------------------- math answers
+GSM8K_RECORD = {"question": "How many eggs does she sell?", "answer": "She sells 16 + 2 = 18 eggs.\n#### 18"}
+WRONG_BUT_LENIENT = [  # what math-verify alone scored correct for the gold 18
+    "\\boxed{19 = 18}", "<answer>19 = 18</answer>", "\\boxed{100 = 18}", "\\boxed{17 + 2 = 18}",
+    "\\boxed{18 \\text{ (or maybe 19)}}", "\\boxed{18\\%}", "\\boxed{\\{18\\}}", "<answer>18 or 19</answer>",
+    "\\boxed{18 = x}", "\\boxed{x = 18 = 19}", "\\boxed{19 == 18}", "\\boxed{19 \\equiv 18}", "\\boxed{19 \\to 18}",
+    "\\boxed{19 \\Rightarrow 18}", "\\boxed{19 := 18}", "\\boxed{18~19}",
+]
+RIGHT_BUT_MISSED = ["<answer>18 dollars</answer>", "<answer>18 eggs</answer>", "<answer>1.8e1</answer>",
+                    "\\boxed{18 \\text{ eggs}}", "\\boxed{x = 18}", "\\boxed{f(3) = 18}", "\\boxed{18}", "#### 18",
+                    "\\boxed{18\\,000 / 1{,}000}"]
+BOMBS = ["10^{10^{10^{10}}}", "9^{9^{9}}", "9^9^9", "(10^{7})!", "\\prod_{k=1}^{10^{7}} k", "2^{10^{9}}",
+         "\\int_0^{10^{6}} e^{x^{2}} \\sin(x^{99}) dx", "\\binom{10^{9}}{10^{5}}", "2^{1000000000}", "100000!"]
+
+
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gsm8k") / "one.jsonl"
+    path.write_text(json.dumps(GSM8K_RECORD) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
+def test_math_answers_that_hedge_or_disagree_are_wrong_and_plain_ones_right(gsm8k_file, timeout_s):
+    env = dare_gym.make_vec("gsm8k-v0", num_envs=len(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED), data_files=gsm8k_file,
+                            reward_timeout_s=timeout_s)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED)
+    infos = infos["final_info"]
+    verdicts = dict(zip(WRONG_BUT_LENIENT + RIGHT_BUT_MISSED, zip(rewards.tolist(), infos["correct"].tolist())))
+    assert {c: v for c, v in verdicts.items() if c in WRONG_BUT_LENIENT} == {c: (0.0, False) for c in WRONG_BUT_LENIENT}
+    assert {c: v for c, v in verdicts.items() if c in RIGHT_BUT_MISSED} == {c: (1.0, True) for c in RIGHT_BUT_MISSED}
+
+
+def test_an_interval_is_not_a_point_and_each_form_says_why():
+    from dare_gym.rewards.math import answer_form_problem, answers_match
+
+    point = "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert not answers_match(point, "\\left[3,\\frac{\\pi}{2}\\right]")
+    assert answers_match(point, "(3, \\frac{\\pi}{2})") and answers_match("[1, 2)", "\\left[1,2\\right)")
+    assert "an interval is not a point" in answer_form_problem(point, "[3, \\frac{\\pi}{2}]")
+    assert answer_form_problem("18", "18\\%") == "a percentage where the answer is not one"
+    assert answer_form_problem("18", "\\{18\\}") == "a set where the answer is not one"
+    assert answer_form_problem("18", "18 \\text{ (or maybe 19)}").startswith("a hedge: text with a number")
+    assert answers_match("18\\%", "18\\%") and answers_match("\\{1, 2\\}", "\\{2, 1\\}")  # when the gold is one
+    assert answers_match("y = 2x + 3", "y=2x+3")  # a gold equation is compared as one
+
+
+def test_math_bombs_are_refused_before_sympy_and_correct_is_computed_once(gsm8k_file):
+    """Expressions of a few characters whose value sympy would compute for minutes in C code (where no alarm
+    stops it): each is named too big and scores 0 without reaching the limit. ``info["correct"]`` reuses the
+    reward's verdict: one verification per step, not two."""
+    from dare_gym.rewards import math as math_rewards
+
+    for bomb in BOMBS:
+        assert math_rewards.answer_form_problem("18", bomb) is not None, bomb
+    env = dare_gym.make_vec("gsm8k-v0", num_envs=len(BOMBS), data_files=gsm8k_file, reward_timeout_s=20.0)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step([f"\\boxed{{{bomb}}}" for bomb in BOMBS])
+    assert rewards.tolist() == [0.0] * len(BOMBS) and not infos["final_info"]["correct"].any()
+    assert "reward_errors" not in infos["final_info"], "a bomb reached sympy and ran into the limit"
+
+    single = dare_gym.make("gsm8k-v0", data_files=gsm8k_file, reward_timeout_s=None)  # verified in this process
+    math_rewards.answers_match.cache_clear()
+    for completion in ("\\boxed{\\frac{36}{2}}", "\\boxed{17.5}"):
+        single.reset(options={"index": 0})
+        before = math_rewards._verify_cached.cache_info()
+        _, _, _, _, info = single.step(completion)
+        after = math_rewards._verify_cached.cache_info()
+        assert (after.hits + after.misses) - (before.hits + before.misses) == 1, "verified twice for one step"
+        assert info["correct"] == (completion == "\\boxed{\\frac{36}{2}}")

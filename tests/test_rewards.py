@@ -148,7 +148,7 @@ def test_registry_and_weighted_combination():
         with pytest.raises(ValueError, match="already registered"):
             register_reward("test_shouting", lambda c, s: 0.0)
     finally:
-        reward_base._REWARDS.pop("test_shouting")  # the property tests cover every registered reward
+        reward_base.REWARDS.pop("test_shouting")  # the property tests cover every registered reward
     with pytest.raises(ValueError, match="finite number"):
         resolve_reward([("format", float("nan"))])
     with pytest.raises(ValueError, match=r"\(reward, weight\) pair"):

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dare_gym.config import ConfigError
-from dare_gym.losses import truncated_importance_weight
-from dare_gym.trainer import GenerationConfig, TrainConfig, Trainer
+from dare_gym.core.config import ConfigError
+from dare_gym.core.losses import truncated_importance_weight
+from dare_gym.train.trainer import GenerationConfig, TrainConfig, Trainer, resolve
 
 SCHEDULE = dict(gen_length=8, steps=8, block_length=4, temperature=1.0)
 FAST = GenerationConfig(**SCHEDULE, sampler="fast_dllm", options={"cache": "dual", "threshold": None,
@@ -53,4 +53,4 @@ def test_trajectory_methods_train_from_fast_rollouts(tmp_path, algorithm):
 
 def test_the_weight_needs_the_trajectory_estimator():
     with pytest.raises(ConfigError, match="rollout_is_cap.*trajectory"):
-        TrainConfig(algorithm={"name": "d1", "rollout_is_cap": 2.0})
+        resolve(TrainConfig(algorithm={"name": "d1", "rollout_is_cap": 2.0}))

@@ -7,8 +7,9 @@ import torch
 
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
-from dare_gym.sampling import check_schedule, tokens_per_step
+from dare_gym.core.policy import DiffusionPolicy
+from dare_gym.samplers.base import tokens_per_step
+from dare_gym.samplers.llada import check_schedule
 
 
 def random_policy(seed: int = 0, dtype=torch.float64) -> DiffusionPolicy:

@@ -10,7 +10,7 @@ import dare_gym
 import dare_gym.models
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import DiffusionPolicy
+from dare_gym.core.policy import DiffusionPolicy
 from dare_gym.samplers import SAMPLERS, make_options
 from dare_gym.samplers.block_diffusion import commit_by_rule, filter_logits
 from dare_gym.samplers.fast_dllm import FactorCommit, ThresholdCommit
@@ -129,14 +129,14 @@ def test_threshold_decoding_and_early_exit_cut_model_calls():
 @torch.no_grad()
 def reference_block_decode(policy, prompt: list[int], gen_length: int, steps_per_block: int) -> list[int]:
     """Block diffusion for one unpadded row, written plainly: the row's blocks on the model grid (positions
-    from 0), a full forward over everything so far at every step, static low-confidence commits."""
+    from 0), a full forward over everything so far at every step, static low-confidence commits of SDAR's
+    schedule (the block size spread over the steps, remainder first; a partial block runs out early)."""
     block, mask_id = policy.block_size, policy.mask_token_id
     x = prompt + [mask_id] * gen_length
     first = len(prompt) // block
     for index in range(first, (len(x) - 1) // block + 1):
         start, end = max(index * block, len(prompt)), min((index + 1) * block, len(x))
-        count = end - start
-        schedule = [count // steps_per_block + (1 if s < count % steps_per_block else 0) for s in range(steps_per_block)]
+        schedule = [block // steps_per_block + (1 if s < block % steps_per_block else 0) for s in range(steps_per_block)]
         for step in range(steps_per_block):
             logits = policy.logits(torch.tensor([x[:end]]))[0].double()
             logits[:, mask_id] = float("-inf")

@@ -11,6 +11,7 @@ Run with ``-s`` to see what each hostile program got.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dare_gym.rewards import code_checker, sandbox_boot, sandbox_harness, sandbox_protocol
 from dare_gym.rewards import sandbox as sb
@@ -170,30 +173,28 @@ def test_isolation_report_names_the_active_layers(report):
     assert report["fresh_process"] and report["new_session"] and report["clean_env"] and report["separate_checker"]
     assert {"RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC"} <= set(report["rlimits"])
     for layer in ("network_namespace", "pid_namespace", "mount_namespace", "ipc_namespace", "uts_namespace",
-                  "unprivileged_uid", "private_keyrings", "pids_cgroup", "memory_cgroup", "parent_death_signal"):
+                  "allow_listed_root", "unprivileged_uid", "private_keyrings", "syscall_filter", "pids_cgroup",
+                  "memory_cgroup", "parent_death_signal"):
         assert report[layer] or layer in report["missing"], f"{layer} is off but not reported as missing"
+    assert report["fresh_cgroups"] == (report["pids_cgroup"] or report["memory_cgroup"])
+    assert (report["allow_list"] is not None) == report["allow_listed_root"]
     if os.geteuid() == 0 and report["unshare"]:
         # this project's machines (developers and CI run as root, util-linux installed): everything is on
         assert report["network_namespace"] and report["pid_namespace"] and report["mount_namespace"]
         assert report["ipc_namespace"] and report["uts_namespace"] and report["unprivileged_uid"]
-        assert report["verdict_isolated"]
+        assert report["allow_listed_root"] and report["verdict_isolated"]
         assert set(report["shared_namespaces"]) == {"user", "cgroup", "time"}  # each with why it is safe
         assert report["missing"] == {} or set(report["missing"]) <= {"pids_cgroup", "memory_cgroup"}
 
 
-def test_correct_program_passes_quickly():
-    start = time.monotonic()
+def test_correct_program_passes():
     result = sb.run_program("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok')\n")
-    elapsed = time.monotonic() - start
     assert result.passed and result.status == "passed", result
     assert result.returncode == 0 and result.stdout == "ok\n" and result.reason == ""
-    assert elapsed < 2.0
 
 
 def test_failing_assert_fails_with_its_reason():
-    start = time.monotonic()
     result = sb.run_program("def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5, 'wrong sum'\n")
-    assert time.monotonic() - start < 2.0
     assert not result.passed and result.status == "failed"
     assert "AssertionError" in result.reason and "wrong sum" in result.reason and "line 4" in result.reason
     assert "AssertionError" in result.stderr
@@ -280,11 +281,11 @@ def test_missing_layers_are_named_in_one_warning(monkeypatch):
 
 def _daemon_source(marker: str, tail: str) -> str:
     return textwrap.dedent(f"""
-        import os, time
+        import os, sys, time
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
-                os.execvp("sleep", ["sleep", "{marker}"])
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep({marker})"])
             os._exit(0)
         os.wait()
         time.sleep(0.3)
@@ -432,7 +433,8 @@ def test_hostile_writes_outside_the_sandbox():
                 written.append(path)
             except OSError as error:
                 print("refused", path, error)
-        assert written, "nothing could be written outside the sandbox"
+        # /dev/shm is the run's own (a fresh tmpfs): writing there reaches nothing outside
+        assert [p for p in written if not p.startswith("/dev/shm/")], "nothing could be written outside the sandbox"
     """
     _run_hostile(source)
     for target in targets:
@@ -546,7 +548,7 @@ def test_hostile_double_forked_daemon(isolated):
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 print("DAEMON_PID", os.getpid(), flush=True)
                 if os.fork() == 0:
-                    os.execvp("sleep", ["sleep", "{marker}"])  # a long-lived process to look for
+                    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep({marker})"])  # to look for
                 time.sleep(0.8)
                 with open({str(target)!r}, "w") as f:
                     f.write("I outlived the run")
@@ -569,8 +571,8 @@ def test_hostile_double_forked_daemon(isolated):
 def test_hostile_leaves_a_subprocess_behind():
     marker = f"{secrets.randbelow(10**6) + 10**6}.{secrets.randbelow(900) + 100}"
     source = f"""
-        import subprocess
-        subprocess.Popen(["sleep", "{marker}"], start_new_session=True)
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep({marker})"], start_new_session=True)
     """
     result = _run_hostile(source)
     assert "processes running" in result.reason
@@ -1042,23 +1044,35 @@ def test_nothing_outlives_a_caller_killed_mid_run():
         # the killed run never cleaned up its folders: the next run to hold its slot removes them
         stale = _folders_of_slot(uid)
         assert len(stale) == 2, stale
-        held = []
+        slot = claim_slot(uid)  # the killed run's slot is free again (another suite's run may hold it a moment)
         try:
-            while not held or held[-1][0] != uid:  # the pool hands out the lowest free slot first
-                held.append(sb._UID_POOL.acquire())
-                assert len(held) <= 64, "the killed run's slot was never handed out again"
             fresh = sb._slot_folders(uid)
             assert not any(map(os.path.exists, stale)) and all(map(os.path.isdir, fresh))
             assert set(_folders_of_slot(uid)) == set(fresh)
             for folder in fresh:
                 os.rmdir(folder)
         finally:
-            for _, sock in held:
-                sock.close()
+            slot.close()
     finally:
         caller.kill()
         caller.wait()
         caller.stdout.close()
+
+
+def claim_slot(uid: int, timeout_s: float = 60.0) -> socket.socket:
+    """Hold the sandbox uid slot ``uid`` as the pool does (binding its abstract socket), waiting while another
+    process on the host holds it; the socket releases it when closed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0dare_gym_sandbox/uid/{uid}")
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uid slot {uid} stayed held for {timeout_s} s") from None
+            time.sleep(0.02)
 
 
 def _folders_of_slot(uid: int) -> list[str]:
@@ -1082,9 +1096,11 @@ def test_protocol_round_trips_plain_data_and_refuses_everything_else():
     assert type(sandbox_protocol.decode(sandbox_protocol.encode(Point((1, 2))))) is tuple
     cycle: list = []
     cycle.append(cycle)
-    for bad in (object(), lambda: 1, cycle, type, sandbox_protocol):
+    for bad in (object(), lambda: 1, cycle, Point, sandbox_protocol, sandbox_protocol.Handle):
         with pytest.raises(sandbox_protocol.Unencodable):
             sandbox_protocol.encode(bad)
+    classes = [int, str, type, ValueError, frozenset]  # builtin classes cross by name (MBPP 533 passes int)
+    assert all(a is b for a, b in zip(sandbox_protocol.decode(sandbox_protocol.encode(classes)), classes))
     good = sandbox_protocol.encode([1, "x"])
     malformed = [
         b"X",  # unknown tag
@@ -1094,6 +1110,8 @@ def test_protocol_round_trips_plain_data_and_refuses_everything_else():
         b"S" + (1).to_bytes(4, "big") + b"l" + bytes(4),  # an unhashable set member
         b"l\x00\x00\x00\x01" * 100 + b"N",  # deeper than the cap
         b"R" + (4).to_bytes(4, "big") + b"root",  # a reference where only plain data may come
+        b"H" + (1).to_bytes(8, "big"),  # a handle where only plain data may come
+        b"y" + (5).to_bytes(4, "big") + b"Point",  # not a builtin class
         b"j" + bytes(3),  # cut off
     ]
     for data in malformed:
@@ -1196,43 +1214,425 @@ KEYCTL_SOURCE = """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[platform.machine()]
-    USER, USER_SESSION, SESSION, KEYCTL_SEARCH = -4, -5, -3, 10
+    USER, USER_SESSION, SESSION, KEYCTL_SEARCH, KEYCTL_GET_PERSISTENT = -4, -5, -3, 10, 22
+    def persistent():  # the uid's persistent keyring: kept by the kernel for days after its last process
+        return libc.syscall(KEYCTL, KEYCTL_GET_PERSISTENT, ctypes.c_long(-1), ctypes.c_long(SESSION))
     def add(description, keyring):
         payload = b"secret of an earlier run"
         return libc.syscall(ADD_KEY, b"user", description, payload, len(payload), ctypes.c_long(keyring))
     def find(description):  # searched in the uid's own keyrings, which outlive every process of the uid
         return max(libc.syscall(KEYCTL, KEYCTL_SEARCH, ctypes.c_long(keyring), b"user", description,
-                                ctypes.c_long(0)) for keyring in (USER, USER_SESSION))
+                                ctypes.c_long(0)) for keyring in (USER, USER_SESSION, persistent()))
 """
 
 
-def test_keys_do_not_carry_into_a_later_run(report):
+@pytest.mark.parametrize("layer", ["system-call filter", "emptied keyrings (no filter)"])
+def test_keys_do_not_carry_into_a_later_run(report, layer):
     if not report["private_keyrings"] or not report["unprivileged_uid"]:
         pytest.skip("needs a per-run uid and keyctl")
+    plan = sb._get_plan()
+    if layer == "system-call filter":
+        if not report["syscall_filter"]:
+            pytest.skip(f"no system-call filter here: {report['missing'].get('syscall_filter')}")
+    else:  # what still holds where no filter can be installed: the harness empties the uid's keyrings
+        plan = dataclasses.replace(plan, seccomp=None)
     description = f"dare_gym_{secrets.token_hex(4)}"
     store = KEYCTL_SOURCE + f"""
-    print(os.getuid(), add({description.encode()!r}, USER), add({description.encode()!r}, SESSION),
-          find({description.encode()!r}))
+    keys = [add({description.encode()!r}, keyring) for keyring in (USER, SESSION, persistent())]
+    print(os.getuid(), ctypes.get_errno(), *keys, find({description.encode()!r}))
     """
     look = KEYCTL_SOURCE + f"""
     print(os.getuid(), find({description.encode()!r}))
     """
-    stored = sb.run_program(textwrap.dedent(store))
+    stored = sb._run(textwrap.dedent(store), sb.CheckSpec(), sb.SandboxLimits(), plan)
     assert stored.passed, stored
-    uid, user_key, session_key, found_now = map(int, stored.stdout.split())
-    assert user_key > 0 and session_key > 0 and found_now == user_key, "keys can be made and found in a run"
-    for _ in range(10):  # the same uid slot again (another process on the host may hold it for a moment)
-        found = sb.run_program(textwrap.dedent(look))
-        assert found.passed, found
-        later_uid, key = map(int, found.stdout.split())
-        if later_uid == uid:
-            assert key < 0, "a key stored by an earlier run of this uid was found"
-            break
+    uid, errno, user_key, session_key, persistent_key, found_now = map(int, stored.stdout.split())
+    if plan.seccomp is not None:
+        assert (user_key, session_key, persistent_key, errno) == (-1, -1, -1, 38), "no key call reaches the kernel"
     else:
-        pytest.fail(f"no later run got uid {uid} again")
+        assert min(user_key, session_key) > 0 and found_now > 0, "keys can be made and found in a run"
+    # the same uid slot again, claimed for this run (another suite on the host may be using the pool too)
+    pool_acquire = sb._UID_POOL.acquire
+    sb._UID_POOL.acquire = lambda: (uid, claim_slot(uid))
+    try:
+        found = sb._run(textwrap.dedent(look), sb.CheckSpec(), sb.SandboxLimits(), plan)
+    finally:
+        sb._UID_POOL.acquire = pool_acquire
+    assert found.passed, found
+    later_uid, key = map(int, found.stdout.split())
+    assert later_uid == uid and key < 0, "a key stored by an earlier run of this uid was found"
     # nor did the run reach this process's session keyring
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     request_key = {"x86_64": 249, "aarch64": 218}.get(os.uname().machine)
     if request_key is not None:
         assert libc.syscall(request_key, b"user", description.encode(), None, ctypes.c_long(0)) < 0
+
+
+# ------------------------------------------------------------------------ nothing of one run reaches another
+
+
+def _names_on_the_way(path: str) -> list[str]:
+    """``path`` and every name it resolves through, symbolic links followed one at a time (``/lib64/ld.so`` ->
+    ``/usr/lib64/ld.so`` -> ...): what a root that re-creates the links must hold for the path to work."""
+    parts = [p for p in path.split("/") if p]
+    resolved = "/"
+    for position, part in enumerate(parts):
+        candidate = os.path.join(resolved, part)
+        if os.path.islink(candidate):
+            target = os.path.normpath(os.path.join(resolved, os.readlink(candidate)))
+            return [path] + _names_on_the_way(os.path.join(target, *parts[position + 1:]))
+        resolved = candidate
+    return [path]
+
+
+def _world_readable_folder() -> Path:
+    """A folder that every user may read (the host's temporary folder is usually such a place)."""
+    folder = Path(tempfile.mkdtemp(prefix="dare_gym_readable_"))
+    os.chmod(folder, 0o755)
+    return folder
+
+
+def test_the_program_sees_only_the_allow_list(report):
+    if not report["allow_listed_root"]:
+        pytest.skip(f"no allow-listed root here: {report['missing'].get('allow_listed_root')}")
+    allowed = [name for p in report["allow_list"] for name in _names_on_the_way(p)] + list(sb._DEVICES)
+    # a copy of an answer key in a folder every user may read, as a data_files= copy would be
+    secret = _world_readable_folder() / "HumanEval.jsonl"
+    secret.write_text("the canonical solutions")
+    source = f"""
+        import json, os, sys
+        allowed = {allowed!r}
+        private = (os.getcwd(), "/dev/shm", "/proc")
+        def covered(path):
+            return any(path == a or path.startswith(a.rstrip("/") + "/") or a.startswith(path.rstrip("/") + "/")
+                       for a in allowed + list(private))
+        strays, stack = [], ["/"]
+        while stack:  # every name of the tree, not descending into what the allow-list binds
+            folder = stack.pop()
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                real = os.path.realpath(path)
+                if not covered(path) and not covered(real):
+                    strays.append(path)
+                elif os.path.isdir(path) and not os.path.islink(path) and path not in allowed \\
+                        and not any(path.startswith(a.rstrip("/") + "/") for a in allowed + list(private)):
+                    stack.append(path)
+        print(json.dumps(strays))
+        print(json.dumps([p for p in ({str(secret)!r}, {str(REPO / "dare_gym")!r}, "/sys/fs/cgroup", "/etc/passwd",
+                                      "/proc/self/cgroup", "/home", "/var") if os.path.exists(p)]))
+        print(json.dumps(os.listdir("/proc") + os.listdir("/dev/shm")))
+    """
+    result = sb.run_program(textwrap.dedent(source))
+    assert result.passed, result
+    strays, present, private = (json.loads(line) for line in result.stdout.splitlines())
+    assert strays == [], f"the program sees what the allow-list does not name: {strays}"
+    assert present == [], present
+    assert private == []
+
+
+def test_an_answer_key_given_as_data_files_is_out_of_reach(data_dir):
+    """A copy of the benchmark passed with ``data_files=`` (world-readable, outside DARE_GYM_DATA_DIR), read by a
+    completion that execs the canonical solution: through the env, and through the reward with any limits."""
+    import gzip
+
+    import dare_gym
+    from dare_gym.rewards.code import execute_humaneval
+
+    folder = _world_readable_folder()
+    copy = folder / "HumanEval.jsonl.gz"
+    shutil.copy(data_dir / "humaneval" / "HumanEval.jsonl.gz", copy)
+    os.chmod(copy, 0o644)
+    env = dare_gym.make("humaneval-v0", data_files=str(copy))
+    _, info = env.reset(options={"index": 0})
+    record = env.record(0)
+    with gzip.open(copy, "rt") as f:
+        assert record["task_id"] in f.read()  # the key is right there on the host
+    cheat = textwrap.dedent(f"""
+        ```python
+        import glob, gzip, json, os
+        def {record['entry_point']}(*args):
+            for path in [{str(copy)!r}] + glob.glob({str(folder.parent)!r} + "/**/HumanEval*", recursive=True):
+                try:
+                    for line in gzip.open(path, "rt"):
+                        r = json.loads(line)
+                        if r["task_id"] == {record['task_id']!r}:
+                            space = {{}}
+                            exec(r["prompt"] + r["canonical_solution"], space)
+                            return space[{record['entry_point']!r}](*args)
+                except OSError:
+                    continue
+            raise FileNotFoundError("no answer key in sight")
+        ```
+    """)
+    _, reward, _, _, info = env.step(cheat)
+    assert reward == 0.0 and not info["correct"]
+    for limits in (sb.SandboxLimits(), sb.SandboxLimits(timeout_s=5, hidden_paths=())):
+        result = execute_humaneval(cheat, record, limits=limits)
+        assert not result.passed and "no answer key in sight" in result.reason, result
+    assert execute_humaneval(f"```python\n{record['prompt']}{record['canonical_solution']}```", record).passed
+
+
+ORACLE = '''
+import ctypes, os, platform
+
+CARRIED = {carried!r}  # the state a channel the test controls brings from the previous run (the control)
+NAME = b"dare_gym_oracle"
+FILES = ["/tmp/dare_gym_oracle", "/dev/shm/dare_gym_oracle", "/var/tmp/dare_gym_oracle",
+         os.path.expanduser("~/.dare_gym_oracle"), "/dare_gym_oracle", "dare_gym_oracle"]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+ADD_KEY, KEYCTL = {{"x86_64": (248, 250), "aarch64": (217, 219)}}[platform.machine()]
+
+
+def keyrings():  # the uid's persistent, user and user-session keyrings: the kernel keeps them across processes
+    persistent = libc.syscall(KEYCTL, 22, ctypes.c_long(-1), ctypes.c_long(-3))
+    return [k for k in (persistent, -4, -5) if k != -1]
+
+
+def load():
+    if CARRIED is not None:
+        return CARRIED
+    for keyring in keyrings():
+        key = libc.syscall(KEYCTL, 10, ctypes.c_long(keyring), b"user", NAME, ctypes.c_long(0))
+        buffer = ctypes.create_string_buffer(64)
+        size = libc.syscall(KEYCTL, 11, ctypes.c_long(key), buffer, ctypes.c_long(64)) if key > 0 else -1
+        if size > 0:
+            return buffer.raw[:size].decode()
+    for path in FILES:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            pass
+    return ""
+
+
+def save(bits):
+    print("STATE=" + bits, flush=True)
+    for keyring in keyrings():
+        libc.syscall(ADD_KEY, b"user", NAME, bits.encode(), len(bits), ctypes.c_long(keyring))
+    for path in FILES:
+        try:
+            with open(path, "w") as f:
+                f.write(bits)
+        except OSError:
+            pass
+
+
+# What the checker asked last run: every answer but the last was right (call k+1 comes only if assert k
+# passed); the last may have ended the run, so it is flipped. Beyond that, guess True.
+PRIOR = [c == "1" for c in load()]
+KNOWN = PRIOR[:-1] + [not PRIOR[-1]] if PRIOR else []
+GIVEN = []
+
+
+def {entry_point}(*args):
+    answer = KNOWN[len(GIVEN)] if len(GIVEN) < len(KNOWN) else True
+    GIVEN.append(answer)
+    save("".join("1" if a else "0" for a in GIVEN))
+    return answer
+'''
+
+
+@pytest.mark.parametrize("task", ["HumanEval/0", "HumanEval/3"])
+def test_a_guessing_program_learns_nothing_across_runs(data_dir, task):
+    """The oracle attack: a program that guesses booleans and stores what it learnt (the checker calls k+1 only
+    if assert k passed) in every place that outlived a run before (the uid's keyrings, cgroup counters, files).
+    With a channel the test carries for it, it passes within a run per assert; through the sandbox, never."""
+    import dare_gym
+    from dare_gym.rewards.code import execute_humaneval
+
+    env = dare_gym.make("humaneval-v0")
+    index = next(i for i in range(env.num_records) if env.record(i)["task_id"] == task)
+    record = env.record(index)
+    asserts = record["test"].count("assert candidate")
+    carried, passed_at = "", None
+    for run in range(1, asserts + 2):  # the control: the test is the channel
+        result = execute_humaneval(ORACLE.format(carried=carried, entry_point=record["entry_point"]), record)
+        if result.passed:
+            passed_at = run
+            break
+        carried = [line[6:] for line in result.stdout.splitlines() if line.startswith("STATE=")][-1]
+    assert passed_at is not None, "the oracle must work when it has a channel"
+    oracle = ORACLE.format(carried=None, entry_point=record["entry_point"])
+    for _ in range(asserts + 3):  # the attack: whatever channel the sandbox leaves it
+        env.reset(options={"index": index})
+        _, reward, _, _, info = env.step(oracle)
+        assert reward == 0.0 and not info["correct"], "a guessing program learnt across runs"
+
+
+def test_every_run_gets_cgroups_whose_counters_start_at_zero(report):
+    if not report["memory_cgroup"]:
+        pytest.skip("no memory cgroup here")
+    parent = sb._get_plan().cgroups["memory"]
+    before = set(parent.glob("run-*"))
+    big = sb.run_program("data = bytearray(300 << 20)\nfor i in range(0, len(data), 4096):\n    data[i] = 1\n")
+    assert big.passed, big
+    seen: dict[Path, int] = {}
+
+    def ours(path: Path) -> bool:
+        """The cgroup holds a process of this test's tree (other suites on the host make runs too)."""
+        try:
+            pids = [int(line) for line in (path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return False
+        for pid in pids:
+            while pid > 1:
+                if pid == os.getpid():
+                    return True
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    break
+                pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        return False
+
+    def watch(stop):
+        while not stop():
+            for path in set(parent.glob("run-*")) - before:
+                try:
+                    if path in seen or ours(path):
+                        seen[path] = max(seen.get(path, 0), int((path / "memory.max_usage_in_bytes").read_text()))
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.005)
+
+    import threading
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, args=(done.is_set,))
+    watcher.start()
+    try:
+        small = sb.run_program("import time\ntime.sleep(0.5)\n")
+    finally:
+        done.set()
+        watcher.join()
+    assert small.passed, small
+    assert len(seen) == 1, f"one new cgroup for the run, got {sorted(seen)}"
+    assert max(seen.values()) < 150 << 20, "the high-water mark of an earlier run is still there"
+    assert not any(path.exists() for path in seen), "a run's cgroup outlived it"
+
+
+def test_forked_checkers_draw_their_own_random_numbers():
+    spec = sb.CheckSpec(test="import random\nprint(random.getrandbits(64))\n")
+    draws = {sb.check_program("", spec).checker_output for _ in range(3)}
+    assert len(draws) == 3, draws
+
+
+def test_the_program_can_make_no_namespace_mount_or_key(report):
+    if not report["syscall_filter"]:
+        pytest.skip(f"no system-call filter here: {report['missing'].get('syscall_filter')}")
+    source = """
+        import ctypes, errno, os, threading
+        libc = ctypes.CDLL(None, use_errno=True)
+        def errno_of(result):
+            return 0 if result == 0 else ctypes.get_errno()
+        got = {
+            "unshare(user)": errno_of(libc.unshare(0x10000000)),
+            "unshare(mount)": errno_of(libc.unshare(0x00020000)),
+            "mount": errno_of(libc.mount(b"none", b"/proc", b"proc", 0, None)),
+            "add_key": errno_of(libc.syscall(248 if os.uname().machine == "x86_64" else 217, b"user", b"k", b"v", 1,
+                                             ctypes.c_long(-4))),
+        }
+        threading.Thread(target=print, args=("threads still start",)).start()  # clone3 denied, clone works
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        got["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        print(got)
+        assert got == {"unshare(user)": errno.EPERM, "unshare(mount)": errno.EPERM, "mount": errno.EPERM,
+                       "add_key": errno.ENOSYS, "fork": 7}, got
+    """
+    result = sb.run_program(textwrap.dedent(source))
+    assert result.passed and "threads still start" in result.stdout, result
+
+
+def test_mbpp_references_that_pass_types_and_objects_pass(data_dir):
+    """MBPP 533 passes the class ``int`` to the function; 601's tests build ``Pair`` objects of the solution's
+    class through a call and pass a list of them back: both references pass, and a wrong answer still fails."""
+    import dare_gym
+
+    env = dare_gym.make("mbpp-v0", split="train")
+    for task_id in (533, 601):
+        index = next(i for i in range(env.num_records) if env.record(i)["task_id"] == task_id)
+        env.reset(options={"index": index})
+        _, reward, _, _, info = env.step(env.demonstration(env.record(index)))
+        assert reward == 1.0 and info["correct"], (task_id, info)
+    wrong = "```python\nclass Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n" \
+            "    def __eq__(self, other):\n        return True\ndef max_chain_length(arr, n):\n    return arr[0]\n```"
+    env.reset(options={"index": index})
+    assert env.step(wrong)[1] == 0.0  # a Pair that equals everything stays in the program
+
+
+STATE_PRELUDE = """
+import ctypes, os, platform, socket, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[platform.machine()]
+try:
+    librt = ctypes.CDLL("librt.so.1", use_errno=True)
+except OSError:
+    librt = libc
+def keyrings():
+    return [libc.syscall(KEYCTL, 22, ctypes.c_long(-1), ctypes.c_long(-3)), -3, -4, -5]
+FILES = ["{marker}", os.path.expanduser("~/{marker}"), os.path.join(tempfile.gettempdir(), "{marker}"),
+         "/tmp/{marker}", "/dev/shm/{marker}", "/var/tmp/{marker}", "/{marker}"]
+"""
+LEAVE = {  # ways a program might try to leave state for a later run (the marker and key name it)
+    "files": "for path in FILES:\n    try:\n        open(path, 'w').write('{marker}')\n    except OSError:\n        pass",
+    "environment": "os.environ['{marker}'] = '1'\nos.putenv('{marker}', '1')",
+    "keys": "for keyring in keyrings():\n    libc.syscall(ADD_KEY, b'user', b'{marker}', b'x', 1, ctypes.c_long(keyring))",
+    "System V IPC": "libc.shmget({key}, 4096, 0o1666)\nlibc.semget({key}, 1, 0o1666)\nlibc.msgget({key}, 0o1666)",
+    "POSIX message queue": "librt.mq_open(b'/{marker}', os.O_CREAT | os.O_RDWR, 0o666, None)",
+    "a process that stays": "if os.fork() == 0:\n    os.setsid()\n    s = socket.socket(socket.AF_UNIX)\n"
+                            "    s.bind('\\0{marker}')\n    s.listen()\n    import time\n    time.sleep(30)",
+    "memory high-water mark": "block = bytearray({megabytes} << 20)\nfor i in range(0, len(block), 4096):\n    block[i] = 1",
+    "cgroup files": "for path in ('/sys/fs/cgroup/memory/memory.soft_limit_in_bytes', '/proc/self/cgroup'):\n"
+                    "    try:\n        open(path, 'w').write('{megabytes}')\n    except OSError:\n        pass",
+}
+LOOK = """
+found = [path for path in FILES if os.path.exists(path)]
+found += ["environment"] if "{marker}" in os.environ else []
+found += [f"key in {{k}}" for k in keyrings()
+          if libc.syscall(KEYCTL, 10, ctypes.c_long(k), b"user", b"{marker}", ctypes.c_long(0)) > 0]
+found += [name for name, get in (("shm", libc.shmget), ("sem", libc.semget), ("msg", libc.msgget))
+          if get({key}, *((0, 0) if name != "sem" else (0, 0))) >= 0]
+found += ["mqueue"] if librt.mq_open(b"/{marker}", os.O_RDONLY) >= 0 else []
+probe = socket.socket(socket.AF_UNIX)
+try:
+    probe.connect("\\0{marker}")
+    found.append("abstract socket")
+except OSError:
+    pass
+for root in ("/sys", "/proc/self", "/proc/1"):
+    found += [root] if os.path.exists(root) else []
+print(found)
+assert found == [], found
+"""
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=st.lists(st.sampled_from(sorted(LEAVE)), min_size=1, max_size=4, unique=True),
+       marker=st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=10, max_size=16),
+       key=st.integers(1, 2**31 - 1), megabytes=st.integers(32, 256))
+def test_no_state_survives_a_run(actions, marker, key, megabytes):
+    """Random programs that try to leave state behind (in files, the environment, keyrings, IPC objects,
+    processes, sockets, cgroup counters), each followed by a run that looks everywhere: it finds nothing."""
+    fill = {"marker": f"dare_gym_{marker}", "key": key, "megabytes": megabytes}
+    prelude = STATE_PRELUDE.replace("{marker}", fill["marker"])
+    leave = prelude + "\n".join(LEAVE[a].format(**fill) for a in actions) + "\n"
+    look = prelude + LOOK.format(**fill)
+    sb.run_program(leave, sb.SandboxLimits(timeout_s=5))  # it may pass or fail: what it left is what matters
+    found = sb.run_program(look, sb.SandboxLimits(timeout_s=5))
+    assert found.passed, f"{actions} left state for a later run: {found.stdout or found.reason}"
+
+
+def test_hidden_paths_cover_folders_inside_the_allow_list(report):
+    if not report["allow_listed_root"]:
+        pytest.skip(f"no allow-listed root here: {report['missing'].get('allow_listed_root')}")
+    package = Path(pytest.__file__).parent  # a folder of site-packages, inside the allow-list
+    source = f"import os\nprint(len(os.listdir({str(package)!r})))\n"
+    assert int(sb.run_program(source).stdout) > 0
+    hidden = sb.run_program(source, sb.SandboxLimits(hidden_paths=(str(package),)))
+    assert hidden.passed and int(hidden.stdout) == 0, hidden

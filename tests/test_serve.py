@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import select
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from dare_gym.serve import ServerThread, fit_schedule, plan_generation, render_plain, RequestError
+from dare_gym.tools.serve import ServerThread, fit_schedule, plan_generation, render_plain, RequestError
 
 PROMPT = "sort 583920\n"
 
@@ -173,7 +172,7 @@ def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
 
 
 def test_the_command_serves_on_a_free_loopback_port_and_stops_on_ctrl_c():
-    process = subprocess.Popen([sys.executable, "-m", "dare_gym.cli", "serve", "tiny", "--port", "0",
+    process = subprocess.Popen([sys.executable, "-m", "dare_gym", "serve", "tiny", "--port", "0",
                                 "--gen", "steps=4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = _read_line(process, 120)
@@ -205,7 +204,7 @@ def test_the_command_serves_on_a_free_loopback_port_and_stops_on_ctrl_c():
     (["--gen", "steps=abc"], "--gen.steps: expected an integer, got 'abc'"),
 ])
 def test_serve_errors_are_one_line(argv, message, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err.strip()
@@ -213,7 +212,7 @@ def test_serve_errors_are_one_line(argv, message, capsys):
 
 
 def test_serve_names_a_taken_port(tiny_policy, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     with ServerThread(tiny_policy, model_name="tiny") as running:
         assert main(["serve", "tiny", "--port", str(running.port)]) == 2
@@ -225,6 +224,147 @@ def test_serve_names_a_taken_port(tiny_policy, capsys):
                                            ("opencompass", ["--datasets", "--custom-dataset", "--venv"]),
                                            ("eval", ["--suite", "--samples", "--k", "pass@k"])])
 def test_the_new_commands_have_help(command, words):
-    out = subprocess.run([sys.executable, "-m", "dare_gym.cli", command, "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dare_gym", command, "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and all(word in out.stdout for word in words)
+
+
+# ------------------------------------------------------------------------------ one request cannot stop it
+
+
+def _post(server, path: str, content: bytes, headers: dict | None = None):
+    import httpx
+
+    return httpx.post(f"http://{server.host}:{server.port}{path}", content=content, timeout=60,
+                      headers={"content-type": "application/json", **(headers or {})})
+
+
+def _health(server) -> int:
+    import httpx
+
+    return httpx.get(f"http://{server.host}:{server.port}/health", timeout=30).status_code
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"seed": 2**64}, "seed", "seed: Input should be less than 9223372036854775808"),
+    ({"seed": -1}, "seed", "seed: Input should be greater than or equal to 0"),
+    ({"extra_body": {"steps": 10**8}}, "steps", "steps=100000000 is more than gen_length=8"),
+    ({"extra_body": {"steps": 10**9, "gen_length": 10**9}}, "max_tokens", "over the model's context of 256 tokens"),
+    ({"extra_body": {"threshold": 0.5, "sampler": "fast_dllm", "factor": None, "steps": 8}}, None, None),
+    ({"prompt": ["sort 1\n"] * 65}, "prompt", "65 prompts is over this server's limit of 64 a request"),
+    ({"prompt": "9" * 5000}, "prompt", "prompt 0 has 5000 characters: more tokens than the model's context"),
+    ({"stop": [str(i) for i in range(33)]}, "stop", "33 stop strings is over the limit of 32"),
+])
+def test_every_field_is_bounded_by_the_model(client, server, fields, param, message):
+    request = dict(model="tiny", prompt=PROMPT)
+    request.update(fields)
+    if message is None:  # a bounded request of another sampler works
+        assert client.completions.create(**request).choices[0].text
+        return
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(**request)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == param
+    assert message in caught.value.body["message"]
+    assert _health(server) == 200 and client.completions.create(model="tiny", prompt=PROMPT).choices[0].text
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b'{"model": "tiny", "prompt": "caf\xe9"}', 400, "the request body is not UTF-8 (byte 0xe9 at offset 32)"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": Infinity}', 400, "Infinity is not a JSON number"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
+    (b'{"model": "tiny", "prompt": "' + b"9" * (10 << 20) + b'"}', 413, "the request body is over this server's limit"),
+])
+def test_bodies_that_are_not_json_or_too_big_get_an_openai_shaped_error(server, client, body, status, message):
+    response = _post(server, "/v1/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert _health(server) == 200 and client.completions.create(model="tiny", prompt=PROMPT).choices[0].text
+
+
+def test_unknown_routes_and_infinite_temperatures_get_openai_shaped_errors(server):
+    import httpx
+
+    missing = httpx.get(f"http://{server.host}:{server.port}/v1/engines", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    # Python's json reads 1e999 as infinity: the field itself refuses it
+    response = _post(server, "/v1/completions", b'{"model": "tiny", "prompt": "x", "temperature": 1e999}')
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+def test_a_small_request_does_not_wait_behind_a_big_one(tiny_policy):
+    """Fair scheduling: a request of one row sent while a request of 128 rows is being generated (2 rows per
+    call, so 64 calls) is answered before the big one, with the same or with other sampler settings."""
+    with ServerThread(tiny_policy, model_name="tiny", max_batch_size=2, batch_wait_ms=0) as running:
+        client = openai.OpenAI(base_url=running.base_url, api_key="-", max_retries=0, timeout=300)
+        finished = []
+
+        def big():
+            client.completions.create(model="tiny", prompt=[PROMPT] * 8, n=16)
+            finished.append("big")
+
+        def small(extra):
+            client.completions.create(model="tiny", prompt="sort 12\n", extra_body=extra)
+            finished.append(f"small {extra}")
+
+        with ThreadPoolExecutor(3) as pool:
+            done = pool.submit(big)
+            deadline = time.monotonic() + 60
+            while not running.batcher.stats.calls:  # the big one is being generated
+                assert time.monotonic() < deadline and not done.done()
+                time.sleep(0.005)
+            smalls = [pool.submit(small, extra) for extra in ({}, {"steps": 4})]
+            for future in [done, *smalls]:
+                future.result()
+        assert finished[-1] == "big", finished
+        assert max(running.batcher.stats.calls) == 2 and sum(running.batcher.stats.calls) == 130
+
+
+DEADLY_SAMPLER = '''
+from dare_gym.samplers import register_sampler
+from dare_gym.samplers.llada import LLaDASampler
+
+
+@register_sampler("deadly")
+class Deadly(LLaDASampler):
+    """A sampler with a bug that kills the thread it runs in (what a BaseException does)."""
+
+    def __call__(self, *args, **kwargs):
+        raise SystemExit("a bug in a plugin sampler")
+'''
+
+
+def test_a_dead_worker_fails_health_and_the_server_exits(tmp_path):
+    plugin = tmp_path / "deadly_sampler.py"
+    plugin.write_text(DEADLY_SAMPLER)
+    process = subprocess.Popen([sys.executable, "-m", "dare_gym", "serve", "tiny", "--port", "0", "--import",
+                                str(plugin)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = _read_line(process, 120)
+        base_url = line.split(" at ", 1)[1].split()[0]
+        client = openai.OpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # the socket is bound before uvicorn accepts
+            try:
+                assert client.completions.create(model="tiny", prompt=PROMPT).choices[0].text
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.completions.create(model="tiny", prompt=PROMPT, extra_body={"sampler": "deadly"})
+        assert caught.value.status_code == 503 and "the batching worker died" in caught.value.body["message"]
+        import httpx
+
+        try:  # until it has shut down, it says it is not healthy
+            status = httpx.get(base_url.replace("/v1", "/health"), timeout=30).status_code
+        except httpx.TransportError:
+            status = None
+        assert status in (503, None)
+        assert process.wait(timeout=60) == 1  # it shut down by itself
+        assert "the batching worker died: SystemExit: a bug in a plugin sampler" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

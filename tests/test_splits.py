@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import dare_gym
-from dare_gym.cli import main
-from dare_gym.config import ConfigError
+from dare_gym.tools.cli import main
+from dare_gym.core.config import ConfigError
 from dare_gym.envs.countdown import make_problem
 from dare_gym.envs.splits import SplitOverlapError, SplitOverlapWarning, guard_held_out
-from dare_gym.trainer import TrainConfig, Trainer
+from dare_gym.train.trainer import TrainConfig, Trainer
 
 
 def gsm8k_file(path, questions) -> str:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, strategies as st
 
-from dare_gym.suite import BenchmarkSpec, SuiteConfig, markdown_tables, mean_pass_at_k, pass_at_k
+from dare_gym.tools.suite import BenchmarkSpec, SuiteConfig, markdown_tables, mean_pass_at_k, pass_at_k
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -79,9 +76,7 @@ def test_markdown_has_a_table_per_metric_with_benchmarks_as_rows_and_policies_as
     assert text.count("| benchmark |") == 3 and "pass@4 (unbiased estimator, n=4 samples at temperature 0.8)" in text
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dare_gym.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=dict(os.environ, TQDM_DISABLE="1"))
+from helpers import run_cli  # noqa: E402
 
 
 def test_a_suite_of_two_policies_writes_json_and_tables(tmp_path, tiny_policy):
@@ -118,7 +113,7 @@ def test_a_suite_of_two_policies_writes_json_and_tables(tmp_path, tiny_policy):
     (["--samples", "4"], "--samples applies to --suite only"),
 ])
 def test_suite_errors_are_one_line(argv, message, capsys):
-    from dare_gym.cli import main
+    from dare_gym.tools.cli import main
 
     assert main(["eval", "--limit", "2", *argv]) == 2
     error = capsys.readouterr().err.strip()

@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 import dare_gym
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, TinyDLLMModel
 from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.policy import BUILTIN_POLICIES, DiffusionPolicy
-from dare_gym.sft import train_on_demonstrations
+from dare_gym.core.policy import BUILTIN_POLICIES, DiffusionPolicy
+from dare_gym.core.sft import train_on_demonstrations
 
 
 def small_model(seed=0) -> TinyDLLMForMaskedLM:

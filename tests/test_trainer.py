@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 import dare_gym
 from dare_gym.algorithms import build_config, make_algorithm
-from dare_gym.buffer import RolloutBuffer
-from dare_gym.config import ConfigError, load_config
-from dare_gym.policy import Completion
-from dare_gym.trainer import TrainConfig, Trainer, mean_completion_length
+from dare_gym.core.buffer import RolloutBuffer
+from dare_gym.core.config import ConfigError, load_config
+from dare_gym.core.policy import Completion
+from dare_gym.train.trainer import TrainConfig, Trainer, mean_completion_length, resolve
 
 
 def rollouts(policy, group_size=4, groups=2, temperature=1.0, seed=0):
@@ -60,12 +61,13 @@ def test_buffer_columns_groups_and_model_inputs(tiny_policy):
 
 
 def test_d1_prepare_scores_old_and_reference_on_each_iterations_noise(tiny_policy):
-    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1"})
+    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1",
+                                 "drop_zero_variance_groups": True})
     algorithm = make_algorithm("d1", config, mask_token_id=tiny_policy.mask_token_id)
     buffer = rollouts(tiny_policy)
     buffer.reward = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     buffer = algorithm.advantages(buffer, 4)
-    assert len(buffer) == 4  # the second group scored uniformly and was dropped
+    assert len(buffer) == 4  # the second group scored uniformly and was dropped (d1 itself keeps it)
     assert buffer.advantage.tolist() == [0.75, -0.25, -0.25, -0.25]  # d1: r - mean, no std scaling
     algorithm.prepare(tiny_policy, tiny_policy, buffer, torch.Generator().manual_seed(0))
     masks = buffer.columns["noise.prompt_masked"]
@@ -153,16 +155,18 @@ def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
         (["envv=digitsort-v0"], "unknown config field\\(s\\) envv"),
         (["env=sudoku-v9"], "unknown env 'sudoku-v9'"),
         (["algorithm.name=reinforce++"], "unknown algorithm 'reinforce\\+\\+'"),
-        (["algorithm.epsilon=-0.1"], "epsilon must be >= 0"),
+        (["algorithm.epsilon=-0.1"], "epsilon must be a number >= 0, got -0.1"),
         (["algorithm.loss_type=mean"], "loss_type must be one of"),
-        (["algorithm.num_iteration=2"], "unknown config field\\(s\\) algorithm.num_iteration"),
+        (["algorithm.num_iteration=2"], "algorithm.num_iteration: d1 has no such field; the fields of d1 are .*num_iterations"),
+        (["algorithm.name=spg", "algorithm.beta=0.1"], "algorithm.beta: spg has no such field"),
+        (["algorithm.preset=fast"], "d1 has no preset 'fast'; its presets: digitsort"),
         (["rollout.temperature=hot"], "rollout.temperature: expected a number"),
         (["not-an-override"], "must look like field.path=value"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(TrainConfig, None, overrides)
+        resolve(load_config(TrainConfig, None, overrides))  # what the values alone show, at load; the rest here
 
 
 def test_yaml_config_file_errors(tmp_path):
@@ -197,7 +201,7 @@ def test_estimator_noise_lines_up_with_minibatches_of_shorter_prompts(tiny_polic
 
 
 def test_the_default_config_is_the_cli_default_run():
-    from dare_gym.config import default_config_path
+    from dare_gym.core.config import default_config_path
 
     assert TrainConfig() == load_config(TrainConfig, default_config_path())
 
@@ -209,7 +213,7 @@ def half(completion, sample):
 
 
 def test_a_reward_callable_is_saved_as_a_reference_that_re_creates_it(tmp_path):
-    from dare_gym.user_code import import_module, resolve_env_kwargs
+    from dare_gym.train.user_code import import_module, resolve_env_kwargs
 
     path = tmp_path / "reward_file_for_test.py"
     path.write_text(REWARD_FILE)
@@ -240,4 +244,20 @@ def test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps(
     assert saved["env_kwargs"]["reward"].endswith(
         "test_a_reward_failing_on_most_rollouts_is_reported_once_per_log_every_steps.<locals>.always_fails")
     with pytest.raises(ConfigError, match="lambda or a function defined inside another function"):
-        load_config(TrainConfig, tmp_path / "run" / "config.json")
+        resolve(load_config(TrainConfig, tmp_path / "run" / "config.json"))
+
+
+def test_sft_on_demonstrations_clones_the_envs_gold_answers(tmp_path):
+    """SFT's own rollout asks the env (through the trainer's RolloutContext) for each prompt's gold answer: the
+    row of "sort 583920" carries "023589" then EOS padding, and an update trains on it."""
+    from dare_gym.algorithms.sft import DEMONSTRATION_IDS
+
+    trainer = Trainer(small_config(tmp_path, algorithm={"name": "sft", "source": "demonstrations"}, eval_size=0))
+    buffer, _ = trainer.collect()
+    tokenizer = trainer.policy.tokenizer
+    for prompt, ids in zip(buffer.prompts, buffer.columns[DEMONSTRATION_IDS]):
+        digits = prompt.split()[1]
+        assert trainer.policy.decode(ids) == "".join(sorted(digits))
+        assert ids[len(digits):].eq(tokenizer.eos_token_id).all()
+    update = trainer.update(buffer)
+    assert update["rows_trained"] == len(buffer) and math.isfinite(update["loss"])

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dare_gym.config import ConfigError
-from dare_gym.user_code import (
+from dare_gym.core.config import ConfigError
+from dare_gym.train.user_code import (
     import_module,
     is_reference,
     jsonable,

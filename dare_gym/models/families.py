@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dare_gym.registries import Registry
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -46,6 +48,8 @@ class ModelFamily:
         auto_class: the ``transformers`` Auto class that returns the model with its LM head.
         tokenizer_class: a concrete tokenizer class to use where the folder's tokenizer config names remote
             code (Dream's ``DreamTokenizer`` is a Qwen2 BPE tokenizer); None: ``AutoTokenizer``.
+        noise: the corruption the model was trained to undo: ``mask`` (a [MASK] token: every family here so far),
+            or ``uniform`` (random tokens); algorithms whose estimators mask tokens refuse the others.
     """
 
     name: str
@@ -55,6 +59,7 @@ class ModelFamily:
     explicit_mask: bool = False
     auto_class: str = "AutoModelForMaskedLM"
     tokenizer_class: str | None = None
+    noise: str = "mask"
 
     # ------------------------------------------------------------------------------------ attention
     def block_size(self, config) -> int | None:
@@ -211,20 +216,17 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: Registry = Registry("model family")
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Add a family (a new dLLM architecture is one registration plus, if transformers lacks it, a model)."""
-    FAMILIES[family.name] = family
-    return family
+    """Add a family (a new dLLM architecture is one registration plus, if transformers lacks it, a model); a
+    family is a value, so it is registered by a call rather than a decorator."""
+    return FAMILIES.add(family.name, family)
 
 
 def get_family(name: str) -> ModelFamily:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+    return FAMILIES.lookup(name)
 
 
 def describe_families() -> str:

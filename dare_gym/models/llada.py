@@ -271,8 +271,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         x = transformer.ln_f(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        head = transformer.wte.weight if config.weight_tying else transformer.ff_out.weight
-        return CausalLMOutputWithPast(logits=F.linear(x, head), cache=cache)
+        # the untied head is called as a module, so hooks on it (PPO's value model reads its input) see the states
+        logits = F.linear(x, transformer.wte.weight) if config.weight_tying else transformer.ff_out(x)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
 
 
 def _default_positions(attention_mask, length: int, past: int, device) -> torch.Tensor:

@@ -219,7 +219,7 @@ class TinyDLLMForMaskedLM(TinyDLLMPreTrainedModel):
         loss = None
         if labels is not None:
             # Plain masked-token cross-entropy (labels = -100 elsewhere); the diffusion ELBO with its
-            # 1/t weights lives in dare_gym.losses, where the noise level is known.
+            # 1/t weights lives in dare_gym.core.losses, where the noise level is known.
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return MaskedLMOutput(loss=loss, logits=logits)
 

@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.registries import Registry
+
+from dare_gym.core.device import uniform
 
 
 @dataclass
@@ -56,8 +58,9 @@ class SamplerOptions:
     temperature: float = 0.0
     """sampling temperature of each prediction (Gumbel-max in float64); 0 is greedy"""
     tempered_confidence: bool = False
-    """with record_predictions, record each guess's probability under softmax(logits / temperature), the
-    distribution it is drawn from (MDPO's weight), instead of the sampler's own confidence; remasking is unchanged"""
+    """confidences under softmax(logits / temperature), the distribution each guess is drawn from, instead of
+    softmax(logits): the low-confidence rule commits by them and record_predictions records them (MDPO's
+    official sampler); greedy (temperature 0) is unchanged"""
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
@@ -79,21 +82,35 @@ class Sampler:
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
         raise NotImplementedError
 
+    def data_dependent_steps(self, options) -> str | None:
+        """Why the number of forwards this sampler makes depends on the data (a confidence threshold, an early
+        exit), in words that say which options to change, or None when it is fixed by the options: a sharded
+        (FSDP) run needs every rank to make the same number."""
+        return None
 
-SAMPLERS: dict[str, Sampler] = {}
+    def left_to_right(self, policy, gen_length: int) -> dict[str, Any]:
+        """The options that make this sampler decode one token per step, left to right (JustGRPO's rollouts,
+        whose exact likelihood is the autoregressive one); a sampler that cannot says why."""
+        raise ValueError(f"sampler {self.name!r} cannot decode left to right, one token per step")
 
 
-def register_sampler(cls: type) -> type:
-    """Class decorator: ``@register_sampler`` on a :class:`Sampler` subclass with a ``name``."""
-    SAMPLERS[cls.name] = cls()
-    return cls
+SAMPLERS: Registry = Registry("sampler")
+
+
+def register_sampler(name: str):
+    """Class decorator: ``@register_sampler("llada")`` on a :class:`Sampler` subclass (one instance serves every
+    call: a sampler keeps no state between calls)."""
+
+    def add(cls: type) -> type:
+        cls.name = name
+        SAMPLERS.add(name, cls())
+        return cls
+
+    return add
 
 
 def get_sampler(name: str) -> Sampler:
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; registered samplers: {', '.join(sorted(SAMPLERS))}") from None
+    return SAMPLERS.lookup(name)
 
 
 def make_options(name: str, values: dict[str, Any]):

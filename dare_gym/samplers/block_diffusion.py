@@ -7,10 +7,15 @@ completion tokens (its prompt tokens stay fixed). Under block-causal attention a
 comes after it, so its keys/values are cached exactly, once: every forward feeds only the columns after the
 cache, and the cache then keeps the columns whose blocks were complete when that forward ran.
 
-Inside a block, each of ``steps_per_block`` steps samples every masked token (temperature, top-k, top-p) and
-commits by ``remasking_strategy``: ``low_confidence_static`` (the scheduled n_s most confident), ``low_confidence_dynamic``
-(every token with confidence > τ when there are at least n_s of them, else the n_s most confident),
-``sequential`` (left to right). The schedule spreads the block's masked tokens evenly over its steps.
+Inside a block, each of ``steps_per_block`` steps samples every masked token from its logits divided by the
+temperature, then top-k, then top-p filtered (SDAR's order: the nucleus is taken on the tempered distribution),
+and commits by ``remasking_strategy``: ``low_confidence_static`` (the scheduled n_s most confident),
+``low_confidence_dynamic`` (every token with confidence > τ when there are at least n_s of them, else the n_s
+most confident), ``sequential`` (left to right) or ``entropy_bounded`` (SDAR's "eb" sampler: the masked tokens
+in order of increasing entropy of their sampling distribution, as many as keep the running sum of entropies
+below ``eb_threshold``, at least one). The schedule is SDAR's ``get_num_transfer_tokens(block_length, steps)``:
+the block size spread evenly over the block's steps, remainder first, whatever the block still has masked (the
+prompt's partial block included); a step never commits more than its block has masked.
 
 Rows of a batch are laid out so that their block grids share column boundaries (:func:`block_aligned_layout`)
 and decode block-synchronously: each row works on its k-th completion block; a row that finishes early waits.
@@ -36,7 +41,7 @@ from dare_gym.samplers.base import (
 )
 from dare_gym.samplers.fast_dllm import keep_cache_positions
 
-BLOCK_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential")
+BLOCK_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded")
 
 
 @dataclass
@@ -44,10 +49,11 @@ class BlockDiffusionOptions(SamplerOptions):
     steps_per_block: int = 4
     """denoising steps per block (SDAR's denoising_steps; its evaluations use block 4 with 4 steps)"""
     remasking_strategy: str = "low_confidence_dynamic"
-    """low_confidence_static | low_confidence_dynamic | sequential (SDAR's name for it)"""
-    threshold: float | None = 0.9
-    """the dynamic rule's confidence threshold τ (null with the static and sequential rules: a fixed number of
-    forwards, which strategy fsdp needs)"""
+    """low_confidence_static | low_confidence_dynamic | sequential | entropy_bounded (SDAR's names)"""
+    threshold: float = 0.9
+    """the dynamic rule's confidence threshold τ"""
+    eb_threshold: float = 0.35
+    """the entropy_bounded rule's bound γ on the summed entropy of one step's commits (SDAR's default 0.35)"""
     top_k: int = 0
     """sample among the k most probable tokens (0: all)"""
     top_p: float = 1.0
@@ -61,12 +67,10 @@ class BlockDiffusionOptions(SamplerOptions):
             raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
         if self.remasking_strategy not in BLOCK_REMASKING:
             raise ValueError(f"remasking_strategy must be one of {BLOCK_REMASKING}, got {self.remasking_strategy!r}")
-        if self.threshold is None:
-            if self.remasking_strategy == "low_confidence_dynamic":
-                raise ValueError("threshold must be in (0, 1] for remasking_strategy low_confidence_dynamic, got None")
-        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or \
-                not 0 < self.threshold <= 1:
+        if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if not (isinstance(self.eb_threshold, (int, float)) and self.eb_threshold > 0):
+            raise ValueError(f"eb_threshold must be a number > 0, got {self.eb_threshold!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -86,8 +90,24 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def commit_by_rule(rule: str, confidence: torch.Tensor, scheduled: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B, C] the positions a step commits; candidates have finite confidence, columns run left to right."""
+def entropy_bounded(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """[B, C] SDAR's entropy-bounded commit: per row, the candidates (finite ``entropy``) in order of increasing
+    entropy, as many as keep the running sum strictly below ``bound``, and at least one."""
+    ordered, order = entropy.sort(dim=-1)
+    finite = torch.isfinite(ordered)
+    running = torch.where(finite, ordered, torch.zeros_like(ordered)).cumsum(dim=-1)
+    take = finite & (running < bound)
+    take[:, 0] |= finite[:, 0]  # the lowest-entropy candidate always
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
+def commit_by_rule(rule: str, confidence: torch.Tensor, scheduled: torch.Tensor, threshold: float,
+                   entropy: torch.Tensor | None = None, eb_threshold: float = 0.35) -> torch.Tensor:
+    """[B, C] the positions a step commits; candidates have finite confidence, columns run left to right.
+    ``scheduled`` counts are capped by each row's number of candidates."""
+    scheduled = torch.minimum(scheduled, torch.isfinite(confidence).sum(dim=1))
+    if rule == "entropy_bounded":
+        return entropy_bounded(entropy.masked_fill(~torch.isfinite(confidence), float("inf")), eb_threshold)
     if rule == "low_confidence_static":
         return top_n(confidence, scheduled)
     if rule == "sequential":
@@ -168,7 +188,7 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
         current = first_block + k
         in_block = (block_id == current[:, None]) & (current <= last_block)[:, None]  # [B, T]
         window_end = int(torch.where(in_block, column[None, :] + 1, 0).max())
-        schedule = tokens_per_step(((x == mask_id) & in_block).sum(dim=1), options.steps_per_block)
+        schedule = tokens_per_step(torch.full((batch,), block, device=device), options.steps_per_block)
         for step in range(options.steps_per_block):
             masked = (x == mask_id) & in_block
             if not bool(masked.any()):
@@ -180,18 +200,22 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
             keep_cache_positions(cache, torch.arange(cached, device=device))
             columns = masked.any(dim=0).nonzero().squeeze(1)
             step_logits = logits[:, columns - first_fed].double()
-            # A committed mask token would leave a finished block masked under a cache that never revisits it.
-            sampling_logits = filter_logits(step_logits.index_fill(-1, torch.tensor([mask_id], device=device),
-                                                                   float("-inf")), options.top_k, options.top_p)
-            if options.temperature > 0:
-                sampling_logits = sampling_logits / options.temperature
+            # SDAR's order: temperature, then top-k, then top-p on the tempered distribution. A committed mask
+            # token would leave a finished block masked under a cache that never revisits it: it is never drawn.
+            tempered = step_logits / options.temperature if options.temperature > 0 else step_logits
+            sampling_logits = filter_logits(tempered.index_fill(-1, torch.tensor([mask_id], device=device),
+                                                                float("-inf")), options.top_k, options.top_p)
             predicted = gumbel_max_sample(sampling_logits, 1.0 if options.temperature > 0 else 0.0, generator)
-            probability = torch.softmax(sampling_logits, dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
+            sampling_logp = torch.log_softmax(sampling_logits, dim=-1)
+            probability = sampling_logp.gather(-1, predicted[..., None]).squeeze(-1).exp()
             logp = (step_logits.gather(-1, predicted[..., None]).squeeze(-1) - torch.logsumexp(step_logits, -1)).float()
             candidates = masked[:, columns]
             confidence = probability.masked_fill(~candidates, float("-inf"))
-            chosen = commit_by_rule(options.remasking_strategy, confidence, schedule[:, step],
-                                    options.threshold) & candidates
+            entropy = None
+            if options.remasking_strategy == "entropy_bounded":
+                entropy = -(sampling_logp.exp() * sampling_logp.nan_to_num(neginf=0.0)).sum(dim=-1)
+            chosen = commit_by_rule(options.remasking_strategy, confidence, schedule[:, step], options.threshold,
+                                    entropy, options.eb_threshold) & candidates
             if record_predictions:
                 # candidates' probabilities are already tempered; guesses follow the option
                 scale = options.temperature if options.tempered_confidence and options.temperature > 0 else 1.0
@@ -215,12 +239,21 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     return finish()
 
 
-@register_sampler
+@register_sampler("block_diffusion")
 class BlockDiffusionSampler(Sampler):
     """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
 
-    name = "block_diffusion"
     options_class = BlockDiffusionOptions
+
+    def data_dependent_steps(self, options) -> str | None:
+        if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:
+            return "decides how many tokens a step commits, or when to stop, from the data: set options " \
+                   "{remasking_strategy: low_confidence_static, early_exit: false}"
+        return None
+
+    def left_to_right(self, policy, gen_length: int) -> dict:
+        # one token per step of each block (SDAR's schedule: block size / steps), the leftmost masked first
+        return {"steps_per_block": policy.block_size, "remasking_strategy": "sequential"}
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: BlockDiffusionOptions, *, generator=None,
                  record_predictions=False) -> SamplerOutput:
@@ -232,4 +265,4 @@ class BlockDiffusionSampler(Sampler):
 
 
 __all__ = ["BlockDiffusionOptions", "BlockDiffusionSampler", "BLOCK_REMASKING", "decode_blocks_exactly",
-           "filter_logits", "commit_by_rule"]
+           "filter_logits", "commit_by_rule", "entropy_bounded"]

@@ -152,12 +152,20 @@ class DualCache:
 FORWARDS = {"none": FullForward, "prefix": PrefixCache, "dual": DualCache}
 
 
-@register_sampler
+@register_sampler("fast_dllm")
 class FastDLLMSampler(Sampler):
     """LLaDA's block loop with Fast-dLLM's caches, parallel commit rules and early exit."""
 
-    name = "fast_dllm"
     options_class = FastDLLMOptions
+
+    def data_dependent_steps(self, options) -> str | None:
+        if options.threshold is not None or options.factor is not None or options.early_exit:
+            return "decides how many tokens a step commits, or when to stop, from the data: set options " \
+                   "{threshold: null, factor: null, early_exit: false}"
+        return None
+
+    def left_to_right(self, policy, gen_length: int) -> dict:
+        return {"block_length": 1, "steps": gen_length}  # one-token blocks: the threshold cannot commit more
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: FastDLLMOptions, *, generator=None,
                  record_predictions=False) -> SamplerOutput:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare_gym.device import uniform
+from dare_gym.core.device import uniform
 from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
@@ -137,8 +137,9 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
     positions a step commits from their confidences (:class:`ScheduledCommit`, or a threshold rule, which
     decodes a block in as many steps as it needs); ``early_exit`` stops once every row has committed a stop
-    token with nothing masked before it. ``tempered_confidence`` records (with ``record_predictions``) each
-    guess's probability under softmax(logits / temperature) instead of LLaDA's softmax(logits) confidence.
+    token with nothing masked before it. ``tempered_confidence`` takes each guess's probability under
+    softmax(logits / temperature) instead of LLaDA's softmax(logits) as its confidence, both to commit and to
+    record (MDPO's sampler).
     """
     forward = forward or FullForward()
     commit = commit or ScheduledCommit()
@@ -176,15 +177,15 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
             columns = needed[needed >= first]
             masked = masked[:, columns]
             predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
+            confidence_temperature = temperature if tempered_confidence else 0.0
+            if confidence_temperature > 0:  # MDPO: commit and record by the distribution the guess was drawn from
+                probability = tempered_probability(logits[:, columns - first], predicted, confidence_temperature)
             priority = commit_priority(predicted, probability, masked, remasking, generator)
             chosen = commit(priority, schedule[:, min(step, steps_per_block - 1)]) & masked
             if record_predictions:
-                recorded_temperature = temperature if tempered_confidence else 0.0
-                update_guess(guess, guess_confidence, logits, first, prompt_length, recorded_temperature)
-                recorded = probability if recorded_temperature == 0 else \
-                    tempered_probability(logits[:, columns - first], predicted, recorded_temperature)
-                record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, recorded,
-                        masked, prompt_length, mask_id)
+                update_guess(guess, guess_confidence, logits, first, prompt_length, confidence_temperature)
+                record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, probability,
+                            masked, prompt_length, mask_id)
             write_commits(x, unmask_step, commit_logp, columns, chosen, predicted, logp, prompt_length, calls - 1)
             if early_exit and bool(first_stop_done(x[:, prompt_length:], mask_id, stop_ids).all()):
                 fill_after_stop(x[:, prompt_length:], unmask_step, mask_id, int(stop_ids[0]), calls - 1)
@@ -237,12 +238,14 @@ def continue_denoising(policy, x: torch.Tensor, attention_mask: torch.Tensor, pr
     return calls
 
 
-@register_sampler
+@register_sampler("llada")
 class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
 
-    name = "llada"
     options_class = LLaDAOptions
+
+    def left_to_right(self, policy, gen_length: int) -> dict:
+        return {"block_length": 1, "steps": gen_length}  # blocks of one token: each step commits the next
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: LLaDAOptions, *, generator=None,
                  record_predictions=False) -> SamplerOutput:
