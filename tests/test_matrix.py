@@ -117,7 +117,7 @@ def test_a_family_an_algorithm_cannot_train_is_refused_before_loading(tmp_path, 
                 and "uniform_test models are trained to undo uniform noise" in printed), printed
     assert not (tmp_path / "run").exists()
     table = support_table(["d1"])
-    assert "| `d1` | ✓ | ✓ | ✓ | ✓ | ✗ (1) |" in table and "(1) d1 estimates likelihoods" in table
+    assert "| `d1` | ✓ | ✓ | ✓ | ✓ | ✓ | ✗ (1) |" in table and "(1) d1 estimates likelihoods" in table
 
 
 def test_the_readme_table_is_the_one_the_registries_give():
