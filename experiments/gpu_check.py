@@ -12,6 +12,10 @@
 4. One d1 update of the 8B-shaped model (8 rows, prompt 64, gen 256): time and peak memory with LoRA (r = 8)
    and with full fine-tuning plus gradient checkpointing (β = 0, so no reference copy); where it does not fit the
    card, where it ran out.
+5. LLaDA2 (MoE, block diffusion) at LLaDA2.0-mini's width, random, with ``--llada2-layers`` decoder layers (20: the
+   whole 16B model, 32.5 GB in bf16): the ``block_diffusion`` sampler's speed (prompt 64, gen 256, blocks of 32,
+   32 steps a block, batch 8), and one EBPO update under LoRA (r = 8) with gradient checkpointing (4 rows): time,
+   peak memory, and the peak that ``experiments/llada2_memory.py`` counts for it from the config.
 
 Every part records its error and the check goes on, so one failure loses nothing else. Results: ``gpu_check.json``
 and ``gpu_check.md`` (a Markdown table naming the card).
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from update_probe import one_update, parameter_count, random_llada  # noqa: E402
+from update_probe import one_update, parameter_count, random_llada, random_llada2  # noqa: E402
 
 import dare_gym  # noqa: E402
 from dare_gym.core.device import resolve_device  # noqa: E402
@@ -157,6 +161,68 @@ def update_memory(device: torch.device, shape: str, schedule: dict) -> dict:
     return {"shape": shape, **schedule, "settings": results}
 
 
+def llada2_sampler(device: torch.device, shape: str, layers: int, batch: int, schedule: dict) -> dict:
+    """block_diffusion on a random LLaDA2 model: the exact cache of finished blocks, one token a step (static) and
+    the model card's threshold 0.95 (dynamic; a random model is rarely that confident, so it mostly falls back)."""
+    policy = random_llada2(shape, layers, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randint(0, 100_000, (batch, schedule["prompt_length"]), device=device, generator=generator)
+    rows = []
+    for label, extra in {"static, 1 token a step": {"remasking_strategy": "low_confidence_static"},
+                         "dynamic, threshold 0.95": {"remasking_strategy": "low_confidence_dynamic", "threshold": 0.95}
+                         }.items():
+        options = make_options("block_diffusion", {"gen_length": schedule["gen_length"], "temperature": 0.0,
+                                                   "steps_per_block": schedule["block_length"], "early_exit": False,
+                                                   **extra})
+        synchronize(device)
+        started = time.perf_counter()
+        out = get_sampler("block_diffusion")(policy, prompt, torch.ones_like(prompt), options, generator=generator)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        rows.append({"batch": batch, "rule": label, "seconds": round(seconds, 3), "model_calls": out.model_calls,
+                     "tokens_per_s": round(batch * schedule["gen_length"] / seconds, 1),
+                     "tokens_processed": out.tokens_processed})
+    result = {"shape": shape, "layers": layers, "parameters": parameter_count(policy), "block_size": policy.block_size,
+              "rows": rows, **schedule}
+    del policy
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def llada2_update(device: torch.device, shape: str, layers: int, schedule: dict) -> dict:
+    """One EBPO update (mc_num 2) of a random LLaDA2 model under LoRA r = 8 with gradient checkpointing, and the
+    peak the paper count gives for it (weights + adapters and their states + one doubled forward's activations)."""
+    from llada2_memory import Shape, activation_bytes, parameter_counts  # noqa: E402
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = random_llada2(shape, layers, device=device, dtype=dtype)
+    config = policy.model.config.to_dict()
+    try:
+        result = one_update(policy, algorithm="ebpo", rows=schedule["rows"], prompt_length=schedule["prompt_length"],
+                            gen_length=schedule["gen_length"], group_size=schedule["rows"],
+                            micro_batch_size=schedule["rows"], lora=LoraSettings(r=8, alpha=16),
+                            gradient_checkpointing=True, options={"mc_num": 2})
+    except torch.cuda.OutOfMemoryError as error:
+        return {"out_of_memory": str(error).splitlines()[0][:300]}
+    s = Shape.from_config(config)
+    counts = parameter_counts(s)
+    a = 2 if dtype == torch.bfloat16 else 4
+    adapters = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
+    weights = a * (counts["total"] - counts["parts"]["routers"]) + 4 * counts["parts"]["routers"] + 16 * adapters
+    activations = activation_bytes(s, rows=schedule["rows"], prompt=schedule["prompt_length"],
+                                   gen=schedule["gen_length"], a=a, checkpointing=True)["peak"]
+    out = {"shape": shape, "layers": layers, "parameters": counts["total"], "seconds": round(result["seconds"], 2),
+           "loss": result["loss"], "counted_peak_gib": round((weights + activations) / 2**30, 2), **schedule}
+    if device.type == "cuda":
+        out["peak_gib"] = round(result["peak_bytes"] / 2**30, 2)
+    del policy
+    return out
+
+
 def markdown(results: dict) -> str:
     lines = [f"# GPU check on {results['card']}", "", f"torch {results['torch']}, {results['date']}", ""]
     parity, training = results.get("tiny parity", {}), results.get("tiny training", {})
@@ -187,6 +253,25 @@ def markdown(results: dict) -> str:
             lines.append(f"| {label} | {row['seconds']} | {row['peak_gib']} |")
     if "error" in update:
         lines.append(f"error: {update['error']}")
+    speed = next((v for k, v in results.items() if k.startswith("llada2 sampler")), None)
+    if speed is not None:
+        lines += ["", "## LLaDA2 (MoE)", ""]
+        if "rows" in speed:
+            lines += [f"block_diffusion, {speed['layers']} layers of the {speed['shape']} shape ({speed['parameters'] / 1e9:.2f}B "
+                      f"parameters), prompt {speed['prompt_length']}, gen {speed['gen_length']}, blocks of "
+                      f"{speed['block_size']}", "", "| batch | rule | model calls | tokens/s | s |", "|---|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['rule']} | {r['model_calls']} | {r['tokens_per_s']} | {r['seconds']} |"
+                      for r in speed["rows"]]
+        else:
+            lines.append(f"sampler: {speed.get('error')}")
+    moe = next((v for k, v in results.items() if k.startswith("llada2 update")), None)
+    if moe is not None:
+        lines.append("")
+        if "seconds" in moe and "loss" in moe:
+            lines.append(f"One EBPO update under LoRA (r = 8, checkpointing, {moe['rows']} rows): {moe['seconds']} s, "
+                         f"peak {moe.get('peak_gib', 'n/a')} GiB (counted from the config: {moe['counted_peak_gib']} GiB)")
+        else:
+            lines.append(f"EBPO update: {moe.get('error') or moe.get('out_of_memory')}")
     return "\n".join(lines) + "\n"
 
 
@@ -196,18 +281,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and sizes: the CPU test of this script")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "gpu_check")
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip (e.g. 'sampler speed 8b')")
+    parser.add_argument("--llada2-layers", type=int, default=20,
+                        help="decoder layers of the LLaDA2.0-mini-wide random model (20: the whole model)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     schedule = dict(prompt_length=64, gen_length=256, block_length=32, steps=256)
     speed_shapes, update_shape, batches, update_rows = ("1.3b", "8b"), "8b", [8, 32], 8
+    moe_shape, moe_layers, moe_batch, moe_schedule = "mini", args.llada2_layers, 8, dict(
+        prompt_length=64, gen_length=256, block_length=32)
     if args.quick:
         schedule = dict(prompt_length=8, gen_length=16, block_length=8, steps=16)
         speed_shapes, update_shape, batches, update_rows = ("test",), "test", [2], 4
+        moe_shape, moe_layers, moe_batch, moe_schedule = "test", 3, 2, dict(prompt_length=8, gen_length=16,
+                                                                            block_length=32)
     results = {"card": card_name(device), "device": str(device), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick}
     plan = [("tiny parity", tiny_parity, device, args.quick), ("tiny training", tiny_training, device, args.quick)]
     plan += [(f"sampler speed {shape}", sampler_speed, device, shape, batches, schedule) for shape in speed_shapes]
     plan.append((f"d1 update {update_shape}", update_memory, device, update_shape, dict(schedule, rows=update_rows)))
+    plan.append((f"llada2 sampler {moe_shape}", llada2_sampler, device, moe_shape, moe_layers, moe_batch, moe_schedule))
+    plan.append((f"llada2 update {moe_shape}", llada2_update, device, moe_shape, moe_layers,
+                 dict(rows=4 if not args.quick else 2, prompt_length=moe_schedule["prompt_length"],
+                      gen_length=moe_schedule["gen_length"])))
     for name, function, *arguments in plan:
         if name not in args.skip:
             part(results, name, function, *arguments)

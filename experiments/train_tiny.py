@@ -5,11 +5,15 @@ This is the script that produced the built-in checkpoints (``dare_gym.load_polic
     python experiments/train_tiny.py                        # tiny: digit sorting (the default task)
     python experiments/train_tiny.py --policy tiny-long     # tiny-long: group sorting, 67-token answers
     python experiments/train_tiny.py --policy tiny-block    # tiny-block: group sorting, block-causal (blocks of 4)
+    python experiments/train_tiny.py --policy tiny-moe      # tiny-moe: tiny-block's task on the LLaDA2 MoE architecture
 
 ``tiny`` stops on purpose while the model is only partly trained (held-out greedy accuracy around 40%), so that
 reinforcement learning from the checker has room to show a gain. ``tiny-long`` and ``tiny-block`` exist so that
 samplers' speed-versus-accuracy tables mean something on a CPU (``experiments/bench_rollout.py``): each trains
 for at most two minutes on 2 CPU cores, ``tiny-block`` with SDAR's block-diffusion objective (ALGORITHMS.md §B).
+``tiny-moe`` is the LLaDA2 architecture (:mod:`dare_gym.models.llada2`: a dense first layer, then MoE layers of 8
+routed experts with a grouped float32 router and a shared expert) at the size of the others, trained like
+``tiny-block``, so that the algorithms learn on a block-causal mixture of experts in CI.
 Each folder's ``training.json`` records the settings, the time taken and the held-out score.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 import dare_gym
+from dare_gym.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeModelLM
 from dare_gym.train.evaluation import evaluate
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM, count_parameters
 from dare_gym.models.tokenizer import build_char_tokenizer
@@ -42,7 +47,28 @@ PRESETS = {
                       generation=LONG_GENERATION),
     "tiny-block": dict(env="groupsort-v0", steps=540, batch_size=16, lr=2e-3, eval_size=200, block_size=4,
                        generation=BLOCK_GENERATION),
+    "tiny-moe": dict(env="groupsort-v0", steps=540, batch_size=16, lr=2e-3, eval_size=200, block_size=4,
+                     generation=BLOCK_GENERATION, architecture="llada2"),
 }
+# tiny-moe's LLaDA2 shape: a dense first layer, then MoE layers of 8 experts in 2 groups (the better group's
+# experts are candidates, 2 chosen per token) plus one shared expert. Heads of 64 with half of them rotary, as
+# LLaDA2 does, at θ = 10,000: 32 rotary dimensions a head, as tiny-block's heads have. With 16 rotary dimensions
+# (heads of 32) at LLaDA2's θ = 600,000 this task's position-exact copying learnt at half the speed: block SFT
+# loss 1.47 against tiny-block's 0.63 after 200 steps.
+MOE_SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                 moe_intermediate_size=128, num_experts=8, num_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                 topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                 partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=256)
+
+
+def build_moe_policy(seed: int, layers: int, *, block_size: int, generation: dict) -> DiffusionPolicy:
+    """A random LLaDA2-architecture policy (:data:`MOE_SHAPE`) with the character tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    config = LLaDA2MoeConfig(vocab_size=len(tokenizer), num_hidden_layers=layers, block_size=block_size,
+                             mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **MOE_SHAPE)
+    return DiffusionPolicy(LLaDA2MoeModelLM(config), tokenizer, family="llada2", generation_defaults=dict(generation))
 
 
 def build_policy(seed: int, hidden_size: int, layers: int, heads: int, *, block_size: int | None = None,
@@ -86,8 +112,11 @@ def main() -> None:
     args.output = args.output or BUILTIN_POLICIES[args.policy]
     generation = preset["generation"]
 
-    policy = build_policy(args.seed, args.hidden_size, args.layers, args.heads, block_size=preset["block_size"],
-                          generation=generation)
+    if preset.get("architecture") == "llada2":
+        policy = build_moe_policy(args.seed, args.layers, block_size=preset["block_size"], generation=generation)
+    else:
+        policy = build_policy(args.seed, args.hidden_size, args.layers, args.heads, block_size=preset["block_size"],
+                              generation=generation)
     print(f"{args.policy}: {count_parameters(policy.model):,} parameters, block size {preset['block_size']}")
     train_env = dare_gym.make(args.env, split="train")
     test_env = dare_gym.make(args.env, split="test")
@@ -105,6 +134,8 @@ def main() -> None:
     (args.output / "training.json").write_text(
         json.dumps(
             dict(vars(args), output=str(args.output), block_size=preset["block_size"], generation=generation,
+                 architecture=preset.get("architecture", "tiny"),
+                 **({"moe_shape": MOE_SHAPE} if preset.get("architecture") == "llada2" else {}),
                  seconds=round(seconds, 1), parameters=count_parameters(policy.model),
                  heldout_accuracy=result.accuracy, heldout_mean_reward=result.mean_reward),
             indent=2,

@@ -29,15 +29,44 @@ SHAPES = {  # d_model, heads, layers, MLP width of LLaDA's "llama" block
 }
 
 
-def synthetic_tokenizer(vocab_size: int = LLADA_VOCAB):
-    """A tokenizer with one token per id (``<i>``), EOS/pad and mask at LLaDA's ids."""
+LLADA2_VOCAB, LLADA2_MASK, LLADA2_EOS = 157184, 156895, 156892
+LLADA2_SHAPES = {  # LLaDA2.0-mini's width (config.json) with a number of layers; "test" for CPU tests
+    "mini": dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=4, head_dim=128, intermediate_size=5120,
+                 moe_intermediate_size=512, num_experts=256, num_shared_experts=1, num_experts_per_tok=8, n_group=8,
+                 topk_group=4, vocab_size=LLADA2_VOCAB),
+    "test": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                 moe_intermediate_size=16, num_experts=16, num_shared_experts=1, num_experts_per_tok=4, n_group=4,
+                 topk_group=2, vocab_size=LLADA2_VOCAB),
+}
+
+
+def synthetic_tokenizer(vocab_size: int = LLADA_VOCAB, *, eos: int = LLADA_EOS, mask: int = LLADA_MASK):
+    """A tokenizer with one token per id (``<i>``), EOS/pad and mask at LLaDA's ids (or those given)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<{i}>": i for i in range(vocab_size)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=f"<{LLADA_EOS}>", pad_token=f"<{LLADA_EOS}>",
-                                   mask_token=f"<{LLADA_MASK}>", unk_token="<0>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=f"<{eos}>", pad_token=f"<{eos}>",
+                                   mask_token=f"<{mask}>", unk_token="<0>")
+
+
+def random_llada2(shape: str, layers: int, *, device: str | torch.device, dtype: torch.dtype,
+                  seed: int = 0) -> DiffusionPolicy:
+    """A random LLaDA2-architecture policy (:data:`LLADA2_SHAPES`, ``layers`` decoder layers: the first dense, the
+    rest MoE), built on ``device`` in ``dtype`` with float32 routers, as a checkpoint loads."""
+    from dare_gym.models.llada2 import LLaDA2MoeConfig, LLaDA2MoeGate, LLaDA2MoeModelLM
+
+    config = LLaDA2MoeConfig(**LLADA2_SHAPES[shape], num_hidden_layers=layers, pad_token_id=LLADA2_EOS,
+                             eos_token_id=LLADA2_EOS, mask_token_id=LLADA2_MASK)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LLaDA2MoeModelLM._from_config(config, dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, LLaDA2MoeGate):
+            module.float()
+    tokenizer = synthetic_tokenizer(LLADA2_VOCAB, eos=LLADA2_EOS, mask=LLADA2_MASK)
+    return DiffusionPolicy(model.eval(), tokenizer, family="llada2")
 
 
 def random_llada(shape: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> DiffusionPolicy:
@@ -148,4 +177,5 @@ def one_update(policy, *, algorithm: str = "d1", rows: int = 8, prompt_length: i
             "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "rows": len(buffer)}
 
 
-__all__ = ["SHAPES", "random_llada", "synthetic_rollouts", "one_update", "peak_memory_bytes", "parameter_count"]
+__all__ = ["SHAPES", "LLADA2_SHAPES", "random_llada", "random_llada2", "synthetic_rollouts", "one_update",
+           "peak_memory_bytes", "parameter_count"]

@@ -55,7 +55,7 @@ def test_train_help_lists_every_config_field_with_its_doc():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--policy", "/no/such/policy"], "--policy: no policy folder '/no/such/policy' (give a built-in policy (tiny, tiny-long, tiny-block, tiny-gemma), a checkpoint"),
+    (["--policy", "/no/such/policy"], "--policy: no policy folder '/no/such/policy' (give a built-in policy (tiny, tiny-long, tiny-block, tiny-gemma, tiny-moe), a checkpoint"),
     (["--policy", "experiments/no_such_policy"], "--policy: no policy folder 'experiments/no_such_policy'"),
     (["--policy", "tinyy"], "--policy: no policy folder 'tinyy'"),
     (["--env", "sudoku-v9"], "--env: unknown env 'sudoku-v9'; registered: countdown-v0, digitsort-v0"),

@@ -265,11 +265,6 @@ def test_real_checkpoint_files_load_with_every_weight_used(families_dir, tmp_pat
     assert out[0].completion_ids.shape == (8,)
 
 
-def test_llada2_is_refused_with_the_known_families(families_dir):
-    with pytest.raises(ValueError, match="llada2_moe.*Known families"):
-        dare_gym.load_policy(families_dir / "LLaDA2.0-mini")
-
-
 def test_dare_gym_train_starts_on_a_checkpoint_folder_in_bfloat16(families_dir, tmp_path):
     """What a new user types: `dare-gym train policy=<folder> device=auto dtype=bfloat16`, here on an SDAR
     stand-in built from the real files (block-causal: the block_diffusion sampler by default)."""

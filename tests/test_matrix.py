@@ -3,9 +3,10 @@ defaults: one training step each, or a refusal up front with the reason; and the
 registries give.
 
 The stand-ins: the built-in ``tiny`` (full attention) and ``tiny-block`` (block-causal, blocks of 4), LLaDA,
-Dream and SDAR in their real formats at tiny sizes (``build_standin``), and DiffusionGemma (uniform noise) written
-through transformers' config classes, rolled out with 2 denoising steps per canvas so that its trajectory
-replays stay within seconds; algorithms that cannot train it are refused with their reason. The env is digit sorting with a reward
+Dream, SDAR and LLaDA2 (MoE, block-causal) in their real formats at tiny sizes (``build_standin``), and
+DiffusionGemma (uniform noise) written through transformers' config classes, rolled out with 2 denoising steps per
+canvas so that its trajectory replays stay within seconds; algorithms that cannot train it are refused with their
+reason. The env is digit sorting with a reward
 that varies with the completion's characters (the parity of their codes; ``correct`` where it is 1), so that even a random
 stand-in's groups carry a learning signal for every algorithm.
 """
@@ -54,7 +55,7 @@ register_env("matrix-digitsort-v0", f"{__name__}:VariedDigitSort")
 '''
 FULL_ATTENTION = ["rollout.block_length=8", "rollout.steps=8"]
 STANDINS = {"tiny": ("tiny", FULL_ATTENTION), "tiny-block": ("tiny-block", []), "llada": (None, FULL_ATTENTION),
-            "dream": (None, FULL_ATTENTION), "sdar": (None, []),
+            "dream": (None, FULL_ATTENTION), "sdar": (None, []), "llada2": (None, []),
             "diffusion_gemma": (None, ["rollout.options={max_denoising_steps: 2}"])}
 
 
@@ -126,7 +127,7 @@ def test_a_family_an_algorithm_cannot_train_is_refused_before_loading(tmp_path, 
                 and "uniform_test models are trained to undo uniform noise" in printed), printed
     assert not (tmp_path / "run").exists()
     table = support_table(["spg", "d1"])
-    assert "| `spg` | ✓ | ✓ | ✓ | ✓ | ✗ (1) | ✗ (2) |" in table and "| `d1` | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in table
+    assert "| `spg` | ✓ | ✓ | ✓ | ✓ | ✓ | ✗ (1) | ✗ (2) |" in table and "| `d1` | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in table
     assert "(2) its likelihood estimators replace tokens with [MASK]" in table and "uniform_test models are" in table
 
 

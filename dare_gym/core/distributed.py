@@ -199,7 +199,9 @@ def wrap_ddp(policy, device: torch.device) -> None:
 def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype, family=None) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` every transformer block (the model's ``_no_split_modules``; or the ``family``'s own
     units, DiffusionGemma's encoder/decoder layer pairs, whose shared weights must be sharded in one unit) and the
-    root, with float32 sharded parameters, forwards in ``compute_dtype`` and float32 gradient reduction."""
+    root, with float32 sharded parameters, forwards in ``compute_dtype`` and float32 gradient reduction. Modules the
+    model keeps in float32 (``_keep_in_fp32_modules_strict``: LLaDA2's routers) are their own units computing in
+    float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if getattr(family, "fsdp_units", None) is not None:
@@ -216,6 +218,13 @@ def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype, family=None) 
         raise ValueError(f"fsdp needs the model's transformer block class (_no_split_modules) to shard by; "
                          f"{type(base).__name__} declares none")
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # Modules the model keeps in float32 whatever its dtype (LLaDA2's MoE router) get their own float32 unit, so
+    # FSDP's bf16 compute copy never rounds them (routing must not change between a rollout and an update).
+    keep = {pattern.rsplit(".", 1)[0] for pattern in getattr(base, "_keep_in_fp32_modules_strict", None) or []}
+    float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for name, module in model.named_modules():
+        if keep and any(name.endswith("." + suffix) for suffix in keep) and any(True for _ in module.parameters()):
+            fully_shard(module, mp_policy=float32)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     for block in blocks:
         fully_shard(block, mp_policy=policy)

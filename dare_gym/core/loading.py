@@ -32,12 +32,13 @@ def load_policy(
 ) -> DiffusionPolicy:
     """Load a dLLM policy by name or path.
 
-    ``"tiny"`` (digit sorting), ``"tiny-long"`` (group sorting, 67-token answers) and ``"tiny-block"`` (group
-    sorting, block-causal attention with blocks of 4, decoded by the ``block_diffusion`` sampler) are the
-    built-in CPU models trained by ``experiments/train_tiny.py``. Anything else is a local
-    folder (or a hub id) of a known family, detected from ``config.json``'s ``model_type`` — LLaDA / LLaDA-1.5
-    (``llada``), Dream (``Dream``), SDAR (``sdar``) — and loaded with this project's own classes (no remote
-    code); ``family=`` overrides the detection. A folder written by :meth:`DiffusionPolicy.save_pretrained`
+    ``"tiny"`` (digit sorting), ``"tiny-long"`` (group sorting, 67-token answers), ``"tiny-block"`` (group
+    sorting, block-causal attention with blocks of 4, decoded by the ``block_diffusion`` sampler) and
+    ``"tiny-moe"`` (tiny-block's task on the LLaDA2 MoE architecture) are the built-in CPU models trained by
+    ``experiments/train_tiny.py``. Anything else is a local folder (or a hub id) of a known family, detected
+    from ``config.json``'s ``model_type`` — LLaDA / LLaDA-1.5 (``llada``), Dream (``Dream``), SDAR (``sdar``),
+    LLaDA2.x (``llada2_moe``) — and loaded with this project's own classes (no remote code); ``family=``
+    overrides the detection. A folder written by :meth:`DiffusionPolicy.save_pretrained`
     also restores the family, mask id, stop ids and sampler defaults; an unmerged LoRA adapter folder loads
     its base plus the adapter.
 

@@ -40,8 +40,10 @@ class LoraSettings:
         dropout: dropout on the adapter's input, in [0, 1).
         target_modules: module names to adapt. ``None`` (default) = every Linear layer inside the repeated
             transformer blocks (for the tiny model ``qkv``, ``out``, ``gate_up``, ``down``; the LM head and
-            embeddings are left alone); ``"all-linear"`` = peft's every Linear layer but the output layer;
-            or a list of names, each matched against the end of a module's dotted path.
+            embeddings are left alone), or what the model declares as ``lora_default_target_modules`` (LLaDA2:
+            attention, dense and shared-expert MLPs, not the routed experts); ``"all-linear"`` = peft's every
+            Linear layer but the output layer (routed experts included); or a list of names, each matched
+            against the end of a module's dotted path.
         bias: which biases train: ``"none"``, ``"all"`` or ``"lora_only"``.
         merge_on_save: whether the final checkpoint is written merged (a plain model) or as an adapter.
     """
@@ -134,7 +136,8 @@ def resolve_target_modules(model: nn.Module, settings: LoraSettings, family=None
     if settings.target_modules is None:
         if getattr(family, "lora_targets", None) is not None:
             return family.lora_targets(model)
-        return block_linear_modules(model)
+        declared = getattr(model, "lora_default_target_modules", None)  # a model's own choice (MoE: no experts)
+        return declared if declared is not None else block_linear_modules(model)
     if settings.target_modules == ALL_LINEAR:
         return ALL_LINEAR
     names = [name for name, _ in model.named_modules() if name]

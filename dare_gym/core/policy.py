@@ -24,6 +24,7 @@ BUILTIN_POLICIES = {
     "tiny-long": MODELS / "tiny_long_checkpoint",  # group sorting: 67-token answers
     "tiny-block": MODELS / "tiny_block_checkpoint",  # group sorting, block-causal (4)
     "tiny-gemma": MODELS / "tiny_gemma_checkpoint",  # digit sorting, DiffusionGemma (uniform noise)
+    "tiny-moe": MODELS / "tiny_moe_checkpoint",  # tiny-block's task on the LLaDA2 MoE architecture
 }
 """Built-in CPU policies, each trained in under two minutes by ``experiments/train_tiny.py`` (``tiny-gemma``, a
 native DiffusionGemma: by ``experiments/train_tiny_gemma.py``)."""

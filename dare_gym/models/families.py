@@ -21,6 +21,7 @@ Samplers, estimators, PPO's value model and MDPO call :meth:`ModelFamily.forward
 | ``llada`` | ``llada`` | :mod:`dare_gym.models.llada` (own implementation, checkpoint names) | full | no |
 | ``dream`` | ``Dream`` | transformers' Qwen2 (:mod:`dare_gym.models.qwen_dllms`) | full | yes |
 | ``sdar`` | ``sdar`` | transformers' Qwen3 (:mod:`dare_gym.models.qwen_dllms`) | block-causal, ``block_size`` | no |
+| ``llada2`` | ``llada2_moe`` | :mod:`dare_gym.models.llada2` (own implementation, checkpoint names; MoE) | block-causal, ``block_size`` (32) | no |
 """
 
 from __future__ import annotations
@@ -272,3 +273,6 @@ register_family(ModelFamily("dream", ("Dream", "dream"), shift_logits=True, expl
                             auto_class="AutoModelForCausalLM", tokenizer_class="Qwen2Tokenizer"))
 register_family(ModelFamily("sdar", ("sdar",), block_size_key="block_size", explicit_mask=True,
                             auto_class="AutoModelForCausalLM", tokenizer_class="Qwen2Tokenizer"))
+# LLaDA2.x: its config class carries block_size (32 unless the folder's config.json says otherwise).
+register_family(ModelFamily("llada2", ("llada2_moe",), block_size_key="block_size", explicit_mask=True,
+                            auto_class="AutoModelForCausalLM"))

@@ -3,9 +3,11 @@
 A stand-in folder is what a loader of the real checkpoint sees, shrunk: the real ``config.json`` with its
 sizes cut down (every other key kept, ``auto_map`` included), random weights under exactly the names of the
 real weight index that the shrunk layer count keeps, and the real tokenizer files where the checkpoint ships
-them (Dream, SDAR). LLaDA's snapshot has no ``tokenizer.json``: its stand-in tokenizer maps characters to
-small ids and every added token of ``tokenizer_config.json`` (mask, EOS, EOT, chat headers) to its real id,
-with the real chat template, so special ids and prompt formatting behave as with the real one.
+them (Dream, SDAR). LLaDA's and LLaDA2's snapshots have no ``tokenizer.json``: their stand-in tokenizer maps
+characters to small ids and every added token of ``tokenizer_config.json`` (mask, EOS, EOT, chat headers) to its
+real id (LLaDA2's snapshot records no ids: :data:`SNAPSHOT_SPECIAL_IDS`), with the real chat template, so special
+ids and prompt formatting behave as with the real one. A mixture of experts keeps the experts its shrunk config
+counts (LLaDA2: 16 of 256).
 
 Without a real folder, :func:`build_standin` writes the project's own small config for the family (the
 family's real keys, a character tokenizer), which is what the always-run tests use.
@@ -35,6 +37,10 @@ SHRINK = {
                   num_key_value_heads=2, max_window_layers=2),
     "sdar": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, max_window_layers=2),
+    # one dense layer then two MoE layers; 16 experts in 4 groups of 4, the 2 best groups, 4 experts a token
+    "llada2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, rotary_dim=4, moe_intermediate_size=16, num_experts=16,
+                   n_group=4, topk_group=2, num_experts_per_tok=4, max_window_layers=3),
 }
 
 # The project's own small configs: the families' real keys, a character tokenizer (pad 0, bos 1, eos 2, mask 3).
@@ -53,6 +59,23 @@ SMALL_CONFIGS = {
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
                  max_position_embeddings=512, rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=False,
                  hidden_act="silu", attention_bias=False, block_size=4, use_sliding_window=False, **_CHAR_IDS),
+    "llada2": dict(model_type="llada2_moe", architectures=["LLaDA2MoeModelLM"], hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                   max_position_embeddings=512, rope_theta=600000, partial_rotary_factor=0.5, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False, hidden_act="silu", use_qkv_bias=False, use_bias=False, use_qk_norm=True,
+                   first_k_dense_replace=1, moe_intermediate_size=32, num_experts=8, num_shared_experts=1,
+                   num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                   score_function="sigmoid", router_dtype="fp32", moe_router_enable_expert_bias=True, block_size=4,
+                   **_CHAR_IDS),
+}
+
+# Special tokens of snapshots that record no ids for them (LLaDA2's has neither tokenizer.json nor
+# added_tokens_decoder). Real ids: <|endoftext|> (EOS = pad) is config.json's pad_token_id, <|mask|> the mask id of
+# upstream's generate() and reference/MODEL_FAMILIES.md §6. The others are the stand-in's own choice (unverified
+# against the real tokenizer): they make the chat template's markers single special tokens, as in a Ling tokenizer.
+SNAPSHOT_SPECIAL_IDS = {
+    "llada2": {"<|startoftext|>": 156891, "<|endoftext|>": 156892, "[CLS]": 156893, "[gMASK]": 156894,
+               "<|mask|>": 156895, "<|role_end|>": 156896, "<role>": 156897, "</role>": 156898},
 }
 
 
@@ -70,14 +93,19 @@ def shrink_config(config: dict, family: str) -> dict:
     return shrunk
 
 
-def kept_weight_names(index: dict, num_layers: int) -> set[str]:
-    """The names of a weight index that a model with ``num_layers`` layers keeps (layer numbers below it)."""
+def kept_weight_names(index: dict, num_layers: int, num_experts: int | None = None) -> set[str]:
+    """The names of a weight index that a model with ``num_layers`` layers keeps (layer numbers below it) and,
+    for a mixture of experts, ``num_experts`` routed experts (expert numbers below it)."""
+
+    def number_after(parts: list[str], keys: tuple[str, ...]) -> int | None:
+        return next((int(parts[i + 1]) for i, part in enumerate(parts[:-1])
+                     if part in keys and parts[i + 1].isdigit()), None)
+
     names = set()
     for name in index["weight_map"]:
         parts = name.split(".")
-        layer = next((int(parts[i + 1]) for i, part in enumerate(parts[:-1])
-                      if part in ("layers", "blocks") and parts[i + 1].isdigit()), None)
-        if layer is None or layer < num_layers:
+        layer, expert = number_after(parts, ("layers", "blocks")), number_after(parts, ("experts",))
+        if (layer is None or layer < num_layers) and (expert is None or num_experts is None or expert < num_experts):
             names.add(name)
     return names
 
@@ -109,7 +137,8 @@ def build_standin(family: str, folder: str | Path, *, source: str | Path | None 
         index_file = source / WEIGHT_INDEX
         expected = None
         if index_file.is_file():
-            expected = kept_weight_names(json.loads(index_file.read_text()), _num_layers(config))
+            expected = kept_weight_names(json.loads(index_file.read_text()), _num_layers(config),
+                                         config.get("num_experts"))
         if (source / "generation_config.json").is_file():
             shutil.copy(source / "generation_config.json", folder / "generation_config.json")
         tokenizer_source = Path(tokenizer_source) if tokenizer_source is not None else source
@@ -119,7 +148,7 @@ def build_standin(family: str, folder: str | Path, *, source: str | Path | None 
         if not any((tokenizer_source / name).is_file() for name in ("tokenizer.json", "vocab.json")):
             if not (tokenizer_source / "tokenizer_config.json").is_file():
                 raise FileNotFoundError(f"{tokenizer_source} has no tokenizer files; pass tokenizer_source=")
-            _tokenizer_from_config(tokenizer_source).save_pretrained(folder)
+            _tokenizer_from_config(tokenizer_source, SNAPSHOT_SPECIAL_IDS.get(model_family.name)).save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_random_weights(folder, model_family, expected, seed)
     return folder
@@ -152,9 +181,10 @@ def _char_tokenizer():
     return build_char_tokenizer(model_max_length=512)
 
 
-def _tokenizer_from_config(source: Path):
-    """A stand-in for a tokenizer whose vocabulary file is not in the snapshot (LLaDA): characters get small
-    ids, every added token of ``tokenizer_config.json`` its real id, and the real chat template is kept."""
+def _tokenizer_from_config(source: Path, special_ids: dict[str, int] | None = None):
+    """A stand-in for a tokenizer whose vocabulary file is not in the snapshot (LLaDA, LLaDA2): characters get small
+    ids, every added token of ``tokenizer_config.json`` its real id (``special_ids``: ids of special tokens the
+    snapshot does not record), and the real chat template is kept."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -162,6 +192,8 @@ def _tokenizer_from_config(source: Path):
 
     settings = json.loads((source / "tokenizer_config.json").read_text())
     added = {int(i): entry for i, entry in settings.get("added_tokens_decoder", {}).items()}
+    for content, token_id in (special_ids or {}).items():
+        added.setdefault(token_id, {"content": content, "special": True})
     vocab = {entry["content"]: i for i, entry in added.items()}
     for char in ["<unk>", *CHARACTERS]:
         vocab.setdefault(char, len([v for v in vocab.values() if v < 1000]))  # small ids, below every added one
@@ -170,11 +202,12 @@ def _tokenizer_from_config(source: Path):
     core.decoder = decoders.Fuse()
     core.add_special_tokens([AddedToken(e["content"], special=bool(e.get("special", True)), normalized=False)
                              for _, e in sorted(added.items())])
-    special = {key: settings[key] for key in ("bos_token", "eos_token", "pad_token") if isinstance(settings.get(key), str)}
+    special = {key: settings[key] for key in ("bos_token", "eos_token", "pad_token", "mask_token")
+               if isinstance(settings.get(key), str) and settings[key] in vocab}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", clean_up_tokenization_spaces=False,
                                         **special)
     tokenizer.chat_template = settings.get("chat_template")
     return tokenizer
 
 
-__all__ = ["SHRINK", "SMALL_CONFIGS", "build_standin", "kept_weight_names", "shrink_config"]
+__all__ = ["SHRINK", "SMALL_CONFIGS", "SNAPSHOT_SPECIAL_IDS", "build_standin", "kept_weight_names", "shrink_config"]

@@ -92,8 +92,8 @@ class TrainConfig:
     allow_eval_overlap: bool = False
     """train even where the training split shares records with the held-out set (refused by default)"""
     policy: str = "tiny"
-    """policy name or checkpoint folder (LLaDA, Dream, SDAR, DiffusionGemma checkpoints; built in: tiny, tiny-long,
-    tiny-block, tiny-gemma)"""
+    """policy name or checkpoint folder (LLaDA, Dream, SDAR, LLaDA2, DiffusionGemma checkpoints; built in: tiny,
+    tiny-long, tiny-block, tiny-gemma, tiny-moe)"""
     policy_family: str | None = None
     """force a model family (tiny, llada, dream, sdar) instead of the one config.json's model_type names"""
     device: str = "auto"
