@@ -47,11 +47,12 @@ def test_train_help_lists_every_config_field_with_its_doc():
     for name, doc in field_docs(GenerationConfig).items():
         assert doc and f"rollout.{name}=" in text and doc in text, name
     assert "lora.r=8" in text and "algorithm.<field>" in text
-    # the time the help and the README promise is the default run's
-    minutes = TrainConfig().time_limit_minutes
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"the embedded default, {minutes:g} minutes" in " ".join(run("--help").stdout.split())
-    assert f"{minutes:g} minutes" in readme and "10 minutes" not in text
+    # the steps and the time guard the help and the README promise are the default run's
+    steps, minutes = TrainConfig().max_steps, TrainConfig().time_limit_minutes
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"the embedded default, {steps} steps" in " ".join(run("--help").stdout.split())
+    assert f"{steps} steps" in readme and f"{minutes:g}-minute guard" in readme
+    assert f"{minutes:g}-minute guard" in " ".join(text.split())
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,4 +1,4 @@
-"""What a run prints: plain progress lines, the time-limit bar, and reports of failing rewards."""
+"""What a run prints: plain progress lines, the step bar, and reports of failing rewards."""
 
 from __future__ import annotations
 
@@ -48,15 +48,14 @@ def test_plain_lines_every_n_steps_when_the_output_is_not_a_terminal():
     assert "2.00 s/step | 8s left" in out.getvalue().splitlines()[1]  # 4 steps of 2 s to go at step 3
 
 
-def test_the_terminal_bar_counts_the_time_limit_not_the_step_cap():
+def test_the_terminal_bar_counts_steps_and_shows_the_time_guard():
     bar = Terminal()
-    progress = TrainingProgress(max_steps=100_000, time_limit_s=300.0, start_step=0, start_elapsed=0.0, every=10,
+    progress = TrainingProgress(max_steps=150, time_limit_s=300.0, start_step=0, start_elapsed=0.0, every=10,
                                 stream=io.StringIO(), bar_stream=bar)
     progress.update(27, 81.0, {"reward_mean": 0.41}, {"heldout_accuracy": 0.52}, 20)
     progress.close()
     text = bar.getvalue()
-    assert "train 1m21s of 5m00s" in text and "27%" in text and "step=27" in text and "acc=0.520" in text
-    assert "100000" not in text
+    assert "27/150" in text and "18%" in text and "acc=0.520" in text and "time=1m21s of 5m00s guard" in text
 
 
 def test_nothing_is_shown_when_progress_is_off_but_messages_still_are():

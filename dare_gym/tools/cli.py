@@ -2,7 +2,9 @@
 ``algorithms``, ``compare``.
 
 Bad input (an unknown field, env, policy folder or sampler setting) is reported in one line that names the
-bad value and the valid choices, with exit code 2.
+bad value and the valid choices, with exit code 2. ``train`` exits 1 when ``strict_rewards`` stops it (a reward
+failed on every rollout of a step) and 3 when ``stop_after_no_signal_steps`` steps in a row had no learning
+signal (:data:`NO_SIGNAL_EXIT_CODE`); both say why and what to change on stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dare_gym.core.config import ConfigError, default_config_path
 __all__ = ["build_parser", "default_config_path", "main"]
 
 DEFAULT_MINUTES = 5  # the packaged default.yaml's time_limit_minutes (a test keeps them equal)
+DEFAULT_STEPS = 150  # and its max_steps
+NO_SIGNAL_EXIT_CODE = 3  # `dare-gym train` stopped for lack of learning signal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,18 +131,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     if args.resume and trainer.latest_checkpoint() is None:
         raise ConfigError(f"--resume: no checkpoint under {trainer.checkpoint_root()}")
+    from dare_gym.train.signal import RewardFailedEverywhere
+
     try:
         summary = trainer.train(resume=args.resume)
+    except RewardFailedEverywhere as error:
+        if main:
+            print(f"dare-gym train: error: {error}", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown()
+    code = NO_SIGNAL_EXIT_CODE if summary["stopped_by"] == "no_signal" else 0
+    if summary["stop_message"] and main:
+        print(f"dare-gym train: {summary['stop_message']}", file=sys.stderr)
     if not main:
-        return 0
+        return code
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     if before is not None and after is not None:
         print(f"held-out greedy accuracy: before {before:.3f}  after {after:.3f}  "
               f"({100 * (after - before):+.1f} points in {summary['steps']} steps, {summary['elapsed_s']:.0f} s)")
     print(f"metrics: {summary['metrics']}\ncurves:  {summary['plot']}")
-    return 0
+    return code
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -559,10 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser(
-        "train", help=f"train a policy (no arguments: the embedded default, {DEFAULT_MINUTES} minutes on a CPU)",
+        "train", help=f"train a policy (no arguments: the embedded default, {DEFAULT_STEPS} steps on a CPU)",
         description=_fill("Train a dLLM policy with an RL algorithm. With no arguments, runs the embedded default "
-                          f"(diffu-GRPO on digit sorting with the built-in tiny model, {DEFAULT_MINUTES} minutes on a "
-                          "CPU). Overrides are dotted field=value pairs:")
+                          f"(diffu-GRPO on digit sorting with the built-in tiny model, {DEFAULT_STEPS} steps, about 3 "
+                          f"minutes on a quiet 2-core CPU; a {DEFAULT_MINUTES}-minute guard stops it earlier on a slow "
+                          "machine and says so). Exit codes: 2 bad configuration, 1 a reward failed on every rollout "
+                          f"under strict_rewards, {NO_SIGNAL_EXIT_CODE} stopped after stop_after_no_signal_steps steps "
+                          "with no learning signal. Overrides are dotted field=value pairs:")
         + "\n\n  dare-gym train max_steps=20 algorithm.beta=0.0\n"
         "  dare-gym train env_kwargs.reward=my_rewards:exact        # fn exact in ./my_rewards.py\n"
         "  dare-gym train --import path/to/rewards.py 'env_kwargs.reward=[[rewards:exact, 1.0], [format, 0.1]]'",

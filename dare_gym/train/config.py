@@ -33,6 +33,8 @@ DEFAULT_ALGORITHM = "d1"
 # The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
 # d1 at its paper's defaults, which learns slowly at the tiny model's scale.
 DEFAULT_RECIPE = {"name": DEFAULT_ALGORITHM, "preset": "digitsort"}
+# The default run is bounded by steps, so that it reproduces on any machine (time_limit_minutes only guards it)
+DEFAULT_MAX_STEPS = 150
 
 
 @dataclass
@@ -78,7 +80,7 @@ class GenerationConfig:
 class TrainConfig:
     """One training run. ``TrainConfig()`` is the run of ``dare-gym train`` with no arguments (the packaged
     ``dare_gym/configs/default.yaml``): d1's ``digitsort`` preset on digit sorting with the tiny policy, for
-    5 minutes. A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
+    150 steps (a 5-minute guard stops it earlier on a slow machine, and says so). A dict passed as ``algorithm`` replaces that recipe as a whole: ``{"name": X}`` is algorithm X
     at its own defaults, ``{"name": X, "beta": 0}`` those defaults with one field changed; a section without a
     name keeps d1. On the command line ``algorithm.<field>=value`` changes one field, and
     ``algorithm.name=X`` chooses X afresh (see :func:`dare_gym.core.config.load_config_dict`)."""
@@ -114,10 +116,16 @@ class TrainConfig:
     """prompts sampled per step (GRPO groups)"""
     group_size: int = 8
     """completions sampled per prompt"""
-    max_steps: int = 100_000
-    """stop after this many steps"""
+    max_steps: int = DEFAULT_MAX_STEPS
+    """stop after this many steps (the default run: 150 steps, about 3 minutes on 2 quiet CPU cores)"""
     time_limit_minutes: float | None = 5.0
-    """stop after this much wall time (null: no limit)"""
+    """a guard: stop after this much wall time even before max_steps, and say so (null: no limit)"""
+    stop_after_no_signal_steps: int | None = 50
+    """stop the run after this many consecutive steps with no learning signal (rows_trained 0), saying why and
+    what to change (null: never stop for it; each such step is reported on the console either way)"""
+    strict_rewards: bool = False
+    """fail the run at the first step where a reward term fails (raises, times out, returns a non-number) on
+    every rollout, instead of scoring those rollouts 0 for it"""
     learning_rate: float = 1e-4
     """AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.99)
@@ -170,6 +178,8 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if self.eval_size < 0:
             raise ConfigError(f"eval_size must be >= 0, got {self.eval_size!r}")
+        if self.stop_after_no_signal_steps is not None and self.stop_after_no_signal_steps < 1:
+            raise ConfigError(f"stop_after_no_signal_steps must be >= 1 or null, got {self.stop_after_no_signal_steps!r}")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
         if self.strategy not in STRATEGIES:

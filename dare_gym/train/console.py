@@ -1,7 +1,7 @@
 """What a training run prints: a progress bar on a terminal, plain lines elsewhere, and reward failures.
 
-On a terminal the bar counts steps, or the time limit when there is one (a default run stops on time, not
-at its 100,000-step cap). When the output goes to a file, a pipe or CI, a bar would print nothing useful, so
+On a terminal the bar counts steps (a run ends at ``max_steps``; ``time_limit_minutes`` is a guard, shown
+beside the bar, that says so when it stops a run early). When the output goes to a file, a pipe or CI, a bar would print nothing useful, so
 a plain line is printed every ``every`` steps instead:
 
     step 10 | reward 0.412 | held-out acc 0.512 (step 10) | 2.90 s/step | 4m31s left
@@ -73,16 +73,8 @@ class TrainingProgress:
         bar_stream = bar_stream or sys.stderr
         self.bar = None
         self.lines = enabled and not _bar_wanted(bar_stream)
-        if enabled and not self.lines:
-            if time_limit_s is None:
-                self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=bar_stream)
-            else:  # the limit that ends the run: the bar counts seconds of it, the step goes in the postfix
-                self.bar = tqdm(total=time_limit_s, initial=min(start_elapsed, time_limit_s), file=bar_stream,
-                                bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix}")
-                self.bar.set_description_str(self._time_description(start_elapsed), refresh=False)
-
-    def _time_description(self, elapsed: float) -> str:
-        return f"train {format_duration(elapsed)} of {format_duration(self.time_limit_s)}"
+        if enabled and not self.lines:  # the step cap ends a run; the time limit, a guard, shows in the postfix
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=bar_stream)
 
     def seconds_per_step(self, step: int, elapsed: float) -> float | None:
         done = step - self.start_step
@@ -93,16 +85,12 @@ class TrainingProgress:
         """After step ``step`` (``stats`` of its rollouts; ``evaluation`` the latest held-out scores)."""
         rate = self.seconds_per_step(step, elapsed)
         if self.bar is not None:
-            postfix = {"step": step, "reward": f"{stats.get('reward_mean', float('nan')):.3f}"}
+            postfix = {"reward": f"{stats.get('reward_mean', float('nan')):.3f}"}
             if "heldout_accuracy" in evaluation:
                 postfix["acc"] = f"{evaluation['heldout_accuracy']:.3f}"
-            if self.time_limit_s is None:
-                self.bar.n = step
-            else:
-                self.bar.n = min(elapsed, self.time_limit_s)
-                self.bar.set_description_str(self._time_description(elapsed), refresh=False)
-                if rate is not None:
-                    postfix["s/step"] = f"{rate:.2f}"
+            if self.time_limit_s is not None:
+                postfix["time"] = f"{format_duration(elapsed)} of {format_duration(self.time_limit_s)} guard"
+            self.bar.n = step
             self.bar.set_postfix(postfix)  # refreshes the bar
         elif self.lines and (step % self.every == 0 or step == self.start_step + 1 or last):
             remaining = 0.0 if last else remaining_seconds(step, self.max_steps, rate, elapsed, self.time_limit_s)

@@ -54,6 +54,7 @@ from dare_gym.core.lora import (
 from dare_gym.train.metrics import METRICS_FILE, MetricsLogger, plot_metrics
 from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
+from dare_gym.train.signal import NoSignalWatch, RewardFailedEverywhere, no_signal_cause, strict_reward_problem
 from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, GenerationConfig, RunConfig, TrainConfig, resolve
 from dare_gym.train.user_code import (
     jsonable,
@@ -365,8 +366,9 @@ class Trainer:
         return self.elapsed_before_resume + (time.perf_counter() - self._started)
 
     def train(self, resume: bool = False) -> dict[str, Any]:
-        """Train until ``max_steps`` or ``time_limit_minutes``; returns a summary with the held-out accuracy
-        before and after. In a distributed run every rank calls this; rank 0 logs, plots and writes."""
+        """Train until ``max_steps`` (or the ``time_limit_minutes`` guard, or ``stop_after_no_signal_steps``
+        steps in a row with no learning signal); returns a summary with the held-out accuracy before and after,
+        ``stopped_by`` (``max_steps``, ``time_limit`` or ``no_signal``) and ``stop_message`` (None at max_steps). In a distributed run every rank calls this; rank 0 logs, plots and writes."""
         config = self.config
         main = self.group.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -397,24 +399,42 @@ class Trainer:
                                     start_elapsed=self.elapsed(), every=config.log_every,
                                     enabled=config.progress and main)
         failures = RewardFailureMonitor(every=config.log_every)
+        no_signal = NoSignalWatch(config.stop_after_no_signal_steps, every=config.log_every)
         last_eval = {k: initial[k] for k in ("heldout_accuracy", "heldout_reward") if k in initial}
         eval_step = initial.get("step")
         if not resume and last_eval:
             progress.update(self.step, self.elapsed(), {}, last_eval, eval_step)
+        stopped = "max_steps"
 
         def out_of_time() -> bool:  # one decision for every rank, so that none waits in a collective alone
             return bool(distributed.global_max(int(time_limit is not None and self.elapsed() >= time_limit)))
 
         try:
-            while self.step < config.max_steps and not out_of_time():
+            while self.step < config.max_steps:
+                if out_of_time():
+                    stopped = "time_limit"
+                    break
                 buffer, stats = self.collect()
                 for message in failures.check(self.step + 1, self.last_reward_errors):
                     progress.message(message)
+                if config.strict_rewards:  # every rank decides together, so that none waits alone
+                    problems = [p for p in distributed.gather_objects(
+                        strict_reward_problem(self.step + 1, self.last_reward_errors)) if p]
+                    if problems:
+                        raise RewardFailedEverywhere(problems[0])
                 stats.update(self.update(buffer))
                 self.after_update()
                 stats = distributed.mean_metrics(stats)
                 self.step += 1
-                is_last = self.step >= config.max_steps or out_of_time()
+                cause = None if stats["rows_trained"] > 0 else no_signal_cause(
+                    stats, group_size=config.group_size, reward_errors=self.last_reward_errors,
+                    gen_length=self.rollout_kwargs().get("gen_length", self.policy.generation_defaults.get("gen_length")))
+                message = no_signal.observe(self.step, stats["rows_trained"], cause)
+                if message:
+                    progress.message(message)
+                if no_signal.exhausted:
+                    stopped = "no_signal"
+                is_last = self.step >= config.max_steps or stopped != "max_steps" or out_of_time()
                 record = {"step": self.step, "elapsed_s": round(self.elapsed(), 2), **stats}
                 if self.step % config.eval_every == 0 or is_last:
                     last_eval, eval_step = self.evaluate(), self.step
@@ -424,8 +444,19 @@ class Trainer:
                 if self.step % config.save_every == 0:
                     self.save_checkpoint()
                 progress.update(self.step, self.elapsed(), stats, last_eval, eval_step, last=is_last)
+                if stopped != "max_steps":
+                    break
         finally:
             progress.close()
+        stop_message = {
+            "max_steps": None,
+            "time_limit": f"stopped by the time guard (time_limit_minutes={config.time_limit_minutes}) after "
+                          f"{self.step} of max_steps={config.max_steps} steps: the machine was slower than the run "
+                          f"expects; results are not comparable with a full run (time_limit_minutes=null lifts it)",
+            "no_signal": no_signal.stop_message(),
+        }[stopped]
+        if stop_message and main:
+            progress.message(stop_message)
         self.save_checkpoint()
         model_state = distributed.full_state_dict(self.policy.model) if self.sharded else None
         if main:
@@ -433,7 +464,7 @@ class Trainer:
                              state_dict=model_state)
         distributed.barrier()
         if not main:
-            return {"steps": self.step, "rank": self.group.rank}
+            return {"steps": self.step, "rank": self.group.rank, "stopped_by": stopped, "stop_message": stop_message}
         logger.close()
         history = logger.read()
         final = [r for r in history if "heldout_accuracy" in r][-1] if config.eval_size else {}
@@ -444,6 +475,8 @@ class Trainer:
             "processes": self.group.world_size,
             "heldout_accuracy_before": initial.get("heldout_accuracy"),
             "heldout_accuracy_after": final.get("heldout_accuracy"),
+            "stopped_by": stopped,  # max_steps | time_limit | no_signal
+            "stop_message": stop_message,
             "plot": str(plot_path),
             "metrics": str(self.output_dir / METRICS_FILE),
         }
