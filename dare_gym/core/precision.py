@@ -45,6 +45,11 @@ class MasterWeightAdamW:
     def has_copies(self) -> bool:
         return any(m is not p for m, p in zip(self.masters, self.parameters))
 
+    def set_learning_rate(self, lr: float) -> None:
+        """The rate of the next steps (a schedule sets it before each training step)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self) -> None:
         for parameter, master in zip(self.parameters, self.masters):
             parameter.grad = None

@@ -27,6 +27,7 @@ from dare_gym.core.lora import LoraSettings
 from dare_gym.models.families import get_family
 from dare_gym.samplers import get_sampler
 from dare_gym.samplers.llada import REMASKING_RULES
+from dare_gym.train.schedule import LR_SCHEDULES, learning_rate_at, warmup_steps_of
 from dare_gym.train.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
 
 DEFAULT_ALGORITHM = "d1"
@@ -127,7 +128,16 @@ class TrainConfig:
     """fail the run at the first step where a reward term fails (raises, times out, returns a non-number) on
     every rollout, instead of scoring those rollouts 0 for it"""
     learning_rate: float = 1e-4
-    """AdamW learning rate"""
+    """AdamW (peak) learning rate"""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine: the rate after warmup, decaying to min_lr_ratio x learning_rate at max_steps
+    (per training step; logged as learning_rate)"""
+    warmup_steps: int = 0
+    """steps of linear warmup from learning_rate / warmup_steps to learning_rate"""
+    warmup_ratio: float = 0.0
+    """warmup as a fraction of max_steps, rounded up (instead of warmup_steps)"""
+    min_lr_ratio: float = 0.0
+    """the floor of linear and cosine decay, as a fraction of learning_rate"""
     adam_betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas"""
     weight_decay: float = 0.0
@@ -176,6 +186,16 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.learning_rate <= 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError(f"set warmup_steps ({self.warmup_steps}) or warmup_ratio ({self.warmup_ratio}), not both")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.eval_size < 0:
             raise ConfigError(f"eval_size must be >= 0, got {self.eval_size!r}")
         if self.stop_after_no_signal_steps is not None and self.stop_after_no_signal_steps < 1:
@@ -188,6 +208,12 @@ class TrainConfig:
             raise ConfigError(f"algorithm must be a mapping with a name, got {self.algorithm!r}")
         if "name" not in self.algorithm:  # `algorithm.beta=0` alone changes one field of the default recipe
             self.algorithm = {**DEFAULT_RECIPE, **self.algorithm}
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of training step ``step`` (1-based) under this config's schedule."""
+        return learning_rate_at(step, peak=self.learning_rate, schedule=self.lr_schedule, max_steps=self.max_steps,
+                                warmup_steps=warmup_steps_of(self.max_steps, self.warmup_steps, self.warmup_ratio),
+                                min_lr_ratio=self.min_lr_ratio)
 
     def algorithm_config(self):
         options = {k: v for k, v in self.algorithm.items() if k != "name"}

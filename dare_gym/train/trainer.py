@@ -422,7 +422,9 @@ class Trainer:
                         strict_reward_problem(self.step + 1, self.last_reward_errors)) if p]
                     if problems:
                         raise RewardFailedEverywhere(problems[0])
-                stats.update(self.update(buffer))
+                learning_rate = config.learning_rate_at(self.step + 1)
+                self.optimizer.set_learning_rate(learning_rate)
+                stats.update(self.update(buffer), learning_rate=learning_rate)
                 self.after_update()
                 stats = distributed.mean_metrics(stats)
                 self.step += 1
