@@ -168,7 +168,12 @@ class TrainConfig:
     torch_threads: int | None = None
     """CPU threads for torch (null: torch's default)"""
     tensorboard: bool = False
-    """also write TensorBoard scalars to output_dir/tensorboard"""
+    """also write TensorBoard scalars (and the samples, as text) to output_dir/tensorboard"""
+    wandb: dict | None = None
+    """also log to Weights & Biases (the wandb extra): wandb.init's arguments, e.g. {project: dllm-rl, mode: offline}"""
+    log_samples: int = 4
+    """rollouts (prompt, completion, reward) written to output_dir/samples.jsonl every log_every steps (0: none),
+    one per group"""
     progress: bool = True
     """show progress: a bar on a terminal, else a plain line every log_every steps"""
     log_every: int = 10
@@ -196,6 +201,8 @@ class TrainConfig:
             raise ConfigError(f"set warmup_steps ({self.warmup_steps}) or warmup_ratio ({self.warmup_ratio}), not both")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.log_samples < 0:
+            raise ConfigError(f"log_samples must be >= 0, got {self.log_samples!r}")
         if self.eval_size < 0:
             raise ConfigError(f"eval_size must be >= 0, got {self.eval_size!r}")
         if self.stop_after_no_signal_steps is not None and self.stop_after_no_signal_steps < 1:

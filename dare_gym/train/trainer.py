@@ -51,7 +51,7 @@ from dare_gym.core.lora import (
     load_lora_weights,
     save_lora_policy,
 )
-from dare_gym.train.metrics import METRICS_FILE, MetricsLogger, plot_metrics
+from dare_gym.train.metrics import METRICS_FILE, SAMPLES_FILE, MetricsLogger, plot_metrics
 from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
 from dare_gym.train.signal import NoSignalWatch, RewardFailedEverywhere, no_signal_cause, strict_reward_problem
@@ -143,6 +143,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before_resume = 0.0
         self.last_reward_errors: list[dict[str, str]] = []  # per rollout of the last collected step
+        self.last_samples: list[dict[str, Any]] = []  # a few rollouts of the last collected step
         self.train_env.reset(seed=config.seed + RANK_SEED_STRIDE * self.group.rank)
 
     def _distribute(self, config: TrainConfig, device: torch.device, compute_dtype: torch.dtype) -> None:
@@ -181,6 +182,10 @@ class Trainer:
         timings["time_reward"] = time.perf_counter() - start
         generated = sum(len(c.completion_ids) for c in completions)
         self.last_reward_errors = rollout_reward_errors(step_infos, len(completions))
+        self.last_samples = [  # one rollout of each of the first log_samples groups, for samples.jsonl
+            {"prompt": str(prompts[i]), "completion": completions[i].text, "reward": float(rewards[i]),
+             "correct": bool(step_infos["correct"][i])}
+            for i in range(0, len(completions), self.config.group_size)][: self.config.log_samples]
         stats = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
@@ -373,7 +378,8 @@ class Trainer:
         main = self.group.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(self.output_dir / METRICS_FILE,
-                               self.output_dir / "tensorboard" if config.tensorboard else None) if main else None
+                               self.output_dir / "tensorboard" if config.tensorboard else None,
+                               wandb=config.wandb, run_config=config.resolved()) if main else None
         self._started = time.perf_counter()
         if resume:
             checkpoint = self.latest_checkpoint()
@@ -384,8 +390,9 @@ class Trainer:
                 logger.truncate_after(self.step)
             self._started = time.perf_counter()
         else:
-            if main and (self.output_dir / METRICS_FILE).exists():
-                (self.output_dir / METRICS_FILE).unlink()
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                if main and (self.output_dir / name).exists():
+                    (self.output_dir / name).unlink()
             if main:
                 atomic_write_text(self.output_dir / "config.json", json.dumps(config.resolved(), indent=2) + "\n")
                 atomic_write_text(self.output_dir / SAMPLERS_FILE, json.dumps(self.sampler_record(), indent=2) + "\n")
@@ -443,6 +450,8 @@ class Trainer:
                     record.update(last_eval)
                 if main:
                     logger.log(record)
+                    if config.log_samples and (self.step % config.log_every == 0 or self.step == 1 or is_last):
+                        logger.log_samples(self.step, self.last_samples)
                 if self.step % config.save_every == 0:
                     self.save_checkpoint()
                 progress.update(self.step, self.elapsed(), stats, last_eval, eval_step, last=is_last)
