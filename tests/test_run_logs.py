@@ -4,9 +4,7 @@ a Weights & Biases table in offline mode), and curves.png's training panels."""
 from __future__ import annotations
 
 import json
-import os
 
-import pytest
 
 from dare_gym.core.config import load_config
 from dare_gym.train.metrics import curve_panels

@@ -107,6 +107,20 @@ def policy_family(name_or_path: str | os.PathLike, family: str | None = None) ->
     return family_for_model_type(str(config.get("model_type", "")), where=f"{local}/config.json")
 
 
+def policy_files_summary(name_or_path: str | os.PathLike, family: str | None = None):
+    """(block size or None, saved generation defaults, the policy's own sampler) of the policy
+    ``load_policy(name_or_path, family=family)`` would load, from its files alone (no weight is loaded)."""
+    local = Path(BUILTIN_POLICIES.get(str(name_or_path), name_or_path))
+    meta = _read_meta(local)
+    if (local / ADAPTER_CONFIG_FILE).is_file():
+        raise ValueError("an adapter folder: its base model's files decide")
+    chosen, config = resolve_family(local, family or meta.get("family"))
+    block_size = chosen.block_size(config)
+    defaults = dict(meta.get("generation_defaults", {}))
+    own = defaults.get("sampler") or chosen.default_sampler or ("llada" if block_size is None else "block_diffusion")
+    return block_size, defaults, own
+
+
 def resolve_family(source, family: str | None, trust_remote_code: bool = False):
     """(family, config) of a checkpoint: ``family`` when given, else the one its ``model_type`` names."""
     from transformers import AutoConfig

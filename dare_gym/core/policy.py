@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ import torch
 
 from dare_gym.core.distributed import GradientSync
 from dare_gym.models.families import ModelFamily, get_family
-from dare_gym.samplers import get_sampler, make_options
+from dare_gym.samplers import get_sampler
+from dare_gym.samplers.base import choose_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -243,13 +243,9 @@ class DiffusionPolicy:
     def sampler_settings(self, sampler: str | None = None, options: dict | None = None):
         """(sampler name, validated options): explicit options over ``generation_defaults``; defaults the chosen
         sampler does not take are left out, explicit ones it does not take are an error naming them."""
-        defaults = dict(self.generation_defaults)
         name = self.sampler_name(sampler)
-        defaults.pop("sampler", None)
-        fields = {f.name for f in dataclasses.fields(get_sampler(name).options_class)}
-        values = {k: v for k, v in defaults.items() if k in fields}
-        values.update(options or {})
-        return name, make_options(name, values)
+        return name, choose_options(name, self.generation_defaults, options or {}, block_size=self.block_size,
+                                    default_sampler=self.sampler_name(None), named=sampler is not None)
 
     def sampler_name(self, sampler: str | None = None) -> str:
         """The sampler a call uses: ``sampler``, else the policy's generation default, else the family's."""

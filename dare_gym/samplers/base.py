@@ -129,6 +129,35 @@ def make_options(name: str, values: dict[str, Any]):
     return options_class(**values)
 
 
+def choose_options(name: str, defaults: dict[str, Any], options: dict[str, Any], *, default_sampler: str,
+                   block_size: int | None, named: bool):
+    """Sampler ``name``'s validated options from a policy's generation ``defaults`` (those it does not take are
+    left out) and a call's explicit ``options`` (one it does not take is an error naming it and the samplers
+    that take it). ``named``: whether the call named the sampler (else it is the policy's own,
+    ``default_sampler``). A schedule error of a full-attention sampler on a block-causal model (``block_size``)
+    says so and names the model's own sampler."""
+    fields = {f.name for f in dataclasses.fields(get_sampler(name).options_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        owners = [other for other in SAMPLERS.names()
+                  if set(unknown) <= {f.name for f in dataclasses.fields(get_sampler(other).options_class)}]
+        which = f"sampler {name!r}" if named else f"the policy's own sampler {name!r} (sampler is not set)"
+        hint = (f"; {'they are options' if len(unknown) > 1 else 'it is an option'} of {', '.join(owners)}: set "
+                f"sampler={owners[0]}") if owners else f"; its options: {', '.join(sorted(fields))}"
+        raise ValueError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not taken by {which}{hint}")
+    values = {k: v for k, v in defaults.items() if k in fields and k != "sampler"}
+    values.update(options)
+    try:
+        return make_options(name, values)
+    except ValueError as error:
+        if block_size is None or name == default_sampler:
+            raise
+        raise ValueError(f"the policy is block-causal (blocks of {block_size} tokens) and sampler {name!r} decodes "
+                         f"it with the policy's defaults only if its block_length is a multiple of {block_size} "
+                         f"dividing gen_length ({error}); its own sampler is {default_sampler}: set "
+                         f"sampler={default_sampler} or leave sampler unset") from None
+
+
 # ------------------------------------------------------------------------------------------ shared pieces
 
 
@@ -237,4 +266,4 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "choose_options", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]

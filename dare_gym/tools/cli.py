@@ -336,7 +336,23 @@ def _eval_suite(args: argparse.Namespace, generation: dict) -> int:
 # ---------------------------------------------------------------------------------------------- serve
 
 
+def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
+    """A :class:`ConfigError` naming the extra to install when one of ``modules`` is missing."""
+    import importlib
+
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"{command} needs the {extra} extra ({', '.join(missing)} not installed): "
+                          f"pip install 'dare-gym[{extra}]'")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    require_extra("serve", ("fastapi", "uvicorn"), "dare-gym serve")
     from dare_gym.tools.serve import WorkerDied, is_loopback, serve
 
     _import_modules(args.imports)

@@ -281,6 +281,7 @@ def resolve(config: TrainConfig, *, processes: int = 1, policy_files: bool = Tru
     check_processes(config, processes)
     if policy_files:
         refuse_unsupported_family(config)
+        check_sampler_sections(config)
     return RunConfig(replace(config, imports=imports), algorithm, env_kwargs, eval_env_kwargs, device, dtype)
 
 
@@ -297,6 +298,31 @@ def check_processes(config: TrainConfig, processes: int) -> None:
     if config.strategy == "fsdp" and config.lora is not None:
         raise ConfigError("lora with strategy fsdp is not supported: LoRA's frozen base fits each GPU in bf16 "
                           "(16 GB for 8B), so train LoRA with strategy ddp")
+
+
+def check_sampler_sections(config: TrainConfig) -> None:
+    """The rollout and evaluation sampler settings against the policy's files (its family, block size and saved
+    generation defaults; no weight is loaded): an option the sampler does not take, or a full-attention sampler
+    whose schedule cannot decode a block-causal model, is a :class:`ConfigError` naming the section, the option
+    and the sampler to use."""
+    from dare_gym.core.loading import policy_files_summary
+    from dare_gym.samplers.base import choose_options
+
+    try:
+        block_size, defaults, own = policy_files_summary(config.policy, config.policy_family)
+    except (OSError, ValueError, ImportError):
+        return  # the policy cannot be read without loading it: the trainer checks after loading
+    for section, settings in (("rollout", config.rollout), ("evaluation", config.evaluation)):
+        arguments = settings.as_kwargs()
+        name = arguments.pop("sampler", None)
+        try:
+            choose_options(name or own, defaults, arguments, default_sampler=own, block_size=block_size,
+                           named=name is not None)
+        except ValueError as error:
+            message = str(error)
+            for said in ("sampler=", "sampler is not set", "leave sampler unset"):  # name the section's field
+                message = message.replace(said, said.replace("sampler", f"{section}.sampler"))
+            raise ConfigError(f"{section}: {message}") from None
 
 
 def refuse_unsupported_family(config: TrainConfig) -> None:
