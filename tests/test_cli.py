@@ -84,6 +84,14 @@ def test_eval_scores_the_tiny_policy(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["records"] == 40 and 0.0 <= report["accuracy"] <= 1.0
+    # every setting the sampler ran with, the policy's defaults included (no --gen was given)
+    import dare_gym
+
+    policy = dare_gym.load_policy("tiny")
+    generation = report["generation"]
+    assert generation["sampler"] == "llada" and generation["temperature"] == 0.0
+    for key in ("gen_length", "steps", "block_length"):
+        assert generation[key] == policy.generation_defaults[key], key
     assert len(json.loads((tmp_path / "eval.json").read_text())["completions"]) == 40
 
 
@@ -147,13 +155,20 @@ def test_train_with_rewards_from_a_module_and_a_file_then_resume_from_the_saved_
     assert "ValueError: no <answer> tag" in out.stdout
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["imports"] == [str(tmp_path / "plugins" / "register_half.py")]
-    assert saved["env_kwargs"]["reward"] == [["my_rewards:quarter", 1.0], ["half_for_test", 2.0],
-                                             ["my_rewards:fails", 1.0]]
-    resumed = run("train", "--resume", "output_dir=run", "max_steps=2", cwd=tmp_path)  # no --import, no reward
+    # the module found in the current directory is saved as its file, so a resume from elsewhere finds it
+    module = str(tmp_path / "my_rewards.py")
+    assert saved["env_kwargs"]["reward"] == [[f"{module}:quarter", 1.0], ["half_for_test", 2.0],
+                                             [f"{module}:fails", 1.0]]
+    (tmp_path / "elsewhere").mkdir()
+    resumed = run("train", "--resume", f"output_dir={tmp_path / 'run'}", "max_steps=3", "log_every=1", "eval_every=5",
+                  cwd=tmp_path / "elsewhere")  # no --import, no reward, another folder
     assert resumed.returncode == 0, resumed.stderr
     assert "run/config.json (the run's saved config)" in resumed.stdout
+    # the console shows the held-out value of the run's last evaluation (step 1), not its first (step 0)
+    [line] = [line for line in resumed.stdout.splitlines() if line.startswith("step 2 |")]
+    assert "held-out acc" in line and "(step 1)" in line
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2] and records[2]["reward_mean"] == pytest.approx(1.25)
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[2]["reward_mean"] == pytest.approx(1.25)
 
 
 def test_train_names_a_reward_reference_that_does_not_import(tmp_path):

@@ -388,3 +388,17 @@ def test_compare_does_not_import_the_command_line():
     code = "import sys, dare_gym.tools.compare; assert 'dare_gym.tools.cli' not in sys.modules, 'compare imports cli'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_the_spread_over_seeds_is_the_sample_std():
+    """± is the sample standard deviation (n − 1), as papers report it over seeds: for 0.4 and 0.6 it is
+    sqrt(2 × 0.1² / 1) = 0.1414…, not the population std 0.1."""
+    from dare_gym.tools.compare.report import summarize
+
+    runs = [dict(_run("a", seed, [(0, 0.0, 0.3), (5, 2.0, final)]), final_heldout_accuracy=final,
+                 initial_heldout_accuracy=0.3, step_to_threshold=None, seconds_per_step=1.0)
+            for seed, final in ((0, 0.4), (1, 0.6))]
+    [row] = summarize(runs, threshold=0.8)
+    assert row["final_heldout_accuracy_std"] == pytest.approx(0.02 ** 0.5, rel=1e-12)
+    _, _, band, _ = mean_curve(runs, "step")
+    assert band.tolist() == pytest.approx([0.0, 0.02 ** 0.5], rel=1e-12)

@@ -264,6 +264,16 @@ def generation_settings(items: list[str]) -> dict:
     return dataclass_from_dict(GenerationConfig, _parse_key_values(items, "--gen"), where="--gen").as_kwargs()
 
 
+def generation_record(policy, generation: dict) -> dict:
+    """Every setting the sampler ran with (``--gen`` over the policy's defaults, defaults included), as a
+    result records them."""
+    import dataclasses
+
+    settings = dict(generation)
+    name, options = policy.sampler_settings(settings.pop("sampler", None), settings)
+    return {"sampler": name, **dataclasses.asdict(options)}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dare_gym.train.evaluation import evaluate
 
@@ -288,7 +298,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(policy, env, limit=limit, batch_size=args.batch_size, progress=True, **generation)
     report = {
         "env": env_id, "split": args.split, "policy": args.policy[0], "records": result.num_records,
-        "accuracy": result.accuracy, "mean_reward": result.mean_reward, "generation": generation,
+        "accuracy": result.accuracy, "mean_reward": result.mean_reward,
+        "generation": generation_record(policy, generation),
     }
     print(json.dumps(report, indent=2))
     if args.output:

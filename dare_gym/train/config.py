@@ -28,7 +28,13 @@ from dare_gym.models.families import get_family
 from dare_gym.samplers import get_sampler
 from dare_gym.samplers.llada import REMASKING_RULES
 from dare_gym.train.schedule import LR_SCHEDULES, learning_rate_at, warmup_steps_of
-from dare_gym.train.user_code import import_module, jsonable, normalize_module_spec, resolve_env_kwargs
+from dare_gym.train.user_code import (
+    import_module,
+    jsonable,
+    located_references,
+    normalize_module_spec,
+    resolve_env_kwargs,
+)
 
 DEFAULT_ALGORITHM = "d1"
 # The embedded default runs d1's preset "digitsort" (its fields are in algorithms/d1.py); {"name": "d1"} is
@@ -282,7 +288,10 @@ def resolve(config: TrainConfig, *, processes: int = 1, policy_files: bool = Tru
     if policy_files:
         refuse_unsupported_family(config)
         check_sampler_sections(config)
-    return RunConfig(replace(config, imports=imports), algorithm, env_kwargs, eval_env_kwargs, device, dtype)
+    located = {name: {**kwargs, "reward": located_references(kwargs["reward"])} if "reward" in kwargs else kwargs
+               for name, kwargs in (("env_kwargs", config.env_kwargs), ("eval_env_kwargs", config.eval_env_kwargs))}
+    return RunConfig(replace(config, imports=imports, **located), algorithm, env_kwargs, eval_env_kwargs, device,
+                     dtype)
 
 
 def check_processes(config: TrainConfig, processes: int) -> None:

@@ -407,8 +407,9 @@ class Trainer:
                                     enabled=config.progress and main)
         failures = RewardFailureMonitor(every=config.log_every)
         no_signal = NoSignalWatch(config.stop_after_no_signal_steps, every=config.log_every)
-        last_eval = {k: initial[k] for k in ("heldout_accuracy", "heldout_reward") if k in initial}
-        eval_step = initial.get("step")
+        latest = next((r for r in reversed(history) if "heldout_accuracy" in r), {})  # a resumed run's last
+        last_eval = {k: latest[k] for k in ("heldout_accuracy", "heldout_reward") if k in latest}
+        eval_step = latest.get("step")
         if not resume and last_eval:
             progress.update(self.step, self.elapsed(), {}, last_eval, eval_step)
         stopped = "max_steps"

@@ -51,7 +51,13 @@ def _import_name(name: str, where: str) -> ModuleType:
     importlib.invalidate_caches()  # a file written since the last import is found
     for first_try in (True, False):
         try:
-            return importlib.import_module(name)
+            module = importlib.import_module(name)
+            found = Path(getattr(module, "__file__", None) or "/")
+            if "." not in name and found.parent == Path(cwd).resolve() and found.suffix == ".py":
+                # found in the current directory: a saved config names its file, so that a run resumed from
+                # another folder imports the same one
+                _FILE_MODULES.setdefault(name, str(found))
+            return module
         except ModuleNotFoundError as error:
             if not (error.name and (name == error.name or name.startswith(error.name + "."))):
                 raise _import_error(name, where, error) from None  # the module imports something missing
@@ -155,6 +161,18 @@ def resolve_reward_spec(spec: Any, *, where: str = "reward") -> Any:
             else resolve_reward_spec(item, where=f"{where}[{i}]")
             for i, item in enumerate(spec)
         ]
+    return spec
+
+
+def located_references(spec: Any) -> Any:
+    """A reward spec with each ``module:qualname`` reference to a module found in the current directory made
+    ``/its/file.py:qualname`` (call after the references are resolved), so that a saved config re-creates the
+    same reward from any folder."""
+    if isinstance(spec, str) and is_reference(spec):
+        module, _, qualname = spec.rpartition(":")
+        return f"{_FILE_MODULES[module]}:{qualname}" if module in _FILE_MODULES else spec
+    if isinstance(spec, (list, tuple)):
+        return [located_references(item) for item in spec]
     return spec
 
 

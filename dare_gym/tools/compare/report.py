@@ -30,7 +30,8 @@ def algorithm_style(index: int) -> tuple[str, str]:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (n - 1 in the denominator, as papers report over seeds)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -73,7 +74,7 @@ def markdown_table(rows: Sequence[dict], threshold: float) -> str:
         return empty if value is None else format(value, spec)
 
     lines = [
-        f"| algorithm | runs ok | held-out acc. before | final held-out acc. (mean ± std) | "
+        f"| algorithm | runs ok | held-out acc. before | final held-out acc. (mean ± sample std) | "
         f"median step to ≥ {threshold:g} (seeds reached) | median train s to ≥ {threshold:g} | s / step | "
         f"peak memory MB |",
         "|---|---|---|---|---|---|---|---|",
@@ -117,7 +118,7 @@ def mean_curve(runs: Sequence[dict], x_key: str):
     points = min(len(c) for c in curves)  # equal budgets evaluate at the same steps; a cut-short run ends early
     x = np.array([[c[k][x_key] for k in range(points)] for c in curves], float)
     y = np.array([[c[k]["heldout_accuracy"] for k in range(points)] for c in curves], float)
-    return x.mean(0), y.mean(0), y.std(0), curves
+    return x.mean(0), y.mean(0), y.std(0, ddof=1) if len(y) > 1 else np.zeros_like(y[0]), curves
 
 
 def plot_curves(runs: Sequence[dict], path: Path, title: str = "") -> Path:
@@ -182,7 +183,7 @@ def summary_markdown(plan, runs: Sequence[dict], table: str, *, title: str, thre
         f"of {resolved['env']} ({json.dumps(resolved['eval_env_kwargs'])}), evaluated every "
         f"{resolved['eval_every']} steps; seeds {', '.join(map(str, plan.seeds))}.", "",
         table, "",
-        "Accuracy: mean ± population std over the successful seeds; step to threshold: the first evaluated step "
+        "Accuracy: mean ± sample std (n − 1) over the successful seeds; step to threshold: the first evaluated step "
         f"whose held-out accuracy is ≥ {threshold:g} (median over the seeds that reached it); train s: wall time "
         "without evaluation; peak memory: the largest peak RSS over the seeds."
         + (f" The SFT row's steps are SFT optimizer steps of {sft_batch_size} demonstrations, run for the mean "
