@@ -19,7 +19,7 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "train" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "envs", "algorithms", "compare"])
+@pytest.mark.parametrize("command", ["train", "eval", "envs", "algorithms", "standin", "compare"])
 def test_every_subcommand_has_help(command):
     out = run(command, "--help")
     assert out.returncode == 0 and out.stdout.startswith(f"usage: dare-gym {command}")

@@ -1,5 +1,5 @@
 """The ``dare-gym`` command line: ``train``, ``eval`` (``--suite``), ``serve``, ``opencompass``, ``envs``,
-``algorithms``, ``compare``.
+``algorithms``, ``standin``, ``compare``.
 
 Bad input (an unknown field, env, policy folder or sampler setting) is reported in one line that names the
 bad value and the valid choices, with exit code 2. ``train`` exits 1 when ``strict_rewards`` stops it (a reward
@@ -554,6 +554,37 @@ def _followed(doc: str) -> str:
     return sentence if end < 0 else sentence[: end + 1]
 
 
+# ----------------------------------------------------------------------------------------- standin
+
+
+def _cmd_standin(args: argparse.Namespace) -> int:
+    from dare_gym.models.families import FAMILIES, get_family
+    from dare_gym.models.standin import build_standin
+
+    try:
+        get_family(args.family)
+    except ValueError as error:
+        raise ConfigError(f"FAMILY: {error}") from None
+    for option, folder in (("--from", args.source), ("--tokenizer-from", args.tokenizer_source)):
+        if folder is not None and not (folder / "config.json").is_file() and option == "--from":
+            raise ConfigError(f"--from: {str(folder)!r} has no config.json: give a checkpoint folder (its config, "
+                              f"weight index and tokenizer files; no weights needed), e.g. ../shared/families/...")
+        if folder is not None and not folder.is_dir():
+            raise ConfigError(f"{option}: no folder {str(folder)!r}")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ConfigError(f"--out: {str(args.out)!r} is not empty; give a new folder")
+    try:
+        folder = build_standin(args.family, args.out, source=args.source, tokenizer_source=args.tokenizer_source,
+                               seed=args.seed)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise ConfigError(f"standin {args.family}: {error}") from None
+    print(f"wrote a {args.family} stand-in ({'from ' + str(args.source) if args.source else 'small config'}) to "
+          f"{folder}; families: {', '.join(FAMILIES)}")
+    print(f"try it:  dare-gym eval --policy {folder} --limit 8\n"
+          f"         dare-gym train policy={folder} max_steps=2 eval_size=8")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- compare
 
 
@@ -741,6 +772,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the algorithm × model family table (supported, or refused with the reason)")
     _add_import(algos, "to list out-of-tree algorithms")
     algos.set_defaults(func=_cmd_algorithms)
+
+    standin = sub.add_parser(
+        "standin", help="write a tiny stand-in of a real model family (its real files, random small weights)",
+        description=_fill("Write a stand-in checkpoint of a model family: the real config.json of --from with its "
+                          "sizes cut down, random weights under exactly the real weight names that the shrunk "
+                          "layer count keeps, and the real tokenizer files (LLaDA: a tokenizer with the real special "
+                          "ids and chat template). Every command takes the folder as a policy, so a family can be "
+                          "tried end to end on a CPU with no download. Without --from: the project's small config "
+                          "of the family:")
+        + "\n\n  dare-gym standin sdar --from ../shared/families/SDAR-1dot7B-Chat --out runs/sdar-standin\n"
+        "  dare-gym train policy=runs/sdar-standin max_steps=2 eval_size=8")
+    standin.add_argument("family", metavar="FAMILY", help="llada, dream, sdar, llada2, ... (the registered families)")
+    standin.add_argument("--from", dest="source", type=Path, metavar="FOLDER",
+                         help="a real checkpoint folder (config.json, weight index, tokenizer files; no weights)")
+    standin.add_argument("--tokenizer-from", dest="tokenizer_source", type=Path, metavar="FOLDER",
+                         help="take the tokenizer from this folder when --from has none (SDAR-4B: SDAR-1.7B's)")
+    standin.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new checkpoint folder")
+    standin.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    standin.set_defaults(func=_cmd_standin)
 
     cmp = sub.add_parser(
         "compare", help="compare algorithms on equal rollout budgets over several seeds",
