@@ -63,6 +63,9 @@ class SamplerOptions:
     """confidences under softmax(logits / temperature), the distribution each guess is drawn from, instead of
     softmax(logits): the low-confidence rule commits by them and record_predictions records them (MDPO's
     official sampler); greedy (temperature 0) is unchanged"""
+    min_new_tokens: int = 0
+    """no stop token (EOS, end of turn) is drawn at the first this many completion positions, so a completion
+    holds at least this many tokens (a rollout-side constraint, like vLLM's min_tokens)"""
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or isinstance(self.gen_length, bool) or self.gen_length < 1:
@@ -71,6 +74,9 @@ class SamplerOptions:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.tempered_confidence, bool):
             raise ValueError(f"tempered_confidence must be true or false, got {self.tempered_confidence!r}")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.gen_length:
+            raise ValueError(f"min_new_tokens must be an integer in [0, gen_length={self.gen_length}], "
+                             f"got {self.min_new_tokens!r}")
 
 
 class Sampler:
@@ -79,6 +85,7 @@ class Sampler:
 
     name: ClassVar[str]
     options_class: ClassVar[type] = SamplerOptions
+    takes_min_new_tokens: ClassVar[bool] = False  # its scoring step calls suppress_stop_tokens
 
     def __call__(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options,
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
@@ -147,6 +154,8 @@ def choose_options(name: str, defaults: dict[str, Any], options: dict[str, Any],
         raise ValueError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not taken by {which}{hint}")
     values = {k: v for k, v in defaults.items() if k in fields and k != "sampler"}
     values.update(options)
+    if values.get("min_new_tokens") and not get_sampler(name).takes_min_new_tokens:
+        raise ValueError(f"sampler {name!r} does not take min_new_tokens (llada, fast_dllm and block_diffusion do)")
     try:
         return make_options(name, values)
     except ValueError as error:
@@ -170,6 +179,19 @@ def tokens_per_step(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     remainder = masked_count[:, None] % steps
     step_index = torch.arange(steps, device=masked_count.device)[None, :]
     return base + (step_index < remainder).long()
+
+
+def suppress_stop_tokens(logits: torch.Tensor, positions: torch.Tensor, min_new_tokens: int,
+                         stop_ids: torch.Tensor) -> torch.Tensor:
+    """``logits`` [B, C, V] with the stop tokens' logits at -inf where a column's completion position
+    (``positions``, [C] or [B, C]; negative for prompt columns) is below ``min_new_tokens``, so that no sampler
+    draws or commits a stop token there (``min_new_tokens``); ``logits`` itself when nothing is suppressed."""
+    early = (positions >= 0) & (positions < min_new_tokens)
+    if min_new_tokens <= 0 or not bool(early.any()):
+        return logits
+    stops = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    stops[stop_ids.to(logits.device)] = True
+    return logits.masked_fill(early.expand(logits.shape[:2])[..., None] & stops, float("-inf"))
 
 
 def gumbel_max_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -266,4 +288,4 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "choose_options", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "choose_options", "suppress_stop_tokens", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]

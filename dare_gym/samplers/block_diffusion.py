@@ -36,6 +36,7 @@ from dare_gym.samplers.base import (
     first_stop_done,
     gumbel_max_sample,
     register_sampler,
+    suppress_stop_tokens,
     tokens_per_step,
     top_n,
 )
@@ -197,6 +198,8 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
             logits = policy.logits(x[:, cached:window_end], attention_mask[:, :window_end], cache=cache)
             calls, processed = calls + 1, processed + x[:, cached:window_end].numel()
             first_fed, cached = cached, block_start(current)  # blocks before every row's current one are exact
+            logits = suppress_stop_tokens(logits, first_fed + torch.arange(logits.shape[1], device=device)
+                                          - completion_start[:, None], options.min_new_tokens, stop_ids)
             keep_cache_positions(cache, torch.arange(cached, device=device))
             columns = masked.any(dim=0).nonzero().squeeze(1)
             step_logits = logits[:, columns - first_fed].double()
@@ -244,6 +247,7 @@ class BlockDiffusionSampler(Sampler):
     """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
 
     options_class = BlockDiffusionOptions
+    takes_min_new_tokens = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:

@@ -157,6 +157,7 @@ class FastDLLMSampler(Sampler):
     """LLaDA's block loop with Fast-dLLM's caches, parallel commit rules and early exit."""
 
     options_class = FastDLLMOptions
+    takes_min_new_tokens = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.threshold is not None or options.factor is not None or options.early_exit:
@@ -182,7 +183,8 @@ class FastDLLMSampler(Sampler):
             policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
             block_length=options.block_length, temperature=options.temperature, remasking=options.remasking,
             generator=generator, record_predictions=record_predictions, forward=FORWARDS[options.cache](),
-            commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence)
+            commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence,
+            min_new_tokens=options.min_new_tokens)
 
 
 __all__ = ["FastDLLMOptions", "FastDLLMSampler", "ThresholdCommit", "FactorCommit", "PrefixCache", "DualCache",

@@ -26,6 +26,7 @@ from dare_gym.samplers.base import (
     fill_after_stop,
     first_stop_done,
     propose,
+    suppress_stop_tokens,
     record_step,
     register_sampler,
     build_output,
@@ -131,7 +132,7 @@ def write_commits(x: torch.Tensor, unmask_step: torch.Tensor, commit_logp: torch
 def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gen_length: int, steps: int,
                    block_length: int, temperature: float, remasking: str, generator: torch.Generator | None,
                    record_predictions: bool, forward=None, commit=None, early_exit: bool = False,
-                   tempered_confidence: bool = False) -> SamplerOutput:
+                   tempered_confidence: bool = False, min_new_tokens: int = 0) -> SamplerOutput:
     """Decode ``gen_length`` tokens after each left-padded prompt row, block by block.
 
     ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
@@ -173,6 +174,8 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
                 break
             first_needed = min(int(needed[0]), prompt_length) if record_predictions else int(needed[0])
             first, logits, tokens = forward(policy, x, attention_mask, first_needed, end)
+            logits = suppress_stop_tokens(logits, torch.arange(first, first + logits.shape[1], device=device)
+                                          - prompt_length, min_new_tokens, stop_ids)
             calls, processed = calls + 1, processed + tokens
             columns = needed[needed >= first]
             masked = masked[:, columns]
@@ -243,6 +246,7 @@ class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
 
     options_class = LLaDAOptions
+    takes_min_new_tokens = True
 
     def left_to_right(self, policy, gen_length: int) -> dict:
         return {"block_length": 1, "steps": gen_length}  # blocks of one token: each step commits the next
@@ -252,7 +256,7 @@ class LLaDASampler(Sampler):
         return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
                               block_length=options.block_length, temperature=options.temperature,
                               remasking=options.remasking, generator=generator, record_predictions=record_predictions,
-                              tempered_confidence=options.tempered_confidence)
+                              tempered_confidence=options.tempered_confidence, min_new_tokens=options.min_new_tokens)
 
 
 __all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "commit_priority", "continue_denoising",

@@ -59,6 +59,8 @@ class GenerationConfig:
     """sampling temperature; 0 is greedy"""
     remasking: str | None = None
     """which masked tokens are committed first: low_confidence or random"""
+    min_new_tokens: int | None = None
+    """no stop token at the first this many completion positions (llada, fast_dllm, block_diffusion)"""
     sampler: str | None = None
     """llada | fast_dllm | block_diffusion | diffusion_gemma | vllm (null: the family's own: diffusion_gemma for
     DiffusionGemma, block_diffusion for block-causal models, else llada)"""
@@ -66,6 +68,8 @@ class GenerationConfig:
     """the sampler's own options, e.g. {cache: dual, threshold: 0.9} for fast_dllm"""
 
     def __post_init__(self):
+        if self.min_new_tokens is not None and self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0 or null, got {self.min_new_tokens!r}")
         for name in ("gen_length", "steps", "block_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
