@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help=f"train a policy (no arguments: the embedded default, {DEFAULT_STEPS} steps on a CPU)",
         description=_fill("Train a dLLM policy with an RL algorithm. With no arguments, runs the embedded default "
-                          f"(diffu-GRPO on digit sorting with the built-in tiny model, {DEFAULT_STEPS} steps, about 3 "
+                          f"(diffu-GRPO on digit sorting with the built-in tiny model, {DEFAULT_STEPS} steps, about 3.5 "
                           f"minutes on a quiet 2-core CPU; a {DEFAULT_MINUTES}-minute guard stops it earlier on a slow "
                           "machine and says so). Exit codes: 2 bad configuration, 1 a reward failed on every rollout "
                           f"under strict_rewards, {NO_SIGNAL_EXIT_CODE} stopped after stop_after_no_signal_steps steps "

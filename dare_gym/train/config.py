@@ -128,7 +128,7 @@ class TrainConfig:
     group_size: int = 8
     """completions sampled per prompt"""
     max_steps: int = DEFAULT_MAX_STEPS
-    """stop after this many steps (the default run: 150 steps, about 3 minutes on 2 quiet CPU cores)"""
+    """stop after this many steps (the default run: 150 steps, about 3.5 minutes on 2 quiet CPU cores)"""
     time_limit_minutes: float | None = 5.0
     """a guard: stop after this much wall time even before max_steps, and say so (null: no limit)"""
     stop_after_no_signal_steps: int | None = 50
