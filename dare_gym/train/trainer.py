@@ -373,7 +373,8 @@ class Trainer:
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``max_steps`` (or the ``time_limit_minutes`` guard, or ``stop_after_no_signal_steps``
         steps in a row with no learning signal); returns a summary with the held-out accuracy before and after,
-        ``stopped_by`` (``max_steps``, ``time_limit`` or ``no_signal``) and ``stop_message`` (None at max_steps). In a distributed run every rank calls this; rank 0 logs, plots and writes."""
+        ``stopped_by`` (``max_steps``, ``time_limit`` or ``no_signal``) and ``stop_message`` (None at max_steps).
+        In a distributed run every rank calls this; rank 0 logs, plots and writes."""
         config = self.config
         main = self.group.is_main
         self.output_dir.mkdir(parents=True, exist_ok=True)
