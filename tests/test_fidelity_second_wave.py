@@ -8,12 +8,14 @@ policy of ``helpers.py``, whose log-probabilities the test chooses; each test sa
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
-from helpers import EOS, MASK, ScriptedPolicy, make_buffer
+from dare_gym.algorithms.agrpo import sample_steps
+from helpers import EOS, MASK, VOCAB, ScriptedPolicy, clipped, make_buffer
 
 
 def algorithm(name: str, **options):
@@ -73,3 +75,66 @@ def test_wd1_is_the_group_softmax_weighted_log_likelihood():
         scripted = ScriptedPolicy(part.completion_ids, lambda masked, rows=rows: leaf.detach()[rows])
         halves.append(method.loss(scripted, part, 0)[0] * len(rows) / 6)
     assert float(sum(halves)) == pytest.approx(loss, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- AGRPO
+
+
+def tempered_logp(value: float, temperature: float) -> float:
+    """log softmax(z / T) at the target of the scripted policy's logits z: the target's log-prob ``value``, the
+    rest of the mass spread evenly over the other VOCAB − 1 tokens."""
+    rest = math.log((1 - math.exp(value)) / (VOCAB - 1))
+    return value / temperature - math.log(math.exp(value / temperature) + (VOCAB - 1) * math.exp(rest / temperature))
+
+
+def test_agrpo_is_the_clipped_surrogate_on_monte_carlo_sampled_denoising_steps():
+    """AGRPO's ``compute_loss`` (probablyabot/agrpo ``agrpo_trainer.py``): per row, M steps uniform on 0..T_i (T_i
+    the last step that committed a non-EOS token); the state before step s (tokens committed at steps ≥ s masked)
+    scores, from logits / T_rollout, the tokens step s committed; PPO clip per token; Σ / (B·M). Two rows, A = ±½;
+    the scripted log-prob of a token falls by 0.05 per masked position of its row, so the state matters. μ = 2:
+    iteration 1 compares π_θ with π_old scored on the same sampled states at prepare."""
+    completions = [[7, 8, 9, EOS], [7, 8, 9, EOS]]
+    unmask_step = [[0, 1, 1, 2], [1, 0, 2, 3]]  # last content steps: 1 and 2 (the EOS steps only pad)
+    buffer = make_buffer(completions, unmask_step=unmask_step, rewards=[1.0, 0.0])
+    method = algorithm("agrpo", num_iterations=2, mc_samples=3)
+    assert (build_config("agrpo", {}).mc_samples, method.config.epsilon, method.config.beta) == (24, 0.2, 0.0)
+    assert method.config.response_mask == "all" and not method.needs_reference
+    buffer = method.advantages(buffer, 2)
+    assert buffer.advantage.tolist() == [0.5, -0.5]
+    buffer.columns["agrpo.temperature"] = torch.tensor([0.5, 0.5])  # what the rollout records
+    table_theta = [[-0.3, -0.6, -0.9, -0.2], [-1.2, -0.4, -0.7, -0.5]]
+    table_old = [[-0.4, -0.5, -1.0, -0.2], [-1.0, -0.6, -0.5, -0.5]]
+
+    def scripted(table):
+        leaf = torch.tensor(table, dtype=torch.float64, requires_grad=True)
+        policy = ScriptedPolicy(buffer.completion_ids, lambda masked: leaf - 0.05 * masked.sum(dim=1, keepdim=True))
+        policy.tokenizer = SimpleNamespace(eos_token_id=EOS)
+        return policy
+
+    old, theta = scripted(table_old), scripted(table_theta)
+    method.prepare(old, None, buffer, torch.Generator().manual_seed(5), micro_batch_size=8)
+    steps = buffer.columns["agrpo.steps"]
+    assert steps.shape == (2, 2, 3)
+    assert steps[0].max() <= 1 and steps[1].max() <= 2 and steps.min() >= 0
+    loss, _ = method.loss(theta, buffer, 1)
+
+    total = 0.0
+    for row, advantage in ((0, 0.5), (1, -0.5)):
+        for step in steps[row, 1].tolist():
+            masked = sum(1 for s in unmask_step[row] if s >= step)
+            for k, committed in enumerate(unmask_step[row]):
+                if committed != step:
+                    continue
+                new = tempered_logp(table_theta[row][k] - 0.05 * masked, 0.5)
+                before = tempered_logp(table_old[row][k] - 0.05 * masked, 0.5)
+                total += -clipped(math.exp(new - before), advantage, 0.2)
+    assert loss.item() == pytest.approx(total / (2 * 3), abs=1e-9)
+    backward_loss, _ = method.backward(scripted(table_theta), buffer, 1, 1.0)  # one backward per sampled step
+    assert backward_loss == pytest.approx(total / (2 * 3), abs=1e-9)
+
+
+def test_agrpo_low_discrepancy_steps_cover_each_stratum_once():
+    """u = (perm + U)/S: the S = B·M draws fall one in each [k/S, (k+1)/S), so with a common last step T and S a
+    multiple of T + 1 every step is drawn exactly S/(T + 1) times."""
+    steps = sample_steps(torch.full((4,), 3), 6, low_discrepancy=True, generator=torch.Generator().manual_seed(1))
+    assert sorted(torch.bincount(steps.flatten(), minlength=4).tolist()) == [6, 6, 6, 6]
