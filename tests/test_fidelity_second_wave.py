@@ -15,6 +15,7 @@ import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.algorithms.agrpo import sample_steps
+from dare_gym.core.estimators import gauss_legendre
 from helpers import EOS, MASK, VOCAB, ScriptedPolicy, clipped, make_buffer
 
 
@@ -138,3 +139,59 @@ def test_agrpo_low_discrepancy_steps_cover_each_stratum_once():
     multiple of T + 1 every step is drawn exactly S/(T + 1) times."""
     steps = sample_steps(torch.full((4,), 3), 6, low_discrepancy=True, generator=torch.Generator().manual_seed(1))
     assert sorted(torch.bincount(steps.flatten(), minlength=4).tolist()) == [6, 6, 6, 6]
+
+
+# ----------------------------------------------------------------------------------------------------- GDPO
+
+
+def test_gauss_legendre_nodes_and_weights_on_the_unit_interval():
+    """The 2- and 3-point Gauss–Legendre rules on [0, 1] in closed form: ½ ∓ ½/√3 with weights ½; ½ ∓ ½√(3/5) and ½
+    with weights 5/18, 5/18 and 8/18; and a 4-point rule integrates t⁷ exactly (1/8)."""
+    nodes, weights = gauss_legendre(2)
+    torch.testing.assert_close(nodes, torch.tensor([0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)],
+                                                   dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-12, rtol=0)
+    nodes, weights = gauss_legendre(3)
+    half = 0.5 * math.sqrt(3 / 5)
+    torch.testing.assert_close(nodes, torch.tensor([0.5 - half, 0.5, 0.5 + half], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(weights, torch.tensor([5 / 18, 8 / 18, 5 / 18], dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    nodes, weights = gauss_legendre(4)
+    assert float((weights * nodes ** 7).sum()) == pytest.approx(1 / 8, abs=1e-12)
+
+
+def test_gdpo_is_the_length_scaled_sequence_clip_on_the_quadrature_elbo():
+    """GDPO (arXiv 2510.08554, its objective): 𝓑 = Σ_n w_n/t_n Σ_{masked at t_n} log π over the tokens through the
+    first EOS, r = exp(𝓑 − 𝓑_old) on the same masks, loss = mean_i −min(r A, clip(r, 1 ± 0.5) A)/|o_i|, A = r − mean.
+    Two nodes (t = ½ ∓ ½/√3, w = ½); the scripted log-prob of a token falls by 0.1 per masked position of its row,
+    so each node's state matters; μ = 2, iteration 1 against π_old scored at prepare."""
+    buffer = make_buffer([[7, EOS, EOS], [7, 8, 9]], completion_mask=[[1, 1, 0], [1, 1, 1]], rewards=[1.0, 0.0])
+    method = algorithm("gdpo", num_iterations=2, estimator_kwargs={"points": 2})
+    defaults = build_config("gdpo", {})
+    assert (defaults.epsilon, defaults.num_iterations, defaults.estimator_kwargs) == (0.5, 12, {"points": 3})
+    buffer = method.advantages(buffer, 2)
+    table_theta = [[-0.3, -0.6, -0.9], [-1.2, -0.4, -0.7]]
+    table_old = [[-0.5, -0.4, -0.9], [-1.0, -0.6, -0.5]]
+
+    def scripted(table):
+        return ScriptedPolicy(buffer.completion_ids,
+                              lambda masked: torch.tensor(table, dtype=torch.float64) - 0.1 * masked.sum(1, keepdim=True))
+
+    method.prepare(scripted(table_old), None, buffer, torch.Generator().manual_seed(11), micro_batch_size=8)
+    masks = buffer.columns["noise.masked"][:, 1]  # [rows, nodes, L] the masks of iteration 1
+    assert masks.shape == (2, 2, 3) and masks[:, :, :2].any()
+    loss, _ = method.loss(scripted(table_theta), buffer, 1)
+
+    nodes = [0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)]
+    valid = [[1, 1, 0], [1, 1, 1]]
+    terms = []
+    for row, advantage in ((0, 0.5), (1, -0.5)):
+        elbo = {"theta": 0.0, "old": 0.0}
+        for n, t in enumerate(nodes):
+            mask = masks[row, n].tolist()
+            for name, table in (("theta", table_theta), ("old", table_old)):
+                elbo[name] += 0.5 / t * sum(table[row][k] - 0.1 * sum(mask) for k in range(3) if mask[k] and valid[row][k])
+        ratio = math.exp(elbo["theta"] - elbo["old"])
+        terms.append(-clipped(ratio, advantage, 0.5) / sum(valid[row]))
+    assert loss.item() == pytest.approx(sum(terms) / 2, abs=1e-9)
