@@ -33,7 +33,7 @@ import torch
 from dare_gym.algorithms.base import AlgorithmConfig, PolicyGradient, register_algorithm
 from dare_gym.algorithms.options import GroupAdvantages, Likelihood, ResponseMask, is_number
 
-WEIGHT = "wd1_weight"  # per row: G · (w⁻ − w⁺), the coefficient of ℓ_i in the loss
+WEIGHT = "wd1_weight"  # per row: (N/#groups) · (w⁻ − w⁺), the coefficient of ℓ_i in the loss
 
 
 @dataclass
@@ -52,14 +52,15 @@ class WD1Config(ResponseMask, Likelihood, GroupAdvantages, AlgorithmConfig):
 
 
 def wd1_coefficients(advantages: torch.Tensor, group_ids: torch.Tensor, psi: float) -> torch.Tensor:
-    """[N] G_i · (w⁻_i − w⁺_i) per row, w± the softmax of ±ψA over the row's group (G_i its size), so that the
-    row mean of coefficient · ℓ is the mean over groups of Σ_{i∈g} (w⁻_i − w⁺_i) ℓ_i however rows are split."""
+    """[N] (N/#groups) · (w⁻_i − w⁺_i) per row, w± the softmax of ±ψA over the row's group, so that the row mean
+    of coefficient · ℓ is the mean over groups of Σ_{i∈g} (w⁻_i − w⁺_i) ℓ_i however rows are split."""
     coefficients = torch.zeros_like(advantages)
-    for group in torch.unique(group_ids):
+    groups = torch.unique(group_ids)
+    for group in groups:
         rows = group_ids == group
         scaled = psi * advantages[rows]
-        coefficients[rows] = rows.sum() * (torch.softmax(-scaled, dim=0) - torch.softmax(scaled, dim=0))
-    return coefficients
+        coefficients[rows] = torch.softmax(-scaled, dim=0) - torch.softmax(scaled, dim=0)
+    return coefficients * len(group_ids) / len(groups)
 
 
 @register_algorithm("wd1", WD1Config)

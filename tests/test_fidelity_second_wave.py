@@ -195,3 +195,57 @@ def test_gdpo_is_the_length_scaled_sequence_clip_on_the_quadrature_elbo():
         ratio = math.exp(elbo["theta"] - elbo["old"])
         terms.append(-clipped(ratio, advantage, 0.5) / sum(valid[row]))
     assert loss.item() == pytest.approx(sum(terms) / 2, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------- DMPO
+
+
+def test_dmpo_is_the_tilted_softmax_weighted_denoising_cross_entropy():
+    """DMPO's ``wdce`` loss (yuchen-zhu-zyc/DMPO ``dmpo_trainer.py``): ELBOs under p_cur and p_pre on shared antithetic
+    masks, (L/m)·Σ_masked log π averaged over the masks; log_rnd = 𝓑_pre − 𝓑_cur; per group c = softmax(log_rnd + r/α)
+    − softmax(log_rnd − r/α); loss = mean over groups of Σ_i c_i (1/R) Σ_j Σ_{masked in j} −log π_θ / m_ij. One group
+    of three (rewards 1, 0, ½) and one of two, α = ½ so that both terms of the weights matter; the scripted log-prob
+    falls by 0.1 per masked position of its row (each mask's state matters)."""
+    completions = [[7, 8, EOS], [7, EOS, EOS], [8, 9, 7], [9, 9, EOS], [7, 7, 7]]
+    buffer = make_buffer(completions, rewards=[1.0, 0.0, 0.5, 0.0, 1.0])
+    buffer.group_id = torch.tensor([0, 0, 0, 1, 1])
+    method = algorithm("dmpo", alpha=0.5)
+    defaults = build_config("dmpo", {})
+    assert (defaults.alpha, defaults.num_iterations, defaults.num_replicates, defaults.response_mask) == \
+        (0.04, 8, 4, "all")
+    assert method.needs_reference
+    tables = {"cur": [[-0.3, -0.6, -0.2], [-0.9, -0.1, -0.1], [-1.2, -0.4, -0.7], [-0.5, -0.5, -0.3], [-0.2, -0.8, -0.4]],
+              "pre": [[-0.5, -0.4, -0.2], [-0.6, -0.2, -0.1], [-1.0, -0.9, -0.5], [-0.4, -0.7, -0.3], [-0.3, -0.6, -0.9]],
+              "theta": [[-0.4, -0.5, -0.3], [-0.8, -0.2, -0.2], [-1.1, -0.5, -0.6], [-0.6, -0.4, -0.2], [-0.3, -0.7, -0.5]]}
+
+    def scripted(name):
+        table = torch.tensor(tables[name], dtype=torch.float64)
+        return ScriptedPolicy(buffer.completion_ids, lambda masked: table - 0.1 * masked.sum(1, keepdim=True))
+
+    method.prepare(scripted("cur"), scripted("pre"), buffer, torch.Generator().manual_seed(4), micro_batch_size=8)
+    elbo_masks, loss_masks = buffer.columns["dmpo.elbo_masks"], buffer.columns["dmpo.masks"][:, 0]
+    assert (elbo_masks[:, 2:] == ~elbo_masks[:, :2]).all() and (loss_masks[:, 2:] == ~loss_masks[:, :2]).all()
+    loss, _ = method.loss(scripted("theta"), buffer, 0)
+
+    def elbo(name, row):
+        total = 0.0
+        for mask in elbo_masks[row].tolist():
+            m = sum(mask)
+            total += (3 / max(m, 1)) * sum(tables[name][row][k] - 0.1 * m for k in range(3) if mask[k])
+        return total / len(elbo_masks[row])
+
+    log_rnd = [elbo("pre", row) - elbo("cur", row) for row in range(5)]
+    rewards = [1.0, 0.0, 0.5, 0.0, 1.0]
+    expected = 0.0
+    for group in ([0, 1, 2], [3, 4]):
+        plus = softmax([log_rnd[i] + rewards[i] / 0.5 for i in group])
+        minus = softmax([log_rnd[i] - rewards[i] / 0.5 for i in group])
+        for i, p, q in zip(group, plus, minus):
+            cross_entropy = 0.0
+            for mask in loss_masks[i].tolist():
+                m = sum(mask)
+                cross_entropy += sum(-(tables["theta"][i][k] - 0.1 * m) for k in range(3) if mask[k]) / max(m, 1)
+            expected += (p - q) * cross_entropy / len(loss_masks[i])
+    expected /= 2  # the mean over the two groups
+    # the weights are kept in float32 (log_rnd up to ~1, r/α 2): relative error ~1e-7 on terms of size ~3
+    assert loss.item() == pytest.approx(expected, abs=2e-6)
