@@ -157,6 +157,7 @@ def test_gauss_legendre_nodes_and_weights_on_the_unit_interval():
                                atol=1e-12, rtol=0)
     torch.testing.assert_close(weights, torch.tensor([5 / 18, 8 / 18, 5 / 18], dtype=torch.float64),
                                atol=1e-12, rtol=0)
+    assert [t.tolist() for t in gauss_legendre(1)] == [[0.5], [1.0]]
     nodes, weights = gauss_legendre(4)
     assert float((weights * nodes ** 7).sum()) == pytest.approx(1 / 8, abs=1e-12)
 

@@ -291,6 +291,8 @@ def gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``points``-node Gauss–Legendre rule on [0, 1] (float64): nodes t_n and weights w_n with Σ w_n = 1, from
     the eigen-decomposition of the Legendre polynomials' Jacobi matrix (Golub–Welsch). 2 points: t = ½ ∓ ½/√3,
     w = ½ each."""
+    if points == 1:  # the midpoint rule (the Jacobi matrix below would be empty)
+        return torch.tensor([0.5], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
     k = torch.arange(1, points, dtype=torch.float64)
     off = k / torch.sqrt(4 * k * k - 1)
     jacobi = torch.diag(off, 1) + torch.diag(off, -1)
