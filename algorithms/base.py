@@ -69,12 +69,15 @@ class AlgorithmConfig(Updates):
 class RolloutContext:
     """What the trainer hands an algorithm's rollout beside the policy: which problem each prompt is and the
     env's own scoring, for algorithms whose rows need more than the completions' rewards (MDPO scores the
-    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers)."""
+    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers, IGPO inpaints the env's
+    hints)."""
 
     indices: Sequence[int]  # the record index of each prompt's problem
     score_texts: Callable[[int, Sequence[str]], list[float]]  # the env's rewards of texts for record i
     demonstrations: Callable[[Sequence[int]], list[str]]  # the env's gold completions of records
     env_id: str = ""
+    hints: Callable[[Sequence[int], float], list[str | None]] | None = None  # the env's partial gold reasoning
+    # of records (the first fraction of it; None where the task has none): IGPO's inpainting
 
 
 @dataclass
