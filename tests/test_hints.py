@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dare_gym
 from dare_gym.envs.base import leading_fraction
@@ -63,3 +64,69 @@ def test_tasks_without_reasoning_have_no_hint_and_the_vector_env_collects_them()
     vector = dare_gym.make_vec("digitsort-v0", 2, group_size=2)
     first, second = vector.envs[0].record(3), vector.envs[0].record(4)
     assert vector.hints([3, 4], 0.5) == [first["gold"][:3], second["gold"][:3]]
+
+
+# ------------------------------------------------------------------------------------------ sampler prefill
+
+
+def _prefill_rows(policy, gold: str, keep: list[int], gen_length: int) -> torch.Tensor:
+    """A [gen_length] prefill holding the gold completion's tokens (the answer, then EOS) at positions ``keep``,
+    the mask id elsewhere."""
+    ids = policy.tokenizer(gold, add_special_tokens=False)["input_ids"]
+    ids = ids + [policy.tokenizer.eos_token_id] * (gen_length - len(ids))
+    row = torch.full((gen_length,), policy.mask_token_id, dtype=torch.long)
+    for position in keep:
+        row[position] = ids[position]
+    return row
+
+
+@pytest.mark.parametrize("sampler, options", [
+    ("llada", dict(gen_length=8, steps=4, block_length=8)),
+    ("fast_dllm", dict(gen_length=8, steps=4, block_length=8, cache="dual", threshold=None, early_exit=False)),
+])
+def test_prefilled_tokens_stay_and_only_the_free_positions_are_scheduled(tiny_policy, sampler, options):
+    env = dare_gym.make("digitsort-v0")
+    records = [env.record(i) for i in (5, 6)]
+    prompts = [env.prompt(r) for r in records]
+    keep = [0, 2, 5, 6]  # four fixed tokens; the four free ones are spread over 4 steps: one per step
+    prefill = [_prefill_rows(tiny_policy, r["gold"], keep, 8) for r in records[:1]] + [None]
+    out = tiny_policy.generate(prompts, sampler=sampler, temperature=0.7, seed=3, prefill=prefill, **options)
+    fixed, free = torch.tensor(keep), torch.tensor([1, 3, 4, 7])
+    assert torch.equal(out[0].completion_ids[fixed], prefill[0][fixed])
+    assert (out[0].unmask_step[fixed] == -1).all() and (out[0].commit_logp[fixed] == 0).all()
+    assert sorted(out[0].unmask_step[free].tolist()) == [0, 1, 2, 3]  # generated, one per step
+    assert (out[0].completion_ids != tiny_policy.mask_token_id).all()
+    assert sorted(out[1].unmask_step.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # a row without prefill: 8 over 4 steps
+    # a fully prefilled completion needs no forward at all
+    whole = _prefill_rows(tiny_policy, records[0]["gold"], list(range(8)), 8)
+    done, stats = tiny_policy.generate(prompts[:1], sampler=sampler, prefill=[whole], return_stats=True, **options)
+    assert torch.equal(done[0].completion_ids, whole) and stats["model_calls"] == 0
+
+
+def test_block_diffusion_keeps_prefilled_tokens_and_decodes_the_rest():
+    policy = dare_gym.load_policy("tiny-block")
+    env = dare_gym.make("groupsort-v0")
+    record = env.record(1)
+    gen_length = 16
+    keep = [0, 1, 2, 5, 9]
+    prefill = _prefill_rows(policy, record["gold"], keep, gen_length)
+    options = dict(gen_length=gen_length, steps_per_block=4, remasking_strategy="low_confidence_static",
+                   early_exit=False, temperature=0.0)
+    out = policy.generate([env.prompt(record)] * 2, sampler="block_diffusion", prefill=[prefill, None], **options)
+    fixed = torch.tensor(keep)
+    assert torch.equal(out[0].completion_ids[fixed], prefill[fixed])
+    assert (out[0].unmask_step[fixed] == -1).all()
+    free = torch.ones(gen_length, dtype=torch.bool)
+    free[fixed] = False
+    assert (out[0].unmask_step[free] >= 0).all()
+    assert (out[0].completion_ids != policy.mask_token_id).all()
+    assert (out[1].unmask_step >= 0).all()  # the row without prefill decodes everything
+
+
+def test_prefill_errors_name_the_bad_value(tiny_policy):
+    with pytest.raises(ValueError, match="prefill has 1 entries for 2 prompts"):
+        tiny_policy.generate(["sort 21\n", "sort 12\n"], gen_length=8, steps=8, block_length=8, prefill=[None])
+    with pytest.raises(ValueError, match=r"prefill entry 0 has shape \(3,\), expected \(8,\)"):
+        tiny_policy.generate(["sort 21\n"], gen_length=8, steps=8, block_length=8, prefill=[[1, 2, 3]])
+    with pytest.raises(ValueError, match="sampler 'diffusion_gemma' cannot keep prefilled completion tokens"):
+        tiny_policy.generate(["sort 21\n"], sampler="diffusion_gemma", prefill=[None])
