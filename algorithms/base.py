@@ -165,6 +165,14 @@ class Algorithm:
                     + (f" (algorithms with {family.noise}-noise estimators: {', '.join(able)})" if able else ""))
         return None
 
+    @classmethod
+    def model_refusal(cls, family, model_config) -> str | None:
+        """Why this algorithm cannot train one model of ``family`` whose transformers config (read without a
+        weight; None where it could not be read) is ``model_config``: :meth:`refusal` unless the algorithm
+        needs more than its family says (DiPO: block-causal attention, which a tiny model has only when its config
+        sets a block size)."""
+        return cls.refusal(family)
+
     @property
     def needs_reference(self) -> bool:
         """A frozen reference is kept only where the loss has a per-token KL term towards it."""
