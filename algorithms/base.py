@@ -78,6 +78,7 @@ class RolloutContext:
     env_id: str = ""
     hints: Callable[[Sequence[int], float], list[str | None]] | None = None  # the env's partial gold reasoning
     # of records (the first fraction of it; None where the task has none): IGPO's inpainting
+    judge: Callable[[int, Sequence[str]], list[bool]] | None = None  # the env's verdicts on texts for record i
 
 
 @dataclass

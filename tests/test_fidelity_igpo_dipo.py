@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import pytest
 import torch
 
 from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.algorithms.dipo import block_rounds
+from dare_gym.algorithms.igpo import HINTED, IGPOConfig, inpainting_prefill, stretched_positions
 from dare_gym.core.policy import DiffusionPolicy
 from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
 from dare_gym.models.tokenizer import build_char_tokenizer
-from helpers import make_buffer
+from helpers import MASK, VOCAB, ScriptedPolicy, constant, make_buffer
 
 
 def random_tiny(block_size: int | None = None, seed: int = 0) -> DiffusionPolicy:
@@ -139,3 +141,88 @@ def test_dipo_is_refused_on_full_attention_families_with_its_reason():
     tiny = policy_family("tiny")
     assert "this tiny model (its config sets no block size)" in dipo.model_refusal(tiny, policy_config("tiny"))
     assert dipo.model_refusal(tiny, policy_config("tiny-block")) is None
+
+
+# ---------------------------------------------------------------------------------------------------- IGPO
+
+
+def test_igpo_places_revealed_chunks_at_stretched_positions():
+    """scale_chunk_positions by hand: chunks (0,2), (5,7), (9,10), stretch 1.5, gaps capped at 2, room 9: the
+    first at ⌊0·1.5⌋ = 0; the next after a gap of min(⌊3·1.5⌋, 2) = 2 -> (4, 6); the last after min(⌊2·1.5⌋, 2)
+    = 2 -> (8, 9), cut at the room's end."""
+    assert stretched_positions([(0, 2), (5, 7), (9, 10)], 1.5, 2, 9) == [(0, 2), (4, 6), (8, 9)]
+    assert stretched_positions([(0, 2), (5, 7)], 1.5, 100, 5) == [(0, 2)]  # the second would start at 6 > 5
+
+
+def test_igpo_prefill_reveals_a_fraction_of_the_hint_chunks_and_always_the_last():
+    """A 10-token hint, chunks of exactly 2, a 20-token completion with its last 5 free: room 15, stretch
+    min(1.5, 15/10) = 1.5. η = 0 hides ⌊5·1⌋ = 5 chunks, but the last is always revealed: tokens 8–9 at
+    ⌊8·1.5⌋ = 12. η = 1 hides none: chunks back to back from position 0 (no gaps to stretch)."""
+    config = IGPOConfig(min_chunk_size=2, max_chunk_size=2, free_tail=5)
+    hint = list(range(20, 30))
+    none = inpainting_prefill(hint, 0.0, 20, MASK, config, random.Random(0))
+    expected = [MASK] * 20
+    expected[12:14] = [28, 29]
+    assert none.tolist() == expected
+    every = inpainting_prefill(hint, 1.0, 20, MASK, config, random.Random(0))
+    assert every.tolist() == hint + [MASK] * 10
+    counts = set()
+    for seed in range(20):  # η = 0.5 hides ⌊5·0.5⌋ = 2 chunks: 3 show, or 4 when the last was hidden (it shows)
+        half = inpainting_prefill(hint, 0.5, 20, MASK, config, random.Random(seed)).tolist()
+        revealed = [token for token in half if token != MASK]
+        assert revealed[-2:] == [28, 29] and len(revealed) in (6, 8)
+        counts.add(len(revealed))
+    assert counts == {6, 8}
+    long_hint = list(range(40, 80))  # longer than the room: cut to 15 tokens (7 chunks of 2, the 15th dropped)
+    assert inpainting_prefill(long_hint, 1.0, 20, MASK, config, random.Random(0)).tolist() == \
+        long_hint[:14] + [MASK] * 6
+
+
+def scripted_entropy(logp: float) -> float:
+    """The entropy of ScriptedPolicy's distribution: p = e^v on the target, the rest spread over VOCAB − 1 ids."""
+    p = math.exp(logp)
+    return -p * logp - (1 - p) * math.log((1 - p) / (VOCAB - 1))
+
+
+def test_igpo_loss_scores_generated_tokens_and_the_highest_entropy_hinted_ones_with_the_sequence_ratio():
+    """compute_loss of trainer_igpo.py by hand, on one group of two rows of four tokens, rewards (1, 0): A = ±0.5
+    (no std). Row 0's positions 1–3 were inpainted; of them max(1, ⌊3·0.2⌋) = 1 is scored, the one with the
+    highest entropy under π_old (position 1, the least confident). The ratio is GSPO's: s_i = exp(mean over
+    all four positions of log π_θ − log π_old), clipped to [0.8, 1.2]; row 0's (1.87 with A > 0) is clipped,
+    row 1's (1.78 with A < 0) is not. ℓ = −min(sA, clip(s)A) + β·k3(π_θ‖π_ref) per token, averaged over the six
+    scored tokens. The gradient reaches every position of row 1 through the mean (1/4 of −A·s per scored token),
+    not only its scored ones."""
+    old = [[-0.5, -2.0, -0.7, -1.2], [-1.0, -1.5, -0.3, -0.9]]
+    new = [[-0.1, -1.0, -0.3, -0.5], [-0.2, -0.8, -0.1, -0.3]]
+    ref = [[-0.6, -2.1, -0.6, -1.1], [-0.9, -1.4, -0.2, -1.0]]
+    beta, advantages = 0.1, [0.5, -0.5]
+    buffer = make_buffer([[5, 6, 7, 8], [6, 7, 8, 5]], rewards=[1.0, 0.0])
+    buffer.columns[HINTED] = torch.tensor([[False, True, True, True], [False] * 4])
+    method = make_algorithm("igpo", build_config("igpo", {"beta": beta, "num_iterations": 2}), mask_token_id=MASK)
+    buffer = method.advantages(buffer, 2)
+    assert buffer.advantage.tolist() == advantages
+    targets = buffer.completion_ids
+    method.prepare(ScriptedPolicy(targets, constant(old)), ScriptedPolicy(targets, constant(ref)), buffer, None,
+                   micro_batch_size=8)
+    assert scripted_entropy(-2.0) > max(scripted_entropy(-0.7), scripted_entropy(-1.2))
+    leaf = torch.tensor(new, dtype=torch.float64, requires_grad=True)
+    loss, metrics = method.loss(ScriptedPolicy(targets, lambda masked: leaf), buffer, 0)
+    loss.backward()
+
+    scored = [[0, 1], [0, 1, 2, 3]]
+    total, grad = 0.0, [[0.0] * 4 for _ in range(2)]
+    for row, advantage in enumerate(advantages):
+        s = math.exp(sum(n - o for n, o in zip(new[row], old[row])) / 4)
+        clip = min(max(s, 0.8), 1.2)
+        surrogate_clipped = clip * advantage < s * advantage
+        for t in scored[row]:
+            u = ref[row][t] - new[row][t]
+            total += -min(s * advantage, clip * advantage) + beta * (math.exp(u) - u - 1)
+            grad[row][t] += beta * (1 - math.exp(u)) / 6
+            if not surrogate_clipped:  # d(−sA)/d new_t' = −A·s/4 for every position t' of the row
+                for position in range(4):
+                    grad[row][position] += -advantage * s / 4 / 6
+        assert surrogate_clipped == (row == 0)
+    assert metrics["scored_tokens"] == 6
+    assert loss.item() == pytest.approx(total / 6, rel=1e-12)
+    torch.testing.assert_close(leaf.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-10, atol=1e-12)
