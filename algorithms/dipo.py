@@ -31,10 +31,12 @@ Defaults (``configs/rl.yaml`` with ``scripts/grpo.sh``): ε = 0.2 with ε_high =
 run settings: lr 1e-6, G = 8, SDAR's block 4 with 4 steps per block, temperature 1.0, top-k 50, dynamic
 threshold 0.9. Not followed: ``shrink`` > 1 (the official default is 1).
 
-Neighbours: TraceRL replays the same rollout one *global* denoising step per row (the state of the whole
-sequence before that step); DiPO groups the r-th step of every block into one row, which the clean-context
-block-diffusion forward makes exact, so a response needs at most ``block_size`` forwards instead of one per
-step. It needs block-causal attention: full-attention families are refused.
+Neighbours: dLLM-RL's ``rl_sdar.py`` (TraceRL) builds the same rounds, but divides each row's
+surrogate sum by the batch's longest response L₁ and takes its "KL" against π_old, where DiPO takes each row's
+token mean over N·block_size rows, clips higher, clamps the log-ratio and penalises towards a frozen reference;
+this repository's ``tracerl`` replays one *global* step per row (the same per-token log-probs, one forward per
+step rather than per round). CJ-GRPO replays the same states on full-attention models with a per-step token
+mean. DiPO needs block-causal attention: full-attention families are refused.
 """
 
 from __future__ import annotations
@@ -147,14 +149,14 @@ class DiPO(PolicyGradient):
     def refusal(cls, family) -> str | None:
         reason = super().refusal(family)
         if reason is None and family.block_size_key is None:
-            return block_causal_reason(f"{family.name} models attend")
+            return block_causal_reason("this family's models have full attention")
         return reason
 
     @classmethod
     def model_refusal(cls, family, model_config) -> str | None:
         reason = cls.refusal(family)
         if reason is None and model_config is not None and family.block_size(model_config) is None:
-            return block_causal_reason(f"this {family.name} model (its config sets no block size) attends")
+            return block_causal_reason(f"this {family.name} model has full attention (its config sets no block size)")
         return reason
 
     @torch.no_grad()
@@ -187,7 +189,6 @@ class DiPO(PolicyGradient):
         return dipo_loss(per_token, targets, len(batch), self.estimator.block_size), metrics
 
 
-def block_causal_reason(which_attend: str) -> str:
+def block_causal_reason(why_not: str) -> str:
     return (f"DiPO scores each block in the state before its r-th denoising step given the clean blocks before it, "
-            f"which needs block-causal attention; {which_attend} to the whole sequence (it trains sdar, llada2 and "
-            f"block-causal tiny models)")
+            f"which needs block-causal attention; {why_not} (it trains sdar, llada2 and block-causal tiny models)")

@@ -93,6 +93,7 @@ class IGPOConfig(ResponseMask, Likelihood, SequenceRatio, GroupAdvantages, KLPen
     min_chunk_size: int = 5
     """hint chunks are min_chunk_size to max_chunk_size tokens; a shorter remainder is dropped"""
     max_chunk_size: int = 10
+    """the largest hint chunk, in tokens"""
     free_tail: int = 30
     """the last free_tail completion positions are never inpainted"""
     max_stretch: float = 1.5

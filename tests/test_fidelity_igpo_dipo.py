@@ -139,7 +139,8 @@ def test_dipo_is_refused_on_full_attention_families_with_its_reason():
     for name in ("sdar", "llada2", "tiny"):
         assert dipo.refusal(get_family(name)) is None
     tiny = policy_family("tiny")
-    assert "this tiny model (its config sets no block size)" in dipo.model_refusal(tiny, policy_config("tiny"))
+    assert "this tiny model has full attention (its config sets no block size)" in \
+        dipo.model_refusal(tiny, policy_config("tiny"))
     assert dipo.model_refusal(tiny, policy_config("tiny-block")) is None
 
 
