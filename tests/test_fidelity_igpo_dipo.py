@@ -227,3 +227,50 @@ def test_igpo_loss_scores_generated_tokens_and_the_highest_entropy_hinted_ones_w
     assert metrics["scored_tokens"] == 6
     assert loss.item() == pytest.approx(total / 6, rel=1e-12)
     torch.testing.assert_close(leaf.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_igpo_rollout_replaces_rows_of_an_all_wrong_group_with_correct_inpainted_ones(tiny_policy):
+    """Two groups of 6 on digit sorting. The judge calls group 0's first sampling all wrong (as if the model had
+    failed it) and group 1's right; afterwards it is the env's own verdict. Group 0 is regenerated with chunks of
+    the gold answer inpainted (free_tail 0, chunks of 2, η ∈ [0.5, 0.5]: 2 of 3 chunks, the last always), its
+    correct regenerations (at most max_replacements = 2) replace its first rows, whose hinted positions hold the
+    gold tokens and are recorded; group 1 is left alone."""
+    from dare_gym.algorithms.base import RolloutContext
+    import dare_gym
+
+    env = dare_gym.make("digitsort-v0")
+    indices = [11] * 6 + [12] * 6
+    prompts = [env.prompt(env.record(i)) for i in indices]
+    calls = []
+
+    def judge(index, texts):
+        calls.append(index)
+        if len(calls) <= 2:  # the first sampling of each group
+            return [index == 12] * len(texts)
+        return [env.is_correct(text, env.record(index)) for text in texts]
+
+    context = RolloutContext(indices=indices, score_texts=None, demonstrations=None,
+                             hints=lambda rows, fraction: [env.hint(env.record(i), fraction) for i in rows],
+                             judge=judge)
+    method = make_algorithm("igpo", build_config("igpo", {
+        "free_tail": 0, "min_chunk_size": 2, "max_chunk_size": 2, "inpaint_ratio_low": 0.5,
+        "inpaint_ratio_high": 0.5, "max_replacements": 2}), mask_token_id=tiny_policy.mask_token_id)
+    settings = dict(gen_length=8, steps=8, block_length=8, temperature=0.7)
+    generator = torch.Generator().manual_seed(0)
+    plain = tiny_policy.generate(prompts, generator=torch.Generator().manual_seed(0), **settings)
+    rollout = method.rollout(tiny_policy, prompts, group_size=6, generator=generator, batch_size=64,
+                             settings=settings, context=context)
+    gold = tiny_policy.tokenizer(env.record(11)["gold"], add_special_tokens=False)["input_ids"]
+    assert method.inpainted_groups == 1 and method.replaced_rows == 2  # the tiny model completes hints correctly
+    for row in range(2):
+        hinted = rollout.hinted[row]
+        assert 4 <= int(hinted.sum()) <= 6 and bool(hinted[4:6].all())  # 2 or 3 chunks, always the last (4-5)
+        assert rollout.completions[row].completion_ids[hinted].tolist() == torch.tensor(gold)[hinted[:6]].tolist()
+        assert (rollout.completions[row].unmask_step[hinted] == -1).all()
+        assert env.is_correct(rollout.completions[row].text, env.record(11))
+    for row in range(2, 12):  # the other rows are the plain sampling's, unhinted
+        assert not rollout.hinted[row].any()
+        assert torch.equal(rollout.completions[row].completion_ids, plain[row].completion_ids)
+    buffer = rollout.buffer([1.0] * 12, [i // 6 for i in range(12)])
+    assert buffer.columns[HINTED].sum(dim=1).tolist()[:3] == [int(rollout.hinted[0].sum()),
+                                                              int(rollout.hinted[1].sum()), 0]
