@@ -203,8 +203,8 @@ class IGPO(PolicyGradient):
         completions = policy.generate(prompts, generator=generator, batch_size=batch_size, **settings)
         hinted = [torch.zeros(len(c.completion_ids), dtype=torch.bool) for c in completions]
         rollout = InpaintedRollout(prompts, completions, policy, self.response_mask, hinted=hinted)
-        if context is None or context.hints is None or context.judge is None:
-            return rollout  # no env to ask for hints or verdicts: plain GRPO
+        if context is None or context.hints is None or context.judge is None or self.config.max_replacements == 0:
+            return rollout  # no env to ask for hints or verdicts, or nothing may be replaced: plain GRPO
         self.inpaint_failed_groups(rollout, policy, group_size, generator, batch_size, settings, context)
         return rollout
 
