@@ -64,6 +64,7 @@ from dare_gym.algorithms.options import (
     SequenceRatio,
     is_number,
 )
+from dare_gym.core.device import uniform
 from dare_gym.core.losses import kl_penalty
 
 HINTED = "igpo.hinted"  # buffer column [N, L] bool: the completion positions the rollout's prefill fixed
@@ -203,6 +204,7 @@ class IGPO(PolicyGradient):
         completions = policy.generate(prompts, generator=generator, batch_size=batch_size, **settings)
         hinted = [torch.zeros(len(c.completion_ids), dtype=torch.bool) for c in completions]
         rollout = InpaintedRollout(prompts, completions, policy, self.response_mask, hinted=hinted)
+        self.inpainted_groups = self.replaced_rows = 0  # this step's counts (the rollout test reads them)
         if context is None or context.hints is None or context.judge is None or self.config.max_replacements == 0:
             return rollout  # no env to ask for hints or verdicts, or nothing may be replaced: plain GRPO
         self.inpaint_failed_groups(rollout, policy, group_size, generator, batch_size, settings, context)
@@ -212,7 +214,8 @@ class IGPO(PolicyGradient):
         """Steps 1–3: regenerate every all-wrong group that has a hint with inpainted prefills, and replace up to
         ``max_replacements`` of its rows by the inpainted rows that came out correct (in place)."""
         config, completions = self.config, rollout.completions
-        rng = random.Random(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        # the chunk and ratio draws, seeded from the run's generator (drawn where it lives: CPU or GPU)
+        rng = random.Random(int(uniform((1,), generator, "cpu", torch.float64)[0] * 2**53))
         gen_length = len(completions[0].completion_ids)
         regenerate, prefills = [], []  # the groups to inpaint (their first row) and their rows' prefills
         for first in range(0, len(completions), group_size):
