@@ -388,3 +388,16 @@ def test_compare_does_not_import_the_command_line():
     code = "import sys, dare_gym.tools.compare; assert 'dare_gym.tools.cli' not in sys.modules, 'compare imports cli'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_an_algorithm_that_refuses_the_policy_fails_only_its_runs_with_the_reason():
+    """DiPO needs a block-causal policy: on the full-attention tiny one its runs are failed up front with the
+    refusal's reason; on tiny-block it plans cleanly."""
+    plan = plan_comparison(["d1", "dipo"], [0], 64, config_path=default_config_path(),
+                           overrides=["prompts_per_step=4", "group_size=4"])
+    assert set(plan.config_errors) == {"dipo"}
+    assert "cannot train policy 'tiny'" in plan.config_errors["dipo"]
+    assert "needs block-causal attention" in plan.config_errors["dipo"]
+    block = plan_comparison(["dipo"], [0], 64, config_path=default_config_path(),
+                            overrides=["prompts_per_step=4", "group_size=4", "policy=tiny-block", "env=groupsort-v0"])
+    assert not block.config_errors

@@ -75,10 +75,17 @@ class SamplerOptions:
 
 class Sampler:
     """Base class: ``name``, ``options_class``, and ``__call__(policy, prompt_ids, prompt_mask, options, *,
-    generator, record_predictions) -> SamplerOutput``."""
+    generator, record_predictions) -> SamplerOutput``.
+
+    Prefill: a sampler with ``accepts_prefill`` also takes ``prefill=`` [B, gen_length] long, the completion's
+    tokens fixed in advance (the mask id where the sampler generates): they sit in the canvas from the start,
+    every forward sees them, no step commits or remasks them (their ``unmask_step`` is -1, their
+    ``commit_logp`` 0), and the schedule spreads only the free positions over the steps. IGPO inpaints gold
+    reasoning this way. ``policy.generate(..., prefill=...)`` refuses a sampler without it."""
 
     name: ClassVar[str]
     options_class: ClassVar[type] = SamplerOptions
+    accepts_prefill: ClassVar[bool] = False
 
     def __call__(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options,
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
@@ -171,6 +178,26 @@ def tempered_probability(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return (scaled.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)).exp()
 
 
+def check_prefill(prefill: torch.Tensor | None, batch: int, gen_length: int) -> None:
+    """A prefill must be a [batch, gen_length] integer tensor (the mask id where the sampler generates)."""
+    if prefill is None:
+        return
+    if not isinstance(prefill, torch.Tensor) or prefill.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"prefill must be an integer tensor [batch, gen_length], got {type(prefill).__name__}"
+                         + (f" of {prefill.dtype}" if isinstance(prefill, torch.Tensor) else ""))
+    if tuple(prefill.shape) != (batch, gen_length):
+        raise ValueError(f"prefill has shape {tuple(prefill.shape)}, expected (batch, gen_length) = "
+                         f"({batch}, {gen_length})")
+
+
+def write_prefill(completion: torch.Tensor, prefill: torch.Tensor | None, mask_id: int) -> None:
+    """Write the prefilled tokens (every entry but the mask id) into a canvas's completion columns, in place
+    (``completion``: a view of them, [B, gen_length])."""
+    if prefill is not None:
+        fixed = prefill.to(completion.device) != mask_id
+        completion[fixed] = prefill.to(completion.device, torch.long)[fixed]
+
+
 def first_stop_done(completion: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
     """[B] bool: the row has committed a stop token with nothing masked before it (the rest cannot matter)."""
     is_stop = torch.isin(completion, stop_ids)
@@ -237,4 +264,4 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "check_prefill", "write_prefill", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]

@@ -33,11 +33,13 @@ from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
     SamplerOutput,
+    check_prefill,
     first_stop_done,
     gumbel_max_sample,
     register_sampler,
     tokens_per_step,
     top_n,
+    write_prefill,
 )
 from dare_gym.samplers.fast_dllm import keep_cache_positions
 
@@ -142,8 +144,10 @@ def block_aligned_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
 
 @torch.no_grad()
 def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: BlockDiffusionOptions,
-                          *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
+                          *, generator: torch.Generator | None = None, record_predictions: bool = False,
+                          prefill: torch.Tensor | None = None) -> SamplerOutput:
     block, gen_length, mask_id = policy.block_size, options.gen_length, policy.mask_token_id
+    check_prefill(prefill, prompt_ids.shape[0], gen_length)
     device = prompt_ids.device
     pad_id = policy.tokenizer.pad_token_id if getattr(policy, "tokenizer", None) is not None else 0
     x, attention_mask, completion_start = block_aligned_layout(prompt_ids, prompt_mask, gen_length, block, mask_id,
@@ -151,6 +155,10 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     batch, total = x.shape
     column = torch.arange(total, device=device)
     completion_columns = completion_start[:, None] + torch.arange(gen_length, device=device)[None, :]  # [B, G]
+    if prefill is not None:  # fixed tokens: never masked, so never candidates (a fully prefilled block is skipped)
+        canvas = x.gather(1, completion_columns)
+        write_prefill(canvas, prefill, mask_id)
+        x.scatter_(1, completion_columns, canvas)
     in_completion = (column[None, :] >= completion_start[:, None]) & attention_mask.bool()
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     block_id = torch.where(attention_mask.bool(), position // block, -1)  # [B, T]; pads belong to no block
@@ -244,6 +252,7 @@ class BlockDiffusionSampler(Sampler):
     """Block-by-block decoding on the model's own block grid with an exact KV cache of finished blocks."""
 
     options_class = BlockDiffusionOptions
+    accepts_prefill = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:
@@ -256,12 +265,12 @@ class BlockDiffusionSampler(Sampler):
         return {"steps_per_block": policy.block_size, "remasking_strategy": "sequential"}
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: BlockDiffusionOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         if policy.block_size is None:
             raise ValueError(f"block_diffusion decodes block-causal models; this {policy.family.name} model has full "
                              "attention: use sampler='llada' or 'fast_dllm'")
         return decode_blocks_exactly(policy, prompt_ids, prompt_mask, options, generator=generator,
-                                     record_predictions=record_predictions)
+                                     record_predictions=record_predictions, prefill=prefill)
 
 
 __all__ = ["BlockDiffusionOptions", "BlockDiffusionSampler", "BLOCK_REMASKING", "decode_blocks_exactly",

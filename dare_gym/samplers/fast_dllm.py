@@ -157,6 +157,7 @@ class FastDLLMSampler(Sampler):
     """LLaDA's block loop with Fast-dLLM's caches, parallel commit rules and early exit."""
 
     options_class = FastDLLMOptions
+    accepts_prefill = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.threshold is not None or options.factor is not None or options.early_exit:
@@ -168,7 +169,7 @@ class FastDLLMSampler(Sampler):
         return {"block_length": 1, "steps": gen_length}  # one-token blocks: the threshold cannot commit more
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: FastDLLMOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         if policy.block_size is not None:
             raise ValueError(f"fast_dllm's caches approximate full attention; this {policy.family.name} model is "
                              f"block-causal (block_size={policy.block_size}): use sampler='block_diffusion'")
@@ -182,7 +183,8 @@ class FastDLLMSampler(Sampler):
             policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
             block_length=options.block_length, temperature=options.temperature, remasking=options.remasking,
             generator=generator, record_predictions=record_predictions, forward=FORWARDS[options.cache](),
-            commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence)
+            commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence,
+            prefill=prefill)
 
 
 __all__ = ["FastDLLMOptions", "FastDLLMSampler", "ThresholdCommit", "FactorCommit", "PrefixCache", "DualCache",

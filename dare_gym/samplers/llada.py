@@ -29,10 +29,12 @@ from dare_gym.samplers.base import (
     record_step,
     register_sampler,
     build_output,
+    check_prefill,
     tempered_probability,
     tokens_per_step,
     top_n,
     update_guess,
+    write_prefill,
 )
 
 REMASKING_RULES = ("low_confidence", "random")
@@ -131,7 +133,7 @@ def write_commits(x: torch.Tensor, unmask_step: torch.Tensor, commit_logp: torch
 def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gen_length: int, steps: int,
                    block_length: int, temperature: float, remasking: str, generator: torch.Generator | None,
                    record_predictions: bool, forward=None, commit=None, early_exit: bool = False,
-                   tempered_confidence: bool = False) -> SamplerOutput:
+                   tempered_confidence: bool = False, prefill: torch.Tensor | None = None) -> SamplerOutput:
     """Decode ``gen_length`` tokens after each left-padded prompt row, block by block.
 
     ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
@@ -139,14 +141,17 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     decodes a block in as many steps as it needs); ``early_exit`` stops once every row has committed a stop
     token with nothing masked before it. ``tempered_confidence`` takes each guess's probability under
     softmax(logits / temperature) instead of LLaDA's softmax(logits) as its confidence, both to commit and to
-    record (MDPO's sampler).
+    record (MDPO's sampler). ``prefill``: completion tokens fixed in advance (:class:`Sampler`), which only
+    ever count as committed.
     """
     forward = forward or FullForward()
     commit = commit or ScheduledCommit()
     steps_per_block = check_schedule(gen_length, steps, block_length)
     batch, prompt_length = prompt_ids.shape
     device, mask_id = prompt_ids.device, policy.mask_token_id
+    check_prefill(prefill, batch, gen_length)
     x = torch.cat([prompt_ids, prompt_ids.new_full((batch, gen_length), mask_id)], dim=1)
+    write_prefill(x[:, prompt_length:], prefill, mask_id)  # fixed tokens: never masked, so never candidates
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, gen_length))], dim=1)
     unmask_step = torch.full((batch, gen_length), -1, dtype=torch.long, device=device)
     commit_logp = torch.zeros(batch, gen_length, dtype=torch.float32, device=device)
@@ -243,16 +248,17 @@ class LLaDASampler(Sampler):
     """LLaDA's low-confidence (or random) remasking sampler, semi-autoregressive blocks, fixed steps."""
 
     options_class = LLaDAOptions
+    accepts_prefill = True
 
     def left_to_right(self, policy, gen_length: int) -> dict:
         return {"block_length": 1, "steps": gen_length}  # blocks of one token: each step commits the next
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: LLaDAOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
                               block_length=options.block_length, temperature=options.temperature,
                               remasking=options.remasking, generator=generator, record_predictions=record_predictions,
-                              tempered_confidence=options.tempered_confidence)
+                              tempered_confidence=options.tempered_confidence, prefill=prefill)
 
 
 __all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "commit_priority", "continue_denoising",
