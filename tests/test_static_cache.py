@@ -141,3 +141,17 @@ def test_recorded_predictions_are_unchanged_by_scoring_only_the_needed_columns()
                               record_predictions=True)
     assert [c.completion_ids.tolist() for c in plain] == recorded.completion_ids.tolist()
     assert recorded.step_predictions.shape == (len(PROMPTS), 6, 12)
+
+
+def test_a_stand_in_of_chosen_sizes_keeps_the_real_config_and_vocabulary(families_dir, tmp_path):
+    """build_standin(sizes=): the compute-bound benchmark's checkpoint, shrunk to chosen sizes (here smaller)."""
+    folder = build_standin("llada", tmp_path / "llada", source=families_dir / "LLaDA-8B-Instruct",
+                           sizes={"d_model": 64, "n_heads": 2, "n_kv_heads": 2, "n_layers": 1, "mlp_hidden_size": 192})
+    policy = dare_gym.load_policy(folder)
+    config = policy.model.config
+    assert (config.d_model, config.n_layers, config.mlp_hidden_size, config.padded_vocab_size) == (64, 1, 192, 126464)
+    assert policy.mask_token_id == 126336
+    with pytest.raises(ValueError, match=r"sizes \['d_modle'\] are not keys of the llada config"):
+        build_standin("llada", tmp_path / "bad", source=families_dir / "LLaDA-8B-Instruct", sizes={"d_modle": 64})
+    with pytest.raises(ValueError, match="pass source="):
+        build_standin("llada", tmp_path / "bad", sizes={"d_model": 64})

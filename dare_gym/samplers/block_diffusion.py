@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dare_gym.models.caching import StaticKVCache
 from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
@@ -38,7 +40,6 @@ from dare_gym.samplers.base import (
     tokens_per_step,
     top_n,
 )
-from dare_gym.models.caching import StaticKVCache
 
 BLOCK_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded")
 

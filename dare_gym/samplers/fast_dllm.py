@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from dare_gym.models.caching import StaticKVCache
 from dare_gym.samplers.base import Sampler, SamplerOutput, register_sampler, top_n
 from dare_gym.samplers.llada import FullForward, LLaDAOptions, ScheduledCommit, denoise_blocks
