@@ -107,14 +107,20 @@ class DiffusionPolicy:
 
     # ----------------------------------------------------------------------------------------- basics
     @property
+    def scores_columns(self) -> bool:
+        """``logits`` takes a 1D tensor of columns as ``logits_to_keep`` (see :meth:`ModelFamily.forward`)."""
+        return self.family.scores_columns
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
-               logits_to_keep: int = 0, position_ids: torch.Tensor | None = None,
+               logits_to_keep: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
                clean_ids: torch.Tensor | None = None, **family_inputs) -> torch.Tensor:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
-        the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
+        the masks and positions). ``logits_to_keep=n``: only the last n positions (a 1D tensor: those columns);
+        ``cache``, ``position_ids``:
         see :meth:`ModelFamily.forward`.
 
         ``clean_ids``: the clean sequence that ``input_ids`` is a noised copy of (likelihood estimators pass it).

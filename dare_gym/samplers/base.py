@@ -139,6 +139,32 @@ def make_options(name: str, values: dict[str, Any]):
 # ------------------------------------------------------------------------------------------ shared pieces
 
 
+class LastPositionsOnly:
+    """A policy whose ``logits`` takes only a count of last positions as ``logits_to_keep`` (a stand-in written
+    for a test, a family whose forward is not one stack over one sequence), seen as one that takes columns: a
+    request for columns becomes the span from the first of them to the end, from which they are picked."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, logits_to_keep=0,
+               **options) -> torch.Tensor:
+        if not isinstance(logits_to_keep, torch.Tensor):
+            return self.policy.logits(input_ids, attention_mask, logits_to_keep=logits_to_keep, **options)
+        first = int(logits_to_keep.min()) if logits_to_keep.numel() else input_ids.shape[1] - 1
+        span = self.policy.logits(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first, **options)
+        return span[:, logits_to_keep - first]
+
+
+def column_scoring(policy):
+    """``policy`` itself where its ``logits`` scores chosen columns (``policy.scores_columns``), else a
+    :class:`LastPositionsOnly` view of it: what the samplers call, so that they ask for columns throughout."""
+    return policy if getattr(policy, "scores_columns", False) else LastPositionsOnly(policy)
+
+
 def tokens_per_step(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     """How many tokens each of ``steps`` steps commits, per row: an even split, remainder on the first steps.
 
@@ -156,18 +182,43 @@ def gumbel_max_sample(logits: torch.Tensor, temperature: float, generator: torch
     Low-precision Gumbel noise measurably lowers sample quality (LLaDA's note on ``add_gumbel_noise``), so
     the noise and the perturbed scores are float64. ``temperature == 0`` is greedy.
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # max's indices are argmax's (the first maximal value), and max is about twice as fast
+        return logits.max(dim=-1).indices
     u = uniform(logits.shape, generator, logits.device, torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
     # argmax(exp(l) / (-log u)^T) == argmax(l - T log(-log u)); the log form cannot overflow.
     return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
 
 
+def best_and_log_normaliser(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, logsumexp in float64) of ``logits`` over the vocabulary, [B, C, V] -> [B, C] each.
+
+    The same values as ``logits.argmax(-1)`` and ``torch.logsumexp(logits.double(), -1)`` (each row is reduced
+    alone either way; max's indices are argmax's, the first maximal value), but on CPU computed row by row: a
+    row (0.5 MB at a 126k vocabulary) is read from memory once, and its float64 copy, in one reused buffer, stays
+    in cache, where the whole [B, C, V] tensor and its float64 copy would stream through memory several times
+    (at a compute-bound shape that was a fifth of a cached decoding step)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.shape[0] <= 1 or logits.device.type != "cpu":
+        return logits.max(dim=-1).indices, torch.logsumexp(logits.double(), dim=-1)
+    best = torch.empty(flat.shape[0], dtype=torch.long)
+    sums, highest = torch.empty(flat.shape[0], dtype=torch.float64), torch.empty(flat.shape[0], dtype=torch.float64)
+    widened = torch.empty(flat.shape[1], dtype=torch.float64)
+    for index, row in enumerate(flat):
+        value, best[index] = row.max(dim=-1)
+        top = value.double()  # torch.logsumexp's own steps: amax (an infinite one taken as 0), subtract, exp, sum
+        top = top.masked_fill(top.abs() == float("inf"), 0.0)
+        highest[index] = top
+        sums[index] = widened.copy_(row).sub_(top).exp_().sum()
+    shape = logits.shape[:-1]
+    return best.view(shape), (sums.log_() + highest).view(shape)
+
+
 def propose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
     """(x̂₀, its probability under softmax(logits) in float64, its untempered log-probability in float32)."""
-    predicted = gumbel_max_sample(logits, temperature, generator)
-    log_normaliser = torch.logsumexp(logits.double(), dim=-1)
-    logp = logits.double().gather(-1, predicted[..., None]).squeeze(-1) - log_normaliser
+    best, normaliser = best_and_log_normaliser(logits)
+    predicted = best if temperature == 0 else gumbel_max_sample(logits, temperature, generator)
+    # gather, then widen: the same float64 values as widening the whole [B, C, V] first (widening is exact)
+    logp = logits.gather(-1, predicted[..., None]).squeeze(-1).double() - normaliser
     return predicted, logp.exp(), logp.float()
 
 
@@ -264,4 +315,6 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "check_prefill", "write_prefill", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "check_prefill", "write_prefill", "column_scoring", "LastPositionsOnly", "tokens_per_step",
+           "gumbel_max_sample", "best_and_log_normaliser", "propose", "tempered_probability", "first_stop_done",
+           "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
