@@ -69,12 +69,16 @@ class AlgorithmConfig(Updates):
 class RolloutContext:
     """What the trainer hands an algorithm's rollout beside the policy: which problem each prompt is and the
     env's own scoring, for algorithms whose rows need more than the completions' rewards (MDPO scores the
-    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers)."""
+    sampler's intermediate guesses, SFT on demonstrations tokenises the gold answers, IGPO inpaints the env's
+    hints)."""
 
     indices: Sequence[int]  # the record index of each prompt's problem
     score_texts: Callable[[int, Sequence[str]], list[float]]  # the env's rewards of texts for record i
     demonstrations: Callable[[Sequence[int]], list[str]]  # the env's gold completions of records
     env_id: str = ""
+    hints: Callable[[Sequence[int], float], list[str | None]] | None = None  # the env's partial gold reasoning
+    # of records (the first fraction of it; None where the task has none): IGPO's inpainting
+    judge: Callable[[int, Sequence[str]], list[bool]] | None = None  # the env's verdicts on texts for record i
 
 
 @dataclass
@@ -161,6 +165,14 @@ class Algorithm:
                     f"but {family.name} models are trained to undo {family.noise} noise"
                     + (f" (algorithms with {family.noise}-noise estimators: {', '.join(able)})" if able else ""))
         return None
+
+    @classmethod
+    def model_refusal(cls, family, model_config) -> str | None:
+        """Why this algorithm cannot train one model of ``family`` whose transformers config (read without a
+        weight; None where it could not be read) is ``model_config``: :meth:`refusal` unless the algorithm
+        needs more than its family says (DiPO: block-causal attention, which a tiny model has only when its config
+        sets a block size)."""
+        return cls.refusal(family)
 
     @property
     def needs_reference(self) -> bool:

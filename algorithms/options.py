@@ -159,7 +159,7 @@ class SequenceRatio(OptionGroup):
 @dataclass
 class Likelihood(OptionGroup):
     estimator: str = "d1"
-    """likelihood estimator: d1, random_ratio, coupled, elbo, elbo_pair, block, trajectory, exact_ar"""
+    """likelihood estimator: d1, random_ratio, coupled, elbo, elbo_pair, block, quadrature, trajectory, exact_ar"""
     estimator_kwargs: dict = field(default_factory=dict)
     """the estimator's options, e.g. {p_mask_prompt: 0.15}, {mc_num: 8}, {shrink: 1}"""
 

@@ -67,6 +67,16 @@ class GroupedTextVectorEnv(VectorEnv):
         """The gold completions of records ``indices`` (an error naming the env where it has none)."""
         return [self.envs[0].demonstration(self.envs[0].record(int(i))) for i in indices]
 
+    def hints(self, indices: Sequence[int], fraction: float) -> list[str | None]:
+        """The env's hint (the first ``fraction`` of the reference reasoning, :meth:`TextTaskEnv.hint`) for each
+        of records ``indices``; None where the task has none."""
+        return [self.envs[0].hint(self.envs[0].record(int(i)), fraction) for i in indices]
+
+    def judge(self, index: int, completions: Sequence[str]) -> list[bool]:
+        """The env's verdict (``is_correct``) on each of several completions of record ``index``."""
+        record = self.envs[0].record(int(index))
+        return [bool(self.envs[0].is_correct(text, record)) for text in completions]
+
     def score_texts(self, index: int, completions: Sequence[str]) -> list[float]:
         """The rewards of several completions of record ``index`` (one reward batch)."""
         return self.envs[0].score_texts(int(index), completions)

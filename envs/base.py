@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
@@ -63,6 +65,27 @@ def fingerprint_text(text: str) -> str:
     """A short, stable hash of a problem's text with whitespace runs collapsed: the same problem gives the
     same fingerprint whichever file or split it was read from."""
     return hashlib.sha256(" ".join(str(text).split()).encode("utf-8")).hexdigest()[:16]
+
+
+def check_fraction(fraction) -> float:
+    """``fraction`` if it is a number in [0, 1], else an error naming it."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"a hint fraction must be a number in [0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def leading_fraction(text: str, fraction: float, *, unit: str = "words") -> str:
+    """The first ``fraction`` of ``text``: of its whitespace-separated words (``unit="words"``, cut at a word
+    boundary, the original spacing kept) or of its characters (``unit="chars"``), rounded up, so any positive
+    fraction gives at least one unit and 1 gives the whole text."""
+    fraction = check_fraction(fraction)
+    if unit == "chars":
+        return text[:math.ceil(fraction * len(text))]
+    if unit != "words":
+        raise ValueError(f"unit must be 'words' or 'chars', got {unit!r}")
+    words = list(re.finditer(r"\S+", text))
+    keep = math.ceil(fraction * len(words))
+    return text[:words[keep - 1].end()] if keep else ""
 
 
 class PendingStep(NamedTuple):
@@ -139,6 +162,14 @@ class TextTaskEnv(gymnasium.Env[str, str]):
     def demonstration(self, record: Mapping) -> str:
         """A gold completion for the record (behaviour cloning); envs that have one override this."""
         raise NotImplementedError(f"{type(self).__name__} has no demonstrations (gold completions) to clone")
+
+    def hint(self, record: Mapping, fraction: float) -> str | None:
+        """The first ``fraction`` (in [0, 1]) of the record's reference reasoning, the partial gold solution an
+        inpainting method (IGPO) writes into a completion, or None where the task has none (the default). Each
+        task decides what its reasoning is and how it is cut (:func:`leading_fraction`); ``fraction=1`` is the
+        whole of it. Never shown to the agent by the env itself."""
+        check_fraction(fraction)
+        return None
 
     def score_texts(self, index: int, completions: Sequence[str]) -> list[float]:
         """The reward of each of several completions of record ``index``, in one reward batch (MDPO scores the

@@ -8,9 +8,10 @@ gains ``gold``, the final number after ``####`` with thousands separators remove
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
-from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.base import SplitInfo, TextTaskEnv, leading_fraction
 from dare_gym.envs.data import DataFormatError, hub_split, load_records, where
 from dare_gym.rewards.math import gsm8k_gold
 
@@ -53,3 +54,14 @@ class GSM8KEnv(TextTaskEnv):
     def problem_text(self, record: Mapping) -> str:
         return str(record["question"])
 
+
+    def hint(self, record: Mapping, fraction: float) -> str | None:
+        """The first ``fraction`` of the words of the gold rationale: the ``answer`` field before its ``####``
+        line, with the calculator annotations (``<<48/2=24>>``) removed, so the hint reads as the model writes."""
+        return leading_fraction(rationale(record["answer"]), fraction)
+
+
+def rationale(answer: str) -> str:
+    """GSM8K's worked solution without its final ``#### n`` line and without calculator annotations."""
+    reasoning = answer.split("####")[0]
+    return re.sub(r"<<[^>]*>>", "", reasoning).strip()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.base import SplitInfo, TextTaskEnv, leading_fraction
 from dare_gym.envs.data import DataFormatError, RecordList, hub_split, load_records, where
 from dare_gym.rewards.math import last_boxed
 
@@ -78,6 +78,11 @@ class _MathEnv(TextTaskEnv):
     @staticmethod
     def demonstration(record: Mapping) -> str:
         return str(record["solution"])
+
+    def hint(self, record: Mapping, fraction: float) -> str | None:
+        """The first ``fraction`` of the words of the reference ``solution`` (its ``\\boxed`` answer comes last,
+        so only ``fraction=1`` gives the answer away)."""
+        return leading_fraction(str(record["solution"]), fraction)
 
 
 class Math500Env(_MathEnv):

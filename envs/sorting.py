@@ -15,7 +15,7 @@ import random
 import zlib
 from typing import Callable, Mapping
 
-from dare_gym.envs.base import SplitInfo, TextTaskEnv
+from dare_gym.envs.base import SplitInfo, TextTaskEnv, leading_fraction
 
 TEST_SPLIT_SIZE = 500
 SPLITS = ("train", "test")
@@ -71,6 +71,11 @@ class SortingTaskEnv(TextTaskEnv):
     def demonstration(record: Mapping) -> str:
         """The gold completion, for supervised fine-tuning."""
         return str(record["gold"])
+
+    def hint(self, record: Mapping, fraction: float) -> str | None:
+        """The first ``fraction`` of the gold answer's characters: a sorted answer has no reasoning but itself,
+        so a hint is its leading part (the smallest digits, in order)."""
+        return leading_fraction(str(record["gold"]), fraction, unit="chars")
 
 
 class DigitSortEnv(SortingTaskEnv):

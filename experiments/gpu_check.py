@@ -8,7 +8,8 @@
 3. Samplers on random LLaDA-architecture models of 1.3B and 8B shape in bf16 (prompt 64, gen 256, block 32,
    256 steps; batch 8 and 32): tokens/s, model calls, and the sampler's overhead over its own forward passes
    (its wall time over calls × one full forward), for ``llada`` and ``fast_dllm`` (dual cache, and dual cache
-   with threshold 0.9).
+   with threshold 0.9); columns the lm head scored, and for LLaDA's schedule the time ratio over the minimal-
+   compute ratio against ``llada`` (``bench_rollout.py --compute-bound``'s efficiency).
 4. One d1 update of the 8B-shaped model (8 rows, prompt 64, gen 256): time and peak memory with LoRA (r = 8)
    and with full fine-tuning plus gradient checkpointing (β = 0, so no reference copy); where it does not fit the
    card, where it ran out.
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_rollout import CountingPolicy, body_flops_per_token, needed_columns  # noqa: E402
 from update_probe import one_update, parameter_count, random_llada, random_llada2  # noqa: E402
 
 import dare_gym  # noqa: E402
@@ -99,6 +101,8 @@ def tiny_training(device: torch.device, quick: bool) -> dict:
 def sampler_speed(device: torch.device, shape: str, batches: list[int], schedule: dict) -> dict:
     policy = random_llada(shape, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     prompt_length, gen_length = schedule["prompt_length"], schedule["gen_length"]
+    linear, attention = body_flops_per_token(policy.model.config)
+    head = 2.0 * policy.model.config.d_model * policy.model.config.padded_vocab_size
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
     for batch in batches:
@@ -117,16 +121,29 @@ def sampler_speed(device: torch.device, shape: str, batches: list[int], schedule
         for label, (name, extra) in SAMPLER_SETTINGS.items():
             options = make_options(name, {"gen_length": gen_length, "steps": schedule["steps"],
                                           "block_length": schedule["block_length"], "temperature": 0.0, **extra})
+            counting = CountingPolicy(policy)  # counts what each call fed and scored (outside the timed forward)
             synchronize(device)
             started = time.perf_counter()
-            out = get_sampler(name)(policy, prompt, mask, options, generator=generator)
+            out = get_sampler(name)(counting, prompt, mask, options, generator=generator)
             synchronize(device)
             seconds = time.perf_counter() - started
+            # minimal compute: the body on every fed token + the lm head on the columns that decide commits
+            needed = needed_columns(out.unmask_step.cpu(), schedule["block_length"]) if extra.get("threshold") is None \
+                else None
+            minimal = None if needed is None else 1e-9 * (
+                sum(c["rows"] * c["fed"] * (linear + attention * c["keys"]) for c in counting.calls) + head * sum(needed))
             rows.append({"batch": batch, "sampler": label, "seconds": round(seconds, 3), "model_calls": out.model_calls,
                          "tokens_per_s": round(batch * gen_length / seconds, 1),
                          "overhead_over_full_forwards": round(seconds / (out.model_calls * forward_s), 3),
                          "full_forward_ms": round(1000 * forward_s, 2),
-                         "tokens_processed": out.tokens_processed})
+                         "tokens_processed": out.tokens_processed,
+                         "columns_scored": sum(c["rows"] * c["scored"] for c in counting.calls),
+                         "minimal_gflop": None if minimal is None else round(minimal, 1)})
+        base = next(r for r in rows if r["batch"] == batch and r["sampler"] == "llada")
+        for row in rows:  # time ratio over minimal-compute ratio against the llada sampler (1.0: all saved)
+            if row["batch"] == batch and row["minimal_gflop"]:
+                row["efficiency"] = round((base["seconds"] / row["seconds"]) /
+                                          (base["minimal_gflop"] / row["minimal_gflop"]), 3)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"shape": shape, "parameters": parameter_count(policy), "rows": rows, **schedule}
@@ -240,9 +257,11 @@ def markdown(results: dict) -> str:
         lines += [f"## Samplers, {speed['shape']} shape ({speed['parameters'] / 1e9:.2f}B parameters), prompt "
                   f"{speed['prompt_length']}, gen {speed['gen_length']}, block {speed['block_length']}, "
                   f"{speed['steps']} steps", "",
-                  "| batch | sampler | model calls | tokens/s | s | overhead over its full forwards |", "|---|---|---|---|---|---|"]
+                  "| batch | sampler | model calls | tokens/s | s | overhead over its full forwards | columns scored "
+                  "| efficiency over minimal compute |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['sampler']} | {r['model_calls']} | {r['tokens_per_s']} | {r['seconds']} | "
-                  f"{r['overhead_over_full_forwards']} |" for r in speed["rows"]]
+                  f"{r['overhead_over_full_forwards']} | {r.get('columns_scored')} | {r.get('efficiency', 'n/a')} |"
+                  for r in speed["rows"]]
         lines.append("")
     update = next((v for k, v in results.items() if k.startswith("d1 update")), {})
     lines += ["## One d1 update", "", "| setting | seconds | peak GiB |", "|---|---|---|"]

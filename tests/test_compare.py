@@ -402,3 +402,16 @@ def test_the_spread_over_seeds_is_the_sample_std():
     assert row["final_heldout_accuracy_std"] == pytest.approx(0.02 ** 0.5, rel=1e-12)
     _, _, band, _ = mean_curve(runs, "step")
     assert band.tolist() == pytest.approx([0.0, 0.02 ** 0.5], rel=1e-12)
+
+
+def test_an_algorithm_that_refuses_the_policy_fails_only_its_runs_with_the_reason():
+    """DiPO needs a block-causal policy: on the full-attention tiny one its runs are failed up front with the
+    refusal's reason; on tiny-block it plans cleanly."""
+    plan = plan_comparison(["d1", "dipo"], [0], 64, config_path=default_config_path(),
+                           overrides=["prompts_per_step=4", "group_size=4"])
+    assert set(plan.config_errors) == {"dipo"}
+    assert "cannot train policy 'tiny'" in plan.config_errors["dipo"]
+    assert "needs block-causal attention" in plan.config_errors["dipo"]
+    block = plan_comparison(["dipo"], [0], 64, config_path=default_config_path(),
+                            overrides=["prompts_per_step=4", "group_size=4", "policy=tiny-block", "env=groupsort-v0"])
+    assert not block.config_errors

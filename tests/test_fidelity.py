@@ -150,7 +150,8 @@ def block_by_block_logp(policy, prompt_ids: torch.Tensor, completion: torch.Tens
 
 @pytest.mark.parametrize("estimator, kwargs", [("d1", {"p_mask_prompt": 0.0}), ("random_ratio", {"t_min": 0.3}),
                                                ("elbo", {"mc_num": 2}), ("coupled", {}), ("elbo_pair", {"mc_num": 1}),
-                                               ("block", {"block_length": 3, "num_t": 1, "p_mask_clean": 0.0})])
+                                               ("block", {"block_length": 3, "num_t": 1, "p_mask_clean": 0.0}),
+                                               ("quadrature", {"points": 2})])
 def test_random_mask_estimators_score_each_noised_block_given_the_clean_blocks_before_it(estimator, kwargs):
     """On a block-causal model (blocks of 4; the prompt's 3 tokens share the first block with the completion's
     first token), every draw of every random-mask estimator equals the block-by-block computation above:

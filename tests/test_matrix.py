@@ -25,7 +25,7 @@ import pytest
 from dare_gym.algorithms import get_algorithm, list_algorithms
 from dare_gym.algorithms.base import resolved_section
 from dare_gym.tools.cli import main, support_table
-from dare_gym.core.loading import policy_family
+from dare_gym.core.loading import policy_config, policy_family
 from dare_gym.models.families import FAMILIES, ModelFamily
 from dare_gym.models.standin import build_standin
 from dare_gym.train.user_code import import_module
@@ -93,7 +93,7 @@ def test_every_algorithm_trains_one_step_on_every_family_with_its_own_defaults(p
                            "max_steps=1", "prompts_per_step=2", "group_size=4", "eval_size=0", "progress=false",
                            "time_limit_minutes=null", "rollout.gen_length=8", "rollout.temperature=1.0",
                            f"output_dir={tmp_path}", *extra])
-    reason = get_algorithm(algorithm).algorithm_class.refusal(policy_family(folder))
+    reason = get_algorithm(algorithm).algorithm_class.model_refusal(policy_family(folder), policy_config(folder))
     if reason is not None:  # refused before anything loads, with the reason the README's table shows
         assert code == 2 and reason in printed and not (tmp_path / "config.json").exists(), printed
         return

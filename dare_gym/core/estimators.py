@@ -25,6 +25,7 @@ and weights for algorithms that need them one by one (BGPO's per-sample backward
 | ``elbo`` | mc_num | stratified Monte-Carlo ELBO, exactly x_j tokens masked, weight L/x_j (LLaDA, VRPO, BGPO) |
 | ``elbo_pair`` | 2·mc_num | ESPO's ELBO: k/(L+1) masked and its complement, stratified across rows |
 | ``block`` | num_t | SPG's clean prefix / partly masked block / masked suffix |
+| ``quadrature`` | points | GDPO's semi-deterministic ELBO: t at the Gauss–Legendre nodes of [0, 1], one random mask at each, weight w_n/t_n |
 | ``trajectory`` | steps (÷ shrink) | the rollout's own denoising states, each token at the step that committed it (CJ-GRPO, TraceRL) |
 | ``exact_ar`` | L | exact left-to-right factorisation, one token per forward (JustGRPO) |
 | ``uniform_corruption`` | 1 | uniform-noise models (DiffusionGemma): completion corrupted with uniform tokens at t ~ U, clean tokens scored (:mod:`dare_gym.core.uniform_estimators`) |
@@ -284,6 +285,62 @@ def _combine(draws: list[Draw], batch) -> TokenScores:
     logp = sum((d.logp * d.masked * d.weight[:, None]) for d in draws) / len(draws)
     scored = torch.stack([d.masked for d in draws]).any(dim=0)
     return TokenScores(logp, scored, None, draws)
+
+
+def gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``points``-node Gauss–Legendre rule on [0, 1] (float64): nodes t_n and weights w_n with Σ w_n = 1, from
+    the eigen-decomposition of the Legendre polynomials' Jacobi matrix (Golub–Welsch). 2 points: t = ½ ∓ ½/√3,
+    w = ½ each."""
+    if points == 1:  # the midpoint rule (the Jacobi matrix below would be empty)
+        return torch.tensor([0.5], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    k = torch.arange(1, points, dtype=torch.float64)
+    off = k / torch.sqrt(4 * k * k - 1)
+    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+    roots, vectors = torch.linalg.eigh(jacobi)
+    return (roots + 1) / 2, vectors[0].square()  # mapped from [-1, 1]; the weights 2·v₀² halved
+
+
+@register_estimator("quadrature")
+@dataclass
+class QuadratureELBO:
+    """GDPO's semi-deterministic Monte-Carlo ELBO: the integral over the noise level t is taken by a ``points``-node
+    Gauss–Legendre rule (deterministic), the mask at each node by one random draw (each completion token masked
+    with probability t_n; the prompt kept):
+
+        𝓑 = Σ_n w_n · (1/t_n) Σ_{k masked at t_n} log f(o^k | x_{t_n})
+
+    Most of the ELBO's variance comes from t (the paper's decomposition), which the rule removes. ``scores.logp``
+    holds each token's share of 𝓑; ``scores.draws`` one draw per node, weight w_n/t_n."""
+
+    mask_token_id: int
+    points: int = 3
+    name: str = "quadrature"
+
+    def __post_init__(self):
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 1:
+            raise ValueError(f"points must be an integer >= 1, got {self.points!r}")
+
+    @property
+    def forwards_per_sample(self) -> int:
+        return self.points
+
+    def sample_noise(self, batch, generator=None) -> dict[str, torch.Tensor]:
+        rows, length = batch.completion_ids.shape
+        device = batch.completion_ids.device
+        nodes, _ = gauss_legendre(self.points)
+        draws = _uniform((rows, self.points, length), generator, device)
+        return {"masked": (draws < nodes.to(device, torch.float32)[None, :, None]) & _present(batch)[:, None, :]}
+
+    def token_logp(self, logits_fn: LogitsFn, batch, noise) -> TokenScores:
+        nodes, weights = gauss_legendre(self.points)
+        draws = []
+        for n in range(self.points):
+            masked = noise["masked"][:, n]
+            logp, _ = _forward(logits_fn, batch, batch.completion_ids.masked_fill(masked, self.mask_token_id))
+            weight = torch.full((logp.shape[0],), float(weights[n] / nodes[n]), dtype=logp.dtype, device=logp.device)
+            draws.append(Draw(logp, masked, weight))
+        logp = sum(d.logp * d.masked * d.weight[:, None] for d in draws)  # Σ_n w_n/t_n · (the node's masked terms)
+        return TokenScores(logp, torch.stack([d.masked for d in draws]).any(dim=0), None, draws)
 
 
 @register_estimator("elbo_pair")

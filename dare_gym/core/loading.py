@@ -121,6 +121,19 @@ def policy_files_summary(name_or_path: str | os.PathLike, family: str | None = N
     return block_size, defaults, own
 
 
+def policy_config(name_or_path: str | os.PathLike, family: str | None = None):
+    """The transformers config of the policy ``load_policy(name_or_path, family=family)`` would load, read from
+    its files without a weight (an adapter's: its base's), or None where it cannot be read that way."""
+    local = Path(BUILTIN_POLICIES.get(str(name_or_path), name_or_path))
+    meta = _read_meta(local)
+    if (local / ADAPTER_CONFIG_FILE).is_file() and meta.get("lora", {}).get("base_model"):
+        return policy_config(meta["lora"]["base_model"], family)
+    try:
+        return resolve_family(local, family or meta.get("family"))[1]
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_family(source, family: str | None, trust_remote_code: bool = False):
     """(family, config) of a checkpoint: ``family`` when given, else the one its ``model_type`` names."""
     from transformers import AutoConfig

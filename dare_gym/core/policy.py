@@ -13,7 +13,7 @@ import torch
 
 from dare_gym.core.distributed import GradientSync
 from dare_gym.models.families import ModelFamily, get_family
-from dare_gym.samplers import get_sampler
+from dare_gym.samplers import SAMPLERS, get_sampler, make_options
 from dare_gym.samplers.base import choose_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
@@ -107,14 +107,20 @@ class DiffusionPolicy:
 
     # ----------------------------------------------------------------------------------------- basics
     @property
+    def scores_columns(self) -> bool:
+        """``logits`` takes a 1D tensor of columns as ``logits_to_keep`` (see :meth:`ModelFamily.forward`)."""
+        return self.family.scores_columns
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, cache=None,
-               logits_to_keep: int = 0, position_ids: torch.Tensor | None = None,
+               logits_to_keep: int | torch.Tensor = 0, position_ids: torch.Tensor | None = None,
                clean_ids: torch.Tensor | None = None, **family_inputs) -> torch.Tensor:
         """Logits aligned so that ``logits[:, i]`` predicts token ``i``, whatever the family (its forward builds
-        the masks and positions). ``logits_to_keep=n``: only the last n positions; ``cache``, ``position_ids``:
+        the masks and positions). ``logits_to_keep=n``: only the last n positions (a 1D tensor: those columns);
+        ``cache``, ``position_ids``:
         see :meth:`ModelFamily.forward`.
 
         ``clean_ids``: the clean sequence that ``input_ids`` is a noised copy of (likelihood estimators pass it).
@@ -195,6 +201,7 @@ class DiffusionPolicy:
         batch_size: int = 256,
         record_predictions: bool = False,
         return_stats: bool = False,
+        prefill: Sequence | None = None,
         **options,
     ) -> list[Completion]:
         """Complete every prompt with a denoising sampler (:mod:`dare_gym.samplers`).
@@ -206,12 +213,15 @@ class DiffusionPolicy:
         ``remasking="low_confidence"`` this is LLaDA's reference ``generate()``, token for token. ``seed`` (or
         an explicit ``generator``) makes sampling reproducible. ``record_predictions`` keeps the sampler's guess
         x̂₀ and its confidences at every step (MDPO scores them). ``return_stats=True`` returns
-        ``(completions, {"model_calls", "tokens_processed"})``.
+        ``(completions, {"model_calls", "tokens_processed"})``. ``prefill``: one entry per prompt, None or
+        ``gen_length`` token ids (the mask id where the sampler generates) that the completion keeps as they are
+        and the sampler never remasks (:class:`~dare_gym.samplers.base.Sampler`; IGPO's inpainted hints).
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got a single str")
         name, settings = self.sampler_settings(sampler, options)
         chosen = get_sampler(name)
+        fixed = None if prefill is None else self.prefill_tensor(prefill, len(prompts), settings.gen_length, name)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         completions: list[Completion] = []
@@ -220,8 +230,9 @@ class DiffusionPolicy:
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])
                 prompt_ids, prompt_mask = self.encode_prompts(chunk)
+                extra = {} if fixed is None else {"prefill": fixed[start:start + batch_size].to(self.device)}
                 out = chosen(self, prompt_ids, prompt_mask, settings, generator=generator,
-                             record_predictions=record_predictions)
+                             record_predictions=record_predictions, **extra)
                 stats["model_calls"] += out.model_calls
                 stats["tokens_processed"] += out.tokens_processed
                 for row in range(len(chunk)):
@@ -239,6 +250,26 @@ class DiffusionPolicy:
                         )
                     )
         return (completions, stats) if return_stats else completions
+
+    def prefill_tensor(self, prefill: Sequence, rows: int, gen_length: int, sampler: str) -> torch.Tensor:
+        """[rows, gen_length] prefilled tokens (the mask id where nothing is fixed) from one entry per prompt."""
+        if not get_sampler(sampler).accepts_prefill:
+            able = [other for other in SAMPLERS.names() if get_sampler(other).accepts_prefill]
+            raise ValueError(f"sampler {sampler!r} cannot keep prefilled completion tokens (prefill=); samplers "
+                             f"that can: {', '.join(able)}")
+        if len(prefill) != rows:
+            raise ValueError(f"prefill has {len(prefill)} entries for {rows} prompts: give one per prompt (None: "
+                             "nothing fixed)")
+        fixed = torch.full((rows, gen_length), self.mask_token_id, dtype=torch.long)
+        for row, tokens in enumerate(prefill):
+            if tokens is None:
+                continue
+            tokens = torch.as_tensor(tokens, dtype=torch.long)
+            if tokens.shape != (gen_length,):
+                raise ValueError(f"prefill entry {row} has shape {tuple(tokens.shape)}, expected ({gen_length},) "
+                                 "(gen_length ids, the mask id where the sampler generates)")
+            fixed[row] = tokens
+        return fixed
 
     def sampler_settings(self, sampler: str | None = None, options: dict | None = None):
         """(sampler name, validated options): explicit options over ``generation_defaults``; defaults the chosen

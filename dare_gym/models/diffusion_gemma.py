@@ -221,7 +221,7 @@ def _is_linear_or_adapter(module: torch.nn.Module) -> bool:
 
 DIFFUSION_GEMMA = register_family(DiffusionGemmaFamily(
     "diffusion_gemma", ("diffusion_gemma",), auto_class="AutoModelForImageTextToText", noise="uniform",
-    default_sampler="diffusion_gemma"))
+    default_sampler="diffusion_gemma", scores_columns=False))
 
 
 # ------------------------------------------------------------------------------------------ stand-in

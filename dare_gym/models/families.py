@@ -52,6 +52,8 @@ class ModelFamily:
             or ``uniform`` (random tokens); algorithms whose estimators mask tokens refuse the others.
         default_sampler: the sampler a policy of this family uses when none is named (None: ``llada``, or
             ``block_diffusion`` for block-causal models).
+        scores_columns: the forward takes a 1D tensor of columns as ``logits_to_keep`` (every family whose model
+            is one stack over one sequence); the samplers then run the lm head on the columns they decide only.
     """
 
     name: str
@@ -63,6 +65,7 @@ class ModelFamily:
     tokenizer_class: str | None = None
     noise: str = "mask"
     default_sampler: str | None = None
+    scores_columns: bool = True
 
     def vocab_size(self, config) -> int:
         """The model's vocabulary size (the ids uniform noise draws from, special tokens included)."""
@@ -88,16 +91,18 @@ class ModelFamily:
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                block_size: int | None = None, cache=None, logits_to_keep: int = 0,
+                block_size: int | None = None, cache=None, logits_to_keep: int | torch.Tensor = 0,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Aligned logits ``[B, Q', V]`` for ``input_ids`` [B, Q].
 
         ``attention_mask``: 0/1 [B, K] over the cached positions followed by the Q new ones (None: all real).
-        ``cache``: a ``transformers`` ``Cache`` of the K − Q earlier positions; it is extended with the new
-        keys/values (crop it afterwards to keep only committed positions). ``logits_to_keep=n`` returns
-        only the last n positions' logits (0: all Q), which spares the vocabulary-wide head elsewhere.
-        ``position_ids`` [B, Q] override the positions counted from the mask: a cache whose keys are not in
-        sequence order (Fast-dLLM's dual cache: prefix, suffix, then the block) needs the block's true positions.
+        ``cache``: a cache of the K − Q earlier positions (a ``transformers`` ``Cache``, which is extended with the
+        new keys/values, or a :class:`~dare_gym.models.caching.StaticKVCache`, which writes them in place).
+        ``logits_to_keep=n`` returns only the last n positions' logits (0: all Q), which spares the
+        vocabulary-wide head elsewhere; a 1D tensor of columns (indices into ``input_ids``' Q positions) returns
+        those columns' logits, in that order. ``position_ids`` [B, Q] override the positions counted from the
+        mask: a cache whose keys are not in sequence order (Fast-dLLM's dual cache: prefix, suffix, then the
+        block) needs the block's true positions.
         """
         batch, query_length = input_ids.shape
         if attention_mask is None:
@@ -107,23 +112,32 @@ class ModelFamily:
                                                 dtype=_compute_dtype(model))
         if position_ids is not None:
             positions = position_ids
-        keep = logits_to_keep
-        if keep and self.shift_logits:
+        columns = logits_to_keep if isinstance(logits_to_keep, torch.Tensor) else None
+        keep, shifted_columns = logits_to_keep, False
+        if columns is not None and self.shift_logits:
+            fed = attention_mask[:, -query_length:]
+            if columns.numel() == 0 or (int(columns.min()) >= 1 and bool(fed[:, columns - 1].all())):
+                keep, shifted_columns = columns - 1, True  # token i reads position i−1, a real token in every row
+            else:  # a row's first real token keeps its own logit: align a span from the first column, then pick
+                keep = query_length - int(columns.min())
+        if isinstance(keep, int) and keep and self.shift_logits:
             keep = min(keep + 1, query_length)  # the first kept token reads the logit before it
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions)
         if cache is not None:
             kwargs.update(cache=cache, use_cache=True)
-        if keep:
+        if isinstance(keep, torch.Tensor) or keep:
             kwargs["logits_to_keep"] = keep
         logits = model(**kwargs).logits
-        if self.shift_logits:
+        if self.shift_logits and not shifted_columns:
             logits = self.align(logits, attention_mask[:, -logits.shape[1]:])
-            if logits_to_keep:
+            if columns is not None:
+                logits = logits[:, columns - (query_length - logits.shape[1])]
+            elif logits_to_keep:
                 logits = logits[:, -logits_to_keep:]
         return logits
 
     def logits(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-               block_size: int | None = None, cache=None, logits_to_keep: int = 0,
+               block_size: int | None = None, cache=None, logits_to_keep: int | torch.Tensor = 0,
                position_ids: torch.Tensor | None = None, clean_ids: torch.Tensor | None = None) -> torch.Tensor:
         """What ``DiffusionPolicy.logits`` computes: with ``clean_ids`` on a block-causal model the doubled
         noisy/clean forward, else :meth:`forward` (full-attention models ignore ``clean_ids``). A family whose

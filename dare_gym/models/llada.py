@@ -29,6 +29,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from dare_gym.models.caching import keep_positions
+
 
 class LLaDAConfig(PreTrainedConfig):
     """The checkpoint's configuration keys (``config.json`` of LLaDA-8B-Base/Instruct, LLaDA-1.5).
@@ -249,13 +251,13 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **unused,
     ) -> CausalLMOutputWithPast:
         """``attention_mask``: None (every key visible), a 0/1 ``[B, K]`` padding mask (turned into an additive
         bias over keys), or an additive float ``[B, 1, Q, K]`` mask built by the family. ``position_ids``
         default to the row's running count of real tokens. ``logits_to_keep=n`` computes logits for the last
-        ``n`` positions only (0: all)."""
+        ``n`` positions only (0: all); a 1D tensor of columns, for those columns only."""
         transformer = self.model.transformer
         config = self.config
         x = transformer.wte(input_ids)
@@ -269,8 +271,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         for block in transformer.blocks:
             x = block(x, cos, sin, attention_mask, cache)
         x = transformer.ln_f(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+        x = keep_positions(x, logits_to_keep)
         # the untied head is called as a module, so hooks on it (PPO's value model reads its input) see the states
         logits = F.linear(x, transformer.wte.weight) if config.weight_tying else transformer.ff_out(x)
         return CausalLMOutputWithPast(logits=logits, cache=cache)

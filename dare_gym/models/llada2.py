@@ -59,6 +59,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from dare_gym.models.caching import keep_positions
+
 from dare_gym.models.families import attention_inputs
 
 DEFAULT_BLOCK_SIZE = 32  # LLaDA2.0-mini's model card, its generate() default and DARE's recipes
@@ -500,15 +502,15 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool = False,
-                logits_to_keep: int = 0, output_router_indices: bool = False,
+                logits_to_keep: int | torch.Tensor = 0, output_router_indices: bool = False,
                 **unused) -> CausalLMOutputWithPast:
-        """Logits ``[B, Q', V]`` (``logits_to_keep=n``: the last n positions only, 0: all); see
+        """Logits ``[B, Q', V]`` (``logits_to_keep=n``: the last n positions only, 0: all; a 1D tensor: those
+        columns); see
         :meth:`LLaDA2MoeModel.forward` for masks, positions and the cache. ``router_indices`` on request."""
         output = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                             use_cache=use_cache, output_router_indices=output_router_indices)
         hidden = output.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = keep_positions(hidden, logits_to_keep)
         result = CausalLMOutputWithPast(logits=self.lm_head(hidden), cache=output.cache)
         if output_router_indices:
             result["router_indices"] = output["router_indices"]

@@ -84,12 +84,17 @@ SNAPSHOT_SPECIAL_IDS = {
 BUILDERS: dict = {}
 
 
-def shrink_config(config: dict, family: str) -> dict:
-    """The real config with its sizes replaced by :data:`SHRINK`'s; every other key is kept."""
+def shrink_config(config: dict, family: str, sizes: dict | None = None) -> dict:
+    """The real config with its sizes replaced by :data:`SHRINK`'s, then by ``sizes`` (the config's own keys,
+    e.g. ``{"d_model": 512, "n_layers": 24}`` for a compute-bound LLaDA benchmark); every other key is kept."""
     if family not in SHRINK:
         raise ValueError(f"no shrink rule for family {family!r}; known: {', '.join(SHRINK)}")
+    unknown = sorted(set(sizes or {}) - set(config))
+    if unknown:
+        raise ValueError(f"sizes {unknown} are not keys of the {family} config; its keys: {', '.join(sorted(config))}")
     shrunk = dict(config)
     shrunk.update(SHRINK[family])
+    shrunk.update(sizes or {})
     return shrunk
 
 
@@ -111,7 +116,7 @@ def kept_weight_names(index: dict, num_layers: int, num_experts: int | None = No
 
 
 def build_standin(family: str, folder: str | Path, *, source: str | Path | None = None,
-                  tokenizer_source: str | Path | None = None, seed: int = 0) -> Path:
+                  tokenizer_source: str | Path | None = None, seed: int = 0, sizes: dict | None = None) -> Path:
     """Write a stand-in checkpoint of ``family`` into ``folder`` and return it.
 
     With ``source`` (a real checkpoint folder without weights, such as ``../shared/families/SDAR-4B-Chat``):
@@ -123,6 +128,8 @@ def build_standin(family: str, folder: str | Path, *, source: str | Path | None 
     Without ``source``: the project's small config of the family and the character tokenizer.
     """
     model_family = get_family(family)
+    if sizes and source is None:
+        raise ValueError("sizes= shrinks a real config: pass source= (a checkpoint folder) with it")
     if source is None and model_family.name in BUILDERS:
         return BUILDERS[model_family.name](folder, seed=seed)
     folder = Path(folder)
@@ -133,7 +140,7 @@ def build_standin(family: str, folder: str | Path, *, source: str | Path | None 
         expected = None
     else:
         source = Path(source)
-        config = shrink_config(json.loads((source / "config.json").read_text()), model_family.name)
+        config = shrink_config(json.loads((source / "config.json").read_text()), model_family.name, sizes)
         index_file = source / WEIGHT_INDEX
         expected = None
         if index_file.is_file():

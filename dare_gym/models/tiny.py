@@ -21,6 +21,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from dare_gym.models.caching import keep_positions
+
 
 class TinyDLLMConfig(PreTrainedConfig):
     model_type = "dare_tiny_dllm"
@@ -205,16 +207,16 @@ class TinyDLLMForMaskedLM(TinyDLLMPreTrainedModel):
         labels: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **unused,
     ) -> MaskedLMOutput:
-        """``logits_to_keep=n`` computes logits for the last ``n`` positions only (0: all); ``cache`` (or
+        """``logits_to_keep=n`` computes logits for the last ``n`` positions only (0: all; a 1D tensor of columns:
+        those columns); ``cache`` (or
         ``use_cache=True``, which starts one) extends a ``transformers`` ``Cache`` with this call's keys."""
         if use_cache and cache is None:
             cache = DynamicCache()
         hidden = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = keep_positions(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

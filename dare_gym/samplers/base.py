@@ -81,11 +81,18 @@ class SamplerOptions:
 
 class Sampler:
     """Base class: ``name``, ``options_class``, and ``__call__(policy, prompt_ids, prompt_mask, options, *,
-    generator, record_predictions) -> SamplerOutput``."""
+    generator, record_predictions) -> SamplerOutput``.
+
+    Prefill: a sampler with ``accepts_prefill`` also takes ``prefill=`` [B, gen_length] long, the completion's
+    tokens fixed in advance (the mask id where the sampler generates): they sit in the canvas from the start,
+    every forward sees them, no step commits or remasks them (their ``unmask_step`` is -1, their
+    ``commit_logp`` 0), and the schedule spreads only the free positions over the steps. IGPO inpaints gold
+    reasoning this way. ``policy.generate(..., prefill=...)`` refuses a sampler without it."""
 
     name: ClassVar[str]
     options_class: ClassVar[type] = SamplerOptions
     takes_min_new_tokens: ClassVar[bool] = False  # its scoring step calls suppress_stop_tokens
+    accepts_prefill: ClassVar[bool] = False
 
     def __call__(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options,
                  *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
@@ -170,6 +177,32 @@ def choose_options(name: str, defaults: dict[str, Any], options: dict[str, Any],
 # ------------------------------------------------------------------------------------------ shared pieces
 
 
+class LastPositionsOnly:
+    """A policy whose ``logits`` takes only a count of last positions as ``logits_to_keep`` (a stand-in written
+    for a test, a family whose forward is not one stack over one sequence), seen as one that takes columns: a
+    request for columns becomes the span from the first of them to the end, from which they are picked."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, logits_to_keep=0,
+               **options) -> torch.Tensor:
+        if not isinstance(logits_to_keep, torch.Tensor):
+            return self.policy.logits(input_ids, attention_mask, logits_to_keep=logits_to_keep, **options)
+        first = int(logits_to_keep.min()) if logits_to_keep.numel() else input_ids.shape[1] - 1
+        span = self.policy.logits(input_ids, attention_mask, logits_to_keep=input_ids.shape[1] - first, **options)
+        return span[:, logits_to_keep - first]
+
+
+def column_scoring(policy):
+    """``policy`` itself where its ``logits`` scores chosen columns (``policy.scores_columns``), else a
+    :class:`LastPositionsOnly` view of it: what the samplers call, so that they ask for columns throughout."""
+    return policy if getattr(policy, "scores_columns", False) else LastPositionsOnly(policy)
+
+
 def tokens_per_step(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     """How many tokens each of ``steps`` steps commits, per row: an even split, remainder on the first steps.
 
@@ -200,18 +233,43 @@ def gumbel_max_sample(logits: torch.Tensor, temperature: float, generator: torch
     Low-precision Gumbel noise measurably lowers sample quality (LLaDA's note on ``add_gumbel_noise``), so
     the noise and the perturbed scores are float64. ``temperature == 0`` is greedy.
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # max's indices are argmax's (the first maximal value), and max is about twice as fast
+        return logits.max(dim=-1).indices
     u = uniform(logits.shape, generator, logits.device, torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
     # argmax(exp(l) / (-log u)^T) == argmax(l - T log(-log u)); the log form cannot overflow.
     return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
 
 
+def best_and_log_normaliser(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, logsumexp in float64) of ``logits`` over the vocabulary, [B, C, V] -> [B, C] each.
+
+    The same values as ``logits.argmax(-1)`` and ``torch.logsumexp(logits.double(), -1)`` (each row is reduced
+    alone either way; max's indices are argmax's, the first maximal value), but on CPU computed row by row: a
+    row (0.5 MB at a 126k vocabulary) is read from memory once, and its float64 copy, in one reused buffer, stays
+    in cache, where the whole [B, C, V] tensor and its float64 copy would stream through memory several times
+    (at a compute-bound shape that was a fifth of a cached decoding step)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.shape[0] <= 1 or logits.device.type != "cpu":
+        return logits.max(dim=-1).indices, torch.logsumexp(logits.double(), dim=-1)
+    best = torch.empty(flat.shape[0], dtype=torch.long)
+    sums, highest = torch.empty(flat.shape[0], dtype=torch.float64), torch.empty(flat.shape[0], dtype=torch.float64)
+    widened = torch.empty(flat.shape[1], dtype=torch.float64)
+    for index, row in enumerate(flat):
+        value, best[index] = row.max(dim=-1)
+        top = value.double()  # torch.logsumexp's own steps: amax (an infinite one taken as 0), subtract, exp, sum
+        top = top.masked_fill(top.abs() == float("inf"), 0.0)
+        highest[index] = top
+        sums[index] = widened.copy_(row).sub_(top).exp_().sum()
+    shape = logits.shape[:-1]
+    return best.view(shape), (sums.log_() + highest).view(shape)
+
+
 def propose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
     """(x̂₀, its probability under softmax(logits) in float64, its untempered log-probability in float32)."""
-    predicted = gumbel_max_sample(logits, temperature, generator)
-    log_normaliser = torch.logsumexp(logits.double(), dim=-1)
-    logp = logits.double().gather(-1, predicted[..., None]).squeeze(-1) - log_normaliser
+    best, normaliser = best_and_log_normaliser(logits)
+    predicted = best if temperature == 0 else gumbel_max_sample(logits, temperature, generator)
+    # gather, then widen: the same float64 values as widening the whole [B, C, V] first (widening is exact)
+    logp = logits.gather(-1, predicted[..., None]).squeeze(-1).double() - normaliser
     return predicted, logp.exp(), logp.float()
 
 
@@ -220,6 +278,26 @@ def tempered_probability(logits: torch.Tensor, tokens: torch.Tensor, temperature
     softmax(logits), as in the official MDPO sampler, which divides only when it samples."""
     scaled = logits.double() / temperature if temperature > 0 else logits.double()
     return (scaled.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)).exp()
+
+
+def check_prefill(prefill: torch.Tensor | None, batch: int, gen_length: int) -> None:
+    """A prefill must be a [batch, gen_length] integer tensor (the mask id where the sampler generates)."""
+    if prefill is None:
+        return
+    if not isinstance(prefill, torch.Tensor) or prefill.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"prefill must be an integer tensor [batch, gen_length], got {type(prefill).__name__}"
+                         + (f" of {prefill.dtype}" if isinstance(prefill, torch.Tensor) else ""))
+    if tuple(prefill.shape) != (batch, gen_length):
+        raise ValueError(f"prefill has shape {tuple(prefill.shape)}, expected (batch, gen_length) = "
+                         f"({batch}, {gen_length})")
+
+
+def write_prefill(completion: torch.Tensor, prefill: torch.Tensor | None, mask_id: int) -> None:
+    """Write the prefilled tokens (every entry but the mask id) into a canvas's completion columns, in place
+    (``completion``: a view of them, [B, gen_length])."""
+    if prefill is not None:
+        fixed = prefill.to(completion.device) != mask_id
+        completion[fixed] = prefill.to(completion.device, torch.long)[fixed]
 
 
 def first_stop_done(completion: torch.Tensor, mask_token_id: int, stop_ids: torch.Tensor) -> torch.Tensor:
@@ -288,4 +366,7 @@ def record_step(predictions, confidences, x, guess, guess_confidence, columns, p
 
 
 __all__ = ["SamplerOutput", "SamplerOptions", "Sampler", "SAMPLERS", "register_sampler", "get_sampler",
-           "make_options", "choose_options", "suppress_stop_tokens", "tokens_per_step", "gumbel_max_sample", "propose", "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n", "build_output"]
+           "make_options", "choose_options", "suppress_stop_tokens", "check_prefill", "write_prefill", "column_scoring",
+           "LastPositionsOnly", "tokens_per_step", "gumbel_max_sample", "best_and_log_normaliser", "propose",
+           "tempered_probability", "first_stop_done", "fill_after_stop", "update_guess", "record_step", "top_n",
+           "build_output"]

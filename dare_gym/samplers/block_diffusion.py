@@ -27,20 +27,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from dare_gym.models.caching import StaticKVCache
 from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
     SamplerOutput,
+    check_prefill,
+    column_scoring,
     first_stop_done,
     gumbel_max_sample,
     register_sampler,
     suppress_stop_tokens,
     tokens_per_step,
     top_n,
+    write_prefill,
 )
-from dare_gym.samplers.fast_dllm import keep_cache_positions
 
 BLOCK_REMASKING = ("low_confidence_static", "low_confidence_dynamic", "sequential", "entropy_bounded")
 
@@ -143,8 +145,11 @@ def block_aligned_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
 
 @torch.no_grad()
 def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: BlockDiffusionOptions,
-                          *, generator: torch.Generator | None = None, record_predictions: bool = False) -> SamplerOutput:
+                          *, generator: torch.Generator | None = None, record_predictions: bool = False,
+                          prefill: torch.Tensor | None = None) -> SamplerOutput:
+    policy = column_scoring(policy)
     block, gen_length, mask_id = policy.block_size, options.gen_length, policy.mask_token_id
+    check_prefill(prefill, prompt_ids.shape[0], gen_length)
     device = prompt_ids.device
     pad_id = policy.tokenizer.pad_token_id if getattr(policy, "tokenizer", None) is not None else 0
     x, attention_mask, completion_start = block_aligned_layout(prompt_ids, prompt_mask, gen_length, block, mask_id,
@@ -152,6 +157,10 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     batch, total = x.shape
     column = torch.arange(total, device=device)
     completion_columns = completion_start[:, None] + torch.arange(gen_length, device=device)[None, :]  # [B, G]
+    if prefill is not None:  # fixed tokens: never masked, so never candidates (a fully prefilled block is skipped)
+        canvas = x.gather(1, completion_columns)
+        write_prefill(canvas, prefill, mask_id)
+        x.scatter_(1, completion_columns, canvas)
     in_completion = (column[None, :] >= completion_start[:, None]) & attention_mask.bool()
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     block_id = torch.where(attention_mask.bool(), position // block, -1)  # [B, T]; pads belong to no block
@@ -180,10 +189,12 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
                              commit_logp=completion(commit_logp), model_calls=calls, tokens_processed=processed,
                              **recorded)
 
-    cache, cached = DynamicCache(), block_start(first_block)
+    # One buffer of the layout's width: each forward writes its fed columns' keys in place and reads the columns
+    # before them, so the finished blocks' keys written by earlier forwards are the cache, and nothing is copied.
+    cache, cached = StaticKVCache(total), block_start(first_block)
     calls = processed = 0
     if cached > 0:  # prefill: the blocks before every row's first completion block
-        policy.logits(x[:, :cached], attention_mask[:, :cached], cache=cache, logits_to_keep=1)
+        policy.logits(x[:, :cached], attention_mask[:, :cached], cache=cache.window(0, cached), logits_to_keep=1)
         calls, processed = calls + 1, processed + x[:, :cached].numel()
     for k in range(int((last_block - first_block).max()) + 1):
         current = first_block + k
@@ -194,15 +205,18 @@ def decode_blocks_exactly(policy, prompt_ids: torch.Tensor, prompt_mask: torch.T
             masked = (x == mask_id) & in_block
             if not bool(masked.any()):
                 break
-            # Feed every column after the cache: the current blocks, and finished blocks not cached yet.
-            logits = policy.logits(x[:, cached:window_end], attention_mask[:, :window_end], cache=cache)
-            calls, processed = calls + 1, processed + x[:, cached:window_end].numel()
-            first_fed, cached = cached, block_start(current)  # blocks before every row's current one are exact
-            logits = suppress_stop_tokens(logits, first_fed + torch.arange(logits.shape[1], device=device)
-                                          - completion_start[:, None], options.min_new_tokens, stop_ids)
-            keep_cache_positions(cache, torch.arange(cached, device=device))
+            # Feed every column after the cache: the current blocks, and finished blocks not cached yet. The lm
+            # head runs on the columns still masked (recording predictions wants every fed column).
             columns = masked.any(dim=0).nonzero().squeeze(1)
-            step_logits = logits[:, columns - first_fed].double()
+            logits = policy.logits(x[:, cached:window_end], attention_mask[:, :window_end],
+                                   cache=cache.window(cached, window_end),
+                                   logits_to_keep=0 if record_predictions else columns - cached)
+            calls, processed = calls + 1, processed + x[:, cached:window_end].numel()
+            # blocks before every row's current one are exact: the next forward keeps their keys and writes after
+            first_fed, cached = cached, block_start(current)
+            step_logits = (logits[:, columns - first_fed] if record_predictions else logits).double()
+            step_logits = suppress_stop_tokens(step_logits, columns[None, :] - completion_start[:, None],
+                                               options.min_new_tokens, stop_ids)
             # SDAR's order: temperature, then top-k, then top-p on the tempered distribution. A committed mask
             # token would leave a finished block masked under a cache that never revisits it: it is never drawn.
             tempered = step_logits / options.temperature if options.temperature > 0 else step_logits
@@ -248,6 +262,7 @@ class BlockDiffusionSampler(Sampler):
 
     options_class = BlockDiffusionOptions
     takes_min_new_tokens = True
+    accepts_prefill = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.remasking_strategy in ("low_confidence_dynamic", "entropy_bounded") or options.early_exit:
@@ -260,12 +275,12 @@ class BlockDiffusionSampler(Sampler):
         return {"steps_per_block": policy.block_size, "remasking_strategy": "sequential"}
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: BlockDiffusionOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         if policy.block_size is None:
             raise ValueError(f"block_diffusion decodes block-causal models; this {policy.family.name} model has full "
                              "attention: use sampler='llada' or 'fast_dllm'")
         return decode_blocks_exactly(policy, prompt_ids, prompt_mask, options, generator=generator,
-                                     record_predictions=record_predictions)
+                                     record_predictions=record_predictions, prefill=prefill)
 
 
 __all__ = ["BlockDiffusionOptions", "BlockDiffusionSampler", "BLOCK_REMASKING", "decode_blocks_exactly",

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from dare_gym.models.caching import StaticKVCache
 from dare_gym.samplers.base import Sampler, SamplerOutput, register_sampler, top_n
 from dare_gym.samplers.llada import FullForward, LLaDAOptions, ScheduledCommit, denoise_blocks
 
@@ -89,64 +89,70 @@ class FactorCommit:
 # ------------------------------------------------------------------------------------------------- caches
 
 
-def keep_cache_positions(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Keep only the cached positions ``index`` (in that order) in every layer."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False) and layer.keys.numel():
-            layer.keys = layer.keys[..., index, :]
-            layer.values = layer.values[..., index, :]
-
-
 def _query_start(policy, start: int) -> int:
     """The first column a cached step must feed: a shifted family (Dream) reads token i from position i−1."""
     return start - 1 if policy.family.shift_logits else start
 
 
 class PrefixCache:
-    """Keys/values left of the current block, from one full forward at the block's start."""
+    """Keys/values left of the current block, from one full forward at the block's start; later steps feed
+    [block; suffix] and write their keys in place right after the prefix (in sequence order, as the keys of a
+    cache extended by the fed tokens are). One buffer of the sequence's width serves every block and step."""
+
+    cache: StaticKVCache | None = None
 
     def begin_block(self, start: int, end: int) -> None:
-        self.start, self.cache = start, None
+        self.start, self.fresh = start, True
 
-    def __call__(self, policy, x, attention_mask, first_needed: int, end: int):
+    def __call__(self, policy, x, attention_mask, wanted: torch.Tensor, end: int):
         total = x.shape[1]
+        if self.cache is None:
+            self.cache = StaticKVCache(total)
         query_start = _query_start(policy, self.start)
-        if self.cache is None:  # the block's first step: a full forward, keeping what lies left of the block
-            self.cache = DynamicCache()
-            logits = policy.logits(x, attention_mask, cache=self.cache, logits_to_keep=total - first_needed)
-            keep_cache_positions(self.cache, torch.arange(query_start, device=x.device))
-            return first_needed, logits, x.numel()
-        first = max(first_needed, self.start)
-        logits = policy.logits(x[:, query_start:], attention_mask, cache=self.cache, logits_to_keep=total - first)
-        keep_cache_positions(self.cache, torch.arange(query_start, device=x.device))
-        return first, logits, x[:, query_start:].numel()
+        if self.fresh:  # the block's first step: a full forward, whose keys left of the block stay
+            self.fresh = False
+            return wanted, policy.logits(x, attention_mask, cache=self.cache.window(0, total),
+                                         logits_to_keep=wanted), x.numel()
+        scored = wanted[wanted >= self.start]
+        fed = x[:, query_start:]
+        logits = policy.logits(fed, attention_mask, cache=self.cache.window(query_start, total),
+                               logits_to_keep=scored - query_start)
+        return scored, logits, fed.numel()
 
 
 class DualCache:
-    """Keys/values left of the block and of the (masked) suffix right of it, from the block's first forward."""
+    """Keys/values left of the block and of the (masked) suffix right of it, from the block's first forward;
+    later steps feed only the block.
+
+    The keys sit in one buffer of the sequence's width as [prefix; suffix; block]: the block's full forward
+    writes them in sequence order, the suffix then moves next to the prefix (once per block), and every later
+    step writes the block's fresh keys in place into the last slot. The padding mask of that order and the
+    block's positions are built once per block."""
+
+    cache: StaticKVCache | None = None
 
     def begin_block(self, start: int, end: int) -> None:
-        self.start, self.end, self.cache = start, end, None
+        self.start, self.end, self.fresh = start, end, True
 
-    def __call__(self, policy, x, attention_mask, first_needed: int, end: int):
+    def __call__(self, policy, x, attention_mask, wanted: torch.Tensor, end: int):
         total, device = x.shape[1], x.device
-        query_start = _query_start(policy, self.start)
         if self.cache is None:
-            self.cache = DynamicCache()
-            logits = policy.logits(x, attention_mask, cache=self.cache, logits_to_keep=total - first_needed)
+            self.cache = StaticKVCache(total)
+        query_start = _query_start(policy, self.start)
+        if self.fresh:
+            self.fresh = False
+            logits = policy.logits(x, attention_mask, cache=self.cache.window(0, total), logits_to_keep=wanted)
+            self.cache.move(self.end, total, query_start)  # [prefix; suffix; free slot for the block]
             kept = torch.cat([torch.arange(query_start, device=device), torch.arange(self.end, total, device=device)])
-            keep_cache_positions(self.cache, kept)
-            self.kept_mask = attention_mask[:, kept]
-            self.cached = kept.numel()
+            self.mask = torch.cat([attention_mask[:, kept], attention_mask[:, query_start:self.end]], dim=1)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             self.block_positions = positions[:, query_start:self.end]
-            return first_needed, logits, x.numel()
-        first = max(first_needed, self.start)
+            return wanted, logits, x.numel()
+        scored = wanted[(wanted >= self.start) & (wanted < self.end)]
         block = x[:, query_start:self.end]
-        logits = policy.logits(block, torch.cat([self.kept_mask, attention_mask[:, query_start:self.end]], dim=1),
-                               cache=self.cache, position_ids=self.block_positions, logits_to_keep=self.end - first)
-        keep_cache_positions(self.cache, torch.arange(self.cached, device=device))
-        return first, logits, block.numel()
+        logits = policy.logits(block, self.mask, cache=self.cache.window(total - block.shape[1], total),
+                               position_ids=self.block_positions, logits_to_keep=scored - query_start)
+        return scored, logits, block.numel()
 
 
 FORWARDS = {"none": FullForward, "prefix": PrefixCache, "dual": DualCache}
@@ -158,6 +164,7 @@ class FastDLLMSampler(Sampler):
 
     options_class = FastDLLMOptions
     takes_min_new_tokens = True
+    accepts_prefill = True
 
     def data_dependent_steps(self, options) -> str | None:
         if options.threshold is not None or options.factor is not None or options.early_exit:
@@ -169,7 +176,7 @@ class FastDLLMSampler(Sampler):
         return {"block_length": 1, "steps": gen_length}  # one-token blocks: the threshold cannot commit more
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: FastDLLMOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         if policy.block_size is not None:
             raise ValueError(f"fast_dllm's caches approximate full attention; this {policy.family.name} model is "
                              f"block-causal (block_size={policy.block_size}): use sampler='block_diffusion'")
@@ -184,8 +191,8 @@ class FastDLLMSampler(Sampler):
             block_length=options.block_length, temperature=options.temperature, remasking=options.remasking,
             generator=generator, record_predictions=record_predictions, forward=FORWARDS[options.cache](),
             commit=commit, early_exit=options.early_exit, tempered_confidence=options.tempered_confidence,
-            min_new_tokens=options.min_new_tokens)
+            min_new_tokens=options.min_new_tokens, prefill=prefill)
 
 
 __all__ = ["FastDLLMOptions", "FastDLLMSampler", "ThresholdCommit", "FactorCommit", "PrefixCache", "DualCache",
-           "keep_cache_positions", "CACHE_MODES"]
+           "CACHE_MODES"]

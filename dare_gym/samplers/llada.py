@@ -23,6 +23,7 @@ from dare_gym.samplers.base import (
     Sampler,
     SamplerOptions,
     SamplerOutput,
+    column_scoring,
     fill_after_stop,
     first_stop_done,
     propose,
@@ -30,10 +31,12 @@ from dare_gym.samplers.base import (
     record_step,
     register_sampler,
     build_output,
+    check_prefill,
     tempered_probability,
     tokens_per_step,
     top_n,
     update_guess,
+    write_prefill,
 )
 
 REMASKING_RULES = ("low_confidence", "random")
@@ -75,15 +78,14 @@ class LLaDAOptions(SamplerOptions):
 
 
 class FullForward:
-    """Every step recomputes the whole sequence (LLaDA); logits are kept from the first column still to decode."""
+    """Every step recomputes the whole sequence (LLaDA); the lm head runs on the wanted columns only."""
 
     def begin_block(self, start: int, end: int) -> None:
         pass
 
-    def __call__(self, policy, x, attention_mask, first_needed: int, end: int) -> tuple[int, torch.Tensor, int]:
-        """(first column of the logits, logits for columns [first, T), query tokens processed)."""
-        logits = policy.logits(x, attention_mask, logits_to_keep=x.shape[1] - first_needed)
-        return first_needed, logits, x.numel()
+    def __call__(self, policy, x, attention_mask, wanted: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the columns scored, sorted: here all of ``wanted``; their logits [B, C, V]; query tokens processed)."""
+        return wanted, policy.logits(x, attention_mask, logits_to_keep=wanted), x.numel()
 
 
 # -------------------------------------------------------------------------------------------- commit rules
@@ -132,22 +134,29 @@ def write_commits(x: torch.Tensor, unmask_step: torch.Tensor, commit_logp: torch
 def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, gen_length: int, steps: int,
                    block_length: int, temperature: float, remasking: str, generator: torch.Generator | None,
                    record_predictions: bool, forward=None, commit=None, early_exit: bool = False,
-                   tempered_confidence: bool = False, min_new_tokens: int = 0) -> SamplerOutput:
+                   tempered_confidence: bool = False, min_new_tokens: int = 0,
+                   prefill: torch.Tensor | None = None) -> SamplerOutput:
     """Decode ``gen_length`` tokens after each left-padded prompt row, block by block.
 
-    ``forward`` computes a step's logits (:class:`FullForward`, or Fast-dLLM's caches); ``commit`` picks the
+    ``forward`` computes a step's logits for the columns it is given (:class:`FullForward`, or Fast-dLLM's caches,
+    which score only the columns they feed): the columns still masked, or with ``record_predictions`` every
+    completion column (a contiguous span, which :func:`update_guess` reads); ``commit`` picks the
     positions a step commits from their confidences (:class:`ScheduledCommit`, or a threshold rule, which
     decodes a block in as many steps as it needs); ``early_exit`` stops once every row has committed a stop
     token with nothing masked before it. ``tempered_confidence`` takes each guess's probability under
     softmax(logits / temperature) instead of LLaDA's softmax(logits) as its confidence, both to commit and to
-    record (MDPO's sampler).
+    record (MDPO's sampler). ``prefill``: completion tokens fixed in advance (:class:`Sampler`), which only
+    ever count as committed.
     """
+    policy = column_scoring(policy)
     forward = forward or FullForward()
     commit = commit or ScheduledCommit()
     steps_per_block = check_schedule(gen_length, steps, block_length)
     batch, prompt_length = prompt_ids.shape
     device, mask_id = prompt_ids.device, policy.mask_token_id
+    check_prefill(prefill, batch, gen_length)
     x = torch.cat([prompt_ids, prompt_ids.new_full((batch, gen_length), mask_id)], dim=1)
+    write_prefill(x[:, prompt_length:], prefill, mask_id)  # fixed tokens: never masked, so never candidates
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, gen_length))], dim=1)
     unmask_step = torch.full((batch, gen_length), -1, dtype=torch.long, device=device)
     commit_logp = torch.zeros(batch, gen_length, dtype=torch.float32, device=device)
@@ -172,21 +181,24 @@ def denoise_blocks(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
             needed = masked.any(dim=0).nonzero().squeeze(1)
             if needed.numel() == 0:
                 break
-            first_needed = min(int(needed[0]), prompt_length) if record_predictions else int(needed[0])
-            first, logits, tokens = forward(policy, x, attention_mask, first_needed, end)
-            logits = suppress_stop_tokens(logits, torch.arange(first, first + logits.shape[1], device=device)
-                                          - prompt_length, min_new_tokens, stop_ids)
+            # The lm head runs on the needed columns only; recording predictions wants every completion column.
+            wanted = torch.arange(min(int(needed[0]), prompt_length), x.shape[1], device=device) \
+                if record_predictions else needed
+            scored, logits, tokens = forward(policy, x, attention_mask, wanted, end)
             calls, processed = calls + 1, processed + tokens
-            columns = needed[needed >= first]
+            columns = needed[torch.isin(needed, scored)]  # a cached forward scores only the columns it feeds
             masked = masked[:, columns]
-            predicted, probability, logp = propose(logits[:, columns - first], temperature, generator)
+            step_logits = logits if scored.numel() == columns.numel() else \
+                logits[:, torch.searchsorted(scored, columns)]  # [B, C, V]: the logits that decide this step
+            step_logits = suppress_stop_tokens(step_logits, columns - prompt_length, min_new_tokens, stop_ids)
+            predicted, probability, logp = propose(step_logits, temperature, generator)
             confidence_temperature = temperature if tempered_confidence else 0.0
             if confidence_temperature > 0:  # MDPO: commit and record by the distribution the guess was drawn from
-                probability = tempered_probability(logits[:, columns - first], predicted, confidence_temperature)
+                probability = tempered_probability(step_logits, predicted, confidence_temperature)
             priority = commit_priority(predicted, probability, masked, remasking, generator)
             chosen = commit(priority, schedule[:, min(step, steps_per_block - 1)]) & masked
             if record_predictions:
-                update_guess(guess, guess_confidence, logits, first, prompt_length, confidence_temperature)
+                update_guess(guess, guess_confidence, logits, int(scored[0]), prompt_length, confidence_temperature)
                 record_step(predictions, confidences, x, guess, guess_confidence, columns, predicted, probability,
                             masked, prompt_length, mask_id)
             write_commits(x, unmask_step, commit_logp, columns, chosen, predicted, logp, prompt_length, calls - 1)
@@ -247,16 +259,18 @@ class LLaDASampler(Sampler):
 
     options_class = LLaDAOptions
     takes_min_new_tokens = True
+    accepts_prefill = True
 
     def left_to_right(self, policy, gen_length: int) -> dict:
         return {"block_length": 1, "steps": gen_length}  # blocks of one token: each step commits the next
 
     def __call__(self, policy, prompt_ids, prompt_mask, options: LLaDAOptions, *, generator=None,
-                 record_predictions=False) -> SamplerOutput:
+                 record_predictions=False, prefill=None) -> SamplerOutput:
         return denoise_blocks(policy, prompt_ids, prompt_mask, gen_length=options.gen_length, steps=options.steps,
                               block_length=options.block_length, temperature=options.temperature,
                               remasking=options.remasking, generator=generator, record_predictions=record_predictions,
-                              tempered_confidence=options.tempered_confidence, min_new_tokens=options.min_new_tokens)
+                              tempered_confidence=options.tempered_confidence, min_new_tokens=options.min_new_tokens,
+                              prefill=prefill)
 
 
 __all__ = ["LLaDAOptions", "LLaDASampler", "REMASKING_RULES", "check_schedule", "commit_priority", "continue_denoising",

@@ -22,7 +22,7 @@ from dare_gym.algorithms.base import resolved_section
 from dare_gym.core.config import ConfigError
 from dare_gym.core.device import resolve_device, resolve_dtype
 from dare_gym.core.distributed import STRATEGIES
-from dare_gym.core.loading import policy_family
+from dare_gym.core.loading import policy_config, policy_family
 from dare_gym.core.lora import LoraSettings
 from dare_gym.models.families import get_family
 from dare_gym.samplers import get_sampler
@@ -345,6 +345,7 @@ def refuse_unsupported_family(config: TrainConfig) -> None:
         family = policy_family(config.policy, config.policy_family)
     except (OSError, ValueError):
         return  # the policy cannot be read without loading it (a hub id offline): load_policy will say why
-    reason = get_algorithm(config.algorithm["name"]).algorithm_class.refusal(family)
+    model_config = policy_config(config.policy, config.policy_family)
+    reason = get_algorithm(config.algorithm["name"]).algorithm_class.model_refusal(family, model_config)
     if reason:
         raise ConfigError(f"algorithm {config.algorithm['name']} cannot train policy {config.policy!r}: {reason}")

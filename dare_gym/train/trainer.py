@@ -169,7 +169,8 @@ class Trainer:
         start = time.perf_counter()
         prompts, infos = self.train_env.reset()
         context = RolloutContext(indices=infos["index"].tolist(), score_texts=self.train_env.score_texts,
-                                 demonstrations=self.train_env.demonstrations, env_id=self.config.env)
+                                 demonstrations=self.train_env.demonstrations, env_id=self.config.env,
+                                 hints=self.train_env.hints, judge=self.train_env.judge)
         rollout = self.algorithm.rollout(self.policy, list(prompts), group_size=self.config.group_size,
                                          generator=self.generator, batch_size=self.config.rollout_batch_size,
                                          settings=self.rollout_kwargs(), context=context)

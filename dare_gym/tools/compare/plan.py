@@ -25,7 +25,7 @@ from dare_gym.core.config import (
     parse_overrides,
     set_dotted,
 )
-from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, TrainConfig, resolve
+from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, TrainConfig, refuse_unsupported_family, resolve
 from dare_gym.train.user_code import import_module, normalize_module_spec
 
 ALL = "all"
@@ -192,7 +192,9 @@ def plan_comparison(
 
         def invalid(section: dict) -> str | None:
             try:
-                resolve(dataclass_from_dict(TrainConfig, {**data, "algorithm": section}), policy_files=False)
+                config = dataclass_from_dict(TrainConfig, {**data, "algorithm": section})
+                resolve(config, policy_files=False)
+                refuse_unsupported_family(config)  # e.g. DiPO on a full-attention policy: failed, with the reason
             except (ConfigError, ValueError, TypeError) as error:
                 return str(error)
             return None
