@@ -1,5 +1,5 @@
 """Training on several processes (torchrun, gloo on this CPU): the update of 2 ranks equals one process's update
-on the union batch, for DDP and FSDP2; a 2-process run resumes with 1 process; a failing rank stops every rank.
+on the union batch, for DDP and FSDP2, also as two launches acting as two nodes; a 2-process run resumes with 1 process; a failing rank stops every rank.
 (NCCL on GPUs is the same code; the lent GPU machines have one GPU, see BENCHMARKS.md.)"""
 
 from __future__ import annotations
@@ -44,6 +44,29 @@ def test_two_ranks_update_like_one_process_on_the_union_batch(two_process_update
     base = dare_gym.load_policy("tiny").model.state_dict()
     moved = max(float((one[k] - base[k]).abs().max()) for k in one)
     assert moved > 1e-4  # the update did something
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+def test_two_launches_as_two_nodes_on_loopback_update_like_one_process(tmp_path):
+    """Multi-node as the README documents it: two torchrun launches (``--nnodes 2 --node-rank 0/1``, one process
+    each) meeting at a c10d rendezvous on loopback make the same d1 update as one process on the union batch."""
+    from dare_gym.tools.serve import bind_socket
+
+    with bind_socket("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+    (tmp_path / "two").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                               "1", "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+                               str(WORKER), "update", str(tmp_path / "two"), "d1:ddp"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-4000:]
+    two = torch.load(tmp_path / "two" / "d1-ddp.pt")
+    one = update("d1", "ddp", str(tmp_path / "one"))
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
 

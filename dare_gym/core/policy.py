@@ -13,7 +13,7 @@ import torch
 
 from dare_gym.core.distributed import GradientSync
 from dare_gym.models.families import ModelFamily, get_family
-from dare_gym.samplers import SAMPLERS, get_sampler, make_options
+from dare_gym.samplers import SAMPLERS, get_sampler
 from dare_gym.samplers.base import choose_options
 
 POLICY_META_FILE = "dare_gym_policy.json"
