@@ -377,7 +377,7 @@ def test_algorithms_choose_their_estimator_from_the_family_noise_and_refuse_the_
     assert get_algorithm("sft").algorithm_class.refusal(family) is None
     reason = get_algorithm("spg").algorithm_class.refusal(family)
     assert "[MASK]" in reason and "diffusion_gemma models are trained to undo uniform noise" in reason
-    assert "(algorithms with uniform-noise estimators: cj_grpo, d1, reinforce, sft, tracerl)" in reason
+    assert "(algorithms with uniform-noise estimators: cj_grpo, d1, reinforce, sft, tracerl, wd1)" in reason
     with pytest.raises(ValueError, match="spg cannot train a model trained to undo uniform noise"):
         make_algorithm("spg", build_config("spg", {}), mask_token_id=None, noise="uniform", vocab_size=9)
 
