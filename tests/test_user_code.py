@@ -37,12 +37,13 @@ def test_a_module_in_the_current_directory_and_a_file_by_path(workdir):
     assert module.Scores.half("x", {}) == 0.5 and import_module(str(workdir / "sub" / "uc_rewards_b.py")) is module
     assert resolve_reference("uc_rewards_a:exact") is sys.modules["uc_rewards_a"].exact
     assert resolve_reference("sub/uc_rewards_b.py:Scores.half") is module.Scores.half
-    # references record how another process finds the callable: the name, or the file's absolute path
-    assert reference_of(sys.modules["uc_rewards_a"].exact) == "uc_rewards_a:exact"
+    # references record how another process, started anywhere, finds the callable: an installed module's name, or
+    # the file's absolute path (a module found in the current directory too, so a resume from elsewhere finds it)
+    assert reference_of(sys.modules["uc_rewards_a"].exact) == f"{workdir / 'uc_rewards_a.py'}:exact"
     assert reference_of(module.Scores.half) == f"{workdir / 'sub' / 'uc_rewards_b.py'}:Scores.half"
     spec = resolve_reward_spec([["uc_rewards_a:exact", 1.0], ["format", 0.1]])
     assert spec == [[sys.modules["uc_rewards_a"].exact, 1.0], ["format", 0.1]]
-    assert jsonable({"reward": spec}) == {"reward": [["uc_rewards_a:exact", 1.0], ["format", 0.1]]}
+    assert jsonable({"reward": spec}) == {"reward": [[f"{workdir / 'uc_rewards_a.py'}:exact", 1.0], ["format", 0.1]]}
 
 
 @pytest.mark.parametrize("source,spec,message", [
