@@ -17,6 +17,9 @@ import sys
 import torch
 
 from dare_gym.core.buffer import RolloutBuffer, SequenceBatch
+from dare_gym.core.policy import DiffusionPolicy
+from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
+from dare_gym.models.tokenizer import build_char_tokenizer
 
 MASK, PAD, EOS, VOCAB = 3, 0, 2, 12
 
@@ -114,3 +117,13 @@ def clipped(ratio: float, advantage: float, low: float, high: float | None = Non
 
 def k3(logp: float, ref: float) -> float:
     return math.exp(ref - logp) - (ref - logp) - 1
+
+
+def random_tiny(block_size: int | None = None, seed: int = 0) -> DiffusionPolicy:
+    """A random tiny model in float64 (block-causal with ``block_size``): the fidelity tests' exact policy."""
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
+                            block_size=block_size)
+    return DiffusionPolicy(TinyDLLMForMaskedLM(config).double().eval(), tokenizer, family="tiny")

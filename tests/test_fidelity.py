@@ -17,25 +17,13 @@ import torch
 
 from dare_gym.algorithms import build_config, make_algorithm, mdpo
 from dare_gym.core.buffer import CORRECT, ENDED
-from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-from dare_gym.models.tokenizer import build_char_tokenizer
-from dare_gym.core.policy import DiffusionPolicy
-from helpers import EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
+from helpers import random_tiny, EOS, MASK, ScriptedPolicy, clipped, constant, make_buffer
 
 EOT = 11  # an end-of-turn id of the scripted vocabulary (not a stop token of the scripted policies)
 
 
 def algorithm(name: str, **options):
     return make_algorithm(name, build_config(name, options), mask_token_id=MASK)
-
-
-def random_tiny(block_size: int | None = None, seed: int = 0) -> DiffusionPolicy:
-    torch.manual_seed(seed)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
-                            block_size=block_size)
-    return DiffusionPolicy(TinyDLLMForMaskedLM(config).double().eval(), tokenizer, family="tiny")
 
 
 # ------------------------------------------------------------------------------------------ response masks

@@ -17,18 +17,7 @@ from dare_gym.algorithms import build_config, make_algorithm
 from dare_gym.algorithms.dipo import block_rounds
 from dare_gym.algorithms.igpo import HINTED, IGPOConfig, inpainting_prefill, stretched_positions
 from dare_gym.core.policy import DiffusionPolicy
-from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-from dare_gym.models.tokenizer import build_char_tokenizer
-from helpers import MASK, VOCAB, ScriptedPolicy, constant, make_buffer
-
-
-def random_tiny(block_size: int | None = None, seed: int = 0) -> DiffusionPolicy:
-    torch.manual_seed(seed)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
-                            block_size=block_size)
-    return DiffusionPolicy(TinyDLLMForMaskedLM(config).double().eval(), tokenizer, family="tiny")
+from helpers import random_tiny, MASK, VOCAB, ScriptedPolicy, constant, make_buffer
 
 
 def perturb(policy: DiffusionPolicy, seed: int, scale: float = 0.05) -> None:

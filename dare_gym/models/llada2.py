@@ -62,6 +62,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from dare_gym.models.caching import keep_positions
 
 from dare_gym.models.families import attention_inputs
+from dare_gym.models.llada import RMSNorm  # the same norm: float32, cast back, then the weight
 
 DEFAULT_BLOCK_SIZE = 32  # LLaDA2.0-mini's model card, its generate() default and DARE's recipes
 
@@ -197,20 +198,6 @@ class LLaDA2MoeConfig(PreTrainedConfig):
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm in float32, cast back to the input's dtype, then scaled by the weight."""
-
-    def __init__(self, width: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, xf = x.dtype, x.float()  # one float32 copy (autograd keeps it once)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(dtype)
 
 
 def rotary_tables(position_ids: torch.Tensor, rope_dim: int, theta: float, dtype: torch.dtype):
