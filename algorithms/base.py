@@ -57,6 +57,8 @@ from dare_gym.core.losses import (
 
 NOISE_PREFIX = "noise."
 BATCH_TOKENS = "batch_tokens_per_row"  # the batch's active tokens / rows, on every row (loss_type: dapo)
+OLD_LOGP = "old_logp"  # [N, μ − 1, L] π_old's log-probs on iterations 1..μ−1's noise (iteration 0: π_θ detached)
+REF_LOGP = "ref_logp"  # [N, μ, L] π_ref's log-probs on each iteration's noise
 
 
 @dataclass
@@ -403,26 +405,34 @@ class PolicyGradient(Algorithm):
 
     @torch.no_grad()
     def prepare(self, policy, reference, buffer: RolloutBuffer, generator, micro_batch_size: int = 64) -> None:
+        """Draw each iteration's noise and score π_ref on all of them and π_old on iterations 1..μ−1.
+
+        Iteration 0 needs no π_old forward: the default ``update_plan`` makes it one optimizer step over the
+        whole batch, so every minibatch of it is scored with π_old's own weights on that iteration's noise, and
+        π_old's log-probs there are π_θ's, detached (what :meth:`score` uses). The official codes score it
+        anyway (d1 computes all μ iterations' old log-probs at generation time); the values are the same, the
+        forward is spare — one of the default recipe's five scoring forwards (BENCHMARKS.md)."""
         self.record_batch_tokens(buffer)
         noises = self.store_noise(policy, buffer, generator)
         scorers = []
-        if len(noises) > 1:  # with μ = 1 the update is on-policy and π_old is π_θ detached
-            scorers.append(("old_logp", policy))
+        if len(noises) > 1:
+            scorers.append((OLD_LOGP, policy, noises[1:]))
         if self.needs_reference:
-            scorers.append(("ref_logp", reference))
+            scorers.append((REF_LOGP, reference, noises))
         chunks = buffer.row_chunks(micro_batch_size)
         chunk_inputs = [self.model_inputs(buffer.select(rows), policy.device) for rows in chunks]
         # A noise-free estimator (trajectory replay) gives every iteration the same inputs: score them once.
-        distinct = noises[:1] if getattr(self.estimator, "deterministic", False) else noises
-        for column, scorer in scorers:
+        deterministic = getattr(self.estimator, "deterministic", False)
+        for column, scorer, iterations in scorers:
             per_iteration = []
-            for noise in distinct:
+            for noise in iterations[:1] if deterministic else iterations:
                 scores = [
                     self.estimator.token_logp(scorer.logits, inputs, {k: v[rows] for k, v in noise.items()}).logp
                     for rows, inputs in zip(chunks, chunk_inputs)
                 ]
                 per_iteration.append(torch.cat(scores).cpu())
-            per_iteration *= len(noises) // len(distinct)
+            if deterministic:
+                per_iteration *= len(iterations)
             buffer.columns[column] = torch.stack(per_iteration, dim=1)
 
     def noise(self, batch: RolloutBuffer, iteration: int, device) -> dict[str, torch.Tensor]:
@@ -437,8 +447,9 @@ class PolicyGradient(Algorithm):
         inputs = self.model_inputs(batch, policy.device)
         scores = self.estimator.token_logp(policy.logits, inputs, self.noise(batch, iteration, policy.device))
         device = scores.logp.device
-        old = batch.columns["old_logp"][:, iteration].to(device) if "old_logp" in batch.columns else scores.logp.detach()
-        ref = batch.columns["ref_logp"][:, iteration].to(device) if "ref_logp" in batch.columns else None
+        # iteration 0 is on-policy (see prepare): π_old there is π_θ detached; the column holds iterations 1..μ−1
+        old = batch.columns[OLD_LOGP][:, iteration - 1].to(device) if iteration > 0 else scores.logp.detach()
+        ref = batch.columns[REF_LOGP][:, iteration].to(device) if REF_LOGP in batch.columns else None
         return inputs, scores, old, ref
 
     # the clipped surrogate with a KL penalty -----------------------------------------------------------

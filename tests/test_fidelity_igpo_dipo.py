@@ -95,7 +95,7 @@ def test_dipo_loss_is_the_mean_per_round_row_over_block_size_rows_per_response()
     old = round_logps(policy)
     perturb(policy, seed=11)
     new = round_logps(policy)
-    loss, metrics = method.loss(policy, buffer, 0)
+    loss, metrics = method.loss(policy, buffer, 1)  # iteration 0 would be on-policy (ρ = 1)
 
     total, ratios = 0.0, []
     for row, advantage in enumerate([1.0, -1.0]):
@@ -196,7 +196,8 @@ def test_igpo_loss_scores_generated_tokens_and_the_highest_entropy_hinted_ones_w
                    micro_batch_size=8)
     assert scripted_entropy(-2.0) > max(scripted_entropy(-0.7), scripted_entropy(-1.2))
     leaf = torch.tensor(new, dtype=torch.float64, requires_grad=True)
-    loss, metrics = method.loss(ScriptedPolicy(targets, lambda masked: leaf), buffer, 0)
+    # iteration 1: iteration 0 is on-policy (π_old there is π_θ detached), this one reads π_old's scores
+    loss, metrics = method.loss(ScriptedPolicy(targets, lambda masked: leaf), buffer, 1)
     loss.backward()
 
     scored = [[0, 1], [0, 1, 2, 3]]

@@ -72,11 +72,14 @@ def test_d1_prepare_scores_old_and_reference_on_each_iterations_noise(tiny_polic
     algorithm.prepare(tiny_policy, tiny_policy, buffer, torch.Generator().manual_seed(0))
     masks = buffer.columns["noise.prompt_masked"]
     assert masks.shape[:2] == (4, 3) and not torch.equal(masks[:, 0], masks[:, 1])
-    # The reference is the policy itself here, so both columns equal a direct re-scoring on the same noise.
+    # The reference is the policy itself here, so both columns equal a direct re-scoring on the same noise;
+    # π_old is scored on iterations 1 and 2 only (iteration 0's is π_θ detached: no optimizer step precedes it).
     inputs = buffer.model_inputs()
+    assert buffer.columns["old_logp"].shape[1] == 2 and buffer.columns["ref_logp"].shape[1] == 3
     for k in range(3):
         again = algorithm.estimator.token_logp(tiny_policy.logits, inputs, {"prompt_masked": masks[:, k]}).logp
-        assert torch.allclose(buffer.columns["old_logp"][:, k], again, atol=1e-5)
+        if k > 0:
+            assert torch.allclose(buffer.columns["old_logp"][:, k - 1], again, atol=1e-5)
         assert torch.allclose(buffer.columns["ref_logp"][:, k], again, atol=1e-5)
     loss, metrics = algorithm.loss(tiny_policy, buffer, iteration=1)
     # On-policy with π_ref = π_θ: every ratio is 1 and the KL is 0, so the loss is −(token-mean of A).
@@ -87,6 +90,36 @@ def test_d1_prepare_scores_old_and_reference_on_each_iterations_noise(tiny_polic
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_policy.model.parameters())
     tiny_policy.model.zero_grad(set_to_none=True)
+
+
+def test_prepare_scores_pi_old_only_where_an_optimizer_step_came_before(tiny_policy):
+    """Iteration 0 of the default plan is one optimizer step over the whole batch, so π_old there is π_θ itself:
+    prepare runs π_old's forward on iterations 1..μ−1 only (π_ref on all μ), and iteration 0's loss is the
+    on-policy one (every ratio 1), with the gradient of −A plus the KL's."""
+    import copy
+
+    config = build_config("d1", {"num_iterations": 3, "beta": 0.04, "estimator": "d1"})
+    algorithm = make_algorithm("d1", config, mask_token_id=tiny_policy.mask_token_id)
+    buffer = algorithm.advantages(rollouts(tiny_policy), 4)
+    calls = {"policy": 0, "reference": 0}
+
+    def counted(name):
+        wrapped = copy.copy(tiny_policy)
+
+        def logits(*args, **kwargs):
+            calls[name] += 1
+            return tiny_policy.logits(*args, **kwargs)
+        wrapped.logits = logits
+        return wrapped
+
+    algorithm.prepare(counted("policy"), counted("reference"), buffer, torch.Generator().manual_seed(0),
+                      micro_batch_size=3)  # 8 rows: chunks of 3, 3, 2
+    assert calls == {"policy": 2 * 3, "reference": 3 * 3}
+    loss, metrics = algorithm.loss(tiny_policy, buffer, iteration=0)
+    weights = buffer.completion_mask.float()
+    assert loss.item() == pytest.approx(-(buffer.advantage[:, None] * weights).sum().item() / weights.sum().item(),
+                                        abs=1e-5)
+    assert metrics["clip_fraction"] == 0.0
 
 
 def small_config(tmp_path, **overrides) -> TrainConfig:
