@@ -13,7 +13,9 @@
 4. One d1 update of the 8B-shaped model (8 rows, prompt 64, gen 256): time and peak memory with LoRA (r = 8)
    and with full fine-tuning plus gradient checkpointing (β = 0, so no reference copy); where it does not fit the
    card, where it ran out.
-5. LLaDA2 (MoE, block diffusion) at LLaDA2.0-mini's width, random, with ``--llada2-layers`` decoder layers (20: the
+5. ``torch_compile``: the 1.3B shape's ``llada`` and dual-cache decodes (batch 8) eager and compiled, the
+   compilation's cost, and whether the tokens stayed the same.
+6. LLaDA2 (MoE, block diffusion) at LLaDA2.0-mini's width, random, with ``--llada2-layers`` decoder layers (20: the
    whole 16B model, 32.5 GB in bf16): the ``block_diffusion`` sampler's speed (prompt 64, gen 256, blocks of 32,
    32 steps a block, batch 8), and one EBPO update under LoRA (r = 8) with gradient checkpointing (4 rows): time,
    peak memory, and the peak that ``experiments/llada2_memory.py`` counts for it from the config.
@@ -149,6 +151,43 @@ def sampler_speed(device: torch.device, shape: str, batches: list[int], schedule
     return {"shape": shape, "parameters": parameter_count(policy), "rows": rows, **schedule}
 
 
+def compiled_sampler(device: torch.device, shape: str, batch: int, schedule: dict, options: dict) -> dict:
+    """``torch_compile``'s effect on rollouts: each LLaDA-schedule setting decoded with the plain forward, then with
+    the forward compiled in place (``compile_forward``, as ``torch_compile: {}`` does in training), after one
+    untimed decode that pays the compilation (its seconds reported); whether the compiled model decoded the same
+    tokens (bf16 kernels may round differently)."""
+    from dare_gym.core.precision import compile_forward
+
+    policy = random_llada(shape, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    prompt = torch.randint(0, 100_000, (batch, schedule["prompt_length"]), device=device, generator=generator)
+    mask = torch.ones_like(prompt)
+    settings = {label: SAMPLER_SETTINGS[label] for label in ("llada", "fast_dllm dual cache")}
+
+    def decode(name, extra):
+        sampler_options = make_options(name, {"gen_length": schedule["gen_length"], "steps": schedule["steps"],
+                                              "block_length": schedule["block_length"], "temperature": 0.0, **extra})
+        synchronize(device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = get_sampler(name)(policy, prompt, mask, sampler_options)
+        synchronize(device)
+        return out.completion_ids.cpu(), time.perf_counter() - started
+
+    plain = {label: decode(*setting) for label, setting in settings.items()}
+    started = time.perf_counter()
+    compile_forward(policy.model, options)
+    warm = {label: decode(*setting)[1] for label, setting in settings.items()}  # pays the compilation
+    rows = []
+    for label, setting in settings.items():
+        tokens, seconds = decode(*setting)
+        rows.append({"sampler": label, "eager_s": round(plain[label][1], 3), "compiled_s": round(seconds, 3),
+                     "speed_up": round(plain[label][1] / seconds, 2), "first_compiled_decode_s": round(warm[label], 1),
+                     "same_tokens": bool(torch.equal(tokens, plain[label][0]))})
+    return {"shape": shape, "batch": batch, "options": options, "rows": rows,
+            "compile_and_first_decodes_s": round(time.perf_counter() - started, 1), **schedule}
+
+
 def update_memory(device: torch.device, shape: str, schedule: dict) -> dict:
     results = {}
     settings = {
@@ -263,6 +302,18 @@ def markdown(results: dict) -> str:
                   f"{r['overhead_over_full_forwards']} | {r.get('columns_scored')} | {r.get('efficiency', 'n/a')} |"
                   for r in speed["rows"]]
         lines.append("")
+    compiled = next((v for k, v in results.items() if k.startswith("compiled sampler")), None)
+    if compiled is not None:
+        lines += [f"## torch_compile ({compiled.get('shape')} shape, batch {compiled.get('batch')}, options "
+                  f"{compiled.get('options')})", ""]
+        if "rows" in compiled:
+            lines += ["| sampler | eager s | compiled s | speed-up | first compiled decode s | same tokens |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['sampler']} | {r['eager_s']} | {r['compiled_s']} | {r['speed_up']}× | "
+                      f"{r['first_compiled_decode_s']} | {r['same_tokens']} |" for r in compiled["rows"]]
+        else:
+            lines.append(f"error: {compiled.get('error')}")
+        lines.append("")
     update = next((v for k, v in results.items() if k.startswith("d1 update")), {})
     lines += ["## One d1 update", "", "| setting | seconds | peak GiB |", "|---|---|---|"]
     for label, row in update.get("settings", {}).items():
@@ -317,6 +368,10 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick}
     plan = [("tiny parity", tiny_parity, device, args.quick), ("tiny training", tiny_training, device, args.quick)]
     plan += [(f"sampler speed {shape}", sampler_speed, device, shape, batches, schedule) for shape in speed_shapes]
+    # on CPU (--quick) the `eager` backend runs the same capture without needing a C++ toolchain
+    compile_options = {"backend": "eager"} if args.quick else {}
+    plan.append((f"compiled sampler {speed_shapes[0]}", compiled_sampler, device, speed_shapes[0], batches[0], schedule,
+                 compile_options))
     plan.append((f"d1 update {update_shape}", update_memory, device, update_shape, dict(schedule, rows=update_rows)))
     plan.append((f"llada2 sampler {moe_shape}", llada2_sampler, device, moe_shape, moe_layers, moe_batch, moe_schedule))
     plan.append((f"llada2 update {moe_shape}", llada2_update, device, moe_shape, moe_layers,

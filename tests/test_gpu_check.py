@@ -15,8 +15,8 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
-    parts = ["tiny parity", "tiny training", "sampler speed test", "d1 update test", "llada2 sampler test",
-             "llada2 update test"]
+    parts = ["tiny parity", "tiny training", "sampler speed test", "compiled sampler test", "d1 update test",
+             "llada2 sampler test", "llada2 update test"]
     assert all(part in results and "error" not in results[part] for part in parts), \
         {part: results.get(part, {}).get("error") for part in parts}
     assert results["tiny parity"]["all_identical"]
@@ -24,6 +24,10 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path):
     assert {row["sampler"] for row in rows} == {"llada", "fast_dllm dual cache", "fast_dllm dual cache + threshold 0.9"}
     by_sampler = {row["sampler"]: row for row in rows}
     assert by_sampler["fast_dllm dual cache"]["tokens_processed"] < by_sampler["llada"]["tokens_processed"]
+    compiled = results["compiled sampler test"]["rows"]
+    assert [row["sampler"] for row in compiled] == ["llada", "fast_dllm dual cache"]
+    assert all(row["same_tokens"] for row in compiled)  # float32 on CPU: the captured graph computes the same
+    assert "## torch_compile" in (tmp_path / "gpu_check.md").read_text()
     assert set(results["d1 update test"]["settings"]) == {"LoRA r=8", "full fine-tune + gradient checkpointing (beta=0)"}
     moe = results["llada2 sampler test"]
     assert moe["block_size"] == 32 and all(row["model_calls"] == 16 for row in moe["rows"])  # gen 16, 1 token a step

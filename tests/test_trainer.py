@@ -195,6 +195,9 @@ def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
         (["algorithm.preset=fast"], "d1 has no preset 'fast'; its presets: digitsort"),
         (["rollout.temperature=hot"], "rollout.temperature: expected a number"),
         (["not-an-override"], "must look like field.path=value"),
+        (['torch_compile={"mod": "max-autotune"}'], "torch_compile: unknown argument\\(s\\) mod; torch.compile takes "
+                                                     "fullgraph, dynamic, backend, mode"),
+        (["torch_compile=true"], "torch_compile: expected a mapping, got True \\(or null\\)"),
     ],
 )
 def test_config_errors_name_the_field_and_value(overrides, message):
@@ -294,3 +297,24 @@ def test_sft_on_demonstrations_clones_the_envs_gold_answers(tmp_path):
         assert ids[len(digits):].eq(tokenizer.eos_token_id).all()
     update = trainer.update(buffer)
     assert update["rows_trained"] == len(buffer) and math.isfinite(update["loss"])
+
+
+def test_torch_compile_compiles_policy_and_reference_forwards_and_decodes_the_same_tokens(tmp_path):
+    """torch_compile compiles the policy's and the reference's forward in place (torch's `eager` backend here:
+    the same dynamo capture and guards as on a GPU, without a C++ toolchain); a compiled model decodes the
+    same tokens as the uncompiled one and trains a step; FSDP2 refuses it up front."""
+    from dare_gym.train.config import check_processes
+
+    config = small_config(tmp_path, max_steps=1, eval_size=0, torch_compile={"backend": "eager"})
+    trainer = Trainer(config)
+    assert trainer.policy.model._compiled_call_impl is not None
+    assert trainer.reference.model._compiled_call_impl is not None
+    plain = dare_gym.load_policy("tiny")
+    prompts = ["3 1 2\n", "9 0 5 4\n"]
+    decode = {"temperature": 0.0, "seed": 0}
+    assert [c.text for c in trainer.policy.generate(prompts, **decode)] == \
+        [c.text for c in plain.generate(prompts, **decode)]
+    assert trainer.train()["steps"] == 1
+    fsdp = small_config(tmp_path, strategy="fsdp", torch_compile={})
+    with pytest.raises(ConfigError, match="torch_compile with strategy fsdp is not supported"):
+        check_processes(fsdp, 2)

@@ -103,4 +103,13 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-__all__ = ["MasterWeightAdamW", "optimizer_state_bytes", "enable_activation_checkpointing"]
+def compile_forward(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """Compile ``model``'s forward in place (``nn.Module.compile``: parameters, hooks, adapters and
+    ``state_dict`` stay the module's own, so checkpoints, LoRA and DDP see the same module). ``options`` are
+    torch.compile's keyword arguments. The samplers call the model with a few fixed shapes per block (a static
+    cache), so recompilations stay within torch's per-function limit."""
+    model.compile(**options)
+    return model
+
+
+__all__ = ["MasterWeightAdamW", "optimizer_state_bytes", "enable_activation_checkpointing", "compile_forward"]

@@ -10,6 +10,7 @@ the device — before anything is launched or loaded.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -118,6 +119,11 @@ class TrainConfig:
     gradients and optimizer state sharded per transformer block)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: much less memory for real models, about a third slower"""
+    torch_compile: dict | None = None
+    """compile the policy's (and a separate reference's) forward with torch.compile, these being its keyword
+    arguments ({} for its defaults, {mode: max-autotune}, {dynamic: true}); for GPUs at real sizes, where the
+    fused kernels pay for the compile time (experiments/gpu_check.py measures it); null: off. One process or
+    ddp (FSDP2 shards would need per-block compilation)"""
     algorithm: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_RECIPE))
     """algorithm name, an optional preset and options: fields not set take the algorithm's own defaults
     (`dare-gym algorithms` lists each one's fields and presets)"""
@@ -221,6 +227,7 @@ class TrainConfig:
             raise ConfigError(f"time_limit_minutes must be > 0 or null, got {self.time_limit_minutes!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check_compile_options(self.torch_compile)
         if not isinstance(self.algorithm, dict):
             raise ConfigError(f"algorithm must be a mapping with a name, got {self.algorithm!r}")
         if "name" not in self.algorithm:  # `algorithm.beta=0` alone changes one field of the default recipe
@@ -243,6 +250,19 @@ class TrainConfig:
         options = {k: v for k, v in self.algorithm.items() if k != "name"}
         data["algorithm"] = jsonable(resolved_section(self.algorithm["name"], options))
         return data
+
+
+def check_compile_options(options: dict | None) -> None:
+    """``torch_compile`` is null or a mapping of torch.compile's own keyword arguments (named on error)."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        raise ConfigError(f"torch_compile must be a mapping of torch.compile arguments or null, got {options!r}")
+    accepted = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"torch_compile: unknown argument(s) {', '.join(unknown)}; torch.compile takes "
+                          f"{', '.join(accepted)}")
 
 
 @dataclass(frozen=True)
@@ -311,6 +331,9 @@ def check_processes(config: TrainConfig, processes: int) -> None:
     if config.strategy == "fsdp" and config.lora is not None:
         raise ConfigError("lora with strategy fsdp is not supported: LoRA's frozen base fits each GPU in bf16 "
                           "(16 GB for 8B), so train LoRA with strategy ddp")
+    if config.strategy == "fsdp" and config.torch_compile is not None:
+        raise ConfigError("torch_compile with strategy fsdp is not supported (FSDP2's per-block shards would need "
+                          "per-block compilation): use strategy ddp, or torch_compile: null")
 
 
 def check_sampler_sections(config: TrainConfig) -> None:

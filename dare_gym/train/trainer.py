@@ -52,7 +52,7 @@ from dare_gym.core.lora import (
     save_lora_policy,
 )
 from dare_gym.train.metrics import METRICS_FILE, SAMPLES_FILE, MetricsLogger, plot_metrics
-from dare_gym.core.precision import MasterWeightAdamW, enable_activation_checkpointing
+from dare_gym.core.precision import MasterWeightAdamW, compile_forward, enable_activation_checkpointing
 from dare_gym.samplers import get_sampler
 from dare_gym.train.signal import NoSignalWatch, RewardFailedEverywhere, no_signal_cause, strict_reward_problem
 from dare_gym.train.config import DEFAULT_ALGORITHM, DEFAULT_RECIPE, GenerationConfig, RunConfig, TrainConfig, resolve
@@ -121,6 +121,10 @@ class Trainer:
             else:
                 self.reference = copy.copy(self.policy)
                 self.reference.model = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        if config.torch_compile is not None:  # after the reference's copy: each model compiles its own forward
+            compile_forward(self.policy.model, config.torch_compile)
+            if self.reference is not None and self.reference.model is not self.policy.model:
+                compile_forward(self.reference.model, config.torch_compile)
         if self.group.world_size > 1:
             self._distribute(config, device, compute_dtype)
         self.train_env = dare_gym.make_vec(
