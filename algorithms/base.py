@@ -411,7 +411,8 @@ class PolicyGradient(Algorithm):
         whole batch, so every minibatch of it is scored with π_old's own weights on that iteration's noise, and
         π_old's log-probs there are π_θ's, detached (what :meth:`score` uses). The official codes score it
         anyway (d1 computes all μ iterations' old log-probs at generation time); the values are the same, the
-        forward is spare — one of the default recipe's five scoring forwards (BENCHMARKS.md)."""
+        forward is spare — one of the six forwards a batch of the default recipe took (π_old, π_ref and π_θ on each of
+        its two iterations; BENCHMARKS.md)."""
         self.record_batch_tokens(buffer)
         noises = self.store_noise(policy, buffer, generator)
         scorers = []
