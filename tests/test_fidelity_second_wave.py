@@ -162,40 +162,59 @@ def test_gauss_legendre_nodes_and_weights_on_the_unit_interval():
     assert float((weights * nodes ** 7).sum()) == pytest.approx(1 / 8, abs=1e-12)
 
 
-def test_gdpo_is_the_length_scaled_sequence_clip_on_the_quadrature_elbo():
-    """GDPO (arXiv 2510.08554, its objective): 𝓑 = Σ_n w_n/t_n Σ_{masked at t_n} log π over the tokens through the
-    first EOS, r = exp(𝓑 − 𝓑_old) on the same masks, loss = mean_i −min(r A, clip(r, 1 ± 0.5) A)/|o_i|, A = r − mean.
-    Two nodes (t = ½ ∓ ½/√3, w = ½); the scripted log-prob of a token falls by 0.1 per masked position of its row,
-    so each node's state matters; μ = 2, iteration 1 against π_old scored at prepare."""
+def test_gdpo_is_the_width_normalised_sequence_clip_on_the_quadrature_elbo():
+    """GDPO's official compute_loss (KevinRojas1499/GDPO gdpo_trainer.py) and NumericalIntegrationEstimator, by hand:
+    node n masks exactly max(1, ⌊t_n·L⌋) of the L = 3 completion positions (EOS padding included: response_mask
+    all), 𝓑 = Σ_n w_n/t_n Σ_{masked at t_n} log π; r = exp((𝓑 − 𝓑_old)/L) on the same masks; per sequence
+    −min(rA, clip(r, 1 ± 0.5)A) + β·(e^d − d − 1) with d = 𝓑_ref − 𝓑; the mean over sequences; A = R − mean.
+    Two nodes (t = ½ ∓ ½/√3, w = ½: 1 and 2 positions masked); the scripted log-prob of a token falls by 0.1 per
+    masked position of its row. Row 0 (A = +½) moved far from π_old: its ratio is clipped and only the KL's
+    gradient reaches it; row 1's is not. μ = 2, iteration 1 against π_old scored at prepare; β = 0.1."""
+    beta = 0.1
     buffer = make_buffer([[7, EOS, EOS], [7, 8, 9]], completion_mask=[[1, 1, 0], [1, 1, 1]], rewards=[1.0, 0.0])
-    method = algorithm("gdpo", num_iterations=2, estimator_kwargs={"points": 2})
+    method = algorithm("gdpo", num_iterations=2, beta=beta, estimator_kwargs={"points": 2})
     defaults = build_config("gdpo", {})
-    assert (defaults.epsilon, defaults.num_iterations, defaults.estimator_kwargs) == (0.5, 12, {"points": 3})
+    assert (defaults.epsilon, defaults.num_iterations, defaults.beta, defaults.estimator_kwargs,
+            defaults.response_mask) == (0.5, 12, 0.0, {"points": 3}, "all")
+    assert not make_algorithm("gdpo", defaults, mask_token_id=MASK).needs_reference and method.needs_reference
     buffer = method.advantages(buffer, 2)
-    table_theta = [[-0.3, -0.6, -0.9], [-1.2, -0.4, -0.7]]
-    table_old = [[-0.5, -0.4, -0.9], [-1.0, -0.6, -0.5]]
+    tables = {"theta": [[-0.3, -0.6, -0.9], [-1.2, -0.4, -0.7]],
+              "old": [[-1.1, -1.4, -1.7], [-1.0, -0.6, -0.5]],
+              "ref": [[-0.5, -0.2, -1.0], [-1.1, -0.5, -0.9]]}
+    leaf = torch.tensor(tables["theta"], dtype=torch.float64, requires_grad=True)
 
-    def scripted(table):
-        return ScriptedPolicy(buffer.completion_ids,
-                              lambda masked: torch.tensor(table, dtype=torch.float64) - 0.1 * masked.sum(1, keepdim=True))
+    def scripted(values):
+        return ScriptedPolicy(buffer.completion_ids, lambda masked: values - 0.1 * masked.sum(1, keepdim=True))
 
-    method.prepare(scripted(table_old), None, buffer, torch.Generator().manual_seed(11), micro_batch_size=8)
+    method.prepare(scripted(torch.tensor(tables["old"], dtype=torch.float64)),
+                   scripted(torch.tensor(tables["ref"], dtype=torch.float64)), buffer,
+                   torch.Generator().manual_seed(11), micro_batch_size=8)
     masks = buffer.columns["noise.masked"][:, 1]  # [rows, nodes, L] the masks of iteration 1
-    assert masks.shape == (2, 2, 3) and masks[:, :, :2].any()
-    loss, _ = method.loss(scripted(table_theta), buffer, 1)
+    assert masks.sum(dim=-1).tolist() == [[1, 2], [1, 2]]  # max(1, ⌊0.211·3⌋) = 1 and ⌊0.789·3⌋ = 2, every row
+    loss, metrics = method.loss(scripted(leaf), buffer, 1)
+    loss.backward()
 
     nodes = [0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)]
-    valid = [[1, 1, 0], [1, 1, 1]]
-    terms = []
+    total, grad = 0.0, [[0.0] * 3 for _ in range(2)]
     for row, advantage in ((0, 0.5), (1, -0.5)):
-        elbo = {"theta": 0.0, "old": 0.0}
+        elbo = {name: 0.0 for name in tables}
         for n, t in enumerate(nodes):
             mask = masks[row, n].tolist()
-            for name, table in (("theta", table_theta), ("old", table_old)):
-                elbo[name] += 0.5 / t * sum(table[row][k] - 0.1 * sum(mask) for k in range(3) if mask[k] and valid[row][k])
-        ratio = math.exp(elbo["theta"] - elbo["old"])
-        terms.append(-clipped(ratio, advantage, 0.5) / sum(valid[row]))
-    assert loss.item() == pytest.approx(sum(terms) / 2, abs=1e-9)
+            for name, table in tables.items():
+                elbo[name] += 0.5 / t * sum(table[row][k] - 0.1 * sum(mask) for k in range(3) if mask[k])
+        ratio = math.exp((elbo["theta"] - elbo["old"]) / 3)
+        d = elbo["ref"] - elbo["theta"]
+        total += -clipped(ratio, advantage, 0.5) + beta * (math.exp(d) - d - 1)
+        clip_active = min(max(ratio, 0.5), 1.5) * advantage < ratio * advantage
+        assert clip_active == (row == 0), ratio
+        d_elbo = (0.0 if clip_active else -advantage * ratio / 3) + beta * (1 - math.exp(d))  # ∂(per sequence)/∂𝓑
+        for n, t in enumerate(nodes):
+            for k in range(3):
+                if masks[row, n, k]:
+                    grad[row][k] += 0.5 / t * d_elbo / 2  # the mean over the two sequences
+    assert loss.item() == pytest.approx(total / 2, abs=1e-12)
+    torch.testing.assert_close(leaf.grad, torch.tensor(grad, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert metrics["clip_fraction"] == 0.5
 
 
 # ----------------------------------------------------------------------------------------------------- DMPO

@@ -304,13 +304,15 @@ def gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class QuadratureELBO:
     """GDPO's semi-deterministic Monte-Carlo ELBO: the integral over the noise level t is taken by a ``points``-node
-    Gauss–Legendre rule (deterministic), the mask at each node by one random draw (each completion token masked
-    with probability t_n; the prompt kept):
+    Gauss–Legendre rule (deterministic), the mask at each node by one random draw (the prompt kept):
 
         𝓑 = Σ_n w_n · (1/t_n) Σ_{k masked at t_n} log f(o^k | x_{t_n})
 
-    Most of the ELBO's variance comes from t (the paper's decomposition), which the rule removes. ``scores.logp``
-    holds each token's share of 𝓑; ``scores.draws`` one draw per node, weight w_n/t_n."""
+    As GDPO's official ``NumericalIntegrationEstimator`` draws it, node n masks exactly ⌊t_n · L⌋ of the row's L
+    completion positions, chosen uniformly without replacement (at least one, as NVIDIA NeMo RL's GDPO estimator
+    keeps it: the official floor leaves a short completion's first node empty), and weighs them by the nominal
+    1/t_n. Most of the ELBO's variance comes from t (the paper's decomposition), which the rule removes.
+    ``scores.logp`` holds each token's share of 𝓑; ``scores.draws`` one draw per node, weight w_n/t_n."""
 
     mask_token_id: int
     points: int = 3
@@ -328,8 +330,13 @@ class QuadratureELBO:
         rows, length = batch.completion_ids.shape
         device = batch.completion_ids.device
         nodes, _ = gauss_legendre(self.points)
-        draws = _uniform((rows, self.points, length), generator, device)
-        return {"masked": (draws < nodes.to(device, torch.float32)[None, :, None]) & _present(batch)[:, None, :]}
+        present = _present(batch)
+        size = present.sum(dim=1, keepdim=True)  # [rows, 1] L of each row
+        counts = torch.minimum(torch.floor(nodes.to(device)[None, :] * size).long().clamp(min=1), size)  # [rows, n]
+        # a uniform random order of each row's present positions per node (absent ones last); the first k masked
+        keys = _uniform((rows, self.points, length), generator, device).masked_fill(~present[:, None, :], 2.0)
+        rank = keys.argsort(dim=-1).argsort(dim=-1)
+        return {"masked": (rank < counts[:, :, None]) & present[:, None, :]}
 
     def token_logp(self, logits_fn: LogitsFn, batch, noise) -> TokenScores:
         nodes, weights = gauss_legendre(self.points)
