@@ -53,16 +53,64 @@ def comparison(tmp_path_factory):
     (root / "compare_test_plugin.py").write_text(BROKEN_PLUGIN)
     output = root / "out"
     # The plugin is found in the current directory, not through PYTHONPATH, by the parent and by every run.
+    process = run_compare(root, output)
+    with (output / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    return process, output, rows
+
+
+def run_compare(root: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TQDM_DISABLE="1")
     env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "dare_gym", "compare", "--algorithms", "d1", "broken_for_test",
                "--import", "compare_test_plugin", "--seeds", "0", "1", "--budget-rollouts", str(BUDGET),
-               "--sft-baseline", "--output", str(output), "--threshold", "0.3", *TINY]
+               "--sft-baseline", "--output", str(output), "--threshold", "0.3", *TINY, *extra]
     process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert process.returncode == 0, process.stdout + process.stderr
-    with (output / "results.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    return process, output, rows
+    return process
+
+
+def test_resume_keeps_the_finished_runs_and_reruns_the_failed_ones(comparison):
+    """The same comparison again with --resume: d1's and the SFT baseline's runs are kept (their records are
+    unchanged), the failing algorithm's runs are run again; the report holds every run as before."""
+    _, output, rows = comparison
+    before = json.loads((output / "compare.json").read_text())
+    resumed = run_compare(output.parent, output, "--resume")
+    lines = [line for line in resumed.stdout.splitlines() if line.startswith("[")]
+    kept = [line for line in lines if line.endswith("(kept from the earlier run)")]
+    assert len(lines) == 6 and len(kept) == 4, resumed.stdout
+    assert all("broken_for_test" not in line for line in kept)
+    after = json.loads((output / "compare.json").read_text())
+    for old, new in zip(before["runs"], after["runs"]):
+        assert (old["algorithm"], old["seed"]) == (new["algorithm"], new["seed"])
+        if old["algorithm"] != "broken_for_test":
+            assert new["curve"] == old["curve"] and new["train_seconds"] == old["train_seconds"]
+
+
+def test_resume_reruns_a_run_whose_spec_or_resolved_config_changed(comparison, tmp_path):
+    """A kept run must have run exactly these settings: its spec.json, and the resolved algorithm section (its
+    defaults included) that its config.json recorded; a changed default or option reruns it."""
+    import shutil
+
+    from dare_gym.tools.compare.run import finished_runs, reusable
+
+    _, output, _ = comparison
+    run_dir = tmp_path / "d1-seed0"
+    shutil.copytree(output / "runs" / "d1-seed0", run_dir)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    spec.pop("result_path")
+    spec["config"]["output_dir"] = str(run_dir / "train")  # the copy's own paths
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    earlier = finished_runs(output)
+    assert ("d1", 0) in earlier and ("broken_for_test", 0) not in earlier  # failed runs are never kept
+    assert reusable(earlier, spec, run_dir)["curve"] == earlier[("d1", 0)]["curve"]
+    changed = json.loads(json.dumps(spec))
+    changed["config"]["learning_rate"] = 5e-5
+    assert reusable(earlier, changed, run_dir) is None
+    recorded = json.loads((run_dir / "train" / "config.json").read_text())
+    recorded["algorithm"]["epsilon"] += 0.1  # as if d1's default had changed since the run
+    (run_dir / "train" / "config.json").write_text(json.dumps(recorded))
+    assert reusable(earlier, spec, run_dir) is None
 
 
 def test_results_csv_has_a_row_per_run_with_the_columns(comparison):

@@ -608,7 +608,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         algorithms, seeds, args.budget_rollouts, config_path=args.config or default_config_path(),
         overrides=overrides, output_dir=args.output, threshold=args.threshold, sft_baseline=args.sft_baseline,
         sft_batch_size=args.sft_batch_size, imports=args.imports, shared_recipe=args.shared_recipe,
-        run_timeout=args.run_timeout,
+        run_timeout=args.run_timeout, resume=args.resume,
     )
     print(f"\n{report['table']}\n")
     for name, path in report["files"].items():
@@ -822,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=argparse.SUPPRESS)  # the default since the per-algorithm recipes; kept for old scripts
     _add_import(cmp, "in every run too (registers out-of-tree algorithms, rewards or envs)")
     cmp.add_argument("--run-timeout", type=float, metavar="SECONDS", help="kill and record a run after this long")
+    cmp.add_argument("--resume", action="store_true",
+                     help="keep the finished runs of an earlier comparison in --output whose settings (algorithm "
+                     "defaults included) are unchanged; run the rest (failed, unfinished or changed runs)")
     cmp.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. eval_size=100 algorithm.beta=0")
     cmp.set_defaults(func=_cmd_compare)
     return parser

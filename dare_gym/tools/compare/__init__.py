@@ -101,7 +101,7 @@ from dare_gym.tools.compare.report import (
     summary_markdown,
     write_csv,
 )
-from dare_gym.tools.compare.run import complete, describe, launch, learning_curve, run_name
+from dare_gym.tools.compare.run import complete, describe, finished_runs, launch, learning_curve, reusable, run_name
 from dare_gym.core.config import ConfigError
 
 __all__ = [
@@ -125,10 +125,16 @@ def run_comparison(
     imports: Sequence[str] = (),
     shared_recipe: bool = False,
     run_timeout: float | None = None,
+    resume: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) in its own process, then write results.csv, summary.md, curves.png and
-    compare.json to ``output_dir``; returns compare.json's content (its ``table`` is the Markdown table)."""
+    compare.json to ``output_dir``; returns compare.json's content (its ``table`` is the Markdown table).
+
+    ``resume``: keep each finished run of an earlier comparison in ``output_dir`` whose settings are exactly this
+    one's (the same spec, and for RL runs the same resolved algorithm section, defaults included, as its
+    ``config.json`` recorded), and run only the others: runs that failed or never finished, and those whose
+    algorithm or settings changed since."""
     plan = plan_comparison(algorithms, seeds, budget_rollouts, config_path=config_path, overrides=overrides,
                            shared_recipe=shared_recipe, imports=imports)
     if sft_baseline and plan.resolved["eval_size"] == 0:
@@ -139,6 +145,7 @@ def run_comparison(
         echo(f"note: {note}")
     total = len(plan.algorithms) * len(plan.seeds) + (len(plan.seeds) if sft_baseline else 0)
     runs: list[dict] = []
+    earlier = finished_runs(output) if resume else {}
     started = time.perf_counter()
     count = 0
     for seed in plan.seeds:
@@ -146,6 +153,7 @@ def run_comparison(
         for name in plan.algorithms:
             count += 1
             run_dir = output / "runs" / run_name(name, seed)
+            kept = False
             if name in plan.config_errors:
                 result = {"algorithm": name, "seed": seed, "error": plan.config_errors[name], "steps": 0,
                           "rollouts": 0, "curve": [], "total_seconds": 0.0, "peak_memory_mb": None}
@@ -153,13 +161,16 @@ def run_comparison(
                 config = plan.run_config(name, seed, run_dir / "train")
                 spec = {"kind": "rl", "algorithm": name, "seed": seed, "config": config,
                         "imports": plan.shared["imports"], "rollouts_per_step": plan.rollouts_per_step}
-                result = launch(spec, run_dir, run_timeout)
+                result = reusable(earlier, spec, run_dir)
+                kept = result is not None
+                if not kept:
+                    result = launch(spec, run_dir, run_timeout)
                 if result.get("rollouts") is None:  # killed before it could report
                     result["rollouts"] = (result.get("steps") or 0) * plan.rollouts_per_step
             result = complete(result, threshold)
             runs.append(result)
             seed_runs.append(result)
-            echo(f"[{count}/{total}] {name} seed {seed}: {describe(result)}")
+            echo(f"[{count}/{total}] {name} seed {seed}: {describe(result)}" + (" (kept from the earlier run)" if kept else ""))
         if sft_baseline:
             count += 1
             times = [r["train_seconds"] for r in seed_runs if r["error"] is None and r.get("train_seconds")]
@@ -172,10 +183,13 @@ def run_comparison(
             spec = {"kind": "sft", "algorithm": SFT_NAME, "seed": seed, "config": config,
                     "imports": plan.shared["imports"], "seconds": seconds, "eval_interval_s": seconds / evaluations,
                     "batch_size": sft_batch_size}
-            result = complete(launch(spec, output / "runs" / run_name(SFT_NAME, seed), run_timeout), threshold)
+            run_dir = output / "runs" / run_name(SFT_NAME, seed)
+            result = reusable(earlier, spec, run_dir)
+            kept = result is not None
+            result = complete(result if kept else launch(spec, run_dir, run_timeout), threshold)
             runs.append(result)
             echo(f"[{count}/{total}] {SFT_NAME} seed {seed} ({seconds:.1f} s, the mean RL train time): "
-                 f"{describe(result)}")
+                 f"{describe(result)}" + (" (kept from the earlier run)" if kept else ""))
     rows = summarize(runs, threshold)
     table = markdown_table(rows, threshold)
     env, policy = plan.resolved["env"], plan.resolved["policy"]

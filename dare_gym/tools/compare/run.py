@@ -196,7 +196,51 @@ def launch(spec: dict, run_dir: Path, timeout: float | None) -> dict:
         result["peak_memory_mb"] = round(_peak_rss_mb(usage.ru_maxrss), 1)
     else:
         result["peak_memory_mb"] = result.get("child_peak_memory_mb")
+    (run_dir / RUN_RECORD).write_text(json.dumps(result, indent=1) + "\n")  # what --resume keeps
     return result
+
+
+RUN_RECORD = "run.json"  # a finished run as the parent saw it (the child's result, wall time, peak memory)
+
+
+def finished_runs(output: Path) -> dict[tuple[str, int], dict]:
+    """The runs an earlier comparison in ``output`` finished without error, by (algorithm, seed): each run folder's
+    ``run.json``, or, for a comparison written before those existed, its ``compare.json``."""
+    found: dict[tuple[str, int], dict] = {}
+    report = output / "compare.json"
+    if report.exists():
+        for run in json.loads(report.read_text()).get("runs", []):
+            found[(run["algorithm"], run["seed"])] = run
+    for record in sorted(output.glob(f"runs/*/{RUN_RECORD}")):
+        run = json.loads(record.read_text())
+        found[(run["algorithm"], run["seed"])] = run
+    return {key: run for key, run in found.items() if run.get("error") is None}
+
+
+def reusable(earlier: dict[tuple[str, int], dict], spec: dict, run_dir: Path) -> dict | None:
+    """The earlier result of this run if it ran exactly this spec: the same ``spec.json`` and, for an RL run, the
+    same resolved algorithm section in its ``config.json`` (every field, so a changed algorithm default reruns it
+    too); else None."""
+    from dare_gym.core.config import dataclass_from_dict
+    from dare_gym.train.trainer import TrainConfig
+
+    run = earlier.get((spec["algorithm"], spec["seed"]))
+    spec_path = run_dir / "spec.json"
+    if run is None or not spec_path.exists():
+        return None
+    saved = {k: v for k, v in json.loads(spec_path.read_text()).items() if k != "result_path"}
+    if saved != json.loads(json.dumps(spec)):
+        return None
+    if spec["kind"] == "rl":
+        recorded = Path(spec["config"]["output_dir"]) / "config.json"
+        try:
+            expected = dataclass_from_dict(TrainConfig, spec["config"]).resolved()
+        except Exception:  # noqa: BLE001 - an algorithm that no longer accepts these settings reruns (and says why)
+            return None
+        if not recorded.exists() or \
+                json.loads(recorded.read_text()).get("algorithm") != json.loads(json.dumps(expected["algorithm"])):
+            return None
+    return dict(run)
 
 
 def complete(result: dict, threshold: float) -> dict:
