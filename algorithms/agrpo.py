@@ -42,7 +42,7 @@ from dare_gym.core.losses import clipped_surrogate, kl_penalty
 
 TEMPERATURE = "agrpo.temperature"  # [N] the temperature the rollout was drawn at
 STEPS = "agrpo.steps"  # [N, μ, M] the denoising steps each iteration trains
-OLD_LOGP = "agrpo.old_logp"  # [N, μ, M, L] π_old's log-probs in those states (μ > 1)
+OLD_LOGP = "agrpo.old_logp"  # [N, μ − 1, M, L] π_old's log-probs in those states on iterations 1..μ−1
 REF_LOGP = "agrpo.ref_logp"  # [N, μ, M, L] π_ref's (β > 0)
 
 
@@ -131,9 +131,11 @@ class AGRPO(PolicyGradient):
         buffer.columns[STEPS] = torch.stack(
             [sample_steps(last, config.mc_samples, low_discrepancy=config.low_discrepancy, generator=generator)
              for _ in range(config.num_iterations)], dim=1)
-        scorers = ([(OLD_LOGP, policy)] if config.num_iterations > 1 else []) + \
-                  ([(REF_LOGP, reference)] if self.needs_reference else [])
-        for column, scorer in scorers:
+        # π_old on iterations 1..μ−1 only: iteration 0 is one optimizer step over the whole batch, so π_old there
+        # is π_θ detached (as PolicyGradient.prepare); π_ref on every iteration
+        scorers = ([(OLD_LOGP, policy, range(1, config.num_iterations))] if config.num_iterations > 1 else []) + \
+                  ([(REF_LOGP, reference, range(config.num_iterations))] if self.needs_reference else [])
+        for column, scorer, iterations in scorers:
             chunks = []
             for rows in buffer.row_chunks(micro_batch_size):
                 part = buffer.select(rows)
@@ -141,7 +143,7 @@ class AGRPO(PolicyGradient):
                 steps = part.columns[STEPS].to(policy.device)
                 chunks.append(torch.stack([torch.stack([
                     self.step_logp(scorer, inputs, part, steps[:, i, j])[0]
-                    for j in range(config.mc_samples)], dim=1) for i in range(config.num_iterations)], dim=1).cpu())
+                    for j in range(config.mc_samples)], dim=1) for i in iterations], dim=1).cpu())
             buffer.columns[column] = torch.cat(chunks)
 
     # the loss, one Monte-Carlo step at a time -----------------------------------------------------------
@@ -155,8 +157,7 @@ class AGRPO(PolicyGradient):
         for j in range(config.mc_samples):
             logp, committed = self.step_logp(policy, inputs, batch, steps[:, j])
             mask = committed & inputs.completion_mask.bool() & rows[:, None]
-            old = batch.columns[OLD_LOGP][:, iteration, j].to(logp.device) if OLD_LOGP in batch.columns \
-                else logp.detach()
+            old = batch.columns[OLD_LOGP][:, iteration - 1, j].to(logp.device) if iteration > 0 else logp.detach()
             per_token, clip_active = clipped_surrogate(
                 logp, old, advantages[:, None], epsilon_low=config.epsilon, epsilon_high=config.epsilon_high,
                 log_ratio_clamp=config.log_ratio_clamp)
