@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +319,20 @@ def test_torch_compile_compiles_policy_and_reference_forwards_and_decodes_the_sa
     fsdp = small_config(tmp_path, strategy="fsdp", torch_compile={})
     with pytest.raises(ConfigError, match="torch_compile with strategy fsdp is not supported"):
         check_processes(fsdp, 2)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_experiment_config_loads_and_resolves(path):
+    """The configs the README and BENCHMARKS.md point to stay valid as fields change (the comparison configs add
+    `algorithm_options`, which `dare-gym compare` reads, not the trainer)."""
+    import yaml
+
+    from dare_gym.tools.compare import plan_comparison
+
+    if "algorithm_options" in yaml.safe_load(path.read_text()) or path.name.startswith("compare") or \
+            path.name.startswith("paper"):
+        plan = plan_comparison(["d1"], [0], 1280, config_path=path)
+        assert not plan.config_errors, plan.config_errors
+    else:
+        resolve(load_config(TrainConfig, path, []))
