@@ -213,7 +213,9 @@ class Algorithm:
         trainer accumulates the minibatches' gradients (each weighted by its share of the step's rows) and steps.
         By default ``num_iterations`` passes over the whole batch, shuffled into minibatches of about
         ``micro_batch_size`` rows (``minibatch_unit`` rows kept together); d-TreeRPO's official schedule trains
-        one parent's segments at a time instead."""
+        one parent's segments at a time instead. :class:`PolicyGradient` relies on iteration 0 being one
+        optimizer step (π_old's weights for all its minibatches): a subclass whose plan steps within iteration 0
+        must score π_old on it too (see :meth:`PolicyGradient.prepare`)."""
         for iteration in range(self.config.num_iterations):
             yield iteration, buffer.minibatches(micro_batch_size, generator=generator, unit=self.minibatch_unit)
 
