@@ -121,10 +121,11 @@ def _uniform(shape, generator, device) -> torch.Tensor:
 
 
 def _mask_exactly(counts: torch.Tensor, allowed: torch.Tensor, generator) -> torch.Tensor:
-    """[B, L] bool with exactly ``counts[b]`` positions of ``allowed[b]`` chosen uniformly at random."""
+    """[..., L] bool with exactly ``counts[...]`` positions of ``allowed[...]`` chosen uniformly at random (one
+    draw per leading index: rows, or rows × quadrature nodes)."""
     keys = _uniform(allowed.shape, generator, allowed.device).masked_fill(~allowed, 2.0)
-    ranks = keys.argsort(dim=1).argsort(dim=1)
-    return (ranks < counts[:, None]) & allowed
+    ranks = keys.argsort(dim=-1).argsort(dim=-1)
+    return (ranks < counts[..., None]) & allowed
 
 
 def _ones(batch) -> torch.Tensor:
@@ -333,10 +334,7 @@ class QuadratureELBO:
         present = _present(batch)
         size = present.sum(dim=1, keepdim=True)  # [rows, 1] L of each row
         counts = torch.minimum(torch.floor(nodes.to(device)[None, :] * size).long().clamp(min=1), size)  # [rows, n]
-        # a uniform random order of each row's present positions per node (absent ones last); the first k masked
-        keys = _uniform((rows, self.points, length), generator, device).masked_fill(~present[:, None, :], 2.0)
-        rank = keys.argsort(dim=-1).argsort(dim=-1)
-        return {"masked": (rank < counts[:, :, None]) & present[:, None, :]}
+        return {"masked": _mask_exactly(counts, present[:, None, :].expand(rows, self.points, length), generator)}
 
     def token_logp(self, logits_fn: LogitsFn, batch, noise) -> TokenScores:
         nodes, weights = gauss_legendre(self.points)
