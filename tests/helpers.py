@@ -119,11 +119,12 @@ def k3(logp: float, ref: float) -> float:
     return math.exp(ref - logp) - (ref - logp) - 1
 
 
-def random_tiny(block_size: int | None = None, seed: int = 0) -> DiffusionPolicy:
-    """A random tiny model in float64 (block-causal with ``block_size``): the fidelity tests' exact policy."""
+def random_tiny(block_size: int | None = None, seed: int = 0, hidden_size: int = 32) -> DiffusionPolicy:
+    """A random tiny model in float64 (block-causal with ``block_size``; MLP twice ``hidden_size``): the fidelity
+    tests' exact policy, and the samplers' reference policy at ``hidden_size`` 64."""
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
-                            block_size=block_size)
+    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=2 * hidden_size, initializer_range=0.5,
+                            mask_token_id=tokenizer.mask_token_id, block_size=block_size)
     return DiffusionPolicy(TinyDLLMForMaskedLM(config).double().eval(), tokenizer, family="tiny")

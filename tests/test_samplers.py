@@ -8,24 +8,18 @@ import torch
 
 import dare_gym
 import dare_gym.models
-from dare_gym.models.tiny import TinyDLLMConfig, TinyDLLMForMaskedLM
-from dare_gym.models.tokenizer import build_char_tokenizer
 from dare_gym.core.policy import DiffusionPolicy
 from dare_gym.samplers import SAMPLERS, make_options
 from dare_gym.samplers.block_diffusion import commit_by_rule, filter_logits
 from dare_gym.samplers.fast_dllm import FactorCommit, ThresholdCommit
+from helpers import random_tiny
 
 PROMPTS = ["sort 583920\n", "hi", "a much longer prompt, with spaces!\n", "q: 2+2=?\n"]
 
 
 def random_policy(seed: int = 0, block_size: int | None = None) -> DiffusionPolicy:
     """A random tiny dLLM in float64 (batching cannot flip a near-tie)."""
-    torch.manual_seed(seed)
-    tokenizer = build_char_tokenizer()
-    config = TinyDLLMConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=128, initializer_range=0.5, mask_token_id=tokenizer.mask_token_id,
-                            block_size=block_size)
-    return DiffusionPolicy(TinyDLLMForMaskedLM(config).double().eval(), tokenizer, family="tiny")
+    return random_tiny(block_size, seed, hidden_size=64)
 
 
 def _ids(completions):
